@@ -1,0 +1,43 @@
+"""Shared test set-up.
+
+Triton kernels run on CPU only under the interpreter, and TRITON_INTERPRET must be set before
+triton is first imported, so it is decided here, at the very start of the session: without a
+CUDA device the kernel tests run in the interpreter (fp32, small shapes); with one they run
+compiled. Tests that need real compilation without a GPU (ahead-of-time sm_90 compiles) run in a
+subprocess with the variable removed.
+"""
+
+import os
+
+
+def _cuda_device_present() -> bool:
+    # Decided without importing torch or triton (importing either first could fix triton's mode).
+    return os.path.exists("/dev/nvidiactl") or bool(os.environ.get("FASTPROMPT_ASSUME_GPU"))
+
+
+if not _cuda_device_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> str:
+    """Device the Triton kernel tests run on: 'cuda' when present, else 'cpu' (interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (bf16 and compiled Triton); none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
