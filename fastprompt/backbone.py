@@ -1,0 +1,213 @@
+"""What fastprompt needs to know about an open_clip CLIP, read from the model itself.
+
+Nothing here hard-codes ViT-B/16: widths, heads, layers, token counts, context length, pooling and
+the GELU kind come from the instance, so any open_clip ViT CLIP whose towers are `Transformer`s of
+`ResidualAttentionBlock`s works. The checks name what they found when a model is not supported,
+because patching or prompting half of an unusual model silently is worse than refusing it.
+
+The helpers below drive open_clip's own modules (conv1, embeddings, blocks, norms, projections);
+they copy no open_clip source, only the order in which its forward calls them, and stop where the
+prompt splice has to happen (before ln_pre for the first vision prompts, between blocks for deep
+ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+GELU_KINDS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not an open_clip CLIP of the supported structure."""
+
+
+@dataclass(frozen=True)
+class TowerInfo:
+    """Shape facts of one tower, read from the model."""
+
+    width: int
+    heads: int
+    layers: int
+    mlp_hidden: int
+    gelu: str  # one of GELU_KINDS
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    vision: TowerInfo
+    text: TowerInfo
+    embed_dim: int
+    image_size: tuple[int, int]
+    vision_tokens: int  # CLS + patches
+    context_length: int
+    vocab_size: int
+    text_pool: str  # 'argmax' or 'eos'
+    eos_id: int | None
+
+
+def _gelu_kind(module: nn.Module) -> str:
+    name = type(module).__name__
+    if name == "QuickGELU":
+        return "quick_gelu"
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    raise UnsupportedModelError(f"unsupported MLP activation {name!r}; expected nn.GELU or open_clip QuickGELU")
+
+
+def _check_transformer(tower: nn.Module, where: str) -> TowerInfo:
+    from open_clip.transformer import ResidualAttentionBlock, Transformer
+
+    if type(tower).__name__ != "Transformer" and not isinstance(tower, Transformer):
+        raise UnsupportedModelError(f"{where} is a {type(tower).__name__}, expected open_clip Transformer")
+    if not getattr(tower, "batch_first", False):
+        raise UnsupportedModelError(f"{where}.batch_first is False; only batch-first towers are supported")
+    blocks = list(tower.resblocks)
+    if not blocks:
+        raise UnsupportedModelError(f"{where} has no blocks")
+    for i, blk in enumerate(blocks):
+        base = getattr(blk, "_fastprompt_original_class", type(blk))
+        if base is not ResidualAttentionBlock:
+            raise UnsupportedModelError(
+                f"{where}.resblocks[{i}] is a {base.__name__}; only open_clip ResidualAttentionBlock is supported"
+                " (CustomResidualAttentionBlock, cross-attention blocks and other types are not)"
+            )
+        if hasattr(blk, "ln_1_kv"):
+            raise UnsupportedModelError(f"{where}.resblocks[{i}] is a cross-attention block")
+        if blk.attn.dropout != 0.0:
+            raise UnsupportedModelError(f"{where}.resblocks[{i}] has attention dropout {blk.attn.dropout}")
+    first = blocks[0]
+    return TowerInfo(
+        width=first.attn.embed_dim,
+        heads=first.attn.num_heads,
+        layers=len(blocks),
+        mlp_hidden=first.mlp.c_fc.out_features,
+        gelu=_gelu_kind(first.mlp.gelu),
+    )
+
+
+def inspect_clip(model: nn.Module) -> BackboneInfo:
+    """Validate `model` and read its shape facts. Raises UnsupportedModelError naming the problem."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "model is a TorchScript module (created with jit=True?); scripted graphs ignore prompts and patches."
+            " Create it with open_clip.create_model(..., jit=False)."
+        )
+    cls = type(model).__name__
+    if cls == "CustomTextCLIP" or hasattr(model, "text") and not hasattr(model, "transformer"):
+        raise UnsupportedModelError(
+            f"model is a {cls} (text tower at model.text); only open_clip CLIP with the text tower at the top level"
+            " is supported"
+        )
+    for attr in ("visual", "transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection"):
+        if not hasattr(model, attr):
+            raise UnsupportedModelError(f"model ({cls}) has no attribute {attr!r}; is it an open_clip CLIP?")
+    visual = model.visual
+    if type(visual).__name__ != "VisionTransformer":
+        raise UnsupportedModelError(f"vision tower is a {type(visual).__name__}; only VisionTransformer is supported")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise UnsupportedModelError("vision tower uses attentional pooling (CoCa-style); not supported")
+    if visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise UnsupportedModelError(
+            f"vision pooling pool_type={visual.pool_type!r}, final_ln_after_pool={visual.final_ln_after_pool};"
+            " only CLS-token pooling with ln_post before pooling is supported"
+        )
+    if visual.output_tokens:
+        raise UnsupportedModelError("vision tower has output_tokens=True; not supported")
+    if getattr(visual, "proj", None) is None:
+        raise UnsupportedModelError("vision tower has no output projection")
+    pool = getattr(model, "text_pool_type", "argmax")
+    if pool not in ("argmax", "eos"):
+        raise UnsupportedModelError(
+            f"text_pool_type={pool!r}: only EOT pooling ('argmax' or 'eos') keeps the causal text path exact"
+        )
+    mask = getattr(model, "attn_mask", None)
+    if mask is None or not torch.equal(
+        torch.isinf(mask.float()), torch.ones_like(mask, dtype=torch.bool).triu(1)
+    ):
+        raise UnsupportedModelError("text tower has no causal attention mask; bidirectional text is not supported")
+    if isinstance(model.text_projection, nn.Linear):
+        raise UnsupportedModelError("text_projection is an nn.Linear (proj_bias); only a projection matrix is supported")
+    vision = _check_transformer(visual.transformer, "visual.transformer")
+    text = _check_transformer(model.transformer, "transformer")
+    return BackboneInfo(
+        vision=vision,
+        text=text,
+        embed_dim=visual.proj.shape[1],
+        image_size=tuple(visual.image_size),
+        vision_tokens=visual.positional_embedding.shape[0],
+        context_length=model.positional_embedding.shape[0],
+        vocab_size=model.token_embedding.num_embeddings,
+        text_pool=pool,
+        eos_id=getattr(model, "text_eos_id", None),
+    )
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype open_clip casts activations to (its `get_cast_dtype`)."""
+    return model.transformer.get_cast_dtype()
+
+
+def check_images(model: nn.Module, images: torch.Tensor) -> None:
+    visual = model.visual
+    if not torch.is_tensor(images) or not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor, got {getattr(images, 'dtype', type(images))}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+    if tuple(images.shape[-2:]) != tuple(visual.image_size):
+        raise ValueError(
+            f"images are {tuple(images.shape[-2:])} pixels but the model's positional embedding is for"
+            f" {tuple(visual.image_size)}; resize the input (the data transforms do this)"
+        )
+    weight = visual.conv1.weight
+    if images.device != weight.device:
+        raise ValueError(f"images are on {images.device} but the model is on {weight.device}")
+
+
+def vision_embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Patch + class embedding + positional embedding (+ patch dropout), before ln_pre: [B, 1+P, D]."""
+    visual = model.visual
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+    x = torch.cat([cls, x], dim=1)
+    x = x + visual.positional_embedding.to(x.dtype)
+    return visual.patch_dropout(x)
+
+
+def causal_mask(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive causal mask like open_clip's buffer, for any length (prompts change the length)."""
+    mask = torch.full((length, length), float("-inf"), device=device, dtype=dtype)
+    return mask.triu_(1)
+
+
+def run_block(tower: nn.Module, index: int, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Run block `index` of an open_clip Transformer, honouring its grad_checkpointing flag."""
+    block = tower.resblocks[index]
+    if tower.grad_checkpointing and torch.is_grad_enabled():
+        # Positional signature (q_x, k_x, v_x, attn_mask), as open_clip's own Transformer.forward calls it.
+        return checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
+    return block(x, attn_mask=attn_mask)
+
+
+def vision_head(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ln_post over all tokens, CLS pooled and projected. Returns (pooled feature [B, E], tokens after ln_post)."""
+    visual = model.visual
+    x = visual.ln_post(x)
+    return x[:, 0] @ visual.proj, x
+
+
+def text_head(model: nn.Module, x: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+    """ln_final at the pooled (EOT) positions, projected: [N, E]. LayerNorm is per token, so it is applied to the
+    gathered rows only; this equals open_clip's ln_final over all tokens followed by the gather."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    pooled = model.ln_final(x[rows, pool_index])
+    return pooled @ model.text_projection

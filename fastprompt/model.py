@@ -1,0 +1,271 @@
+"""The general deep-prompt model (METHODS.md §1), eager reference path.
+
+`PromptedCLIP(clip, method, classnames)` runs a frozen open_clip CLIP layer by layer, splicing the
+method's prompt tokens into each tower per its schedule, and hands the encoders' outputs to the
+method for logits and loss. It drives open_clip's own blocks (no copied source), so it runs on an
+unpatched model and, unchanged, on a patched one. This path is the oracle the fast path is checked
+against, so it favours clarity: straightforward torch.cat splices, a causal mask per length.
+
+The one exact trim it makes by default is cutting text rows after the last EOT (causal mask + EOT
+pooling make later tokens irrelevant; tests prove equality with the full context).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import backbone as bb
+from .method import EncoderOutputs, PromptMethod
+from .sources import SourceContext
+from .text import ClassPrompts, tokenize_classes
+
+
+def _default_tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-16")
+
+
+class PromptedCLIP(nn.Module):
+    def __init__(self, clip: nn.Module, method: PromptMethod, classnames, tokenizer=None, truncate_text: bool = True):
+        super().__init__()
+        self.info = bb.inspect_clip(clip)
+        self.clip = clip
+        for p in clip.parameters():
+            p.requires_grad_(False)
+        self.method = method
+        self.tokenizer = tokenizer or _default_tokenizer()
+        self.truncate_text = truncate_text
+        method.text_schedule.check_layers(self.info.text.layers)
+        method.vision_schedule.check_layers(self.info.vision.layers)
+        self._check_sources()
+        self.trace: list | None = None  # set to [] to record (tower, layer, sequence length)
+        self._text_cache = None
+        self._frozen_text_cache: dict = {}
+        self.set_classnames(classnames)
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def _check_sources(self) -> None:
+        for tower, sched, sources in (
+            ("text", self.method.text_schedule, self.method.text_sources),
+            ("vision", self.method.vision_schedule, self.method.vision_sources),
+        ):
+            for layer, edit in enumerate(sched.edits, start=1):
+                has = str(layer) in sources
+                if edit.add and not has:
+                    raise ValueError(f"{tower} layer {layer} adds {edit.add} tokens but the method gives no source")
+                if has and not edit.add:
+                    raise ValueError(f"{tower} layer {layer} has a token source but the schedule adds nothing there")
+            if tower == "vision" and any(s.scope == "class" for s in sources.values()):
+                raise ValueError("vision prompts cannot be class-specific")
+
+    def set_classnames(self, classnames) -> None:
+        """(Re)build the class prompts, e.g. to evaluate the same prompts on novel classes."""
+        self.prompts: ClassPrompts = tokenize_classes(
+            self.tokenizer, self.method.template, classnames, self.info.context_length, self.method.text_slots
+        )
+        sched = self.method.text_schedule
+        if sched.mode == "replace" and sched.prompted and sched.edits[0].add != self.method.text_slots:
+            raise ValueError(
+                f"text schedule fills {sched.edits[0].add} slots at layer 1 but the method declares"
+                f" {self.method.text_slots}"
+            )
+        self._text_cache = None
+
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return self.prompts.classnames
+
+    def train(self, mode: bool = True):
+        self._text_cache = None
+        super().train(mode)
+        self.clip.eval()  # frozen backbone: no dropout / batch-norm statistics
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.method.parameters() if p.requires_grad]
+
+    # --- frozen references (teachers, CoCoOp conditioning) -----------------------------------------
+    @torch.no_grad()
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images)
+
+    @torch.no_grad()
+    def frozen_text_features(self, templates: tuple[str, ...]) -> torch.Tensor:
+        """Mean over templates of normalised frozen CLIP text features per class, renormalised."""
+        key = (templates, self.prompts.classnames)
+        if key not in self._frozen_text_cache:
+            dev = self.clip.positional_embedding.device
+            feats = []
+            for t in templates:
+                tok = self.tokenizer([t.format(c) for c in self.prompts.classnames]).to(dev)
+                feats.append(nn.functional.normalize(self.clip.encode_text(tok).float(), dim=-1))
+            self._frozen_text_cache = {key: nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)}
+        return self._frozen_text_cache[key]
+
+    # --- towers -------------------------------------------------------------------------------------
+    def _layer_tokens(self, tower: str, ctx: SourceContext) -> dict[int, torch.Tensor]:
+        sources = self.method.text_sources if tower == "text" else self.method.vision_sources
+        return {int(k): (src(ctx), src.scope) for k, src in sources.items()}
+
+    def _record(self, tower: str, layer: int, x: torch.Tensor) -> None:
+        if self.trace is not None:
+            self.trace.append((tower, layer, x.shape[1]))
+
+    def encode_image(self, images: torch.Tensor, ctx: SourceContext | None = None):
+        """Prompted vision tower. Returns (pooled features [B, E], tokens after ln_post, segment (start, len))."""
+        ctx = ctx or SourceContext()
+        bb.check_images(self.clip, images)
+        visual = self.clip.visual
+        sched = self.method.vision_schedule
+        tokens = self._layer_tokens("vision", ctx)
+        x = bb.vision_embed(self.clip, images)
+        batch = x.shape[0]
+        start = 1 if sched.site == "head" else x.shape[1]
+        seg = 0
+        for layer, edit in enumerate(sched.edits, start=1):
+            if edit.add or edit.drop:
+                keep = x[:, : start + seg - edit.drop]
+                parts = [keep]
+                if edit.add:
+                    new, scope = tokens[layer]
+                    new = new.to(x.dtype)
+                    new = new.unsqueeze(0).expand(batch, -1, -1) if scope == "shared" else new
+                    parts.append(new)
+                parts.append(x[:, start + seg :])
+                x = torch.cat(parts, dim=1)
+                seg += edit.add - edit.drop
+            if layer == 1:
+                # First-layer prompts pass through ln_pre with the patches (MaPLe/IVLP semantics).
+                x = visual.ln_pre(x)
+            self._record("vision", layer, x)
+            x = bb.run_block(visual.transformer, layer - 1, x, None)
+        pooled, normed = bb.vision_head(self.clip, x)
+        return pooled, normed, (start, seg)
+
+    def _text_rows(self, value: torch.Tensor, scope: str, classes: int, images: int) -> torch.Tensor:
+        """Bring a token block to one row per text sequence (rows are image-major: b * C + c)."""
+        rows = classes * images
+        if scope == "shared":
+            return value.unsqueeze(0).expand(rows, -1, -1)
+        if scope == "class":
+            return value.repeat(images, 1, 1) if images > 1 else value
+        if scope == "pair":
+            return value.reshape(rows, *value.shape[2:])
+        return value.repeat_interleave(classes, dim=0)  # scope == 'image'
+
+    def encode_text(self, ctx: SourceContext | None = None, images: int = 1):
+        """Prompted text tower over all classes. Returns (features [R, E], layer-1 input embeddings [C, L, d]).
+
+        R = C, or B*C (image-major) when text prompts depend on the image; `images` is B then.
+        """
+        ctx = ctx or SourceContext()
+        clip = self.clip
+        sched = self.method.text_schedule
+        tokens_by_layer = self._layer_tokens("text", ctx)
+        if not any(scope in ("image", "pair") for _, scope in tokens_by_layer.values()):
+            images = 1
+        dev = clip.positional_embedding.device
+        cast = bb.compute_dtype(clip)
+        classes = len(self.prompts.classnames)
+        length = self.prompts.max_length if self.truncate_text else self.info.context_length
+        ids = self.prompts.tokens[:, :length].to(dev)
+        emb = clip.token_embedding(ids).to(cast)  # [C, L, d]
+        x = emb.repeat(images, 1, 1) if images > 1 else emb
+        insert = sched.mode == "insert"
+        n_slots = self.method.text_slots
+        if not insert and sched.prompted:
+            first, scope = tokens_by_layer[1]
+            slots = self._text_rows(first.to(cast), scope, classes, images)
+            # Layer-1 slots are part of the input: they receive the positional embeddings of positions 1..n.
+            x = torch.cat([x[:, :1], slots, x[:, 1 + n_slots :]], dim=1)
+        input_embeds = x[:classes]
+        x = x + clip.positional_embedding[:length].to(cast)
+        seg = n_slots if not insert else 0
+        for layer, edit in enumerate(sched.edits, start=1):
+            if (edit.add or edit.drop) and (insert or layer > 1):
+                parts = [x[:, : 1 + seg - edit.drop]]
+                if edit.add:
+                    new, scope = tokens_by_layer[layer]
+                    parts.append(self._text_rows(new.to(cast), scope, classes, images))
+                parts.append(x[:, 1 + seg :])
+                x = torch.cat(parts, dim=1)
+                seg += edit.add - edit.drop
+            mask = self._causal_mask(x.shape[1], x.device, x.dtype)
+            self._record("text", layer, x)
+            x = bb.run_block(clip.transformer, layer - 1, x, mask)
+        eot = self.prompts.eot.to(dev).repeat(images)
+        if insert:
+            eot = eot + seg
+        return bb.text_head(clip, x, eot), input_embeds
+
+    def _causal_mask(self, length: int, device, dtype) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_mask_cache", {})
+        key = (length, device, dtype)
+        if key not in cache:
+            cache[key] = bb.causal_mask(length, device, dtype)
+        return cache[key]
+
+    def _cached_text(self, ctx: SourceContext):
+        """Text features are batch-independent for most methods: compute once in eval, reuse."""
+        if not self.method.text_sources:
+            # No text prompts (zero-shot, VPT): the text features are constants of the run.
+            key = ("frozen",)
+        elif not self.training and not torch.is_grad_enabled() and not self.method.per_image_text():
+            key = tuple((p.data_ptr(), p._version) for p in self.method.parameters())
+        else:
+            return self.encode_text(ctx)
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, self.encode_text(ctx))
+        return self._text_cache[1]
+
+    # --- forward ------------------------------------------------------------------------------------
+    def class_input_embeds(self, slots: torch.Tensor) -> torch.Tensor:
+        """Layer-1 text input embeddings [C, L, d] of the class prompts with `slots` [n, d] in the learnable
+        positions (no positional embedding): what VAIPL pools its queries from."""
+        dev = self.clip.positional_embedding.device
+        ids = self.prompts.tokens[:, : self.prompts.max_length].to(dev)
+        emb = self.clip.token_embedding(ids)
+        n = self.method.text_slots
+        rows = slots.to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
+        return torch.cat([emb[:, :1], rows, emb[:, 1 + n :]], dim=1)
+
+    def forward(self, images: torch.Tensor) -> EncoderOutputs:
+        method = self.method
+        frozen = self.frozen_image_features(images) if method.needs_image_features() else None
+        ctx = SourceContext(image_features=frozen)
+        image_features, vision_tokens, segment = self.encode_image(images, ctx)
+        vision_proj = self.clip.visual.proj
+        if method.per_image_text():
+            ctx.vision_tokens, ctx.vision_proj = vision_tokens, vision_proj
+            ctx.class_lengths = self.prompts.lengths.to(images.device)
+            ctx.class_input_embeds = self.class_input_embeds
+            text, input_embeds = self.encode_text(ctx, images=images.shape[0])
+            text = text.view(images.shape[0], len(self.classnames), -1)
+        else:
+            text, input_embeds = self._cached_text(ctx)
+        out = EncoderOutputs(
+            image_features=image_features,
+            text_features=text,
+            vision_tokens=vision_tokens,
+            vision_segment=segment,
+            logit_scale=self.clip.logit_scale.exp().float(),
+            vision_proj=vision_proj,
+            images=images,
+            frozen_image_features=frozen,
+            text_input_embeds=input_embeds,
+            text_lengths=self.prompts.lengths.to(images.device),
+        )
+        out.logits = method.heads(out)
+        return out
+
+    def loss(self, out: EncoderOutputs, labels: torch.Tensor):
+        """(loss, parts) per the method; `parts` holds detached components for logging."""
+        return self.method.loss(out, labels, model=self)
+
+    def predict(self, out: EncoderOutputs, mode: str = "base") -> torch.Tensor:
+        if mode not in ("base", "novel"):
+            raise ValueError(f"mode must be 'base' or 'novel', got {mode!r}")
+        return self.method.predict(out, mode)
