@@ -41,3 +41,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """Random-weight 12-layer CLIP of width 64 (real tokenizer, 77-token context), fp32."""
+    from fastprompt.backbones import create_clip
+
+    return create_clip("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip64(tiny_clip):
+    """The tiny CLIP in float64: equivalence tests compare at ~1e-12, so only real differences show."""
+    import copy
+
+    return copy.deepcopy(tiny_clip).double()
+
+
+@pytest.fixture(scope="session")
+def vit_b16():
+    """Random-weight open_clip ViT-B-16 (about 6 s to build on CPU; shared by the session)."""
+    from fastprompt.backbones import create_clip
+
+    return create_clip("ViT-B-16")

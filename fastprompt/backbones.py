@@ -1,0 +1,81 @@
+"""Creating the frozen CLIP: open_clip names and pretrained tags/files, plus fastprompt's tiny configs.
+
+Pretrained weights load through open_clip's factory: a tag (e.g. 'openai') where the machine can reach the
+hub, or a local checkpoint file anywhere. The tiny configs are random-weight models with every structural
+feature of ViT-B/16 (12 layers per tower, causal text with the real tokenizer and 77-token context) at a
+fraction of the width, for tests and the CPU demo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+import torch
+
+TINY_CONFIGS = {
+    # 12 layers per tower so every method's default depth (MaPLe 9, MMRL 6..12) applies unchanged.
+    "tiny": dict(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, layers=12, width=64, patch_size=8, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=12),
+    ),
+    "small": dict(
+        embed_dim=128,
+        vision_cfg=dict(image_size=64, layers=12, width=128, patch_size=16, head_width=64),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=12),
+    ),
+}
+
+
+def known_backbones() -> list[str]:
+    import open_clip
+
+    return sorted(set(open_clip.list_models()) | set(TINY_CONFIGS))
+
+
+def create_clip(
+    name: str = "ViT-B-16",
+    pretrained: str | None = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    seed: int | None = 0,
+):
+    """An open_clip CLIP by name (or a fastprompt tiny config), optionally with pretrained weights.
+
+    `pretrained` is an open_clip tag for `name` or a path to a local checkpoint. Errors name the problem:
+    an unknown backbone lists close matches, a missing file says so before open_clip tries a download.
+    """
+    import open_clip
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    if name in TINY_CONFIGS:
+        if pretrained:
+            if not os.path.isfile(pretrained):
+                raise FileNotFoundError(f"pretrained checkpoint {pretrained!r} not found")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if dtype is None:
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        # cast_dtype selects open_clip's LayerNormFp32 for low precision, as its factory does.
+        cast = None if dtype == torch.float32 else dtype
+        model = open_clip.CLIP(**TINY_CONFIGS[name], cast_dtype=cast)
+        if pretrained:
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state))
+        if cast is not None:
+            open_clip.model.convert_weights_to_lp(model, dtype=dtype)
+        return model.to(device).eval()
+    known = known_backbones()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
+        raise ValueError(f"unknown backbone {name!r}{hint}")
+    if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"pretrained checkpoint {pretrained!r} not found")
+    precision_map = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "pure_fp16"}
+    if precision not in precision_map:
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    model = open_clip.create_model(name, pretrained=pretrained, precision=precision_map[precision], device=device)
+    return model.eval()

@@ -1,0 +1,117 @@
+"""Bad input gets a clear error that names the problem."""
+
+import open_clip
+import pytest
+import torch
+
+import fastprompt
+from fastprompt.backbones import create_clip
+from fastprompt.schedule import LayerEdit, ScheduleError, TowerSchedule
+
+
+def test_unknown_method_lists_known(tiny_clip):
+    with pytest.raises(KeyError, match="known methods: .*maple"):
+        fastprompt.build("mapel", tiny_clip, ["cat"])
+
+
+def test_unknown_method_option_names_it(tiny_clip):
+    with pytest.raises(TypeError, match="no option.*'n_ctxx'.*n_ctx"):
+        fastprompt.build("maple", tiny_clip, ["cat"], n_ctxx=3)
+
+
+def test_unknown_backbone_suggests_close_names():
+    with pytest.raises(ValueError, match="unknown backbone 'ViT-B-61'.*ViT-B-16"):
+        create_clip("ViT-B-61")
+
+
+def test_missing_pretrained_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        create_clip("ViT-B-16", pretrained=str(tmp_path / "nope.pt"))
+
+
+def test_class_name_that_does_not_fit_is_named(tiny_clip):
+    long_name = " ".join(["zebra"] * 80)
+    with pytest.raises(ValueError, match="class 'zebra zebra.*does not fit.*77"):
+        fastprompt.build("coop", tiny_clip, ["cat", long_name])
+
+
+def test_class_name_that_fits_only_without_prompts_is_named(tiny_clip):
+    # 60 words fit the plain template but not CoOp's 16 context slots in front of them.
+    name = " ".join(["cat"] * 60)
+    fastprompt.build("clip", tiny_clip, [name], template="{}")
+    with pytest.raises(ValueError, match="does not fit"):
+        fastprompt.build("coop", tiny_clip, [name])
+
+
+def test_empty_class_list(tiny_clip):
+    with pytest.raises(ValueError, match="class list is empty"):
+        fastprompt.build("maple", tiny_clip, [])
+
+
+def test_blank_class_name(tiny_clip):
+    with pytest.raises(ValueError, match="empty after cleaning"):
+        fastprompt.build("maple", tiny_clip, ["cat", " _ "])
+
+
+def test_schedule_drops_exceeding_the_segment():
+    with pytest.raises(ScheduleError, match="vision layer 2: drops 3 tokens but the segment holds only 2"):
+        TowerSchedule("vision", (LayerEdit(0, 2), LayerEdit(3, 1)))
+    with pytest.raises(ScheduleError, match="layer 1: drops 1"):
+        TowerSchedule("vision", (LayerEdit(1, 1),))
+
+
+def test_schedule_text_replace_mode_keeps_length():
+    with pytest.raises(ScheduleError, match="keeps the template length"):
+        TowerSchedule("text", (LayerEdit(0, 2), LayerEdit(2, 3)))
+    with pytest.raises(ScheduleError, match="non-negative int"):
+        LayerEdit(-1, 0)
+
+
+def test_schedule_with_wrong_depth_for_the_model(tiny_clip):
+    model = fastprompt.build("maple", tiny_clip, ["cat"])
+    with pytest.raises(ScheduleError, match="13 layers, the model's tower has 12"):
+        TowerSchedule.none("vision", 13).check_layers(model.info.vision.layers)
+
+
+def test_wrong_image_size_and_dtype(tiny_clip):
+    model = fastprompt.build("maple", tiny_clip, ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"\(48, 48\) pixels but the model's positional embedding is for \(32, 32\)"):
+        model(torch.randn(1, 3, 48, 48))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.randn(3, 32, 32))
+
+
+def test_unsupported_models_are_refused(tiny_clip):
+    with pytest.raises(fastprompt.UnsupportedModelError, match="TorchScript"):
+        fastprompt.inspect_clip(torch.jit.script(create_clip("tiny")))
+    custom = open_clip.CustomTextCLIP(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+    )
+    with pytest.raises(fastprompt.UnsupportedModelError, match="CustomTextCLIP"):
+        fastprompt.inspect_clip(custom)
+    qk = open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+    )
+    qk.visual.transformer.resblocks[1] = open_clip.transformer.CustomResidualAttentionBlock(64, 2)
+    with pytest.raises(fastprompt.UnsupportedModelError, match=r"visual.transformer.resblocks\[1\] is a CustomResidual"):
+        fastprompt.inspect_clip(qk)
+
+
+@pytest.mark.parametrize("backbone", ["ViT-B-32", "ViT-L-14"])
+def test_other_backbones_build_and_run(backbone):
+    clip = create_clip(backbone)
+    model = fastprompt.build("maple", clip, ["cat", "dog"])
+    info = model.info
+    assert (info.vision.width, info.text.width) == ({"ViT-B-32": 768, "ViT-L-14": 1024}[backbone],
+                                                    {"ViT-B-32": 512, "ViT-L-14": 768}[backbone])
+    coupling = model.method.vision_sources["1"].mapping
+    assert (coupling.in_features, coupling.out_features) == (info.text.width, info.vision.width)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert out.logits["main"].shape == (1, 2)
