@@ -1,0 +1,46 @@
+"""Small file-system helpers shared by the loaders and the layout check."""
+
+from __future__ import annotations
+
+import os
+
+from .splits import DatasetError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+def is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_subdirs(folder: str) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of `folder`."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def list_images(folder: str) -> list[str]:
+    """Sorted names of the image files directly in `folder`.
+
+    Sorted, unlike Dassl (which keeps os.listdir order): file order decides which images few-shot
+    sampling picks from folder-based layouts, and listdir order differs between file systems.
+    """
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_file() and is_image_name(e.name))
+
+
+def shorten(names, limit: int = 10) -> str:
+    """'a, b, c, ... (N more)' for error messages."""
+    names = list(names)
+    shown = ", ".join(str(n) for n in names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def require_dir(path: str, what: str, hint: str) -> None:
+    if not os.path.isdir(path):
+        raise DatasetError(f"{what} not found: {path} is not a folder.\n{hint}")
+
+
+def require_file(path: str, what: str, hint: str) -> None:
+    if not os.path.isfile(path):
+        raise DatasetError(f"{what} not found: {path} does not exist.\n{hint}")

@@ -1,0 +1,67 @@
+"""The research repos' image transforms (METHODS.md §2), built from torchvision.
+
+Train: RandomResizedCrop(size, scale, bicubic) -> horizontal flip -> tensor -> CLIP normalisation.
+Eval (test): resize the shorter side to `size` (bicubic) -> centre crop `size` -> tensor -> CLIP normalisation.
+The default scale (0.08, 1) is Dassl's; MMRL trains with (0.5, 1).
+"""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MMRL_CROP_SCALE = (0.5, 1.0)
+
+
+def _check_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"image size must be a positive integer, got {size!r}")
+
+
+def _to_rgb(image):
+    # Grey-scale and palette images exist in Caltech101 and ImageNet; CLIP expects 3 channels.
+    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+
+
+def train_transform(
+    size: int = 224,
+    scale: tuple[float, float] = (0.08, 1.0),
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> T.Compose:
+    """Training augmentation of the Dassl-based repos: PIL image -> normalised 3 x size x size tensor."""
+    _check_size(size)
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"crop scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
+    return T.Compose(
+        [
+            T.Lambda(_to_rgb),
+            T.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def eval_transform(
+    size: int = 224,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> T.Compose:
+    """Evaluation transform: shorter side to `size` (bicubic), centre crop, normalise.
+
+    Dassl calls it the test transform; it is named eval_ so pytest never collects it as a test.
+    """
+    _check_size(size)
+    return T.Compose(
+        [
+            T.Lambda(_to_rgb),
+            T.Resize(size, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
