@@ -209,5 +209,9 @@ def text_head(model: nn.Module, x: torch.Tensor, pool_index: torch.Tensor) -> to
     """ln_final at the pooled (EOT) positions, projected: [N, E]. LayerNorm is per token, so it is applied to the
     gathered rows only; this equals open_clip's ln_final over all tokens followed by the gather."""
     rows = torch.arange(x.shape[0], device=x.device)
-    pooled = model.ln_final(x[rows, pool_index])
-    return pooled @ model.text_projection
+    return text_head_rows(model, x[rows, pool_index])
+
+
+def text_head_rows(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """ln_final and text_projection of already gathered EOT rows [N, d] -> [N, E]."""
+    return model.ln_final(pooled) @ model.text_projection

@@ -52,6 +52,8 @@ class PromptMethod(nn.Module):
     #: Text template with one '{}'; its first `text_slots` tokens after SOS are learnable.
     template = "a photo of a {}."
     text_slots = 0
+    #: Whether heads read EncoderOutputs.text_input_embeds (MCPL's VAIPL queries); the packed path skips it otherwise.
+    uses_text_input_embeds = False
 
     def __init__(self, info: BackboneInfo):
         super().__init__()

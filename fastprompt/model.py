@@ -28,8 +28,21 @@ def _default_tokenizer():
 
 
 class PromptedCLIP(nn.Module):
-    def __init__(self, clip: nn.Module, method: PromptMethod, classnames, tokenizer=None, truncate_text: bool = True):
+    def __init__(
+        self,
+        clip: nn.Module,
+        method: PromptMethod,
+        classnames,
+        tokenizer=None,
+        truncate_text: bool = True,
+        text_path: str = "auto",
+    ):
         super().__init__()
+        if text_path not in ("auto", "packed", "reference"):
+            raise ValueError(f"text_path must be 'auto', 'packed' or 'reference', got {text_path!r}")
+        if text_path == "packed" and not truncate_text:
+            raise ValueError("text_path='packed' computes only SOS..EOT; it cannot run with truncate_text=False")
+        self.text_path = text_path
         self.info = bb.inspect_clip(clip)
         self.clip = clip
         for p in clip.parameters():
@@ -72,6 +85,7 @@ class PromptedCLIP(nn.Module):
                 f" {self.method.text_slots}"
             )
         self._text_cache = None
+        self._packed = None
 
     @property
     def classnames(self) -> tuple[str, ...]:
@@ -109,9 +123,9 @@ class PromptedCLIP(nn.Module):
         sources = self.method.text_sources if tower == "text" else self.method.vision_sources
         return {int(k): (src(ctx), src.scope) for k, src in sources.items()}
 
-    def _record(self, tower: str, layer: int, x: torch.Tensor) -> None:
+    def _record(self, tower: str, layer: int, length: int) -> None:
         if self.trace is not None:
-            self.trace.append((tower, layer, x.shape[1]))
+            self.trace.append((tower, layer, length))
 
     def encode_image(self, images: torch.Tensor, ctx: SourceContext | None = None):
         """Prompted vision tower. Returns (pooled features [B, E], tokens after ln_post, segment (start, len))."""
@@ -139,7 +153,7 @@ class PromptedCLIP(nn.Module):
             if layer == 1:
                 # First-layer prompts pass through ln_pre with the patches (MaPLe/IVLP semantics).
                 x = visual.ln_pre(x)
-            self._record("vision", layer, x)
+            self._record("vision", layer, x.shape[1])
             x = bb.run_block(visual.transformer, layer - 1, x, None)
         pooled, normed = bb.vision_head(self.clip, x)
         return pooled, normed, (start, seg)
@@ -164,6 +178,8 @@ class PromptedCLIP(nn.Module):
         clip = self.clip
         sched = self.method.text_schedule
         tokens_by_layer = self._layer_tokens("text", ctx)
+        if self.uses_packed_text():
+            return self._encode_text_packed(tokens_by_layer, images)
         if not any(scope in ("image", "pair") for _, scope in tokens_by_layer.values()):
             images = 1
         dev = clip.positional_embedding.device
@@ -193,12 +209,35 @@ class PromptedCLIP(nn.Module):
                 x = torch.cat(parts, dim=1)
                 seg += edit.add - edit.drop
             mask = self._causal_mask(x.shape[1], x.device, x.dtype)
-            self._record("text", layer, x)
+            self._record("text", layer, x.shape[1])
             x = bb.run_block(clip.transformer, layer - 1, x, mask)
         eot = self.prompts.eot.to(dev).repeat(images)
         if insert:
             eot = eot + seg
         return bb.text_head(clip, x, eot), input_embeds
+
+    def uses_packed_text(self) -> bool:
+        """Packed text runs when asked for, or by default on a fastprompt-patched CLIP."""
+        if self.text_path == "auto":
+            return self.truncate_text and "fastprompt_patch" in self.clip.__dict__
+        return self.text_path == "packed"
+
+    def _encode_text_packed(self, tokens_by_layer, images: int):
+        from .packed_text import PackedText
+
+        if self._packed is None:
+            report = self.clip.__dict__.get("fastprompt_patch")
+            self._packed = PackedText(self, kernels=report.kernels if report else None)
+        features = self._packed.encode(tokens_by_layer, images)
+        input_embeds = None
+        if self.method.uses_text_input_embeds:
+            first = tokens_by_layer.get(1)
+            if first is not None and self.method.text_schedule.mode == "replace" and first[1] == "shared":
+                input_embeds = self.class_input_embeds(first[0])
+            else:
+                ids = self.prompts.tokens[:, : self.prompts.max_length].to(self.clip.positional_embedding.device)
+                input_embeds = self.clip.token_embedding(ids)
+        return features, input_embeds
 
     def _causal_mask(self, length: int, device, dtype) -> torch.Tensor:
         cache = self.__dict__.setdefault("_mask_cache", {})

@@ -53,8 +53,20 @@ def method_options(name: str) -> dict:
     return {k: p.default for k, p in list(sig.parameters.items())[2:]}
 
 
-def build(name: str, clip: nn.Module, classnames, tokenizer=None, truncate_text: bool = True, **options):
-    """Build method `name` over the frozen `clip` for `classnames`; returns a PromptedCLIP."""
+def build(
+    name: str,
+    clip: nn.Module,
+    classnames,
+    tokenizer=None,
+    truncate_text: bool = True,
+    text_path: str = "auto",
+    **options,
+):
+    """Build method `name` over the frozen `clip` for `classnames`; returns a PromptedCLIP.
+
+    text_path: 'reference' (the eager oracle: full template rows cut after the last EOT), 'packed' (shared
+    prefix once, class suffixes packed; exact), or 'auto' (packed when `clip` is fastprompt-patched).
+    """
     from ..model import PromptedCLIP, _default_tokenizer
 
     cls = method_class(name)
@@ -68,7 +80,7 @@ def build(name: str, clip: nn.Module, classnames, tokenizer=None, truncate_text:
     method = cls(ctx, **options)
     device = next(clip.parameters()).device
     method.to(device)
-    return PromptedCLIP(clip, method, classnames, tokenizer=tokenizer, truncate_text=truncate_text)
+    return PromptedCLIP(clip, method, classnames, tokenizer=tokenizer, truncate_text=truncate_text, text_path=text_path)
 
 
 __all__ = ["METHODS", "build", "method_class", "method_options"]

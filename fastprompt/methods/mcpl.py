@@ -141,6 +141,7 @@ class VAIPLInputShift(TokenSource):
 
 class MCPLCLIP(PromptMethod):
     name = "mcpl"
+    uses_text_input_embeds = True
 
     def __init__(
         self,
@@ -193,8 +194,9 @@ class MCPLCLIP(PromptMethod):
             self.decoder = VAIPLDecoder(embed, decoder_layers, out_dim=out_dim)
 
     def vaipl_features(self, input_embeds, lengths, vision_tokens, vision_proj) -> torch.Tensor:
-        queries = self.query_proj(max_pooled_queries(input_embeds.float(), lengths))
-        image_tokens = vision_tokens.float() @ vision_proj.float()
+        dtype = self.decoder.proj[0].weight.dtype  # the decoder trains in its parameters' dtype (fp32)
+        queries = self.query_proj(max_pooled_queries(input_embeds.to(dtype), lengths))
+        image_tokens = vision_tokens.to(dtype) @ vision_proj.to(dtype)
         return self.decoder(queries, image_tokens)
 
     def heads(self, out: EncoderOutputs) -> dict[str, torch.Tensor]:
@@ -207,5 +209,6 @@ class MCPLCLIP(PromptMethod):
                 # CMPP: the mean text input embedding (over classes and valid tokens) added to the image feature.
                 valid = torch.arange(out.text_input_embeds.shape[1], device=image.device)[None] < out.text_lengths[:, None]
                 mean = (out.text_input_embeds.float() * valid[..., None]).sum((0, 1)) / valid.sum()
-                image = image.float() + self.query_proj(mean)
+                mean = mean.to(self.pms[0][0].weight.dtype)
+                image = image.to(mean.dtype) + self.query_proj(mean)
         return {"main": cosine_logits(image, text, out.logit_scale)}

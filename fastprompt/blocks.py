@@ -1,0 +1,90 @@
+"""A residual attention block's computation, split into the pieces the fast paths need.
+
+`BlockKernels` says which implementation each piece uses: 'triton' (fastprompt's kernels: LayerNorm with
+fp32 statistics, fused bias+GELU MLP that saves only its input, flash-style attention) or 'torch' (the same
+math in PyTorch ops); the attention backend comes from fastprompt.ops.backends ('auto', 'triton',
+'xformers', 'sdpa', 'eager'). Every piece reads the block's own parameters at call time (no copies), so
+`model.half()`, `.to()`, `load_state_dict` keep working on a patched model.
+
+Under autocast the GEMM inputs are cast to the autocast dtype here, explicitly, because custom ops are
+not autocast-aware; LayerNorm and softmax statistics stay in fp32 either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import _gelu_kind
+
+
+@dataclass(frozen=True)
+class BlockKernels:
+    norm_mlp: str = "torch"  # 'triton' | 'torch'
+    attention: str = "auto"  # fastprompt.ops.backends name or 'auto'
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, kernels: BlockKernels) -> torch.Tensor:
+    """open_clip LayerNorm / LayerNormFp32: statistics in fp32, result in the input's dtype."""
+    if kernels.norm_mlp == "triton":
+        from .ops import layer_norm as ln_op
+
+        return ln_op.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    stats = torch.promote_types(x.dtype, torch.float32)  # fp32 statistics; float64 stays float64
+    with torch.autocast(x.device.type, enabled=False):
+        out = F.layer_norm(x.to(stats), norm.normalized_shape, norm.weight.to(stats), norm.bias.to(stats), norm.eps)
+    return out.to(x.dtype)
+
+
+def linear(x: torch.Tensor, layer) -> torch.Tensor:
+    weight, bias = (layer.weight, layer.bias) if hasattr(layer, "weight") else layer
+    dtype = _compute_dtype(x, weight)
+    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def qkv(block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GEMM for q, k, v; each returned as [..., L, H, hd] (no transposes)."""
+    attn = block.attn
+    out = linear(h, (attn.in_proj_weight, attn.in_proj_bias))
+    heads = attn.num_heads
+    out = out.unflatten(-1, (3, heads, out.shape[-1] // (3 * heads)))
+    return out.unbind(-3)
+
+
+def attention_out(block, o: torch.Tensor) -> torch.Tensor:
+    """Heads merged and the output projection: [..., L, H, hd] -> [..., L, D]."""
+    return linear(o.flatten(-2), block.attn.out_proj)
+
+
+def mlp(block, h: torch.Tensor, kernels: BlockKernels) -> torch.Tensor:
+    fc, proj = block.mlp.c_fc, block.mlp.c_proj
+    act = _gelu_kind(block.mlp.gelu)
+    if kernels.norm_mlp == "triton":
+        from .ops import mlp as mlp_op
+
+        dtype = _compute_dtype(h, fc.weight)
+        cast = [t.to(dtype) for t in (h, fc.weight, fc.bias, proj.weight, proj.bias)]
+        return mlp_op.frozen_mlp(*cast, activation=act)
+    return linear(block.mlp.gelu(linear(h, fc)), proj)
+
+
+def dense_attention(q, k, v, causal: bool, kernels: BlockKernels) -> torch.Tensor:
+    from .ops.attention import attention
+
+    return attention(q, k, v, causal=causal, backend=kernels.attention)
+
+
+def block_forward(block, x: torch.Tensor, causal: bool, kernels: BlockKernels) -> torch.Tensor:
+    """x + attn(LN1 x); then + MLP(LN2 .), for a dense [B, L, D] sequence (LayerScale honoured)."""
+    q, k, v = qkv(block, layer_norm(x, block.ln_1, kernels))
+    o = dense_attention(q, k, v, causal, kernels)
+    x = x + block.ls_1(attention_out(block, o)).to(x.dtype)
+    return x + block.ls_2(mlp(block, layer_norm(x, block.ln_2, kernels), kernels)).to(x.dtype)

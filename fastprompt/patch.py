@@ -1,0 +1,180 @@
+"""`fastprompt.patch(clip)`: swap one open_clip CLIP instance onto fastprompt's kernels, reversibly.
+
+What it does to the instance (and nothing else: no open_clip module globals change):
+- every `ResidualAttentionBlock` of both towers gets a subclass (class swap; no new parameters, same
+  state_dict keys and tensors) whose forward runs LayerNorm with fp32 statistics, one qkv GEMM, the
+  chosen attention backend without a dense mask (causal when open_clip passes its causal mask), and the
+  frozen-weight MLP; any other mask falls back to the original forward, exactly;
+- `encode_text` becomes an instance method that cuts the 77-token rows after the last EOT (exact, see
+  fastprompt.model) before running the same modules;
+- `fastprompt_patch` on the model records the report: what was patched, with which kernels, and why.
+`unpatch(model)` restores the original classes and methods (outputs are then bit-identical to a model
+never patched). Patching twice only updates the kernel choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import backbone as bb
+from .blocks import BlockKernels, block_forward
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_fastprompt_original_class"
+
+
+@dataclass
+class PatchReport:
+    blocks: dict[str, int] = field(default_factory=dict)  # tower -> number of patched blocks
+    kernels: BlockKernels = field(default_factory=BlockKernels)
+    reasons: list[str] = field(default_factory=list)
+    encode_text: bool = False
+
+    def __str__(self) -> str:
+        towers = ", ".join(f"{n} {t} blocks" for t, n in self.blocks.items())
+        lines = [f"fastprompt.patch: {towers}; LayerNorm/MLP: {self.kernels.norm_mlp}; attention: "
+                 f"{self.kernels.attention}; encode_text truncated after the last EOT: {self.encode_text}"]
+        lines += [f"  - {r}" for r in self.reasons]
+        return "\n".join(lines)
+
+
+def _is_causal_mask(mask: torch.Tensor) -> bool:
+    """True for open_clip's additive causal mask (0 on/below the diagonal, -inf above) or a bool equivalent."""
+    if mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    upper = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:  # True = masked out (nn.MultiheadAttention convention)
+        return torch.equal(mask, upper)
+    return bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
+
+
+class FastResidualAttentionBlock:
+    """Mixed into a subclass of the block's own class at patch time (see `_fast_class`)."""
+
+    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        if attn_mask is None:
+            causal = False
+        else:
+            key = (attn_mask.data_ptr(), tuple(attn_mask.shape), attn_mask._version, attn_mask.dtype)
+            cache = self.__dict__.setdefault("_fastprompt_mask_cache", {})
+            if key not in cache:
+                cache.clear()
+                cache[key] = _is_causal_mask(attn_mask)
+            if not cache[key]:
+                # A mask that is not the causal one: keep the original computation, exactly.
+                return getattr(self, _MARK).forward(self, q_x, k_x, v_x, attn_mask)
+            causal = True
+        return block_forward(self, q_x, causal, self._fastprompt_kernels)
+
+
+_FAST_CLASSES: dict[type, type] = {}
+
+
+def _fast_class(original: type) -> type:
+    if original not in _FAST_CLASSES:
+        _FAST_CLASSES[original] = type(f"Fast{original.__name__}", (FastResidualAttentionBlock, original), {})
+    return _FAST_CLASSES[original]
+
+
+def _fast_encode_text(self, text: torch.Tensor, normalize: bool = False):
+    """CLIP.encode_text with rows cut after the last EOT: exact for causal towers with EOT pooling."""
+    length = int(text.argmax(dim=-1).max()) + 1 if self.text_pool_type == "argmax" else text.shape[1]
+    text = text[:, :length]
+    cast = self.transformer.get_cast_dtype()
+    x = self.token_embedding(text).to(cast) + self.positional_embedding[:length].to(cast)
+    x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+    x = self.ln_final(x)
+    from open_clip.transformer import text_global_pool
+
+    x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
+    x = x @ self.text_projection
+    return nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def _resolve_kernels(model: nn.Module, backend: str, info) -> tuple[BlockKernels, list[str]]:
+    from .ops import backends
+
+    device = next(model.parameters()).device
+    reasons = []
+    if backend == "auto":
+        problem = backends.triton_import_problem()
+        if device.type == "cuda" and problem is None:
+            norm_mlp = "triton"
+        else:
+            norm_mlp = "torch"
+            reasons.append(
+                f"LayerNorm/MLP use PyTorch ops: {'no CUDA device' if device.type != 'cuda' else problem}"
+            )
+        attention = "auto"
+    else:
+        norm_mlp = "triton" if backend == "triton" else "torch"
+        attention = backend
+        if backend == "triton":
+            problem = backends.triton_import_problem()
+            if problem:
+                raise RuntimeError(f"backend='triton' requested but Triton cannot run: {problem}")
+            if device.type != "cuda" and not backends.triton_interpreted():
+                raise RuntimeError(
+                    "backend='triton' requested on a CPU model: Triton kernels run on CUDA GPUs (or on CPU only"
+                    " under TRITON_INTERPRET=1, for tests); use backend='auto' or 'sdpa'"
+                )
+    # The attention backend must be able to serve both towers' head dims at the model's dtype.
+    dtype = bb.compute_dtype(model)
+    for name, tower, causal in (("vision", info.vision, False), ("text", info.text, True)):
+        choice = backends.explain_backend("attention", device=device, dtype=dtype, head_dim=tower.head_dim,
+                                          causal=causal, backend=attention)
+        if choice.chosen is None:
+            raise RuntimeError(f"cannot patch the {name} tower's attention: {choice}")
+        reasons.append(f"{name} attention: {str(choice).splitlines()[0]}")
+    return BlockKernels(norm_mlp=norm_mlp, attention=attention), reasons
+
+
+def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.Module:
+    """Patch `model` (an open_clip CLIP) in place and return it. See the module docstring.
+
+    backend: 'auto' (Triton kernels on CUDA, the fastest available attention), 'triton', 'xformers',
+    'sdpa' or 'eager'. An explicitly requested backend that cannot run raises an error saying why.
+    Unsupported models raise fastprompt.UnsupportedModelError before anything is changed.
+    """
+    info = bb.inspect_clip(model)  # raises before any change
+    kernels, reasons = _resolve_kernels(model, backend, info)
+    report = PatchReport(kernels=kernels, reasons=reasons)
+    for tower_name, tower in (("vision", model.visual.transformer), ("text", model.transformer)):
+        for blk in tower.resblocks:
+            original = getattr(blk, _MARK, type(blk))
+            if not hasattr(blk, _MARK):
+                blk.__dict__[_MARK] = original
+            blk.__class__ = _fast_class(original)
+            blk.__dict__["_fastprompt_kernels"] = kernels
+        report.blocks[tower_name] = len(tower.resblocks)
+    if info.text_pool == "argmax":
+        model.encode_text = types.MethodType(_fast_encode_text, model)
+        report.encode_text = True
+    else:
+        report.reasons.append(f"encode_text kept: pooling {info.text_pool!r} is not argmax")
+    model.__dict__["fastprompt_patch"] = report
+    (logger.info if not verbose else print)(str(report))
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return "fastprompt_patch" in model.__dict__
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: original block classes and methods; a no-op on a model that is not patched."""
+    for tower in (model.visual.transformer, model.transformer):
+        for blk in tower.resblocks:
+            if hasattr(blk, _MARK):
+                blk.__class__ = blk.__dict__.pop(_MARK)
+                blk.__dict__.pop("_fastprompt_kernels", None)
+                blk.__dict__.pop("_fastprompt_mask_cache", None)
+    model.__dict__.pop("encode_text", None)
+    model.__dict__.pop("fastprompt_patch", None)
+    return model

@@ -1,0 +1,149 @@
+"""fastprompt.patch: exact against the unpatched model, reversible, idempotent, refusing what it cannot do."""
+
+import copy
+
+import open_clip
+import pytest
+import torch
+
+import fastprompt
+from fastprompt.backbones import create_clip
+from fastprompt.patch import is_patched, patch, unpatch
+
+NAMES = ["red circle", "blue square", "green triangle", "yellow star"]
+
+
+@pytest.fixture()
+def clip64():
+    model = create_clip("tiny").double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _tokens(names=NAMES):
+    return open_clip.get_tokenizer("ViT-B-16")([f"a photo of a {n}." for n in names])
+
+
+def test_patched_encoders_match_and_unpatch_is_bit_exact(clip64):
+    reference = copy.deepcopy(clip64)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    tokens = _tokens()
+    with torch.no_grad():
+        image_ref, text_ref = reference.encode_image(images), reference.encode_text(tokens)
+        patch(clip64, backend="sdpa")
+        assert is_patched(clip64)
+        torch.testing.assert_close(clip64.encode_image(images), image_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(clip64.encode_text(tokens), text_ref, rtol=1e-12, atol=1e-12)
+        unpatch(clip64)
+        assert not is_patched(clip64)
+        assert torch.equal(clip64.encode_image(images), image_ref)
+        assert torch.equal(clip64.encode_text(tokens), text_ref)
+    assert all(type(b) is open_clip.transformer.ResidualAttentionBlock for b in clip64.transformer.resblocks)
+
+
+def test_state_dict_is_unchanged_and_loads_strictly(clip64):
+    before = {k: (v.data_ptr(), v.shape) for k, v in clip64.state_dict().items()}
+    patch(clip64)
+    after = clip64.state_dict()
+    assert {k: (v.data_ptr(), v.shape) for k, v in after.items()} == before
+    clip64.load_state_dict(copy.deepcopy(after), strict=True)
+    assert sum(1 for _ in clip64.parameters()) == len([k for k in before if "attn_mask" not in k])
+
+
+def test_patching_twice_is_harmless_and_reports(clip64):
+    patch(clip64, backend="sdpa")
+    patch(clip64, backend="eager")
+    report = clip64.fastprompt_patch
+    assert report.blocks == {"vision": 12, "text": 12}
+    assert report.kernels.attention == "eager"
+    assert "12 vision blocks" in str(report)
+    unpatch(clip64)
+    assert all(type(b) is open_clip.transformer.ResidualAttentionBlock for b in clip64.visual.transformer.resblocks)
+
+
+def test_unsupported_models_are_refused_and_left_untouched():
+    scripted = torch.jit.script(create_clip("tiny"))
+    with pytest.raises(fastprompt.UnsupportedModelError, match="TorchScript"):
+        patch(scripted)
+    model = create_clip("tiny")
+    model.visual.transformer.resblocks[5] = open_clip.transformer.CustomResidualAttentionBlock(64, 2)
+    with pytest.raises(fastprompt.UnsupportedModelError, match=r"resblocks\[5\]"):
+        patch(model)
+    # Nothing was patched in part.
+    assert not is_patched(model)
+    assert all(type(b).__name__ in ("ResidualAttentionBlock", "CustomResidualAttentionBlock")
+               for b in model.visual.transformer.resblocks)
+
+
+def test_explicit_backend_that_cannot_run_says_why(clip64):
+    with pytest.raises(RuntimeError, match="xformers"):
+        patch(create_clip("tiny"), backend="xformers")
+    assert not is_patched(clip64)
+
+
+def test_a_mask_that_is_not_causal_falls_back_exactly(clip64):
+    reference = copy.deepcopy(clip64)
+    patch(clip64, backend="sdpa")
+    x = torch.randn(2, 9, 64, dtype=torch.float64)
+    mask = torch.zeros(9, 9, dtype=torch.float64)
+    mask[:, 4] = float("-inf")  # a key masked for everyone: not the causal pattern
+    with torch.no_grad():
+        ours = clip64.transformer.resblocks[0](x, attn_mask=mask)
+        ref = reference.transformer.resblocks[0](x, attn_mask=mask)
+    assert torch.equal(ours, ref)
+
+
+METHOD_CASES = [(name, {}) for name in sorted(fastprompt.METHODS)] + [
+    ("coop", {"class_specific": True}),
+    ("mcpl", {"integration": "input"}),
+]
+
+
+@pytest.mark.parametrize("name,options", METHOD_CASES, ids=lambda v: str(v))
+def test_every_method_on_the_patched_model_equals_the_reference(clip64, name, options):
+    """Patched blocks + packed text (shared prefix, packed suffixes, cached layers) against the unpatched
+    reference path: features, logits, image-input and prompt gradients, in float64."""
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    labels = torch.tensor([0, 3])
+    reference_clip = copy.deepcopy(clip64)
+    torch.manual_seed(0)
+    ref = fastprompt.build(name, reference_clip, NAMES, text_path="reference", **options).double()
+    patch(clip64, backend="sdpa")
+    fast = fastprompt.build(name, clip64, NAMES, **options).double()
+    assert fast.uses_packed_text()
+    fast.method.load_state_dict(ref.method.state_dict())
+    results = []
+    for model in (ref, fast):
+        x = images.clone().requires_grad_(True)
+        out = model(x)
+        loss, _ = model.loss(out, labels)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.method.named_parameters()}
+        results.append((out, x.grad, grads))
+    (o1, x1, g1), (o2, x2, g2) = results
+    tol = dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(o2.text_features, o1.text_features, **tol)
+    torch.testing.assert_close(o2.image_features, o1.image_features, **tol)
+    for head in o1.logits:
+        torch.testing.assert_close(o2.logits[head], o1.logits[head], **tol)
+    torch.testing.assert_close(x2, x1, **tol)
+    for pname in g1:
+        torch.testing.assert_close(g2[pname], g1[pname], **tol)
+
+
+def test_packed_text_computes_fewer_tokens_and_caches_layers_below_the_first_prompt(clip64):
+    patch(clip64, backend="sdpa")
+    model = fastprompt.build("mmrl", clip64, NAMES).double()
+    model.trace = []
+    model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    first = [layer for tower, layer, _ in model.trace if tower == "text"]
+    assert first == list(range(1, 13))
+    model.trace = []
+    model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    # Text layers 1-5 see no prompt: computed once, then served from the cache.
+    assert [layer for tower, layer, _ in model.trace if tower == "text"] == list(range(6, 13))
+    packed = model._packed
+    # The shared prefix "SOS a photo of a" runs once; each class keeps only its own tokens up to EOT.
+    assert packed.prefix_len == 5
+    assert int(packed.cu_seqlens[-1]) == int((model.prompts.lengths - 5).sum())
