@@ -184,3 +184,25 @@ def test_eval_text_cache_tracks_parameter_updates(tiny_clip64):
         model.method.text_sources["1"].tokens.add_(torch.randn_like(model.method.text_sources["1"].tokens))
         second = model(imgs).text_features
     assert (first - second).abs().max() > 1e-4
+
+
+def test_vaipl_attention_equals_nn_multihead_attention():
+    """MCPL's decoder runs nn.MultiheadAttention's parameters through fastprompt's attention op."""
+    from fastprompt.methods.mcpl import _multihead
+
+    mha = torch.nn.MultiheadAttention(64, 2, batch_first=True).double()
+    queries = torch.randn(1, 7, 64, dtype=torch.float64)  # C = 7 class queries shared by the images
+    tokens = torch.randn(3, 11, 64, dtype=torch.float64)  # B = 3 images of N = 11 tokens
+    expected = mha(queries.expand(3, -1, -1), tokens, tokens, need_weights=False)[0]
+    close(_multihead(mha, queries, tokens), expected)
+
+
+def test_mcpl_post_integration_adds_vaipl_features_to_class_features(tiny_clip64):
+    from fastprompt.methods.mcpl import max_pooled_queries
+
+    model = fastprompt.build("mcpl", tiny_clip64, NAMES).double()
+    out = model(images64(2))
+    m = model.method
+    u = m.decoder(max_pooled_queries(out.text_input_embeds, out.text_lengths), out.vision_tokens @ out.vision_proj)
+    expected = cosine_logits(out.image_features, out.text_features[None] + u, out.logit_scale)
+    close(out.logits["main"], expected)

@@ -71,6 +71,23 @@ class JointAttended(TokenSource):
         return memo[self.index * n : (self.index + 1) * n]
 
 
+def _multihead(attn: nn.MultiheadAttention, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+    """nn.MultiheadAttention's math through fastprompt's attention op (flash-style on GPU): the B x H x C x N
+    probabilities of the class-query x image-token attention are never materialised."""
+    from ..ops.attention import attention
+
+    d = attn.embed_dim
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    heads = attn.num_heads
+    q = F.linear(query, w[:d], b[:d]).unflatten(-1, (heads, d // heads))
+    k = F.linear(key_value, w[d : 2 * d], b[d : 2 * d]).unflatten(-1, (heads, d // heads))
+    v = F.linear(key_value, w[2 * d :], b[2 * d :]).unflatten(-1, (heads, d // heads))
+    if q.shape[0] != k.shape[0]:
+        q = q.expand(k.shape[0], -1, -1, -1)
+    o = attention(q, k, v, causal=False)
+    return attn.out_proj(o.flatten(-2))
+
+
 class VAIPLDecoder(nn.Module):
     """Queries [C, d] x image tokens [B, N, d] -> prompt features u [B, C, d_out].
 
@@ -105,11 +122,10 @@ class VAIPLDecoder(nn.Module):
         q = queries.unsqueeze(0)  # [1, C, d]
         for i, layer in enumerate(self.layers):
             h = layer["ln_self"](q)
-            q = q + layer["self_attn"](h, h, h, need_weights=False)[0]
+            q = q + _multihead(layer["self_attn"], h, h)
             if i == 0:
                 q = q.expand(batch, -1, -1)
-            kv = layer["ln_kv"](image_tokens)
-            q = q + layer["cross_attn"](layer["ln_q"](q), kv, kv, need_weights=False)[0]
+            q = q + _multihead(layer["cross_attn"], layer["ln_q"](q), layer["ln_kv"](image_tokens))
             q = q + layer["mlp"](layer["ln_mlp"](q))
         return self.proj(q)
 
