@@ -220,7 +220,7 @@ class MCPLCLIP(PromptMethod):
         if self.integration == "post":
             if self.fusion == "vaipl":
                 u = self.vaipl_features(out.text_input_embeds, out.text_lengths, out.vision_tokens, out.vision_proj)
-                text = text.float()[None] + u  # w_{b,c} = w_c + u_{b,c}; cosine_logits normalises
+                text = text.to(u.dtype)[None] + u  # w_{b,c} = w_c + u_{b,c}; cosine_logits normalises
             else:
                 # CMPP: the mean text input embedding (over classes and valid tokens) added to the image feature.
                 valid = torch.arange(out.text_input_embeds.shape[1], device=image.device)[None] < out.text_lengths[:, None]
