@@ -54,6 +54,8 @@ class PromptedCLIP(nn.Module):
         method.vision_schedule.check_layers(self.info.vision.layers)
         self._check_sources()
         self.trace: list | None = None  # set to [] to record (tower, layer, sequence length)
+        self.use_grouped_maps: bool | None = None  # None: grouped coupling maps when the Triton kernels run
+        self._grouped = None
         self._text_cache = None
         self._frozen_text_cache: dict = {}
         self.set_classnames(classnames)
@@ -119,7 +121,26 @@ class PromptedCLIP(nn.Module):
         return self._frozen_text_cache[key]
 
     # --- towers -------------------------------------------------------------------------------------
+    def grouped_maps(self):
+        """Coupling maps grouped into one launch: on when the patch runs the Triton kernels (or when asked
+        for with `model.use_grouped_maps = True`)."""
+        report = self.clip.__dict__.get("fastprompt_patch")
+        wanted = self.use_grouped_maps if self.use_grouped_maps is not None else (
+            report is not None and report.kernels.norm_mlp == "triton")
+        if not wanted:
+            return None
+        if self._grouped is None:
+            from .grouped import GroupedMaps
+
+            sources = list(self.method.text_sources.values()) + list(self.method.vision_sources.values())
+            self._grouped = GroupedMaps(sources)
+        return self._grouped or None
+
     def _layer_tokens(self, tower: str, ctx: SourceContext) -> dict[int, torch.Tensor]:
+        grouped = self.grouped_maps()
+        if grouped is not None and not ctx.memo.get("_grouped_done"):
+            grouped.run(ctx)
+            ctx.memo["_grouped_done"] = True
         sources = self.method.text_sources if tower == "text" else self.method.vision_sources
         return {int(k): (src(ctx), src.scope) for k, src in sources.items()}
 

@@ -73,7 +73,8 @@ class Coupled(TokenSource):
         self.scope = source.scope
 
     def forward(self, ctx: SourceContext) -> torch.Tensor:
-        return self.mapping(self.source(ctx))
+        grouped = ctx.memo.get(id(self)) if ctx is not None else None  # computed with its peers (grouped.py)
+        return grouped if grouped is not None else self.mapping(self.source(ctx))
 
 
 class Sum(TokenSource):

@@ -1,0 +1,95 @@
+"""All prompted layers' coupling maps in one launch (DESIGN.md §3.5).
+
+MaPLe and MPL map each layer's text prompt into the vision tower with a Linear of its own; MCPL-CLIP's PMS
+is a Linear-ReLU-Linear per layer; MuDPT and MMRL do the same with per-layer or shared maps. Run one at a
+time that is 9-17 tiny launches each way per step, which dominates at batch 4. `GroupedMaps` finds every
+`Coupled` source whose mapping is an nn.Linear (or a Linear-ReLU-Linear) of one shape, stacks their inputs
+and weights, runs the grouped op once, and leaves each result in the forward's memo, where
+`Coupled.forward` picks it up. Weights are stacked per step (a copy of a few MB), so gradients reach
+each layer's own parameters through the ordinary autograd of `torch.stack`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .sources import Concat, Coupled, InstanceShift, SourceContext, Sum, TokenSource
+
+
+def _children(src: TokenSource):
+    if isinstance(src, Coupled):
+        yield src.source
+    elif isinstance(src, Sum):
+        yield from (src.first, src.second)
+    elif isinstance(src, Concat):
+        yield from src.parts
+    elif isinstance(src, InstanceShift):
+        yield src.base
+
+
+def _kind(mapping: nn.Module):
+    if isinstance(mapping, nn.Linear) and mapping.bias is not None:
+        return ("linear", mapping.in_features, mapping.out_features)
+    if (
+        isinstance(mapping, nn.Sequential)
+        and len(mapping) == 3
+        and isinstance(mapping[0], nn.Linear)
+        and isinstance(mapping[1], nn.ReLU)
+        and isinstance(mapping[2], nn.Linear)
+        and mapping[0].bias is not None
+        and mapping[2].bias is not None
+    ):
+        return ("bottleneck", mapping[0].in_features, mapping[0].out_features, mapping[2].out_features)
+    return None
+
+
+class GroupedMaps:
+    def __init__(self, sources):
+        seen, groups = set(), {}
+        stack = list(sources)
+        while stack:
+            src = stack.pop()
+            if id(src) in seen:
+                continue
+            seen.add(id(src))
+            stack.extend(_children(src))
+            if isinstance(src, Coupled) and src.source.scope == "shared":
+                kind = _kind(src.mapping)
+                if kind is not None:
+                    groups.setdefault(kind, []).append(src)
+        # A group of one gains nothing; distinct mappings only (MuDPT shares one map across layers: still fine).
+        self.groups = {k: v for k, v in groups.items() if len(v) > 1}
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def run(self, ctx: SourceContext) -> None:
+        from .ops.grouped_mlp import grouped_bottleneck_mlp, grouped_linear
+
+        for kind, members in self.groups.items():
+            inputs = [m.source(ctx) for m in members]
+            by_tokens: dict[int, list[int]] = {}
+            for i, x in enumerate(inputs):
+                by_tokens.setdefault(x.shape[0], []).append(i)
+            for indices in by_tokens.values():
+                if len(indices) < 2:
+                    continue
+                group = [members[i] for i in indices]
+                x = torch.stack([inputs[i] for i in indices])
+                dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+                if kind[0] == "linear":
+                    w = torch.stack([m.mapping.weight for m in group]).to(dtype)
+                    b = torch.stack([m.mapping.bias for m in group]).to(dtype)
+                    out = grouped_linear(x.to(dtype), w, b)
+                else:
+                    first, last = [m.mapping[0] for m in group], [m.mapping[2] for m in group]
+                    out = grouped_bottleneck_mlp(
+                        x.to(dtype),
+                        torch.stack([l.weight for l in first]).to(dtype),
+                        torch.stack([l.bias for l in first]).to(dtype),
+                        torch.stack([l.weight for l in last]).to(dtype),
+                        torch.stack([l.bias for l in last]).to(dtype),
+                    )
+                for member, value in zip(group, out.unbind(0)):
+                    ctx.memo[id(member)] = value

@@ -1,0 +1,33 @@
+"""Coupling maps of all prompted layers in one grouped launch equal the per-layer maps (loss and every
+parameter gradient). Runs the Triton grouped kernels (interpreter on CPU)."""
+
+import pytest
+import torch
+
+import fastprompt
+
+NAMES = ["red circle", "blue square", "green triangle"]
+
+
+@pytest.mark.parametrize("name,kind,members", [
+    ("maple", "linear", 9),        # F_1..F_9
+    ("mcpl", "bottleneck", 9),     # PMS_1..PMS_9 (Linear-ReLU-Linear)
+    ("mudpt", "linear", 23),       # E_0 + the two shared maps used by 11 layers each (tiny: one width)
+])
+def test_grouped_coupling_maps_equal_per_layer_maps(tiny_clip, name, kind, members):
+    torch.manual_seed(0)
+    per_layer = fastprompt.build(name, tiny_clip, NAMES)
+    grouped = fastprompt.build(name, tiny_clip, NAMES)
+    grouped.method.load_state_dict(per_layer.method.state_dict())
+    grouped.use_grouped_maps = True
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    losses = []
+    for model in (per_layer, grouped):
+        loss, _ = model.loss(model(images), labels)
+        loss.backward()
+        losses.append(loss)
+    groups = grouped._grouped.groups
+    assert [(k[0], len(v)) for k, v in groups.items()] == [(kind, members)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (pname, a), b in zip(per_layer.method.named_parameters(), grouped.method.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=pname)
