@@ -147,3 +147,27 @@ def test_packed_text_computes_fewer_tokens_and_caches_layers_below_the_first_pro
     # The shared prefix "SOS a photo of a" runs once; each class keeps only its own tokens up to EOT.
     assert packed.prefix_len == 5
     assert int(packed.cu_seqlens[-1]) == int((model.prompts.lengths - 5).sum())
+
+
+def test_triton_kernel_path_equals_the_reference():
+    """The whole fused path with fastprompt's Triton kernels (LayerNorm, frozen MLP, dense and prefix-varlen
+    attention, grouped couplings; the interpreter on CPU): MaPLe on a head-dim-64 model, fp32."""
+    clip = create_clip("small")
+    reference_clip = copy.deepcopy(clip)
+    torch.manual_seed(0)
+    ref = fastprompt.build("maple", reference_clip, NAMES[:3], text_path="reference")
+    patch(clip, backend="triton")
+    assert clip.fastprompt_patch.kernels.norm_mlp == "triton"
+    fast = fastprompt.build("maple", clip, NAMES[:3])
+    fast.method.load_state_dict(ref.method.state_dict())
+    assert fast.grouped_maps() is not None
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    losses = []
+    for model in (ref, fast):
+        out = model(images)
+        loss, _ = model.loss(out, labels)
+        loss.backward()
+        losses.append((out, loss))
+    torch.testing.assert_close(losses[1][0].logits["main"], losses[0][0].logits["main"], rtol=1e-4, atol=1e-4)
+    for (pname, a), b in zip(ref.method.named_parameters(), fast.method.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=pname)
