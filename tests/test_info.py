@@ -1,0 +1,51 @@
+"""``python -m fastprompt.info`` and ``fastprompt.info.info()``: devices, versions, and every
+attention backend with its status and reasons."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from fastprompt.info import format_info, info
+
+
+def test_module_prints_versions_devices_and_backends():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the user's view
+    result = subprocess.run([sys.executable, "-m", "fastprompt.info"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for needle in ("versions:", f"torch       {torch.__version__}", "triton ", "open_clip ", "xformers ",
+                   "devices:", "cpu:", "attention backends", "prefix_varlen_attention"):
+        assert needle in text, f"{needle!r} missing from:\n{text}"
+    for backend in ("triton", "xformers", "sdpa", "eager"):
+        assert f" {backend} " in text
+    if torch.cuda.is_available():
+        assert torch.cuda.get_device_name(0) in text
+    else:
+        assert "no CUDA device" in text
+        # compiled Triton needs a GPU; the reason says how the interpreter would run it
+        assert "Triton kernels run on CPU only in the interpreter" in text
+        assert "runs on cuda only, not cpu" in text  # xformers
+        sdpa_rows = [line for line in text.splitlines() if " sdpa " in line and "on cpu" in line]
+        assert len(sdpa_rows) == 2 and all("available  <- auto" in line for line in sdpa_rows)
+
+
+def test_info_returns_the_same_as_data():
+    report = info()
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["versions"]["python"] == sys.version.split()[0]
+    assert report["devices"][0]["type"] == "cpu"
+    assert len([d for d in report["devices"] if d["type"] == "cuda"]) == torch.cuda.device_count()
+    rows = report["attention_backends"]
+    cpu_rows = {(r["op"], r["backend"]): r for r in rows if r["device"] == "cpu"}
+    assert set(cpu_rows) == {(op, b) for op in ("attention", "prefix_varlen_attention")
+                             for b in ("triton", "xformers", "sdpa", "eager")}
+    for op in ("attention", "prefix_varlen_attention"):
+        assert cpu_rows[op, "sdpa"]["available"] and cpu_rows[op, "sdpa"]["auto_choice"]
+        assert not cpu_rows[op, "xformers"]["available"] and cpu_rows[op, "xformers"]["reasons"]
+        triton = cpu_rows[op, "triton"]
+        assert not triton["auto_choice"]  # auto never picks the interpreter
+        assert triton["reasons"] or triton["auto_skips"]
+    assert "attention backends" in format_info(report)
