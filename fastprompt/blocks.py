@@ -35,9 +35,9 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, kernels: BlockKernels) -> torch.Tensor:
     """open_clip LayerNorm / LayerNormFp32: statistics in fp32, result in the input's dtype."""
     if kernels.norm_mlp == "triton":
-        from .ops import layer_norm as ln_op
+        from .ops.layer_norm import layer_norm as triton_layer_norm
 
-        return ln_op.layer_norm(x, norm.weight, norm.bias, norm.eps)
+        return triton_layer_norm(x, norm.weight, norm.bias, norm.eps)
     stats = torch.promote_types(x.dtype, torch.float32)  # fp32 statistics; float64 stays float64
     with torch.autocast(x.device.type, enabled=False):
         out = F.layer_norm(x.to(stats), norm.normalized_shape, norm.weight.to(stats), norm.bias.to(stats), norm.eps)
@@ -68,11 +68,11 @@ def mlp(block, h: torch.Tensor, kernels: BlockKernels) -> torch.Tensor:
     fc, proj = block.mlp.c_fc, block.mlp.c_proj
     act = _gelu_kind(block.mlp.gelu)
     if kernels.norm_mlp == "triton":
-        from .ops import mlp as mlp_op
+        from .ops.mlp import frozen_mlp
 
         dtype = _compute_dtype(h, fc.weight)
         cast = [t.to(dtype) for t in (h, fc.weight, fc.bias, proj.weight, proj.bias)]
-        return mlp_op.frozen_mlp(*cast, activation=act)
+        return frozen_mlp(*cast, activation=act)
     return linear(block.mlp.gelu(linear(h, fc)), proj)
 
 
