@@ -1,0 +1,172 @@
+"""LayerNorm with fp32 statistics (open_clip ``LayerNormFp32`` semantics) as torch ops.
+
+``layer_norm(x, weight, bias, eps)`` normalises the last dimension of x (any leading shape):
+statistics in fp32, output in x's dtype, weight/bias in fp32 or x's dtype.
+``layer_norm(x, weight, bias, eps, residual=r)`` returns ``(LayerNorm(x + r), x + r)``: the
+pre-LN block's ``x + attn`` followed by LN2 in one pass.
+
+Backward: dx always; dW/dB only when weight/bias require grad (a frozen CLIP never asks for
+them, and then the parameter-gradient kernel does not run). The forward saves x (or x + r,
+which is returned anyway) plus fp32 mean and rstd per row.
+
+Registered ops: ``fastprompt::layer_norm``, ``fastprompt::layer_norm_residual`` (forward,
+with autograd) and ``fastprompt::layer_norm_backward``,
+``fastprompt::layer_norm_backward_params`` (used by the autograd formulas).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastprompt.ops._library import define_op, require_triton
+
+require_triton()
+from fastprompt.kernels import layer_norm as _kernel  # noqa: E402
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [rows, d] with a contiguous last dimension (a view when possible)."""
+    flat = t.reshape(-1, t.shape[-1])
+    return flat if flat.shape[1] <= 1 or flat.stride(1) == 1 else flat.contiguous()
+
+
+def _check_nd(x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> None:
+    if x.dim() < 1:
+        raise ValueError("layer_norm: x must have at least one dimension (the normalised one)")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"layer_norm: residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+
+
+@define_op("layer_norm")
+def _layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_nd(x)
+    y, _, mean, rstd = _kernel.layer_norm_forward(_rows(x), weight, bias, eps)
+    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+@_layer_norm.register_fake
+def _(x, weight, bias, eps):
+    _check_nd(x)
+    _kernel.check_forward_args(_rows(x), weight, bias)
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+@define_op("layer_norm_residual")
+def _layer_norm_residual(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_nd(x, residual)
+    y, s, mean, rstd = _kernel.layer_norm_forward(_rows(x), weight, bias, eps, residual=_rows(residual))
+    return y.view(x.shape), s.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+@_layer_norm_residual.register_fake
+def _(x, residual, weight, bias, eps):
+    _check_nd(x, residual)
+    _kernel.check_forward_args(_rows(x), weight, bias, _rows(residual))
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+@define_op("layer_norm_backward")
+def _layer_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    d_sum: Optional[torch.Tensor],
+) -> torch.Tensor:  # fmt: skip
+    dsum = None if d_sum is None else _rows(d_sum)
+    dx, _, _ = _kernel.layer_norm_backward(_rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1), dsum)
+    return dx.view(x.shape)
+
+
+@_layer_norm_backward.register_fake
+def _(dy, x, weight, mean, rstd, d_sum):
+    return x.new_empty(x.shape)
+
+
+@define_op("layer_norm_backward_params")
+def _layer_norm_backward_params(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    d_sum: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    dsum = None if d_sum is None else _rows(d_sum)
+    dx, dw, db = _kernel.layer_norm_backward(
+        _rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1), dsum, param_grads=True
+    )
+    return dx.view(x.shape), dw.to(weight.dtype), db.to(weight.dtype)
+
+
+@_layer_norm_backward_params.register_fake
+def _(dy, x, weight, mean, rstd, d_sum):
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _input_gradients(ctx, dy, normalised, d_sum):
+    """(dx, dweight or None, dbias or None) for the saved forward."""
+    weight, mean, rstd = ctx.saved_tensors[1:]
+    want_weight, want_bias = ctx.needs_input_grad[ctx.weight_index], ctx.needs_input_grad[ctx.weight_index + 1]
+    if want_weight or want_bias:
+        dx, dw, db = torch.ops.fastprompt.layer_norm_backward_params(dy, normalised, weight, mean, rstd, d_sum)
+        return dx, (dw if want_weight else None), (db if want_bias else None)
+    return torch.ops.fastprompt.layer_norm_backward(dy, normalised, weight, mean, rstd, d_sum), None, None
+
+
+def _setup_layer_norm(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.weight_index = 1
+
+
+def _backward_layer_norm(ctx, dy, _dmean, _drstd):
+    dx, dw, db = _input_gradients(ctx, dy.contiguous(), ctx.saved_tensors[0], None)
+    return (dx if ctx.needs_input_grad[0] else None), dw, db, None
+
+
+def _setup_layer_norm_residual(ctx, inputs, output):
+    _, _, weight, _, _ = inputs
+    _, summed, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    # x + residual is an output (the residual stream carries it on), so saving it costs nothing.
+    ctx.save_for_backward(summed, weight, mean, rstd)
+    ctx.weight_index = 2
+
+
+def _backward_layer_norm_residual(ctx, dy, d_sum, _dmean, _drstd):
+    d_sum = None if d_sum is None else d_sum.contiguous()
+    dx, dw, db = _input_gradients(ctx, dy.contiguous(), ctx.saved_tensors[0], d_sum)
+    # d(x + r)/dx = d(x + r)/dr = identity: both inputs receive the same gradient.
+    return (dx if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None), dw, db, None
+
+
+_layer_norm.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
+_layer_norm_residual.register_autograd(_backward_layer_norm_residual, setup_context=_setup_layer_norm_residual)
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
+    """LayerNorm over the last dimension with fp32 statistics, output in x's dtype.
+
+    Equivalent PyTorch (open_clip's LayerNormFp32)::
+
+        F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+    Args:
+        x: [..., d] float32/float16/bfloat16, on CUDA (or CPU under TRITON_INTERPRET=1);
+            d <= 2048.
+        weight, bias: [d], float32 or x's dtype, one dtype for both.
+        eps: added to the variance.
+        residual: optional tensor of x's shape and dtype; then the result is
+            ``(layer_norm(x + residual), x + residual)`` with x + residual rounded to x's dtype.
+
+    Raises:
+        ValueError: wrong shapes, dtypes, devices, or a width above 2048.
+    """
+    if residual is None:
+        return torch.ops.fastprompt.layer_norm(x, weight, bias, float(eps))[0]
+    y, summed, _, _ = torch.ops.fastprompt.layer_norm_residual(x, residual, weight, bias, float(eps))
+    return y, summed
