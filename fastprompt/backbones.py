@@ -61,8 +61,13 @@ def create_clip(
         cast = None if dtype == torch.float32 else dtype
         model = open_clip.CLIP(**TINY_CONFIGS[name], cast_dtype=cast)
         if pretrained:
-            state = torch.load(pretrained, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state))
+            if pretrained.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state = load_file(pretrained)
+            else:
+                state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         if cast is not None:
             open_clip.model.convert_weights_to_lp(model, dtype=dtype)
         return model.to(device).eval()

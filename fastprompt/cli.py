@@ -1,8 +1,20 @@
-"""The `fastprompt` command line. Each subcommand lives in its own small function."""
+"""The `fastprompt` command line. Each subcommand lives in its own small function.
+
+    fastprompt train --method maple --protocol b2n --dataset eurosat --root /data seeds=1,2,3 [--dry-run]
+    fastprompt train ... --resume latest          continue the run in the same output folder
+    fastprompt eval --run runs/maple-b2n-eurosat-16shot     re-evaluate its checkpoints (never trains)
+    fastprompt report runs/*-b2n-* --markdown table.md --csv table.csv
+    fastprompt prepare eurosat --root /data [--download]
+    fastprompt bench | demo | info
+
+Config keys are given as key=value (see `fastprompt train --dry-run`); errors on bad input print one line
+naming the problem and exit with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -34,13 +46,135 @@ def _info(args) -> int:
 
 
 def _prepare(args) -> int:
-    from .data import check_layout
+    from .data import check_layout, download_dataset
 
+    if args.download:
+        archives = download_dataset(args.dataset, args.root)
+        print(f"downloaded and unpacked {len(archives)} archive(s) into {os.path.abspath(args.root)}")
     report = check_layout(args.dataset, args.root, verify_images=args.verify)
     print(report.format())
     return 0 if report.ok else 1
 
 
+# --- train ---------------------------------------------------------------------------------------------
+_TRAIN_FLAGS = ("method", "protocol", "dataset", "root", "shots", "seeds", "output_dir")
+
+
+def _overrides(args, extra: list[str]) -> dict:
+    from .runner.config import ConfigError, parse_overrides
+
+    stray = [item for item in extra if "=" not in item or item.startswith("-")]
+    if stray:
+        raise ConfigError(f"unrecognised argument(s) {' '.join(stray)}; config values are written key=value")
+    overrides = parse_overrides(list(getattr(args, "overrides", []) or []) + extra)
+    for flag in _TRAIN_FLAGS:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        option = "--" + flag.replace("_", "-")
+        if flag in overrides and str(overrides[flag]) != str(value):
+            raise ConfigError(f"conflicting values for {flag}: {option} {value} and {flag}={overrides[flag]}")
+        overrides[flag] = str(value)
+    return overrides
+
+
+def _train(args, extra) -> int:
+    from .runner.config import ConfigError, format_config, load_config_file, resolve_config
+    from .runner.run import config_for_resume, resume_folder, train_run
+
+    overrides = _overrides(args, extra)
+    file_values = load_config_file(args.config) if args.config else {}
+    if args.dry_run and args.resume:
+        raise ConfigError("--dry-run and --resume conflict: a dry run prints a new run's config and trains nothing")
+    if args.resume is None:
+        resolved = resolve_config(file_values, overrides)
+        if args.dry_run:
+            print(format_config(resolved))
+            return 0
+        train_run(resolved)
+        return 0
+    if args.resume == "latest":
+        resolved = resolve_config(file_values, overrides)
+        run_dir = resolved.config.resolved_output_dir()
+        if not os.path.isdir(run_dir):
+            raise ConfigError(f"--resume latest: there is no run to resume at {run_dir}")
+        config = config_for_resume(resume_folder(run_dir), None, candidate=resolved.config)
+    else:
+        if file_values:
+            raise ConfigError("--config and --resume PATH conflict: the resumed run's config is stored in its folder")
+        run_dir = resume_folder(args.resume)
+        given = overrides.get("output_dir")
+        if given is not None and os.path.abspath(os.path.expanduser(given)) != run_dir:
+            raise ConfigError(f"conflicting output folders: --resume {args.resume} is in {run_dir}, output_dir={given}")
+        config = config_for_resume(run_dir, overrides)
+    train_run(config=config, resume_dir=config.resolved_output_dir())
+    return 0
+
+
+# --- eval ----------------------------------------------------------------------------------------------
+def _eval(args, extra) -> int:
+    from .runner.checkpoint import atomic_write_json, read_json
+    from .runner.config import ConfigError
+    from .runner.results import markdown_table, summarize_run
+    from .runner.run import checkpoints_of_run, evaluate_checkpoints, run_name, stored_config
+
+    if bool(args.run) == bool(args.checkpoint):
+        raise ConfigError("give exactly one of --run DIR or --checkpoint PATH")
+    if args.dataset is None and (args.subset != "all" or args.mode is not None):
+        raise ConfigError("--subset and --mode apply to --dataset; without it the run's own targets are evaluated")
+    overrides = _overrides(argparse.Namespace(overrides=args.overrides), extra)
+    folders = checkpoints_of_run(args.run) if args.run else list(args.checkpoint)
+    outputs = evaluate_checkpoints(folders, overrides, args.dataset, args.subset, args.mode)
+    if args.run and args.dataset is None:
+        config = stored_config(args.run)
+        print("\n" + markdown_table([summarize_run(config.protocol, run_name(config), outputs)]))
+        differences = []
+        for folder, output in zip(folders, outputs, strict=True):
+            logged = read_json(os.path.join(folder, "results.json"), "seed results")["targets"]
+            by_key = {(t["dataset"], t["subset"]): t["accuracy"] for t in logged}
+            differences += [abs(by_key[(t["dataset"], t["subset"])] - t["accuracy"])
+                            for t in output["targets"] if (t["dataset"], t["subset"]) in by_key]
+        if differences:
+            print(f"largest difference from the accuracy logged at training time: {max(differences):.4f} points")
+    if args.output:
+        atomic_write_json(args.output, {"evaluations": outputs})
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _report(args) -> int:
+    from .runner.checkpoint import atomic_write_text
+    from .runner.results import csv_table, markdown_table
+    from .runner.run import load_summaries
+
+    summaries = load_summaries(args.runs)
+    text = markdown_table(summaries)
+    print(text)
+    if args.markdown:
+        atomic_write_text(args.markdown, text)
+    if args.csv:
+        atomic_write_text(args.csv, csv_table(summaries))
+    return 0
+
+
+def _bench(args, extra) -> int:
+    import subprocess
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.abspath(args.path or os.path.join(here, "bench"))
+    if not os.path.isdir(bench):
+        print(
+            f"fastprompt: error: no benchmark suite at {bench}. The suite (bench/) ships with the source repository,"
+            " not with an installed wheel: run this from a git checkout, or pass --path <bench folder>.",
+            file=sys.stderr,
+        )
+        return 2
+    command = [sys.executable, "-m", "pytest", bench, *extra]
+    print(" ".join(command))
+    return subprocess.call(command)
+
+
+# --- parser --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
@@ -62,17 +196,90 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="devices, versions and kernel backends")
     info.set_defaults(func=_info)
 
-    prepare = sub.add_parser("prepare", help="check a dataset layout and report what is missing or corrupt")
+    prepare = sub.add_parser("prepare", help="check a dataset layout (optionally download it first)")
     prepare.add_argument("dataset")
     prepare.add_argument("--root", required=True)
     prepare.add_argument("--verify", default="sample", choices=["sample", "all", "none"])
+    prepare.add_argument("--download", action="store_true", help="fetch and unpack the public archives first")
     prepare.set_defaults(func=_prepare)
+
+    train = sub.add_parser(
+        "train", help="train a method with a paper preset (key=value overrides)",
+        description="Train every seed of a method x protocol preset; overrides are key=value (see --dry-run).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  fastprompt train --method maple --protocol b2n --dataset eurosat --root /data --dry-run\n"
+            "  fastprompt train --method mmrl --protocol xd --dataset imagenet --root /data seeds=1,2,3\n"
+            "  fastprompt train --method coop --protocol fewshot --dataset dtd --root /data --shots 4 lr=0.004\n"
+            "  fastprompt train --method clip --dataset dtd --root /data     (zero-shot: evaluates, trains nothing)\n"
+            "  fastprompt train ... --resume latest                         (continue an interrupted run)\n"
+            "method options are bare keys (n_ctx=4, depth=3); dataset options are dataset.<name>=value"
+        ),
+    )
+    train.add_argument("--method", help="prompt method: " + ", ".join(sorted(METHODS)))
+    train.add_argument("--protocol", help="b2n, fewshot, xd or dg")
+    train.add_argument("--dataset", help="dataset name (fastprompt.data)")
+    train.add_argument("--root", help="folder holding one folder per dataset")
+    train.add_argument("--shots", type=int)
+    train.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3")
+    train.add_argument("--output", dest="output_dir", help="run folder")
+    train.add_argument("--config", help="JSON or YAML file of config keys")
+    train.add_argument("--resume", help="'latest' (the run in the output folder) or a run folder")
+    train.add_argument("--dry-run", action="store_true", help="print the effective config and its diff; train nothing")
+    train.add_argument("overrides", nargs="*", help="key=value config overrides")
+    train.set_defaults(func=_train, takes_extra=True)
+
+    evaluate = sub.add_parser("eval", help="evaluate saved checkpoints (never trains)")
+    evaluate.add_argument("--run", help="a run folder: evaluate every seed on its own targets")
+    evaluate.add_argument("--checkpoint", action="append", help="a checkpoint folder or checkpoint.json (repeatable)")
+    evaluate.add_argument("--dataset", help="evaluate on this dataset's test split instead")
+    evaluate.add_argument("--subset", default="all", choices=["all", "base", "novel"])
+    evaluate.add_argument("--mode", choices=["base", "novel"], help="prediction mode (default: by class set)")
+    evaluate.add_argument("--output", help="write the results as JSON")
+    evaluate.add_argument("overrides", nargs="*", help="key=value: device, precision, root, eval_batch_size, ...")
+    evaluate.set_defaults(func=_eval, takes_extra=True)
+
+    report = sub.add_parser("report", help="one table from several finished runs (e.g. b2n over datasets)")
+    report.add_argument("runs", nargs="+")
+    report.add_argument("--markdown", help="write the Markdown table here")
+    report.add_argument("--csv", help="write the CSV table here")
+    report.set_defaults(func=_report)
+
+    bench = sub.add_parser("bench", help="run the benchmark suite (pytest bench/); extra arguments go to pytest")
+    bench.add_argument("--path", help="benchmark folder (default: bench/ of the source checkout)")
+    bench.set_defaults(func=_bench, takes_extra=True)
     return parser
 
 
+def _expected_errors() -> tuple:
+    from .backbone import UnsupportedModelError
+    from .data import CorruptImageError, DatasetError
+    from .runner.checkpoint import CheckpointError
+    from .runner.config import ConfigError
+    from .runner.run import RunError
+    from .training import NonFiniteLossError
+
+    return (ConfigError, DatasetError, CheckpointError, RunError, CorruptImageError, NonFiniteLossError,
+            UnsupportedModelError, FileNotFoundError)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if getattr(args, "takes_extra", False):
+            return args.func(args, extra)
+        return args.func(args)
+    except _expected_errors() as error:
+        message = str(error).strip() or type(error).__name__
+        print(f"fastprompt: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastprompt: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ class PromptedCLIP(nn.Module):
     # --- frozen references (teachers, CoCoOp conditioning) -----------------------------------------
     @torch.no_grad()
     def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(images)
+        return self.clip.encode_image(images.to(self.clip.visual.conv1.weight.dtype))
 
     @torch.no_grad()
     def frozen_text_features(self, templates: tuple[str, ...]) -> torch.Tensor:

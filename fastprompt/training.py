@@ -2,8 +2,8 @@
 
 The papers' recipe (METHODS.md §2): SGD (momentum 0.9, weight decay 5e-4) or AdamW, a learning rate set
 once per epoch: a constant warm-up epoch at 1e-5, then cosine over the E epochs ("recount" on), and the
-final-epoch weights are evaluated. A NaN or inf loss skips the step with a warning and stops the run
-after a bound, instead of silently corrupting the prompts.
+final-epoch weights are evaluated. A NaN or inf loss (or gradient) skips the step with a warning and stops
+the run after a bound, instead of silently corrupting the prompts.
 """
 
 from __future__ import annotations
@@ -72,6 +72,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _finite_grads(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
 def train_epoch(
     model,
     loader,
@@ -80,38 +85,76 @@ def train_epoch(
     amp_dtype: torch.dtype | None = None,
     max_bad_steps: int = 5,
     progress=None,
+    input_dtype: torch.dtype | None = None,
 ) -> EpochStats:
-    """One pass over `loader`. `progress(step, loss)` is called after each step when given."""
+    """One pass over `loader`. `progress(step, loss)` is called after each step when given.
+
+    A step whose loss or gradients are not finite is skipped (no update) with a warning; `max_bad_steps` of
+    them in a row raise NonFiniteLossError. `input_dtype` casts the images (fp16 weights without autocast).
+    """
     device = torch.device(device)
     model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     total, count, images, skipped, bad_in_a_row = 0.0, 0, 0, 0, 0
     _sync(device)
     start = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if input_dtype is not None:
+            x = x.to(input_dtype)
         with _autocast(device, amp_dtype):
             out = model(x)
             loss, _ = model.loss(out, y)
-        if not torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            finite = _finite_grads(params)
+            what = "gradient"
+        else:
+            what = f"loss {loss.item()}"
+        if not finite:
             skipped += 1
             bad_in_a_row += 1
-            warnings.warn(f"non-finite loss {loss.item()} at step {step}; step skipped", RuntimeWarning)
-            if bad_in_a_row >= max_bad_steps:
-                raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row; stopping (lower the lr?)")
             optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"non-finite {what} at step {step}; step skipped", RuntimeWarning, stacklevel=2)
+            if bad_in_a_row >= max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{bad_in_a_row} non-finite steps in a row; stopping (lower the lr, or use bf16/fp32 precision)"
+                )
             continue
         bad_in_a_row = 0
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
-        total += loss.item() * len(y)
+        value = loss.item()
+        total += value * len(y)
         count += len(y)
         images += len(y)
         if progress is not None:
-            progress(step, loss.item())
+            progress(step, value)
     _sync(device)
     seconds = time.perf_counter() - start
     return EpochStats(loss=total / max(count, 1), images=images, seconds=seconds, skipped_steps=skipped)
+
+
+def peak_memory(device) -> tuple[float, str]:
+    """(peak bytes, what was measured): CUDA max allocated since the last reset, or the process's peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device)), "GPU peak allocated"
+    import sys
+
+    try:
+        import resource
+    except ImportError:  # Windows has no getrusage
+        return float("nan"), "peak RSS (unavailable)"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return float(peak if sys.platform == "darwin" else peak * 1024), "peak RSS"
+
+
+def reset_peak_memory(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def macro_f1(pred: torch.Tensor, target: torch.Tensor, classes: int) -> float:
@@ -128,19 +171,33 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, classes: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, mode: str = "base", amp_dtype: torch.dtype | None = None) -> dict:
-    """Accuracy and macro-F1 of `model.predict(out, mode)`; never updates anything."""
+def evaluate(
+    model,
+    loader,
+    device,
+    mode: str = "base",
+    amp_dtype: torch.dtype | None = None,
+    input_dtype: torch.dtype | None = None,
+    progress=None,
+) -> dict:
+    """Accuracy and macro-F1 of `model.predict(out, mode)`; never updates anything.
+
+    `progress(batch)` is called after each batch when given."""
     device = torch.device(device)
     model.eval()
     preds, targets, loss_sum = [], [], 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
+        if input_dtype is not None:
+            x = x.to(input_dtype)
         with _autocast(device, amp_dtype):
             out = model(x)
             logits = model.predict(out, mode)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         preds.append(logits.argmax(-1).cpu())
         targets.append(y.cpu())
+        if progress is not None:
+            progress(len(y))
     if not preds:
         raise ValueError("evaluation set is empty")
     pred, target = torch.cat(preds), torch.cat(targets)

@@ -34,6 +34,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    # The test models are tiny: with two intra-op threads on a 2-core machine the thread hand-off costs more
+    # than the work (and a loaded machine makes it 30-50x slower), so the CPU suite runs single-threaded.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

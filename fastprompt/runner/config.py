@@ -1,0 +1,405 @@
+"""The runner's typed configuration: one flat dataclass, overrides as `key=value`, files as JSON or YAML.
+
+Values are data, never code: a `key=value` string is parsed by the field's declared type (int, float,
+bool, str, optional, tuples), and a config file is read with `json.load` or `yaml.safe_load`. An unknown
+key is an error that names it and suggests the closest valid key.
+
+Method options (a method class's keyword arguments, `fastprompt.method_options(name)`) are written as
+bare keys too (`n_ctx=4`, `reg_weight=0.2`); they are checked against the chosen method. Dataset
+options (`fastprompt.data.dataset_options(name)`) are written `dataset.<option>=value`.
+
+Precedence, lowest first: RunConfig defaults < the preset of (method, protocol, dataset, shots) <
+config file < command-line overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+PROTOCOLS = ("b2n", "fewshot", "xd", "dg")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16-parity")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or combination is invalid; the message names it."""
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class RunConfig:
+    """Everything one `fastprompt train` run needs. Field help texts are shown by `--dry-run`."""
+
+    # --- what to train and where it is evaluated ----------------------------------------------------
+    method: str = _help("prompt method (fastprompt.METHODS)", default="coop")
+    options: dict = _help("method options (keyword arguments of the method class)", default_factory=dict)
+    protocol: str = _help("b2n (base-to-novel), fewshot, xd (cross-dataset), dg (domain generalisation)", default="b2n")
+    dataset: str = _help("training dataset (fastprompt.data names)", default="procedural")
+    root: str | None = _help("folder holding one folder per dataset (CoOp layout); none for procedural", default=None)
+    dataset_options: dict = _help("options of the dataset loader (`dataset.<name>=value`)", default_factory=dict)
+    targets: tuple[str, ...] | None = _help(
+        "xd/dg evaluation targets (default: the protocol's standard list)", default=None
+    )
+    shots: int = _help("training images per class", default=16)
+    seeds: tuple[int, ...] = _help("few-shot sampling and training seeds; one model per seed", default=(1, 2, 3))
+    # --- backbone and numerics ------------------------------------------------------------------------
+    backbone: str = _help("open_clip model name, or 'tiny'/'small' (random-weight test configs)", default="ViT-B-16")
+    pretrained: str | None = _help("open_clip pretrained tag or local checkpoint file; none = random", default="openai")
+    precision: str = _help(
+        "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 (bf16 frozen weights + autocast, fp32 prompts), fp16-parity"
+        " (fp16 weights and activations, no autocast, fp32 prompt masters: the research repos' numerics)",
+        default="auto",
+    )
+    device: str = _help("auto (cuda if available), cpu, cuda, cuda:N", default="auto")
+    # --- optimisation (METHODS.md §2) -----------------------------------------------------------------
+    optimizer: str = _help("sgd or adamw", default="sgd")
+    lr: float = _help("base learning rate (cosine over the epochs)", default=0.002)
+    weight_decay: float = _help("weight decay", default=5e-4)
+    momentum: float = _help("SGD momentum", default=0.9)
+    epochs: int = _help("training epochs (the final-epoch weights are evaluated)", default=5)
+    warmup_epochs: int = _help("constant warm-up epochs at warmup_lr", default=1)
+    warmup_lr: float = _help("warm-up learning rate", default=1e-5)
+    batch_size: int = _help("training batch size", default=4)
+    eval_batch_size: int = _help("evaluation batch size", default=100)
+    crop_scale: tuple[float, float] = _help("RandomResizedCrop scale range", default=(0.08, 1.0))
+    gpa: bool = _help("PromptSRC Gaussian prompt aggregation (gpa_mean/gpa_std are method options)", default=False)
+    max_bad_steps: int = _help("non-finite losses in a row before the run stops", default=5)
+    # --- data loading ---------------------------------------------------------------------------------
+    num_workers: int = _help("data-loader worker processes; -1 = automatic", default=-1)
+    data_on_device: bool = _help(
+        "decode the few-shot training set once onto the device and augment there (crop, flip, normalise)",
+        default=False,
+    )
+    device_cache_side: int | None = _help(
+        "with data_on_device: shrink images so the shorter side is at most this before caching (none = as is)",
+        default=None,
+    )
+    # --- outputs --------------------------------------------------------------------------------------
+    output_dir: str | None = _help("run folder (default runs/<method>-<protocol>-<dataset>-<shots>shot)", default=None)
+    save_every: int = _help("epochs between resumable training states", default=1)
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunConfig:
+        config = cls()
+        for key, value in values.items():
+            set_field(config, key, value)
+        return config
+
+    def resolved_output_dir(self) -> str:
+        if self.output_dir:
+            return os.path.abspath(os.path.expanduser(self.output_dir))
+        name = f"{self.method}-{self.protocol}-{self.dataset}-{self.shots}shot"
+        return os.path.abspath(os.path.join("runs", name))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+# --- parsing values by type ----------------------------------------------------------------------------
+def _is_optional(hint) -> tuple[bool, object]:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return True, rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007 (built at run time)
+    return False, hint
+
+
+def _parse_scalar(text: str, kind, key: str):
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+    if kind is str:
+        return text
+    return _parse_untyped(text)
+
+
+def _parse_untyped(text: str):
+    """A value whose type is not declared: JSON literal if it is one (numbers, true/false/null), else a string."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, int | float | bool) else text
+
+
+def coerce(value, hint, key: str):
+    """`value` (a string from the command line, or a JSON/YAML value) converted to type `hint`."""
+    optional, inner = _is_optional(hint)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and optional):
+        if not optional:
+            raise ConfigError(f"{key} cannot be none")
+        return None
+    origin = typing.get_origin(inner)
+    if origin is tuple:
+        args = typing.get_args(inner)
+        items = [s for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+        if isinstance(items, int | float):
+            items = [items]
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{key}: expected a comma-separated list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(item, args[0], key) for item in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(items)} ({value!r})")
+        return tuple(coerce(item, arg, key) for item, arg in zip(items, args, strict=True))
+    if inner is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(value, str):
+        return _parse_scalar(value, inner, key)
+    if inner is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if inner is object or isinstance(value, inner) and not (inner is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(inner, '__name__', inner)}, got {value!r}")
+
+
+def set_field(config: RunConfig, key: str, value) -> None:
+    if key not in FIELDS:
+        raise ConfigError(unknown_key_message(key, list(FIELDS)))
+    setattr(config, key, coerce(value, _HINTS[key], key))
+
+
+def unknown_key_message(key: str, valid: list[str], what: str = "config key") -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {key!r}{hint} Valid keys: {', '.join(sorted(valid))}"
+
+
+# --- overrides -----------------------------------------------------------------------------------------
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """['lr=0.002', 'n_ctx=4'] -> {'lr': '0.002', 'n_ctx': '4'}; a repeated key is an error."""
+    result: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        if key in result:
+            raise ConfigError(f"key {key!r} is given twice ({key}={result[key]} and {item})")
+        result[key] = value
+    return result
+
+
+def load_config_file(path: str) -> dict:
+    """A flat mapping of config keys from a .json, .yaml or .yml file (parsed as data, never executed)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(
+                f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write the file as JSON"
+            ) from None
+        try:
+            content = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    else:
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid JSON: {error}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    flat: dict = {}
+    for key, value in content.items():
+        if key in ("options", "dataset_options") and isinstance(value, dict):
+            prefix = "" if key == "options" else "dataset."
+            flat.update({f"{prefix}{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def method_option_types(method: str) -> dict[str, object]:
+    """Option name -> declared type of a method's keyword argument (object where undeclared)."""
+    from ..methods import method_class, method_options
+
+    cls = method_class(method)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that cannot be resolved: fall back to untyped parsing
+        hints = {}
+    return {name: hints.get(name, object) for name in method_options(method)}
+
+
+def apply_values(config: RunConfig, values: dict, source: str) -> None:
+    """Apply {key: value} onto `config`: fields, bare method options and `dataset.<option>` keys."""
+    from ..methods import METHODS
+
+    if config.method.lower().replace("-", "_") not in METHODS:
+        raise ConfigError(unknown_key_message(config.method, sorted(METHODS), "method"))
+    option_types = method_option_types(config.method)
+    for key, value in values.items():
+        if key in ("method", "protocol", "dataset", "shots"):
+            continue  # chosen before the preset (resolve_config)
+        if key.startswith("dataset."):
+            parsed = _parse_untyped(value) if isinstance(value, str) else value
+            config.dataset_options[key[len("dataset.") :]] = parsed
+        elif key in FIELDS:
+            set_field(config, key, value)
+        elif key in option_types:
+            config.options[key] = coerce(value, option_types[key], key)
+        else:
+            valid = [*FIELDS, *option_types]
+            raise ConfigError(
+                f"{source}: " + unknown_key_message(key, valid) + f" (method {config.method!r} options: "
+                f"{', '.join(option_types) or 'none'}; dataset options are written dataset.<name>=value)"
+            )
+
+
+def check_config(config: RunConfig) -> None:
+    """Validate values and combinations; every message names the key."""
+    from ..methods import METHODS
+
+    if config.method not in METHODS:
+        raise ConfigError(unknown_key_message(config.method, sorted(METHODS), "method"))
+    choices = {"protocol": PROTOCOLS, "precision": PRECISIONS, "optimizer": OPTIMIZERS}
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
+    positive = ("shots", "batch_size", "eval_batch_size", "max_bad_steps", "save_every")
+    for key in positive:
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if config.epochs < 0 or config.warmup_epochs < 0:
+        raise ConfigError("epochs and warmup_epochs must be >= 0")
+    if config.warmup_epochs >= config.epochs > 0:
+        raise ConfigError(
+            f"warmup_epochs={config.warmup_epochs} leaves no cosine epoch in epochs={config.epochs};"
+            " lower warmup_epochs"
+        )
+    if config.lr <= 0:
+        raise ConfigError(f"lr must be > 0, got {config.lr}")
+    if not config.seeds:
+        raise ConfigError("seeds must list at least one seed")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"seeds repeat a value: {config.seeds}")
+    low, high = config.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {config.crop_scale}")
+    if config.targets is not None and config.protocol not in ("xd", "dg"):
+        raise ConfigError(f"targets are for the xd and dg protocols, not {config.protocol!r}")
+    if config.device_cache_side is not None and not config.data_on_device:
+        raise ConfigError("device_cache_side is set but data_on_device is false; set data_on_device=true")
+    if config.gpa and config.method != "promptsrc":
+        raise ConfigError(f"gpa (Gaussian prompt aggregation) is PromptSRC's; method is {config.method!r}")
+    if config.dataset == "procedural" and config.root is not None:
+        raise ConfigError("the procedural dataset is drawn in memory and takes no root; remove root=")
+
+
+# --- building the effective config ---------------------------------------------------------------------
+@dataclass
+class ResolvedConfig:
+    config: RunConfig
+    preset: RunConfig
+    preset_name: str
+
+    def diff(self) -> dict[str, tuple]:
+        """key -> (preset value, effective value) for every key that differs from the preset."""
+        base, now = self.preset.to_dict(), self.config.to_dict()
+        changes = {}
+        for key in now:
+            if key in ("options", "dataset_options"):
+                prefix = "" if key == "options" else "dataset."
+                for name in sorted(set(base[key]) | set(now[key])):
+                    if base[key].get(name) != now[key].get(name):
+                        changes[prefix + name] = (base[key].get(name), now[key].get(name))
+            elif base[key] != now[key]:
+                changes[key] = (base[key], now[key])
+        return changes
+
+
+def resolve_config(file_values: dict | None = None, overrides: dict | None = None) -> ResolvedConfig:
+    """Defaults < preset < file < overrides. method/protocol/dataset/shots are read first: they pick the preset."""
+    from .presets import preset
+
+    file_values, overrides = dict(file_values or {}), dict(overrides or {})
+    choose = RunConfig()
+    for source in (file_values, overrides):
+        for key in ("method", "protocol", "dataset", "shots"):
+            if key in source:
+                set_field(choose, key, source[key])
+    choose.method = choose.method.lower().replace("-", "_")
+    if choose.dataset != "procedural":
+        from ..data import resolve_dataset_name
+
+        try:
+            choose.dataset = resolve_dataset_name(choose.dataset)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    name, values = preset(choose.method, choose.protocol, choose.dataset, choose.shots)
+    base = RunConfig(method=choose.method, protocol=choose.protocol, dataset=choose.dataset, shots=choose.shots)
+    apply_values(base, values, f"preset {name}")
+    config = RunConfig.from_dict(base.to_dict())
+    apply_values(config, file_values, "config file")
+    apply_values(config, overrides, "override")
+    check_config(config)
+    return ResolvedConfig(config, base, name)
+
+
+def format_config(resolved: ResolvedConfig) -> str:
+    """The effective config, one key per line, and its differences from the preset."""
+    from ..methods import method_options
+
+    lines = [f"# effective config (preset {resolved.preset_name})"]
+    defaults = method_options(resolved.config.method)
+    for key, value in resolved.config.to_dict().items():
+        if key == "options":
+            for name in defaults:
+                if name in value:
+                    lines.append(f"{name} = {json.dumps(value[name])}")
+                else:
+                    lines.append(f"{name} = {json.dumps(defaults[name])}  # method default")
+        elif key == "dataset_options":
+            lines += [f"dataset.{k} = {json.dumps(v)}" for k, v in sorted(value.items())]
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    changes = resolved.diff()
+    lines.append(f"# differences from the preset: {len(changes) or 'none'}")
+    for key, (before, after) in changes.items():
+        lines.append(f"{key}: {json.dumps(before)} -> {json.dumps(after)}")
+    return "\n".join(lines)

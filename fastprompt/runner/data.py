@@ -1,0 +1,175 @@
+"""The runner's data side: which splits a protocol trains and evaluates on, loaders, and split hashes.
+
+Everything that can fail on bad input (a missing root, a split file naming absent files, an image that
+does not decode, a batch larger than the few-shot set) fails here, before a run folder is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import (
+    CROSS_DATASET_TARGETS,
+    DOMAIN_GENERALISATION_TARGETS,
+    DatasetSplits,
+    build_dataset,
+    eval_transform,
+    open_rgb_image,
+    resolve_dataset_name,
+    sample_few_shot,
+    subsample_classes,
+    train_transform,
+)
+from .config import ConfigError, RunConfig
+from .presets import DATASET_TEMPLATE_METHODS
+
+
+@dataclass(frozen=True)
+class Target:
+    """One evaluation: a dataset's test split with its own class names, and the predict mode.
+
+    mode is 'base' on the classes the prompts were trained on (MMRL fuses its two heads) and 'novel'
+    on unseen classes and other datasets (MMRL uses the CLS head only).
+    """
+
+    dataset: str
+    subset: str
+    mode: str
+    splits: DatasetSplits
+
+    @property
+    def key(self) -> str:
+        return self.dataset if self.subset == "all" else f"{self.dataset}/{self.subset}"
+
+
+def load_dataset(config: RunConfig, name: str, image_size: int) -> DatasetSplits:
+    """build_dataset with the config's root; dataset options apply to the training dataset only."""
+    canonical = name if name == "procedural" else resolve_dataset_name(name)
+    options = dict(config.dataset_options) if canonical == config.dataset else {}
+    if canonical == "procedural":
+        options.setdefault("image_size", image_size)
+        options.setdefault("seed", 0)  # the drawing seed: the data are the same for every run seed
+        return build_dataset("procedural", None, **options)
+    if config.root is None:
+        raise ConfigError(f"dataset {canonical!r} needs root=<folder holding one folder per dataset>")
+    root = os.path.abspath(os.path.expanduser(config.root))
+    if not os.path.isdir(root):
+        raise ConfigError(f"dataset root {root} does not exist (root={config.root!r})")
+    return build_dataset(canonical, root, **options)
+
+
+def target_names(config: RunConfig) -> list[str]:
+    if config.targets is not None:
+        return [t if t == "procedural" else resolve_dataset_name(t) for t in config.targets]
+    pool = CROSS_DATASET_TARGETS if config.protocol == "xd" else DOMAIN_GENERALISATION_TARGETS
+    return [t for t in pool if t != config.dataset]
+
+
+def plan(config: RunConfig, full: DatasetSplits, seed: int, image_size: int, loaded: dict | None = None):
+    """(training splits, targets) of one seed. `full` is the training dataset before sampling; `loaded`
+    caches other datasets across seeds (their test splits do not depend on the seed)."""
+    if config.protocol == "dg" and config.dataset != "imagenet" and config.targets is None:
+        raise ConfigError(
+            f"protocol dg evaluates ImageNet variants, so it trains on imagenet (got dataset={config.dataset!r});"
+            " or name targets= explicitly"
+        )
+    sampled = sample_few_shot(full, config.shots, seed)
+    if config.protocol == "b2n":
+        base, novel = subsample_classes(sampled, "base"), subsample_classes(sampled, "novel")
+        targets = [Target(full.name, "base", "base", base), Target(full.name, "novel", "novel", novel)]
+        return base, targets
+    targets = [Target(full.name, "all", "base", sampled)]
+    if config.protocol in ("xd", "dg"):
+        loaded = loaded if loaded is not None else {}
+        for name in target_names(config):
+            if name not in loaded:
+                loaded[name] = load_dataset(config, name, image_size)
+            splits = loaded[name]
+            if not splits.test:
+                raise ConfigError(f"target {name!r} has an empty test split")
+            targets.append(Target(name, "all", "novel", splits))
+    return sampled, targets
+
+
+def check_training_set(config: RunConfig, train: DatasetSplits) -> None:
+    if not train.train:
+        raise ConfigError(f"{train.name}: the training split is empty")
+    if config.batch_size > len(train.train):
+        raise ConfigError(
+            f"batch_size={config.batch_size} is larger than the {config.shots}-shot training set of {train.name}"
+            f" ({len(train.train)} images over {train.num_classes} classes); lower batch_size"
+        )
+
+
+def verify_images(splits: DatasetSplits, progress=None) -> None:
+    """Decode every training image once, so a missing or corrupt file stops the run before it starts.
+
+    Threads overlap the decodes (PIL releases the GIL); the first failure is raised, naming its file.
+    `progress(n)` is called as images finish."""
+    if splits.loader is not open_rgb_image:
+        return  # generated in memory (procedural): nothing on disk to verify
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(open_rgb_image, [s.path for s in splits.train]):
+            if progress is not None:
+                progress(1)
+
+
+def split_hash(splits: DatasetSplits, which: str) -> str:
+    """sha256 of a split's (path relative to the dataset, label) list and the class names."""
+    digest = hashlib.sha256()
+    digest.update("\n".join(splits.classnames).encode())
+    for sample in splits.split(which):
+        path = os.path.relpath(sample.path, splits.path_prefix) if splits.path_prefix else sample.path
+        digest.update(f"\n{path.replace(os.sep, '/')}\t{sample.label}".encode())
+    return digest.hexdigest()
+
+
+def split_record(train: DatasetSplits, targets: list[Target]) -> dict:
+    record = {
+        "train": {"dataset": train.name, "subset": train.subset, "fewshot": list(train.fewshot or ()),
+                  "images": len(train.train), "sha256": split_hash(train, "train")},
+    }
+    for target in targets:
+        record[f"test:{target.key}"] = {"images": len(target.splits.test), "sha256": split_hash(target.splits, "test")}
+    return record
+
+
+def template_for(config: RunConfig, splits: DatasetSplits) -> str | None:
+    """The dataset template for methods whose frozen text input is it (unless the user set one)."""
+    if config.method in DATASET_TEMPLATE_METHODS and "template" not in config.options:
+        return splits.template
+    return None
+
+
+# --- loaders -------------------------------------------------------------------------------------------
+def worker_count(config: RunConfig, device: torch.device) -> int:
+    if config.num_workers >= 0:
+        return config.num_workers
+    if device.type == "cpu" or platform.system() != "Linux":
+        return 0  # CPU training competes with workers; spawn-based platforms pay a large start cost
+    return min(8, os.cpu_count() or 1)
+
+
+def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, generator: torch.Generator, workers: int,
+                 pin_memory: bool = False):
+    dataset = train.dataset("train", train_transform(image_size, scale=tuple(config.crop_scale)))
+    # Dassl drops the last incomplete batch when the set holds at least one batch (check_training_set).
+    # The shuffle order and the workers' base seed come from `generator`, which the resumable state saves.
+    return DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator,
+        num_workers=workers, pin_memory=pin_memory,
+    )
+
+
+def eval_loader(config: RunConfig, splits: DatasetSplits, image_size: int, workers: int, pin_memory: bool = False):
+    dataset = splits.dataset("test", eval_transform(image_size))
+    return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=pin_memory)

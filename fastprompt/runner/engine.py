@@ -1,0 +1,215 @@
+"""Training and evaluating one seed: the papers' loop (METHODS.md §2) with checkpoints and exact resume.
+
+Numerics (`precision`):
+    fp32         fp32 weights, no autocast (the CPU default).
+    bf16         frozen CLIP weights in bf16, bf16 autocast, trainable parameters and optimizer state in fp32
+                 (the GPU default).
+    fp16-parity  the research repos' "fp16": CLIP weights and activations in fp16, no autocast, no grad
+                 scaler; prompts kept as fp32 master copies and cast to fp16 where they enter the towers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import fastprompt
+
+from ..training import evaluate, lr_at, make_optimizer, peak_memory, reset_peak_memory, set_lr, train_epoch
+from . import checkpoint as ckpt
+from .config import ConfigError, RunConfig
+from .data import Target, eval_loader, template_for, train_loader, worker_count
+from .device_data import DeviceAugmentedSet
+
+
+@dataclass(frozen=True)
+class Numerics:
+    clip_precision: str  # create_clip precision
+    amp_dtype: torch.dtype | None
+    input_dtype: torch.dtype | None
+    name: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available on this machine; use device=cpu")
+    return device
+
+
+def numerics(precision: str, device: torch.device) -> Numerics:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return Numerics("fp32", None, None, "fp32")
+    if precision == "bf16":
+        return Numerics("bf16", torch.bfloat16, None, "bf16")
+    if precision == "fp16-parity":
+        return Numerics("fp16", None, torch.float16, "fp16-parity")
+    raise ConfigError(f"precision must be auto, fp32, bf16 or fp16-parity, got {precision!r}")
+
+
+def load_backbone(name: str, pretrained: str | None, precision: str, device: torch.device):
+    """create_clip with its errors (unknown name, missing file, unknown tag) as ConfigErrors naming the keys."""
+    from ..backbones import create_clip
+
+    try:
+        return create_clip(name, pretrained=pretrained, precision=precision, device=device)
+    except FileNotFoundError:
+        raise
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(f"backbone={name!r}, pretrained={pretrained!r}: {error}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def method_options(config: RunConfig, template: str | None) -> dict:
+    options = dict(config.options)
+    if template is not None:
+        options["template"] = template
+    return options
+
+
+def build_model(config: RunConfig, clip, classnames, seed: int, template: str | None = None):
+    seed_everything(seed)
+    try:
+        return fastprompt.build(config.method, clip, list(classnames), **method_options(config, template))
+    except TypeError as error:  # a bad option combination, named by the method
+        raise ConfigError(f"method {config.method!r}: {error}") from None
+
+
+def progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def _format_bytes(value: float) -> str:
+    if value != value:  # NaN: not measurable here
+        return "n/a"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+class SeedTrainer:
+    """Trains one seed's model and evaluates it; the run (run.py) owns folders, seeds and tables."""
+
+    def __init__(self, config: RunConfig, clip, device: torch.device, num: Numerics, image_size: int, echo=print):
+        self.config, self.clip, self.device, self.num = config, clip, device, num
+        self.image_size, self.echo = image_size, echo
+        self.workers = worker_count(config, device)
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    def evaluate_targets(self, model, targets: list[Target]) -> list[dict]:
+        config, records = self.config, []
+        trained = (model.classnames, getattr(model.method, "template", None))
+        for target in targets:
+            template = template_for(config, target.splits)
+            if template is not None:
+                model.method.template = template
+            model.set_classnames(target.splits.classnames)
+            loader = eval_loader(config, target.splits, self.image_size, self.workers, self.device.type == "cuda")
+            with progress_bar(len(target.splits.test), f"eval {target.key}") as bar:
+                metrics = evaluate(model, loader, self.device, mode=target.mode, amp_dtype=self.num.amp_dtype,
+                                   input_dtype=self.num.input_dtype, progress=bar.update)
+            records.append({"dataset": target.dataset, "subset": target.subset, "mode": target.mode,
+                            "classes": target.splits.num_classes, **metrics})
+            self.echo(f"  {target.key:<28} ({target.mode:5}) accuracy {metrics['accuracy']:6.2f}%  "
+                      f"macro-F1 {metrics['macro_f1']:6.2f}%  ({metrics['images']} images)")
+        if trained[1] is not None:
+            model.method.template = trained[1]
+        model.set_classnames(trained[0])
+        return records
+
+    # --- training -------------------------------------------------------------------------------------
+    def _loader(self, train, generator):
+        config = self.config
+        if config.data_on_device:
+            with progress_bar(len(train.train), "decoding onto the device") as bar:
+                data = DeviceAugmentedSet(train, self.image_size, config.crop_scale, self.device,
+                                          config.device_cache_side, progress=lambda it: _tick(it, bar))
+            self.echo(f"  few-shot set on {self.device}: {len(data)} images, {_format_bytes(data.nbytes())}")
+            return data.batches(config.batch_size, generator)
+        return train_loader(config, train, self.image_size, generator, self.workers, self.device.type == "cuda")
+
+    def train(self, seed: int, train, targets: list[Target], seed_dir: str, resume: bool = False,
+              on_epoch_end=None) -> dict:
+        """Train seed `seed` on `train` (a DatasetSplits), evaluate `targets`, write checkpoint and results."""
+        config, device = self.config, self.device
+        template = template_for(config, train)
+        model = build_model(config, self.clip, train.classnames, seed, template)
+        params = model.trainable_parameters()
+        optimizer = None
+        if params and config.epochs > 0:
+            optimizer = make_optimizer(params, config.optimizer, config.lr, config.weight_decay, config.momentum)
+        gpa = None
+        if config.gpa:
+            from ..methods.promptsrc import GaussianPromptAggregation
+
+            named = {n: p for n, p in model.method.named_parameters() if p.requires_grad}
+            gpa = GaussianPromptAggregation(named, config.epochs, model.method.gpa_mean, model.method.gpa_std)
+        generator = torch.Generator().manual_seed(seed)
+        state_dir = os.path.join(seed_dir, "state")
+        start, history = 1, []
+        if resume and os.path.isdir(state_dir):
+            manifest, tensors = ckpt.load_state(state_dir)
+            done = ckpt.restore_state(manifest, tensors, model, optimizer, generator, device, gpa)
+            start, history = done + 1, list(manifest["history"])
+            self.echo(f"seed {seed}: resuming after epoch {done} from {state_dir}")
+        loader = self._loader(train, generator) if optimizer is not None and start <= config.epochs else None
+        for epoch in range(start, config.epochs + 1 if optimizer is not None else 1):
+            lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
+            set_lr(optimizer, lr)
+            reset_peak_memory(device)
+            with progress_bar(len(loader), f"seed {seed} epoch {epoch}/{config.epochs}") as bar:
+                def progress(step, loss, bar=bar):
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    bar.update(1)
+
+                stats = train_epoch(model, loader, optimizer, device, self.num.amp_dtype, config.max_bad_steps,
+                                    progress, self.num.input_dtype)
+            peak, peak_kind = peak_memory(device)
+            if gpa is not None:
+                gpa.update(epoch)
+            history.append({"epoch": epoch, "lr": lr, "loss": stats.loss, "images": stats.images,
+                            "seconds": stats.seconds, "images_per_second": stats.images_per_second,
+                            "skipped_steps": stats.skipped_steps, "peak_memory_bytes": peak})
+            self.echo(f"seed {seed} epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, lr {lr:.3g},"
+                      f" {stats.images_per_second:.1f} images/s, {peak_kind} {_format_bytes(peak)}"
+                      + (f", {stats.skipped_steps} steps skipped" if stats.skipped_steps else ""))
+            if epoch % config.save_every == 0 or epoch == config.epochs:
+                ckpt.save_state(state_dir, epoch, model, optimizer, generator, device, gpa, history)
+            if on_epoch_end is not None:
+                on_epoch_end(seed, epoch)
+        if gpa is not None:
+            gpa.apply()
+        self.echo(f"seed {seed}: evaluating the final weights")
+        records = self.evaluate_targets(model, targets)
+        backbone = ckpt.backbone_record(model, config.backbone, config.pretrained)
+        options = method_options(config, template)
+        ckpt.save_checkpoint(seed_dir, model, config.method, options, backbone, config.to_dict(),
+                             extra={"seed": seed, "precision": self.num.name})
+        results = {"seed": seed, "complete": True, "targets": records, "history": history}
+        ckpt.atomic_write_json(os.path.join(seed_dir, "results.json"), results)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return results
+
+
+def _tick(iterable, bar):
+    for item in iterable:
+        yield item
+        bar.update(1)

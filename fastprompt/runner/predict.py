@@ -1,0 +1,81 @@
+"""Class probabilities from a saved checkpoint, outside the runner.
+
+    from fastprompt.runner import predict, Predictor
+    probs = predict(["cat.jpg", "dog.jpg"], ["cat", "dog", "bird"], "runs/coop-b2n-.../seed1")
+    model = Predictor("runs/.../seed1", classnames=["cat", "dog"])      # reuse for many calls
+    probs = model(images)                                                # [B, C], rows sum to 1
+
+Images are file paths, PIL images, or a float tensor [B, 3, H, W] already normalised with the CLIP
+statistics (what `fastprompt.data.eval_transform` gives). Paths and PIL images go through the evaluation
+transform (resize the shorter side, centre crop, normalise).
+
+The backbone is re-created from the checkpoint's record (open_clip name + pretrained tag or file); pass
+`pretrained=` where the weights live elsewhere on this machine. New class names are fine for every
+method whose parameters do not depend on the class count; the prediction mode is 'base' on the training
+classes and 'novel' otherwise (MMRL's decoupled inference), unless `mode` is given.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..backbones import create_clip
+from ..data import eval_transform, open_rgb_image
+from . import checkpoint as ckpt
+
+
+class Predictor:
+    def __init__(self, checkpoint: str, classnames=None, device: str = "cpu", pretrained: str | None = None,
+                 mode: str | None = None, clip=None):
+        import fastprompt
+
+        manifest, tensors = ckpt.load_checkpoint(checkpoint)
+        self.manifest = manifest
+        self.device = torch.device(device)
+        backbone = manifest["backbone"]
+        if clip is None:
+            weights = pretrained if pretrained is not None else backbone.get("pretrained")
+            clip = create_clip(backbone["name"], pretrained=weights, device=self.device)
+        trained = list(manifest["classnames"])
+        self.classnames = list(classnames) if classnames is not None else trained
+        if not self.classnames:
+            raise ValueError("classnames is empty")
+        self.model = fastprompt.build(manifest["method"], clip, trained, **manifest["options"])
+        ckpt.load_into(self.model, manifest, tensors)
+        if self.classnames != trained:
+            self.model.set_classnames(self.classnames)
+            ckpt.load_into(self.model, manifest, tensors)  # re-checks class-specific parameters for the new set
+        self.mode = mode or ("base" if self.classnames == trained else "novel")
+        self.model.eval()
+        self.image_size = int(clip.visual.image_size[0])
+        self.transform = eval_transform(self.image_size)
+
+    def _batch(self, images) -> torch.Tensor:
+        if torch.is_tensor(images):
+            return images if images.dim() == 4 else images.unsqueeze(0)
+        if isinstance(images, str | os.PathLike) or hasattr(images, "convert"):
+            images = [images]
+        tensors = []
+        for image in images:
+            if isinstance(image, str | os.PathLike):
+                image = open_rgb_image(os.fspath(image))
+            tensors.append(self.transform(image))
+        return torch.stack(tensors)
+
+    @torch.no_grad()
+    def __call__(self, images) -> torch.Tensor:
+        """Class probabilities [B, C] (softmax of the method's prediction logits), on the CPU."""
+        x = self._batch(images).to(self.device)
+        x = x.to(self.model.clip.visual.conv1.weight.dtype)
+        logits = self.model.predict(self.model(x), self.mode).float()
+        if self.mode == "base" and getattr(self.model.method, "fusion", "logits") == "probs":
+            return logits.cpu()  # MMRL's paper fusion already mixes probabilities
+        return logits.softmax(-1).cpu()
+
+
+def predict(images, classnames, checkpoint: str, device: str = "cpu", pretrained: str | None = None,
+            mode: str | None = None) -> torch.Tensor:
+    """One-call form of Predictor: class probabilities [B, len(classnames)]."""
+    return Predictor(checkpoint, classnames, device=device, pretrained=pretrained, mode=mode)(images)

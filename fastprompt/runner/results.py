@@ -1,0 +1,166 @@
+"""Aggregating seeds and datasets into the papers' tables (METHODS.md §2), as Markdown and CSV.
+
+Conventions:
+* Per target, accuracy and macro-F1 are averaged over seeds; the spread is the sample standard deviation
+  (n - 1; 0 for a single seed).
+* Base-to-novel: HM = 2BN / (B + N) of the seed-averaged base and novel accuracies (not the mean of per-seed
+  HMs). A dataset-average row averages B and N over datasets and takes the HM of those averages.
+* Cross-dataset / domain generalisation: one row per run (source and each target); "Average" is the mean
+  over the targets, the source excluded, as in the papers' tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate_seeds(seed_results: list[dict]) -> dict:
+    """{target key: {accuracy: (mean, std), macro_f1: (mean, std), seeds: n, dataset, subset}} over seeds."""
+    by_key: dict[str, dict] = {}
+    for result in seed_results:
+        for record in result["targets"]:
+            key = record["dataset"] if record["subset"] == "all" else f"{record['dataset']}/{record['subset']}"
+            entry = by_key.setdefault(key, {"dataset": record["dataset"], "subset": record["subset"],
+                                            "accuracy": [], "macro_f1": []})
+            entry["accuracy"].append(record["accuracy"])
+            entry["macro_f1"].append(record["macro_f1"])
+    return {
+        key: {"dataset": e["dataset"], "subset": e["subset"], "seeds": len(e["accuracy"]),
+              "accuracy": mean_std(e["accuracy"]), "macro_f1": mean_std(e["macro_f1"])}
+        for key, e in by_key.items()
+    }
+
+
+def summarize_run(protocol: str, name: str, seed_results: list[dict]) -> dict:
+    """One run's summary: per-target means/stds and, for b2n, base/novel/HM."""
+    targets = aggregate_seeds(seed_results)
+    summary = {"protocol": protocol, "name": name, "seeds": [r["seed"] for r in seed_results], "targets": targets}
+    if protocol == "b2n":
+        base = next(v for v in targets.values() if v["subset"] == "base")
+        novel = next(v for v in targets.values() if v["subset"] == "novel")
+        summary["b2n"] = {"dataset": base["dataset"], "base": base["accuracy"], "novel": novel["accuracy"],
+                          "hm": harmonic_mean(base["accuracy"][0], novel["accuracy"][0])}
+    return summary
+
+
+def _pm(pair, digits: int = 2) -> str:
+    mean, std = pair
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# --- tables -------------------------------------------------------------------------------------------
+def table_rows(summaries: list[dict]) -> tuple[list[str], list[list], list[list[str]]]:
+    """(header, numeric rows for CSV, formatted rows for Markdown) for summaries of one protocol."""
+    protocols = {s["protocol"] for s in summaries}
+    if len(protocols) != 1:
+        raise ValueError(f"cannot put runs of different protocols in one table: {sorted(protocols)}")
+    protocol = protocols.pop()
+    if protocol == "b2n":
+        return _b2n_rows(summaries)
+    if protocol == "fewshot":
+        return _fewshot_rows(summaries)
+    return _transfer_rows(summaries)
+
+
+def _b2n_rows(summaries):
+    header = ["Run", "Dataset", "Seeds", "Base", "Base std", "Novel", "Novel std", "HM"]
+    numeric, pretty = [], []
+    for s in summaries:
+        b = s["b2n"]
+        numeric.append([s["name"], b["dataset"], len(s["seeds"]), *b["base"], *b["novel"], b["hm"]])
+        pretty.append(
+            [s["name"], b["dataset"], str(len(s["seeds"])), _pm(b["base"]), _pm(b["novel"]), f"{b['hm']:.2f}"]
+        )
+    if len(summaries) > 1:
+        base = statistics.fmean(s["b2n"]["base"][0] for s in summaries)
+        novel = statistics.fmean(s["b2n"]["novel"][0] for s in summaries)
+        hm = harmonic_mean(base, novel)
+        numeric.append(["Average", f"{len(summaries)} datasets", "", base, "", novel, "", hm])
+        pretty.append(["**Average**", f"{len(summaries)} datasets", "", f"{base:.2f}", f"{novel:.2f}", f"{hm:.2f}"])
+    return header, numeric, pretty
+
+
+def _fewshot_rows(summaries):
+    header = ["Run", "Dataset", "Seeds", "Accuracy", "Accuracy std", "Macro-F1", "Macro-F1 std"]
+    numeric, pretty = [], []
+    for s in summaries:
+        (target,) = s["targets"].values()
+        numeric.append([s["name"], target["dataset"], len(s["seeds"]), *target["accuracy"], *target["macro_f1"]])
+        pretty.append([s["name"], target["dataset"], str(len(s["seeds"])), _pm(target["accuracy"]),
+                       _pm(target["macro_f1"])])
+    if len(summaries) > 1:
+        acc = statistics.fmean(next(iter(s["targets"].values()))["accuracy"][0] for s in summaries)
+        f1 = statistics.fmean(next(iter(s["targets"].values()))["macro_f1"][0] for s in summaries)
+        numeric.append(["Average", f"{len(summaries)} datasets", "", acc, "", f1, ""])
+        pretty.append(["**Average**", f"{len(summaries)} datasets", "", f"{acc:.2f}", f"{f1:.2f}"])
+    return header, numeric, pretty
+
+
+def _transfer_rows(summaries):
+    columns: list[str] = []
+    for s in summaries:
+        for key in s["targets"]:
+            if key not in columns:
+                columns.append(key)
+    header = ["Run", "Seeds"]
+    for key in columns:
+        header += [key, f"{key} std"]
+    header.append("Average (targets)")
+    numeric, pretty = [], []
+    for s in summaries:
+        keys = list(s["targets"])
+        target_keys = keys[1:]  # the first entry is the source dataset
+        row, shown = [s["name"], len(s["seeds"])], [s["name"], str(len(s["seeds"]))]
+        for key in columns:
+            pair = s["targets"].get(key, {}).get("accuracy", (float("nan"), float("nan")))
+            row += list(pair)
+            shown.append(_pm(pair))
+        average = statistics.fmean(s["targets"][k]["accuracy"][0] for k in target_keys) if target_keys else float("nan")
+        row.append(average)
+        shown.append("–" if math.isnan(average) else f"{average:.2f}")
+        numeric.append(row)
+        pretty.append(shown)
+    pretty_header = ["Run", "Seeds", *columns, "Average (targets)"]
+    return header, numeric, [pretty_header, *pretty]
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    header, _, pretty = table_rows(summaries)
+    if summaries[0]["protocol"] in ("xd", "dg"):
+        header, pretty = pretty[0], pretty[1:]
+    else:
+        header = [h for h in header if not h.endswith(" std")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in pretty]
+    note = {
+        "b2n": "Accuracy (%) mean ± sample std over seeds; HM of the seed-averaged base and novel; the Average row"
+               " averages base and novel over datasets and takes the HM of those averages.",
+        "fewshot": "Accuracy and macro-F1 (%) mean ± sample std over seeds.",
+    }.get(summaries[0]["protocol"], "Accuracy (%) mean ± sample std over seeds; Average over the targets"
+                                    " (source excluded).")
+    return "\n".join(lines) + f"\n\n{note}\n"
+
+
+def csv_table(summaries: list[dict]) -> str:
+    header, numeric, _ = table_rows(summaries)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in numeric:
+        writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in row])
+    return buffer.getvalue()

@@ -1,0 +1,73 @@
+"""predict(images, classnames) from a checkpoint, checked against the model rebuilt by hand from the
+safetensors file; pretrained weights from a local file (saved from a random model) give identical features,
+through the tiny config and through open_clip's factory for a registered model name."""
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastprompt
+from fastprompt.backbones import create_clip
+from fastprompt.data import eval_transform, procedural_splits
+from fastprompt.runner import Predictor, predict
+from runner_support import FAST, PROCEDURAL, read_json
+
+
+def test_local_pretrained_file_reproduces_the_model(tmp_path):
+    original = create_clip("tiny", seed=5)
+    path = tmp_path / "tiny.pt"
+    torch.save(original.state_dict(), path)
+    loaded = create_clip("tiny", pretrained=str(path), seed=6)  # another seed: weights must come from the file
+    images = torch.randn(2, 3, 32, 32)
+    tokens = torch.randint(1, 1000, (2, 77))
+    with torch.no_grad():
+        assert torch.equal(original.encode_image(images), loaded.encode_image(images))
+        assert torch.equal(original.encode_text(tokens), loaded.encode_text(tokens))
+    assert not torch.equal(create_clip("tiny", seed=6).visual.proj, original.visual.proj)
+
+
+def test_local_pretrained_file_through_the_open_clip_factory(tmp_path):
+    original = create_clip("ViT-S-32-alt", seed=3)
+    path = tmp_path / "vit-s-32-alt.safetensors"
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(path))
+    loaded = create_clip("ViT-S-32-alt", pretrained=str(path), seed=4)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(original.encode_image(images), loaded.encode_image(images))
+
+
+def test_predict_matches_the_model_rebuilt_from_the_checkpoint(tmp_path, cli):
+    weights = tmp_path / "tiny.pt"
+    torch.save(create_clip("tiny", seed=9).state_dict(), weights)
+    run = tmp_path / "run"
+    fast = [a for a in FAST if not a.startswith("pretrained=")]
+    code, _, err = cli("train", "--method", "maple", *PROCEDURAL, "--shots", 1, "--seeds", 1, *fast,
+                       f"pretrained={weights}", "epochs=2", "batch_size=2", f"output_dir={run}")
+    assert code == 0, err
+    folder = run / "seed1"
+    manifest = read_json(folder / "checkpoint.json")
+    assert manifest["backbone"]["pretrained"] == str(weights)
+
+    # Independent reference: the backbone from the file, the method from the raw safetensors tensors.
+    clip = create_clip("tiny", pretrained=str(weights))
+    names = ["yellow star", "red circle", "cyan ring"]  # a new class set: deep prompts do not depend on it
+    model = fastprompt.build("maple", clip, manifest["classnames"], **manifest["options"])
+    loaded = model.method.load_state_dict(load_file(str(folder / "checkpoint.safetensors")), strict=False)
+    # The file stores each shared tensor once (MaPLe's vision sources wrap its text prompts).
+    assert not loaded.unexpected_keys and set(loaded.missing_keys) == set(manifest["aliases"])
+    model.set_classnames(names)
+    model.eval()
+    splits = procedural_splits(num_train_per_class=2, image_size=32)
+    paths = [splits.train[i].path for i in (0, 9)]
+    pil = [splits.loader(p) for p in paths]
+    images = torch.stack([eval_transform(32)(image) for image in pil])
+    with torch.no_grad():
+        expected = model(images).logits["main"].softmax(-1)
+
+    probs = predict(pil, names, str(folder))
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(-1), torch.ones(2))
+    assert torch.allclose(probs, expected, atol=1e-6)
+    predictor = Predictor(str(folder), names)
+    assert predictor.mode == "novel"
+    assert torch.allclose(predictor(images), expected, atol=1e-6)
+    # The training class set predicts in base mode and returns one column per training class.
+    assert Predictor(str(folder)).mode == "base" and Predictor(str(folder))(images).shape == (2, 4)

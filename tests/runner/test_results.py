@@ -1,0 +1,75 @@
+"""The aggregation convention of METHODS.md §2, checked against hand arithmetic: HM of the seed-averaged base
+and novel accuracies (not the mean of per-seed HMs), dataset averages of B and N with the HM of the averages,
+sample standard deviations, and the Markdown/CSV tables carrying those numbers."""
+
+import csv
+import io
+import statistics
+
+import pytest
+
+from fastprompt.runner.results import aggregate_seeds, csv_table, harmonic_mean, markdown_table, summarize_run
+
+
+def seed(seed, base, novel, dataset="dtd"):
+    return {"seed": seed, "targets": [
+        {"dataset": dataset, "subset": "base", "mode": "base", "accuracy": base, "macro_f1": base - 1},
+        {"dataset": dataset, "subset": "novel", "mode": "novel", "accuracy": novel, "macro_f1": novel - 1},
+    ]}
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_b2n_hm_is_of_the_seed_averages_not_the_average_of_hms():
+    runs = [seed(1, 90.0, 40.0), seed(2, 70.0, 80.0)]
+    summary = summarize_run("b2n", "maple dtd", runs)
+    assert summary["b2n"]["base"] == (80.0, pytest.approx(statistics.stdev([90.0, 70.0])))
+    assert summary["b2n"]["novel"][0] == 60.0
+    assert summary["b2n"]["hm"] == pytest.approx(2 * 80 * 60 / 140)  # 68.57
+    mean_of_hms = (harmonic_mean(90, 40) + harmonic_mean(70, 80)) / 2  # 65.00: a different, wrong number
+    assert abs(summary["b2n"]["hm"] - mean_of_hms) > 1
+
+
+def test_single_seed_std_is_zero_and_macro_f1_is_averaged():
+    targets = aggregate_seeds([seed(1, 50.0, 30.0)])
+    assert targets["dtd/base"]["accuracy"] == (50.0, 0.0)
+    assert targets["dtd/novel"]["macro_f1"] == (29.0, 0.0)
+
+
+def test_dataset_average_row_takes_hm_of_averaged_b_and_n():
+    a = summarize_run("b2n", "maple dtd", [seed(1, 90.0, 50.0), seed(2, 80.0, 60.0)])
+    b = summarize_run("b2n", "maple eurosat", [seed(1, 60.0, 70.0, "eurosat"), seed(2, 70.0, 90.0, "eurosat")])
+    rows = list(csv.reader(io.StringIO(csv_table([a, b]))))
+    assert rows[0] == ["Run", "Dataset", "Seeds", "Base", "Base std", "Novel", "Novel std", "HM"]
+    average = rows[-1]
+    base, novel = (85.0 + 65.0) / 2, (55.0 + 80.0) / 2
+    assert average[0] == "Average"
+    assert float(average[3]) == pytest.approx(base) and float(average[5]) == pytest.approx(novel)
+    assert float(average[7]) == pytest.approx(harmonic_mean(base, novel), abs=1e-4)
+    text = markdown_table([a, b])
+    assert "| maple dtd | dtd | 2 | 85.00 ± 7.07 | 55.00 ± 7.07 | 66.79 |" in text
+    assert f"| **Average** | 2 datasets |  | 75.00 | 67.50 | {harmonic_mean(base, novel):.2f} |" in text
+
+
+def test_cross_dataset_average_excludes_the_source():
+    runs = [{"seed": s, "targets": [
+        {"dataset": "imagenet", "subset": "all", "mode": "base", "accuracy": 70.0 + s, "macro_f1": 0.0},
+        {"dataset": "dtd", "subset": "all", "mode": "novel", "accuracy": 40.0 + s, "macro_f1": 0.0},
+        {"dataset": "eurosat", "subset": "all", "mode": "novel", "accuracy": 50.0 + s, "macro_f1": 0.0},
+    ]} for s in (1, 3)]
+    summary = summarize_run("xd", "mmrl imagenet", runs)
+    rows = list(csv.reader(io.StringIO(csv_table([summary]))))
+    assert rows[0][-1] == "Average (targets)"
+    assert float(rows[1][-1]) == pytest.approx((42.0 + 52.0) / 2)
+    assert "| mmrl imagenet | 2 | 72.00 ± 1.41 | 42.00 ± 1.41 | 52.00 ± 1.41 | 47.00 |" in markdown_table([summary])
+
+
+def test_tables_refuse_mixed_protocols():
+    a = summarize_run("b2n", "x", [seed(1, 1.0, 1.0)])
+    b = summarize_run("fewshot", "y", [{"seed": 1, "targets": [
+        {"dataset": "dtd", "subset": "all", "mode": "base", "accuracy": 1.0, "macro_f1": 1.0}]}])
+    with pytest.raises(ValueError, match="different protocols"):
+        markdown_table([a, b])
