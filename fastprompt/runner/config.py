@@ -73,6 +73,11 @@ class RunConfig:
     crop_scale: tuple[float, float] = _help("RandomResizedCrop scale range", default=(0.08, 1.0))
     gpa: bool = _help("PromptSRC Gaussian prompt aggregation (gpa_mean/gpa_std are method options)", default=False)
     max_bad_steps: int = _help("non-finite losses in a row before the run stops", default=5)
+    kernels: str = _help(
+        "auto (fastprompt.patch: fused blocks + packed text; Triton kernels on CUDA), eager (the unpatched"
+        " reference path), or an attention backend to patch with: triton, xformers, sdpa",
+        default="auto",
+    )
     # --- data loading ---------------------------------------------------------------------------------
     num_workers: int = _help("data-loader worker processes; -1 = automatic", default=-1)
     data_on_device: bool = _help(

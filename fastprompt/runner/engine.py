@@ -60,16 +60,24 @@ def numerics(precision: str, device: torch.device) -> Numerics:
     raise ConfigError(f"precision must be auto, fp32, bf16 or fp16-parity, got {precision!r}")
 
 
-def load_backbone(name: str, pretrained: str | None, precision: str, device: torch.device):
-    """create_clip with its errors (unknown name, missing file, unknown tag) as ConfigErrors naming the keys."""
+def load_backbone(name: str, pretrained: str | None, precision: str, device: torch.device, kernels: str = "auto"):
+    """create_clip with its errors (unknown name, missing file, unknown tag) as ConfigErrors naming the keys,
+    patched onto fastprompt's fast path unless `kernels` is 'eager' (exact either way; see fastprompt.patch)."""
     from ..backbones import create_clip
+    from ..patch import patch
 
     try:
-        return create_clip(name, pretrained=pretrained, precision=precision, device=device)
+        clip = create_clip(name, pretrained=pretrained, precision=precision, device=device)
     except FileNotFoundError:
         raise
     except (ValueError, RuntimeError) as error:
         raise ConfigError(f"backbone={name!r}, pretrained={pretrained!r}: {error}") from None
+    if kernels == "eager":
+        return clip
+    try:
+        return patch(clip, backend=kernels)
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(f"kernels={kernels!r}: {error}") from None
 
 
 def seed_everything(seed: int) -> None:

@@ -59,7 +59,7 @@ def prepare(config: RunConfig, echo) -> Prepared:
     """Everything that can fail on bad input, before anything is written."""
     device = resolve_device(config.device)
     num = numerics(config.precision, device)
-    clip = load_backbone(config.backbone, config.pretrained, num.clip_precision, device)
+    clip = load_backbone(config.backbone, config.pretrained, num.clip_precision, device, config.kernels)
     image_size = int(clip.visual.image_size[0])
     full = load_dataset(config, config.dataset, image_size)
     loaded: dict = {}
@@ -243,9 +243,9 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
         config.seeds = (seed,)
         device = resolve_device(config.device)
         num = numerics(config.precision, device)
-        key = (manifest["backbone"]["name"], config.pretrained, num.clip_precision, str(device))
+        key = (manifest["backbone"]["name"], config.pretrained, num.clip_precision, str(device), config.kernels)
         if key not in backbones:  # the seeds of a run share one frozen backbone
-            backbones[key] = load_backbone(*key[:3], device)
+            backbones[key] = load_backbone(*key[:3], device, config.kernels)
         clip = backbones[key]
         image_size = int(clip.visual.image_size[0])
         if dataset is None:
