@@ -1,0 +1,580 @@
+"""How much memory one training step needs, from the activation arithmetic (PERFORMANCE.md §6).
+
+    estimate = predict_for("maple", imagenet_classnames, batch=32, contender="eager")   # no weights needed
+    print(estimate)                       # total and the parts it is made of
+    print(estimate.suggest(16 * 2**30))   # which option makes it fit in 16 GiB
+    predict_peak_memory(model, 32, options_for_model(model, torch.bfloat16))           # a built PromptedCLIP
+
+Three layers:
+- `step_geometry(model, batch, options)`: what one step computes, read from the built model (schedules, class
+  prompt lengths, widths): per pass (prompted vision, frozen vision, text, MCPL's decoder) and per layer, the
+  token rows, the attention sequences, and whether backward runs through the layer. The FLOP count of the
+  benchmark (bench/flops.py) reads the same geometry.
+- `saved_layer_bytes`: what a trained-through layer keeps for backward, per token and per dtype, for the
+  implementation the options describe (open_clip's blocks under autocast, fastprompt's PyTorch-op blocks, or its
+  Triton blocks that save only their inputs; SDPA-style attention saving q, k, v, out and the log-sum-exp, or
+  math attention saving the probabilities). Checked against `saved_tensor_bytes`, which counts what autograd
+  really saved (torch.autograd.graph.saved_tensors_hooks, no CUDA needed).
+- `predict_peak_memory`: saved activations + weights + trainable parameters, their gradients and optimizer state
+  + run-long caches + inputs + a workspace term for the largest layer's backward temporaries. The workspace is an
+  estimate, not an exact count: the benchmark records predicted next to measured peaks so it can be calibrated.
+
+`structural_model(method, classnames, backbone)` builds a PromptedCLIP with uninitialised weights in about a
+second (no random init of 150 M parameters): enough for the arithmetic, useless for computing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATS = 8  # LayerNorm saves fp32 mean and rstd per row
+OPTIMIZER_STATE = {"sgd": 1, "sgd-plain": 0, "adamw": 2}  # fp32 tensors per trainable parameter
+GiB = 2**30
+
+
+def _dtype(value) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {value!r}")
+    return _DTYPES[value]
+
+
+# --- options -----------------------------------------------------------------------------------------------
+ATTENTION = ("sdpa", "triton", "xformers", "eager")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What a step computes and how: the contender's choices, or hypothetical ones for `suggest`."""
+
+    packed_text: bool = True  # shared prefix once per group, class suffixes packed (else one row per sequence)
+    full_context: bool = False  # reference rows padded to the context length (77) instead of cut after EOT
+    cache_frozen_layers: bool = True  # packed text: layers below the first prompted one computed once per run
+    frozen_weight_ops: bool = False  # Triton LayerNorm/MLP that save only their inputs (CUDA)
+    patched: bool = True  # fastprompt blocks (no dense mask); False: open_clip's own blocks
+    attention: str = "sdpa"  # backend: 'sdpa' | 'triton' | 'xformers' | 'eager' (math: saves probabilities)
+    recompute: bool = False  # checkpoint each trained block (saves its input only, recomputes in backward)
+    weights_dtype: torch.dtype = torch.bfloat16  # frozen CLIP weights
+    amp_dtype: torch.dtype | None = torch.bfloat16  # autocast dtype; None = compute in the weights' dtype
+    optimizer: str = "sgd"  # 'sgd' (momentum), 'sgd-plain', 'adamw'
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights_dtype", _dtype(self.weights_dtype))
+        if self.amp_dtype is not None:
+            object.__setattr__(self, "amp_dtype", _dtype(self.amp_dtype))
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.optimizer not in OPTIMIZER_STATE:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE)}, got {self.optimizer!r}")
+        if self.packed_text and self.full_context:
+            raise ValueError("packed text computes SOS..EOT only; it cannot use the full context")
+        if self.packed_text and not self.patched:
+            raise ValueError("packed text runs on a fastprompt-patched CLIP (patched=True)")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.amp_dtype or self.weights_dtype
+
+    @classmethod
+    def for_contender(cls, name: str, device: str | torch.device = "cuda", amp_dtype=torch.bfloat16):
+        """The benchmark contenders (fastprompt.step): 'eager'/'compiled' = open_clip blocks, 77-token reference
+        text, fp32 weights under autocast; 'fastprompt' = patched blocks, packed text, weights in the autocast
+        dtype, Triton LayerNorm/MLP and attention on CUDA, PyTorch ops + SDPA elsewhere."""
+        cuda = torch.device(device).type == "cuda"
+        if name in ("eager", "compiled"):
+            return cls(packed_text=False, full_context=True, cache_frozen_layers=False, frozen_weight_ops=False,
+                       patched=False, attention="sdpa", weights_dtype=torch.float32, amp_dtype=amp_dtype)
+        if name == "fastprompt":
+            return cls(packed_text=True, full_context=False, cache_frozen_layers=True, frozen_weight_ops=cuda,
+                       patched=True, attention="triton" if cuda else "sdpa",
+                       weights_dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
+        raise ValueError(f"unknown contender {name!r}; known: eager, compiled, fastprompt")
+
+
+def options_for_model(model, amp_dtype: torch.dtype | None = None, optimizer: str = "sgd",
+                      recompute: bool = False) -> StepOptions:
+    """The options a built PromptedCLIP actually runs with: patched or not (and with which kernels), its text
+    path, its frozen weights' dtype."""
+    from .ops import backends
+
+    clip = model.clip
+    weight = clip.transformer.resblocks[0].mlp.c_fc.weight
+    report = clip.__dict__.get("fastprompt_patch")
+    common = dict(weights_dtype=weight.dtype, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute)
+    if report is None:
+        return StepOptions(packed_text=False, full_context=not model.truncate_text, cache_frozen_layers=False,
+                           frozen_weight_ops=False, patched=False, attention="sdpa", **common)
+    attention = report.kernels.attention
+    if attention == "auto":
+        request = backends.AttentionRequest("prefix_varlen_attention", weight.device, amp_dtype or weight.dtype,
+                                            model.info.text.head_dim, True)
+        attention = backends.select_backend(request, "auto")
+    packed = model.uses_packed_text()
+    return StepOptions(packed_text=packed, full_context=not packed and not model.truncate_text,
+                       cache_frozen_layers=packed, frozen_weight_ops=report.kernels.norm_mlp == "triton",
+                       patched=True, attention=attention, **common)
+
+
+# --- geometry ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedWork:
+    """The packed suffix stream of a text layer: `tokens` rows in `sequences` sequences of at most `max_len`,
+    each also attending to its group's `prefix_len` prefix tokens."""
+
+    tokens: int
+    sequences: int
+    max_len: int
+    prefix_len: int
+    square_sum: int  # sum over sequences of length^2 (attention pairs within the suffixes)
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """One layer of one pass: dense self-attention sequences (count, length), an optional packed suffix stream,
+    an optional cross-attention (count, queries, keys) and whether backward runs through it."""
+
+    dense: tuple[tuple[int, int], ...]
+    grad: bool
+    packed: PackedWork | None = None
+    cross: tuple[int, int, int] | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(n * length for n, length in self.dense) + (self.packed.tokens if self.packed else 0)
+
+    @property
+    def attention_pairs(self) -> int:
+        """Query-key pairs of the self-attention (full squares for dense sequences, the PERFORMANCE.md §1
+        convention; a packed suffix token of a length-n sequence sees the prefix plus n keys)."""
+        pairs = sum(n * length * length for n, length in self.dense)
+        if self.packed:
+            pairs += self.packed.tokens * self.packed.prefix_len + self.packed.square_sum
+        return pairs
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A stack of transformer layers run once per step (a tower, a frozen tower, a decoder)."""
+
+    name: str
+    width: int
+    heads: int
+    mlp_hidden: int
+    gelu: str
+    layers: tuple[LayerWork, ...]
+    recomputable: bool = True  # honours tower.grad_checkpointing
+    trained_weights: bool = False  # its weights train (MCPL's decoder): weight gradients are computed too
+    embed_flops: int = 0  # forward FLOPs outside the layers (patch embedding)
+    cached_rows: int = 0  # rows held across steps (text below the first prompted layer)
+    head_rows: int = 0  # output rows that reach the head (pooled / final tokens) when backward runs
+
+
+@dataclass(frozen=True)
+class StepGeometry:
+    batch: int
+    classes: int
+    passes: tuple[Pass, ...]
+    frozen_parameters: int
+    trainable_parameters: int
+    image_bytes: int  # one fp32 input batch
+    embed_dim: int
+    constant_text_rows: int = 0  # text features computed once per run (no text prompts; frozen teachers)
+
+    def pass_named(self, name: str) -> Pass | None:
+        return next((p for p in self.passes if p.name == name), None)
+
+
+def _frozen_image_passes(method) -> int:
+    """Frozen (no-grad) vision forwards per step: instance conditioning plus the teacher regularisers."""
+    count = 1 if method.needs_image_features() else 0
+    if method.name == "mmrl" and getattr(method, "reg_weight", 0):
+        count += 1
+    if method.name == "promptsrc":
+        count += 1
+    return count
+
+
+def _vision_passes(model, batch: int) -> list[Pass]:
+    info, method, visual = model.info.vision, model.method, model.clip.visual
+    sched = method.vision_schedule
+    base = model.info.vision_tokens
+    lengths = sched.sequence_lengths(base)
+    first = sched.first_prompted_layer
+    conv = visual.conv1.weight
+    patches = base - 1
+    embed = 2 * batch * patches * conv[0].numel() * conv.shape[0]
+    common = dict(width=info.width, heads=info.heads, mlp_hidden=info.mlp_hidden, gelu=info.gelu)
+    prompted = Pass(
+        "vision",
+        layers=tuple(LayerWork(((batch, n),), grad=first is not None and layer >= first)
+                     for layer, n in enumerate(lengths, start=1)),
+        embed_flops=embed,
+        head_rows=batch * lengths[-1] if first is not None else 0,
+        **common,
+    )
+    frozen = [
+        Pass(f"vision (frozen {i + 1})", layers=tuple(LayerWork(((batch, base),), grad=False) for _ in lengths),
+             embed_flops=embed, **common)
+        for i in range(_frozen_image_passes(method))
+    ]
+    return [prompted, *frozen]
+
+
+def _group_count(scopes, classes: int, images: int) -> int:
+    kinds = set(scopes) - {"shared"}
+    if not kinds:
+        return 1
+    if kinds <= {"class"}:
+        return classes
+    if kinds <= {"image"}:
+        return images
+    return classes * images
+
+
+def _text_pass(model, batch: int, options: StepOptions) -> Pass | None:
+    method, info, prompts = model.method, model.info.text, model.prompts
+    if not method.text_sources:
+        return None  # the text features are constants of the run
+    sched = method.text_schedule
+    classes = len(prompts.classnames)
+    images = batch if method.per_image_text() else 1
+    sequences = classes * images
+    first = sched.first_prompted_layer
+    common = dict(width=info.width, heads=info.heads, mlp_hidden=info.mlp_hidden, gelu=info.gelu)
+    if not options.packed_text:
+        base = model.info.context_length if options.full_context else prompts.max_length
+        layers = tuple(LayerWork(((sequences, n),), grad=layer >= first)
+                       for layer, n in enumerate(sched.sequence_lengths(base), start=1))
+        return Pass("text", layers=layers, head_rows=sequences, **common)
+    prefix = prompts.prefix_len
+    suffix = prompts.lengths - prefix
+    tokens = int(suffix.sum()) * images
+    groups = _group_count([s.scope for s in method.text_sources.values()], classes, images)
+    insert = sched.mode == "insert"
+    segments = sched.segment_lengths()
+    layers = []
+    for layer in range(1, sched.layers + 1):
+        if layer < first and options.cache_frozen_layers:
+            continue  # computed once per run, held in the cache
+        p = prefix + (segments[layer - 1] if insert else 0)
+        packed = PackedWork(tokens, sequences, int(suffix.max()), p, int((suffix**2).sum()) * images)
+        layers.append(LayerWork(((groups, p),), grad=layer >= first, packed=packed))
+    cached = prefix + int(suffix.sum()) if first > 1 and options.cache_frozen_layers else 0
+    # fastprompt's packed text loop runs its blocks directly (no per-block checkpoint yet).
+    return Pass("text", layers=tuple(layers), recomputable=False, cached_rows=cached, head_rows=sequences, **common)
+
+
+def _decoder_pass(model, batch: int) -> Pass | None:
+    """MCPL's VAIPL decoder: B x C class queries, self-attention over classes, cross-attention to image tokens."""
+    decoder = getattr(model.method, "decoder", None)
+    if decoder is None:
+        return None
+    classes = len(model.prompts.classnames)
+    width = model.info.embed_dim
+    image_tokens = model.method.vision_schedule.sequence_lengths(model.info.vision_tokens)[-1]
+    layers = tuple(LayerWork(((batch, classes),), grad=True, cross=(batch, classes, image_tokens))
+                   for _ in decoder.layers)
+    return Pass("vaipl decoder", width=width, heads=max(1, width // 64), mlp_hidden=4 * width, gelu="gelu",
+                layers=layers, recomputable=False, trained_weights=True)
+
+
+def step_geometry(model, batch: int, options: StepOptions | None = None) -> StepGeometry:
+    """What one training step of `model` (a PromptedCLIP) computes at batch size `batch` under `options`."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    options = options or StepOptions()
+    passes = _vision_passes(model, batch)
+    text = _text_pass(model, batch, options)
+    if text is not None:
+        passes.append(text)
+    decoder = _decoder_pass(model, batch)
+    if decoder is not None:
+        passes.append(decoder)
+    height, width = model.info.image_size
+    classes = len(model.prompts.classnames)
+    constant = classes if not model.method.text_sources else 0
+    return StepGeometry(
+        batch=batch,
+        classes=classes,
+        passes=tuple(passes),
+        frozen_parameters=sum(p.numel() for p in model.clip.parameters()),
+        trainable_parameters=sum(p.numel() for p in model.trainable_parameters()),
+        image_bytes=batch * 3 * height * width * 4,
+        embed_dim=model.info.embed_dim,
+        constant_text_rows=constant,
+    )
+
+
+# --- what a layer saves for backward -----------------------------------------------------------------------
+def _token_bytes(p: Pass, o: StepOptions, kv_len: int) -> float:
+    """Bytes one token of a trained-through block saves (dense attention over `kv_len` keys)."""
+    d, m, h = p.width, p.mlp_hidden, p.heads
+    c = _BYTES[o.compute_dtype]
+    residual = _BYTES[o.weights_dtype]
+    # LayerNorm x2: PyTorch paths save an fp32 copy of the input (or the fp32 input itself) + mean/rstd;
+    # the Triton LayerNorm saves its input in the residual dtype.
+    ln = 2 * ((residual if o.frozen_weight_ops else 4) * d + STATS)
+    qkv = 3 * d * c  # one in-projection output; q, k and v are views of it
+    if o.attention == "eager":
+        attn = h * kv_len * c  # softmax probabilities (q, k, v counted above)
+    else:
+        attn = d * c + 4 * h  # output + fp32 log-sum-exp
+    if o.frozen_weight_ops:
+        mlp = d * c  # the fused MLP keeps its input and recomputes the hidden in backward
+    else:
+        mlp = (2 if p.gelu == "quick_gelu" else 1) * m * c  # GELU input; QuickGELU also its sigmoid
+    return ln + qkv + attn + mlp
+
+
+def _layer_constant_bytes(p: Pass, o: StepOptions, layer: LayerWork) -> int:
+    """Per-layer (not per-token) saves: weight casts under autocast on higher-precision weights, and the dense
+    additive mask open_clip's blocks cast per layer."""
+    out = 0
+    c = _BYTES[o.compute_dtype]
+    if o.amp_dtype is not None and o.weights_dtype != o.amp_dtype:
+        d, m = p.width, p.mlp_hidden
+        out += (4 * d * d + 2 * d * m) * c
+    if not o.patched and o.amp_dtype is not None and p.name == "text":
+        out += sum(length * length * c for _, length in layer.dense)
+    return out
+
+
+def _packed_attention_bytes(p: Pass, o: StepOptions, work: PackedWork) -> int:
+    d, h = p.width, p.heads
+    c = _BYTES[o.compute_dtype]
+    if o.attention in ("triton", "xformers"):
+        return work.tokens * (d * c + 4 * h)  # varlen kernel: output + log-sum-exp
+    # SDPA/eager on padded sequences: padded q and output, per-sequence [prefix; suffix] keys and values,
+    # boolean mask, fp32 log-sum-exp (probabilities for eager) and the token index.
+    s, n, pre = work.sequences, work.max_len, work.prefix_len
+    padded = s * n * d * c * 2 + 2 * s * (pre + n) * d * c + s * n * (pre + n) + 8 * work.tokens
+    padded += s * n * (h * (pre + n) * c if o.attention == "eager" else 4 * h)
+    return padded
+
+
+def saved_layer_bytes(p: Pass, layer: LayerWork, o: StepOptions) -> int:
+    """Bytes a layer keeps for backward (0 when backward does not reach it)."""
+    if not layer.grad:
+        return 0
+    if o.recompute and p.recomputable:
+        return layer.rows * _BYTES[o.weights_dtype] * p.width  # the block input only
+    if p.trained_weights:
+        return _decoder_layer_bytes(p, layer, o)
+    total = _layer_constant_bytes(p, o, layer)
+    for count, length in layer.dense:
+        total += count * length * _token_bytes(p, o, length)
+    if layer.packed:
+        # Per-token LayerNorm/qkv/MLP terms on the suffix stream, attention output from the packed kernel.
+        per_token = _token_bytes(p, o, 0) - (p.width * _BYTES[o.compute_dtype] + 4 * p.heads)
+        total += layer.packed.tokens * per_token + _packed_attention_bytes(p, o, layer.packed)
+    return int(total)
+
+
+def _decoder_layer_bytes(p: Pass, layer: LayerWork, o: StepOptions) -> int:
+    """MCPL's decoder layer (trained Linears keep their inputs): self-attention, cross-attention, MLP."""
+    e, h = p.width, p.heads
+    c = _BYTES[o.compute_dtype]
+    rows = layer.rows
+    ln = 4 * e + STATS
+    # per query row: 3 LayerNorms; self-attn input, qkv, output, out-proj input; cross q input, q, output,
+    # out-proj input; MLP input, GELU input (4e), fc2 input (4e); two log-sum-exps
+    per_row = 3 * ln + c * e * (1 + 3 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 4 + 4) + 2 * 4 * h
+    count, _, keys = layer.cross
+    per_key = ln + 3 * e * c  # LayerNorm of the image tokens, k/v projection input, k and v
+    return int(rows * per_row + count * keys * per_key)
+
+
+def _head_bytes(g: StepGeometry, o: StepOptions) -> int:
+    """Saves outside the blocks: ln_pre/ln_post/ln_final inputs (fp32), normalised features, logits."""
+    out = 0
+    e = g.embed_dim
+    for p in g.passes:
+        if p.trained_weights or not p.head_rows:
+            continue
+        out += p.head_rows * (4 * p.width + STATS + 3 * 4 * e)
+        if p.name == "vision" and p.layers[0].grad:
+            out += sum(n * length for n, length in p.layers[0].dense) * (4 * p.width + STATS)  # ln_pre
+    return out + 2 * 4 * g.batch * g.classes  # logits and log-softmax
+
+
+def _workspace_bytes(g: StepGeometry, o: StepOptions) -> int:
+    """Largest single-layer temporaries: the MLP hidden and its gradient, q/k/v gradients, the residual stream
+    and its gradient (an estimate: allocator timing decides the exact overlap)."""
+    c, r = _BYTES[o.compute_dtype], _BYTES[o.weights_dtype]
+    worst = 0
+    for p in g.passes:
+        for layer in p.layers:
+            need = layer.rows * (2 * p.mlp_hidden * c + 4 * p.width * c + 2 * p.width * r)
+            if o.attention == "eager":
+                need += sum(n * p.heads * length * length * 4 for n, length in layer.dense)
+            if o.recompute and p.recomputable and layer.grad:
+                need += saved_layer_bytes(p, layer, dataclasses.replace(o, recompute=False))
+            worst = max(worst, need)
+    return worst
+
+
+# --- the estimate ------------------------------------------------------------------------------------------
+@dataclass
+class MemoryEstimate:
+    total_bytes: int
+    parts: dict[str, int]
+    options: StepOptions
+    batch: int
+    saved_bytes: int  # what autograd keeps for backward (parts 'saved: ...'), comparable to saved_tensor_bytes
+    _model: object = field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        lines = [f"predicted peak {self.total_bytes / GiB:.2f} GiB (batch {self.batch})"]
+        lines += [f"  {name}: {value / GiB:.3f} GiB" for name, value in self.parts.items() if value]
+        return "\n".join(lines)
+
+    def suggest(self, budget_bytes: int) -> "Suggestion":
+        return suggest(self._model, self.batch, budget_bytes, self.options)
+
+
+def predict_peak_memory(model, batch: int, options: StepOptions | None = None) -> MemoryEstimate:
+    """Predicted peak allocated bytes of one training step of `model` at `batch` under `options`."""
+    o = options or StepOptions()
+    g = step_geometry(model, batch, o)
+    parts: dict[str, int] = {}
+    for p in g.passes:
+        saved = sum(saved_layer_bytes(p, layer, o) for layer in p.layers)
+        if saved:
+            parts[f"saved: {p.name}"] = saved
+    parts["saved: heads and loss"] = _head_bytes(g, o)
+    if o.amp_dtype is not None or o.frozen_weight_ops:
+        # The method's Linears (couplings, maps) run on copies of their weights kept for backward: autocast
+        # casts, or the stacked weights of the grouped coupling op on the Triton path.
+        parts["saved: trainable weight copies"] = g.trainable_parameters * _BYTES[o.compute_dtype]
+    saved_total = sum(v for k, v in parts.items() if k.startswith("saved"))
+    c = _BYTES[o.compute_dtype]
+    parts["frozen weights"] = g.frozen_parameters * _BYTES[o.weights_dtype]
+    parts["trainable parameters, gradients, optimizer state"] = g.trainable_parameters * 4 * (
+        2 + OPTIMIZER_STATE[o.optimizer])
+    text = g.pass_named("text")
+    cached = (text.cached_rows * text.width * c) if text else 0
+    parts["run-long caches"] = cached + g.constant_text_rows * g.embed_dim * c
+    parts["inputs"] = g.image_bytes + 8 * g.batch
+    parts["workspace (estimate)"] = _workspace_bytes(g, o)
+    return MemoryEstimate(sum(parts.values()), parts, o, batch, saved_total, _model=model)
+
+
+def predict_for(method: str, classnames, batch: int, backbone: str = "ViT-B-16", contender: str = "fastprompt",
+                device: str = "cuda", amp_dtype=torch.bfloat16, method_options: dict | None = None,
+                **overrides) -> MemoryEstimate:
+    """The estimate for a configuration without building its weights: method x backbone x batch x classes x
+    contender, with any StepOptions field overridden (e.g. recompute=True, optimizer='adamw')."""
+    model = structural_model(method, classnames, backbone, **(method_options or {}))
+    options = dataclasses.replace(StepOptions.for_contender(contender, device, amp_dtype), **overrides)
+    return predict_peak_memory(model, batch, options)
+
+
+# --- suggestions -------------------------------------------------------------------------------------------
+@dataclass
+class Suggestion:
+    budget_bytes: int
+    fits: bool  # the first option set in `tried` that fits, if any
+    advice: str
+    tried: list[tuple[str, int]]  # (what was changed, predicted bytes)
+    options: StepOptions | None = None
+    batch: int | None = None
+
+    def __str__(self) -> str:
+        lines = [self.advice] + [f"  {what}: {value / GiB:.2f} GiB" for what, value in self.tried]
+        return "\n".join(lines)
+
+
+def suggest(model, batch: int, budget_bytes: int, options: StepOptions | None = None, cuda: bool = True) -> Suggestion:
+    """Which option makes the step fit in `budget_bytes`: cumulative changes in order of cost (packed text and
+    caching are exact and free; Triton's input-only saving needs CUDA; recompute costs a forward), then the
+    largest batch that fits with all of them."""
+    o = options or StepOptions()
+    steps = [("as configured", o)]
+    if not o.packed_text:
+        o = dataclasses.replace(o, packed_text=True, full_context=False, patched=True, cache_frozen_layers=True)
+        steps.append(("fastprompt.patch + packed text (exact)", o))
+    if o.weights_dtype == torch.float32 and o.amp_dtype is not None:
+        o = dataclasses.replace(o, weights_dtype=o.amp_dtype)
+        steps.append((f"frozen weights in {str(o.amp_dtype).replace('torch.', '')}", o))
+    if cuda and not o.frozen_weight_ops:
+        o = dataclasses.replace(o, frozen_weight_ops=True, attention="triton")
+        steps.append(("Triton frozen-weight LayerNorm/MLP + attention (CUDA)", o))
+    if not o.recompute:
+        o = dataclasses.replace(o, recompute=True)
+        steps.append(("block recompute (fastprompt.memory.enable_block_recompute)", o))
+    tried = []
+    for what, opts in steps:
+        total = predict_peak_memory(model, batch, opts).total_bytes
+        tried.append((what, total))
+        if total <= budget_bytes:
+            advice = "fits as configured" if what == "as configured" else f"fits with: {what}"
+            return Suggestion(budget_bytes, True, advice, tried, opts, batch)
+    best = 0
+    lo, hi = 1, batch - 1
+    while lo <= hi:  # predicted memory grows with the batch
+        mid = (lo + hi) // 2
+        if predict_peak_memory(model, mid, o).total_bytes <= budget_bytes:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if best:
+        return Suggestion(budget_bytes, True, f"fits with every option above and batch {best}", tried, o, best)
+    return Suggestion(budget_bytes, False, "does not fit even at batch 1 with every option", tried, o, None)
+
+
+# --- measurement and recompute -----------------------------------------------------------------------------
+def saved_tensor_bytes(fn, exclude=()) -> tuple[int, object]:
+    """Run `fn()` and count the bytes autograd saves for backward, once per storage, leaving out the storages
+    of `exclude` (parameters: they exist anyway). Returns (bytes, fn's result). Works on any device."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in skip and key not in seen:
+            seen[key] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(seen.values()), result
+
+
+def enable_block_recompute(model, enable: bool = True) -> dict[str, bool]:
+    """Turn per-block recompute (torch.utils.checkpoint, non-reentrant) on or off for a PromptedCLIP's towers.
+
+    Returns which towers recompute. The reference layer loop (fastprompt.backbone.run_block) honours the towers'
+    `grad_checkpointing`; fastprompt's packed text loop does not yet, so its text tower keeps its activations.
+    """
+    clip = model.clip
+    clip.set_grad_checkpointing(enable)
+    packed = model.uses_packed_text()
+    return {"vision": enable, "text": enable and not packed}
+
+
+def structural_model(method: str, classnames, backbone: str = "ViT-B-16", **options):
+    """A PromptedCLIP over an open_clip backbone with uninitialised weights (fast to build), for the arithmetic
+    in this module only: its outputs are meaningless."""
+    import open_clip
+
+    from .backbones import TINY_CONFIGS
+    from .methods import build
+
+    config = TINY_CONFIGS.get(backbone) or open_clip.get_model_config(backbone)
+    if config is None:
+        raise ValueError(f"unknown backbone {backbone!r}")
+    with torch.device("meta"):
+        clip = open_clip.CLIP(**config)
+    clip = clip.to_empty(device="cpu").eval()
+    length = clip.attn_mask.shape[0]
+    clip.attn_mask.copy_(torch.full((length, length), float("-inf")).triu_(1))
+    with torch.no_grad():
+        clip.token_embedding.weight.zero_()  # the prompt initialisation reads it
+    return build(method, clip, list(classnames), **options)

@@ -1,0 +1,192 @@
+"""fastprompt.memory: the activation arithmetic against figures derived by hand (PERFORMANCE.md §6) and against
+what autograd really saves (saved_tensors_hooks, no CUDA), option handling, suggestions, block recompute."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import open_clip
+import pytest
+import torch
+
+import fastprompt
+from fastprompt.memory import (
+    StepOptions,
+    enable_block_recompute,
+    options_for_model,
+    predict_for,
+    predict_peak_memory,
+    saved_tensor_bytes,
+    step_geometry,
+    structural_model,
+)
+from fastprompt.patch import patch
+
+NAMES = [f"class {i}" for i in range(6)]
+IMAGENET = list(open_clip.IMAGENET_CLASSNAMES)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes; an oversubscribed pool on a busy 2-core machine costs 5-10x
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- hand-derived figures ------------------------------------------------------------------------------------
+def test_eager_maple_text_at_77_tokens_is_performance_md_figure():
+    """PERFORMANCE.md §6: per token and layer the eager block saves 13 d + h N elements (two LayerNorm inputs, q, k,
+    v, the softmax probabilities, QuickGELU's input and sigmoid) = 13.4 GB in fp16 for 1000 classes x 77 tokens x
+    12 layers; with the LayerNorm inputs saved in fp32 (plus their fp32 mean/rstd) it is the 15.3 GB figure."""
+    model = structural_model("maple", IMAGENET, backbone="ViT-B-16-quickgelu")
+    options = StepOptions(packed_text=False, full_context=True, cache_frozen_layers=False, patched=False,
+                          attention="eager", weights_dtype=torch.float16, amp_dtype=torch.float16)
+    estimate = predict_peak_memory(model, 32, options)
+    d, h, n, tokens, layers = 512, 8, 77, 1000 * 77, 12
+    doc_fp16 = (13 * d + h * n) * 2 * tokens * layers
+    assert doc_fp16 == pytest.approx(13.4e9, rel=0.005)
+    fp32_layer_norm_excess = 2 * (2 * d + 8) * tokens * layers  # 4 instead of 2 bytes per element, + mean/rstd
+    mask_casts = layers * n * n * 2  # open_clip's additive mask, cast per layer under autocast
+    assert estimate.parts["saved: text"] == doc_fp16 + fp32_layer_norm_excess + mask_casts
+    assert estimate.parts["saved: text"] == pytest.approx(15.3e9, rel=0.01)
+
+
+def test_eager_vision_per_image_is_performance_md_figure():
+    """PERFORMANCE.md §6: vision 59 MB per image (N = 199, d = 768, h = 12) with fp16 LayerNorm inputs."""
+    model = structural_model("maple", IMAGENET[:10], backbone="ViT-B-16-quickgelu")
+    options = StepOptions(packed_text=False, patched=False, attention="eager", weights_dtype=torch.float16,
+                          amp_dtype=torch.float16)
+    vision = predict_peak_memory(model, 1, options).parts["saved: vision"]
+    d, h, n, layers = 768, 12, 199, 12
+    expected = (13 * d + h * n) * 2 * n * layers + 2 * (2 * d + 8) * n * layers
+    assert vision == expected and (13 * d + h * n) * 2 * n * layers == pytest.approx(59e6, rel=0.01)
+
+
+def test_packed_text_counts_the_shared_prefix_once():
+    """MaPLe on ImageNet: SOS + 'a photo of a' (5 tokens) once, 4,165 class-suffix tokens (PERFORMANCE.md §1.2)."""
+    model = structural_model("maple", IMAGENET)
+    text = step_geometry(model, 32, StepOptions.for_contender("fastprompt", "cuda")).pass_named("text")
+    assert [layer.rows for layer in text.layers] == [4170] * 12
+    assert text.layers[0].packed.tokens == 4165 and text.layers[0].packed.max_len == 13
+
+
+def test_triton_saving_per_token_by_hand():
+    """fused path, bf16: two LayerNorm inputs (2 x 2d) and their fp32 mean/rstd (2 x 8), q/k/v (6d), the attention
+    output (2d) and fp32 log-sum-exp (4h), the MLP input (2d) = 14 d + 4 h + 16 bytes per token; the packed varlen
+    attention keeps the same per token."""
+    model = structural_model("coop", IMAGENET[:50])
+    options = StepOptions.for_contender("fastprompt", "cuda")
+    geometry = step_geometry(model, 4, options)
+    rows = geometry.pass_named("text").layers[0].rows
+    d, h = 512, 8
+    assert predict_peak_memory(model, 4, options).parts["saved: text"] == 12 * rows * (14 * d + 4 * h + 16)
+
+
+# --- against what autograd saves --------------------------------------------------------------------------
+def _measure(model, images, labels, amp_dtype):
+    def forward():
+        with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            return model.loss(model(images), labels)[0]
+
+    forward()  # run-long caches (frozen text features, cached text layers) are not per-step saves
+    exclude = list(model.clip.parameters()) + list(model.method.parameters())
+    return saved_tensor_bytes(forward, exclude)[0]
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop", "vpt_deep", "maple", "mmrl", "mcpl"])
+@pytest.mark.parametrize("contender, amp_dtype", [("eager", None), ("eager", torch.bfloat16),
+                                                  ("fastprompt", torch.bfloat16)])
+def test_prediction_matches_saved_tensors_on_the_tiny_model(tiny_clip, method, contender, amp_dtype):
+    clip = copy.deepcopy(tiny_clip)
+    if contender == "fastprompt":
+        clip = patch(clip.to(amp_dtype))
+        model = fastprompt.build(method, clip, NAMES)
+    else:
+        model = fastprompt.build(method, clip, NAMES, text_path="reference", truncate_text=False)
+    model.train()
+    batch = 2
+    images, labels = torch.randn(batch, 3, 32, 32), torch.tensor([0, 5])
+    measured = _measure(model, images, labels, amp_dtype)
+    options = options_for_model(model, amp_dtype)
+    if amp_dtype is not None:  # what the built model runs with is what the contender's preset says
+        assert options == StepOptions.for_contender(contender, "cpu", amp_dtype)
+    predicted = predict_peak_memory(model, batch, options).saved_bytes
+    assert predicted == pytest.approx(measured, rel=0.15)
+
+
+def test_prediction_matches_the_triton_path_under_the_interpreter():
+    """The GPU recipe (Triton LayerNorm/MLP saving inputs, flash attention, grouped couplings) measured on CPU
+    through the Triton interpreter, on a 2-layer CLIP with head dim 64 (the kernels' smallest)."""
+    from fastprompt.ops import backends
+
+    if torch.cuda.is_available() or not backends.triton_interpreted():
+        pytest.skip("needs Triton's CPU interpreter (TRITON_INTERPRET=1 before triton's import; tests/conftest.py"
+                    " sets it without a GPU, unless something imported triton first)")
+    torch.manual_seed(0)
+    config = dict(embed_dim=64, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=64),
+                  text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2))
+    clip = patch(open_clip.CLIP(**config).eval(), backend="triton")
+    model = fastprompt.build("maple", clip, NAMES[:4], depth=2)
+    model.train()
+    measured = _measure(model, torch.randn(1, 3, 32, 32), torch.tensor([1]), None)
+    options = options_for_model(model)
+    assert options.frozen_weight_ops and options.attention == "triton" and options.packed_text
+    assert predict_peak_memory(model, 1, options).saved_bytes == pytest.approx(measured, rel=0.15)
+
+
+def test_block_recompute_keeps_only_block_inputs(tiny_clip):
+    model = fastprompt.build("maple", copy.deepcopy(tiny_clip), NAMES, text_path="reference", truncate_text=False)
+    model.train()
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    before = _measure(model, images, labels, None)
+    assert enable_block_recompute(model) == {"vision": True, "text": True}
+    after = _measure(model, images, labels, None)
+    options = dataclasses.replace(options_for_model(model), recompute=True)
+    assert after < before / 5
+    assert predict_peak_memory(model, 2, options).saved_bytes == pytest.approx(after, rel=0.15)
+    loss = model.loss(model(images), labels)[0]
+    loss.backward()  # recompute runs in backward
+    assert all(p.grad is not None for p in model.trainable_parameters())
+    enable_block_recompute(model, False)
+    assert not model.clip.transformer.grad_checkpointing
+    packed = fastprompt.build("coop", patch(copy.deepcopy(tiny_clip)), NAMES)
+    assert enable_block_recompute(packed) == {"vision": True, "text": False}  # the packed loop keeps its saves
+
+
+# --- options, suggestions, errors -----------------------------------------------------------------------------
+def test_suggest_names_the_option_that_fits():
+    model = structural_model("maple", IMAGENET)
+    eager = predict_for("maple", IMAGENET, 32, contender="eager")
+    assert eager.total_bytes == predict_peak_memory(model, 32, StepOptions.for_contender("eager", "cuda")).total_bytes
+    recompute = predict_for("maple", IMAGENET, 32, contender="eager", recompute=True, optimizer="adamw")
+    # Recompute keeps each block's input: 77,000 tokens x 12 layers x d = 512 in the fp32 residual stream.
+    assert recompute.options.recompute and recompute.parts["saved: text"] == 77_000 * 12 * 512 * 4
+    assert eager.total_bytes > 12 * 2**30  # eager MaPLe on ImageNet does not fit a 12 GiB budget
+    advice = eager.suggest(8 * 2**30)
+    assert advice.fits and advice.advice == "fits with: fastprompt.patch + packed text (exact)"
+    assert advice.tried[-1][1] <= 8 * 2**30 < advice.tried[0][1]
+    tight = eager.suggest(int(0.9 * 2**30))
+    assert tight.fits and 1 <= tight.batch < 32 and "batch" in tight.advice
+    assert predict_peak_memory(model, tight.batch, tight.options).total_bytes <= 0.9 * 2**30
+    assert predict_peak_memory(model, tight.batch + 1, tight.options).total_bytes > 0.9 * 2**30
+    impossible = eager.suggest(2**20)
+    assert not impossible.fits and "does not fit" in impossible.advice
+    assert "GiB" in str(eager) and "saved: text" in str(eager)
+
+
+def test_options_and_arguments_are_checked():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        StepOptions(attention="flash2")
+    with pytest.raises(ValueError, match="cannot use the full context"):
+        StepOptions(packed_text=True, full_context=True)
+    with pytest.raises(ValueError, match="dtype must be"):
+        StepOptions(weights_dtype="fp8")
+    with pytest.raises(ValueError, match="unknown contender"):
+        StepOptions.for_contender("fast")
+    model = structural_model("coop", NAMES, backbone="tiny")
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        predict_peak_memory(model, 0)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        structural_model("coop", NAMES, backbone="ViT-Z-99")
