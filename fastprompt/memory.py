@@ -266,8 +266,8 @@ def _text_pass(model, batch: int, options: StepOptions) -> Pass | None:
         packed = PackedWork(tokens, sequences, int(suffix.max()), p, int((suffix**2).sum()) * images)
         layers.append(LayerWork(((groups, p),), grad=layer >= first, packed=packed))
     cached = prefix + int(suffix.sum()) if first > 1 and options.cache_frozen_layers else 0
-    # fastprompt's packed text loop runs its blocks directly (no per-block checkpoint yet).
-    return Pass("text", layers=tuple(layers), recomputable=False, cached_rows=cached, head_rows=sequences, **common)
+    # The packed text loop honours the text tower's grad_checkpointing like the reference loop does.
+    return Pass("text", layers=tuple(layers), recomputable=True, cached_rows=cached, head_rows=sequences, **common)
 
 
 def _decoder_pass(model, batch: int) -> Pass | None:
@@ -550,13 +550,12 @@ def saved_tensor_bytes(fn, exclude=()) -> tuple[int, object]:
 def enable_block_recompute(model, enable: bool = True) -> dict[str, bool]:
     """Turn per-block recompute (torch.utils.checkpoint, non-reentrant) on or off for a PromptedCLIP's towers.
 
-    Returns which towers recompute. The reference layer loop (fastprompt.backbone.run_block) honours the towers'
-    `grad_checkpointing`; fastprompt's packed text loop does not yet, so its text tower keeps its activations.
+    Returns which towers recompute. Both the reference layer loop (fastprompt.backbone.run_block) and the packed
+    text loop (fastprompt.packed_text) honour the towers' `grad_checkpointing`.
     """
     clip = model.clip
     clip.set_grad_checkpointing(enable)
-    packed = model.uses_packed_text()
-    return {"vision": enable, "text": enable and not packed}
+    return {"vision": enable, "text": enable}
 
 
 def structural_model(method: str, classnames, backbone: str = "ViT-B-16", **options):

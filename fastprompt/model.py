@@ -88,6 +88,15 @@ class PromptedCLIP(nn.Module):
             )
         self._text_cache = None
         self._packed = None
+        self._device_copies = {}
+
+    def _on(self, name: str, device) -> torch.Tensor:
+        """A class-prompt tensor (tokens, eot, lengths) on `device`, copied once: no host-to-device copy per
+        step (a CUDA graph cannot capture one)."""
+        key = (name, torch.device(device))
+        if key not in self._device_copies:
+            self._device_copies[key] = getattr(self.prompts, name).to(device)
+        return self._device_copies[key]
 
     @property
     def classnames(self) -> tuple[str, ...]:
@@ -207,7 +216,7 @@ class PromptedCLIP(nn.Module):
         cast = bb.compute_dtype(clip)
         classes = len(self.prompts.classnames)
         length = self.prompts.max_length if self.truncate_text else self.info.context_length
-        ids = self.prompts.tokens[:, :length].to(dev)
+        ids = self._on("tokens", dev)[:, :length]
         emb = clip.token_embedding(ids).to(cast)  # [C, L, d]
         x = emb.repeat(images, 1, 1) if images > 1 else emb
         insert = sched.mode == "insert"
@@ -232,7 +241,7 @@ class PromptedCLIP(nn.Module):
             mask = self._causal_mask(x.shape[1], x.device, x.dtype)
             self._record("text", layer, x.shape[1])
             x = bb.run_block(clip.transformer, layer - 1, x, mask)
-        eot = self.prompts.eot.to(dev).repeat(images)
+        eot = self._on("eot", dev).repeat(images)
         if insert:
             eot = eot + seg
         return bb.text_head(clip, x, eot), input_embeds
@@ -256,7 +265,7 @@ class PromptedCLIP(nn.Module):
             if first is not None and self.method.text_schedule.mode == "replace" and first[1] == "shared":
                 input_embeds = self.class_input_embeds(first[0])
             else:
-                ids = self.prompts.tokens[:, : self.prompts.max_length].to(self.clip.positional_embedding.device)
+                ids = self._on("tokens", self.clip.positional_embedding.device)[:, : self.prompts.max_length]
                 input_embeds = self.clip.token_embedding(ids)
         return features, input_embeds
 
@@ -286,7 +295,7 @@ class PromptedCLIP(nn.Module):
         """Layer-1 text input embeddings [C, L, d] of the class prompts with `slots` [n, d] in the learnable
         positions (no positional embedding): what VAIPL pools its queries from."""
         dev = self.clip.positional_embedding.device
-        ids = self.prompts.tokens[:, : self.prompts.max_length].to(dev)
+        ids = self._on("tokens", dev)[:, : self.prompts.max_length]
         emb = self.clip.token_embedding(ids)
         n = self.method.text_slots
         rows = slots.to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
@@ -294,13 +303,20 @@ class PromptedCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor) -> EncoderOutputs:
         method = self.method
-        frozen = self.frozen_image_features(images) if method.needs_image_features() else None
+        if method.needs_image_features() and not method.vision_schedule.prompted:
+            # CoCoOp: the vision tower carries no prompt, so its output *is* the frozen feature: one pass.
+            image_features, vision_tokens, segment = self.encode_image(images, SourceContext())
+            frozen = image_features.detach()
+        else:
+            frozen = self.frozen_image_features(images) if method.needs_image_features() else None
+            image_features = None
         ctx = SourceContext(image_features=frozen)
-        image_features, vision_tokens, segment = self.encode_image(images, ctx)
+        if image_features is None:
+            image_features, vision_tokens, segment = self.encode_image(images, ctx)
         vision_proj = self.clip.visual.proj
         if method.per_image_text():
             ctx.vision_tokens, ctx.vision_proj = vision_tokens, vision_proj
-            ctx.class_lengths = self.prompts.lengths.to(images.device)
+            ctx.class_lengths = self._on("lengths", images.device)
             ctx.class_input_embeds = self.class_input_embeds
             text, input_embeds = self.encode_text(ctx, images=images.shape[0])
             text = text.view(images.shape[0], len(self.classnames), -1)
@@ -316,7 +332,7 @@ class PromptedCLIP(nn.Module):
             images=images,
             frozen_image_features=frozen,
             text_input_embeds=input_embeds,
-            text_lengths=self.prompts.lengths.to(images.device),
+            text_lengths=self._on("lengths", images.device),
         )
         out.logits = method.heads(out)
         return out

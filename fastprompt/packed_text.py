@@ -17,6 +17,7 @@ fastprompt.model (tested to float64 precision) with ~10x fewer text tokens at Im
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from . import backbone as bb
 from .blocks import BlockKernels, attention_out, dense_attention, layer_norm, mlp, qkv
@@ -46,6 +47,7 @@ class PackedText:
         self.max_suffix = int(suffix_lengths.max())
         self.pool_offsets = self.cu_seqlens[1:].long() - 1  # EOT is the last suffix token of each class
         self._static = {}
+        self._device_ids = {}
         self._below_cache = None
 
     # --- static per-run tensors on the model's device -----------------------------------------------
@@ -68,20 +70,23 @@ class PackedText:
             return kinds.pop()
         return "pair"
 
-    def _groups(self, kind: str, images: int) -> tuple[int, torch.Tensor | None]:
-        """(number of prefix groups, prefix index of each sequence; sequences are image-major b*C + c)."""
+    def _groups(self, kind: str, images: int, device=None) -> tuple[int, torch.Tensor | None]:
+        """(number of prefix groups, prefix index of each sequence; sequences are image-major b*C + c).
+        The index is made once per (kind, images, device): no host-to-device copy per step."""
         seqs = self.classes * images
         if kind == "shared":
             return 1, None
-        if kind == "class":
-            return self.classes, torch.arange(seqs, dtype=torch.int32) % self.classes
-        if kind == "image":
-            return images, torch.arange(seqs, dtype=torch.int32) // self.classes
-        return seqs, torch.arange(seqs, dtype=torch.int32)
+        key = ("groups", kind, images, device)
+        if key not in self._static:
+            index = torch.arange(seqs, dtype=torch.int32, device=device)
+            index = index % self.classes if kind == "class" else index // self.classes if kind == "image" else index
+            self._static[key] = index
+        groups = {"class": self.classes, "image": images}.get(kind, seqs)
+        return groups, self._static[key]
 
     def _to_groups(self, value: torch.Tensor, scope: str, kind: str, images: int) -> torch.Tensor:
         """A source's tokens ([a,d], [C,a,d], [B,a,d] or [B,C,a,d]) as one block per prefix group."""
-        groups = self._groups(kind, images)[0]
+        groups = {"shared": 1, "class": self.classes, "image": images}.get(kind, self.classes * images)
         if scope == "shared":
             return value.unsqueeze(0).expand(groups, -1, -1)
         if scope == kind:
@@ -112,10 +117,15 @@ class PackedText:
     # --- the tower ------------------------------------------------------------------------------------
     def _inputs(self, device, cast):
         clip = self.model.clip
-        prefix_ids = self.model.prompts.tokens[0, : self.prefix_len].to(device)
+        if device not in self._device_ids:
+            self._device_ids[device] = tuple(
+                t.to(device) for t in (self.model.prompts.tokens[0, : self.prefix_len], self.suffix_ids,
+                                       self.suffix_positions)
+            )
+        prefix_ids, suffix_ids, suffix_positions = self._device_ids[device]
         pos = clip.positional_embedding.to(cast)
         prefix = clip.token_embedding(prefix_ids).to(cast).unsqueeze(0)  # [1, P, d], no positions yet
-        suffix = clip.token_embedding(self.suffix_ids.to(device)).to(cast) + pos[self.suffix_positions.to(device)]
+        suffix = clip.token_embedding(suffix_ids).to(cast) + pos[suffix_positions]
         return prefix, suffix, pos[: self.prefix_len]
 
     def encode(self, tokens_by_layer: dict, images: int = 1) -> torch.Tensor:
@@ -125,8 +135,7 @@ class PackedText:
         cast = bb.compute_dtype(clip)
         kind = self.group_kind(scope for _, scope in tokens_by_layer.values())
         images = images if kind in ("image", "pair") else 1
-        groups, prefix_index = self._groups(kind, images)
-        prefix_index = None if prefix_index is None else prefix_index.to(device)
+        groups, prefix_index = self._groups(kind, images, device)
         cu, pool = self._on(device, images)
         insert = sched.mode == "insert"
         seg = 0 if insert else model.method.text_slots
@@ -153,7 +162,12 @@ class PackedText:
                 prefix = torch.cat(parts, dim=1)
                 seg += edit.add - drop
             model._record("text", layer, prefix.shape[1] + self.max_suffix)
-            prefix, suffix = self._block(clip.transformer.resblocks[layer - 1], prefix, suffix, cu, prefix_index)
+            block = clip.transformer.resblocks[layer - 1]
+            if clip.transformer.grad_checkpointing and torch.is_grad_enabled():
+                # Block recompute (open_clip's flag): keep only the block's inputs, recompute it in backward.
+                prefix, suffix = checkpoint(self._block, block, prefix, suffix, cu, prefix_index, use_reentrant=False)
+            else:
+                prefix, suffix = self._block(block, prefix, suffix, cu, prefix_index)
         return bb.text_head_rows(clip, suffix[pool])
 
     def _below(self, first: int, device, cast):

@@ -109,22 +109,30 @@ class Concat(TokenSource):
 
 
 class InstanceShift(TokenSource):
-    """`base + net(f_b)` on every token: a per-image shift of shared tokens (CoCoOp's meta-net)."""
+    """`base + net(f_b)` on every token: a per-image shift of shared tokens (CoCoOp's meta-net).
+
+    f_b is the frozen image feature, L2-normalised first when `normalize` (CoCoOp feeds the normalised one).
+    """
 
     scope = "image"
 
-    def __init__(self, base: TokenSource, net: nn.Module):
+    def __init__(self, base: TokenSource, net: nn.Module, normalize: bool = True):
         super().__init__()
         if base.scope != "shared":
             raise ValueError("InstanceShift needs a shared base source")
         self.base = base
         self.net = net
+        self.normalize = normalize
 
     def forward(self, ctx: SourceContext) -> torch.Tensor:
         if ctx.image_features is None:
             raise RuntimeError("an instance-conditioned source needs image features")
-        shift = self.net(ctx.image_features.to(self.base(ctx).dtype))  # [B, d]
-        return self.base(ctx).unsqueeze(0) + shift.unsqueeze(1)
+        base = self.base(ctx)
+        features = ctx.image_features.to(base.dtype)
+        if self.normalize:
+            features = torch.nn.functional.normalize(features, dim=-1)
+        shift = self.net(features)  # [B, d]
+        return base.unsqueeze(0) + shift.unsqueeze(1)
 
 
 def bottleneck_mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:

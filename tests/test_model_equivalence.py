@@ -152,12 +152,12 @@ def test_mmrl_rep_head_and_decoupled_inference(tiny_clip64):
 
 
 def test_cocoop_equals_per_image_reference(tiny_clip64):
-    """CoCoOp: ctx + meta-net(frozen image feature) on every slot; one text pass per (image, class)."""
+    """CoCoOp: ctx + meta-net(normalised frozen image feature) on every slot; one text pass per (image, class)."""
     model = fastprompt.build("cocoop", tiny_clip64, NAMES).double()
     imgs = images64(2)
     out = model(imgs)
     src = model.method.text_sources["1"]
-    f = tiny_clip64.encode_image(imgs)
+    f = tiny_clip64.encode_image(imgs, normalize=True)
     for b in range(2):
         ctx_b = {1: src.base.tokens + src.net(f[b])}
         w = reference_text(tiny_clip64, model.prompts.tokens, ctx_b, 4, 1)
