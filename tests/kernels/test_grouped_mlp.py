@@ -14,35 +14,7 @@ import torch
 
 from fastprompt.kernels import grouped_mlp as grouped_kernel
 from fastprompt.ops.grouped_mlp import grouped_bottleneck_mlp, grouped_linear
-
-# atol relative to the largest reference magnitude: ~100 fp32 ulps, half a bf16/fp16 ulp.
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
-
-
-def assert_within_torch_error(name, got, ref64, torch_out, dtype):
-    """Max |got - ref64| <= 2 * max |torch_out - ref64| + atol * max |ref64|."""
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten output element?)"
-    err = (got.double() - ref64).abs()
-    torch_err = (torch_out.double() - ref64).abs()
-    atol = ATOL[dtype] * ref64.abs().max().item()
-    print(
-        f"{name}: kernel max {err.max().item():.3e} mean {err.mean().item():.3e} | "
-        f"torch max {torch_err.max().item():.3e} mean {torch_err.mean().item():.3e}"
-    )
-    bound = 2 * torch_err.max().item() + atol
-    assert err.max().item() <= bound, f"{name}: error {err.max().item():.3e} > 2 x PyTorch's + atol = {bound:.3e}"
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Buffers from torch.empty/empty_like start as NaN, so unwritten output elements fail."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poisoned(t):
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(real_empty_like(*a, **k)))
+from kernel_numerics import ATOL, assert_within_torch_error
 
 
 def torch_grouped_linear(x, weight, bias):
