@@ -36,7 +36,8 @@ def test_results_file_is_complete(request, results):
     selected = {
         (item.callspec.params["case"][0].name, item.callspec.params["case"][1], item.callspec.params["case"][2])
         for item in request.session.items
-        if hasattr(item, "callspec") and "case" in item.callspec.params
+        # only this suite's cases: other test folders in the same session may have a parameter called "case"
+        if item.path == request.path and hasattr(item, "callspec") and "case" in item.callspec.params
     }
     if not selected:
         pytest.skip("no benchmark case selected")
