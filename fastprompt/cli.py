@@ -31,6 +31,7 @@ def _demo(args) -> int:
         lr=args.lr,
         seed=args.seed,
         device=args.device,
+        kernels=args.kernels,
     )
     if result["accuracy"] <= result["chance"]:
         print("warning: the run did not beat chance", file=sys.stderr)
@@ -185,12 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="maple", choices=sorted(METHODS))
     demo.add_argument("--backbone", default="small", help="'small', 'tiny' or an open_clip model name")
     demo.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint file")
-    demo.add_argument("--epochs", type=int, default=6)
+    demo.add_argument("--epochs", type=int, default=15)
     demo.add_argument("--shots", type=int, default=16)
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--lr", type=float, default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu")
+    demo.add_argument("--kernels", default="auto",
+                      help="auto (fastprompt.patch), eager (the unpatched reference path), or an attention backend")
     demo.set_defaults(func=_demo)
 
     info = sub.add_parser("info", help="devices, versions and kernel backends")
