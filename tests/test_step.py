@@ -142,11 +142,11 @@ def test_a_nonfinite_step_changes_nothing(make_optimizer):
 
 def test_contenders_build_what_they_promise():
     eager, eager_step = build_contender("eager", "coop", NAMES, backbone="tiny", amp_dtype=torch.bfloat16)
-    assert not fastprompt.patch.is_patched(eager.clip) and not eager.uses_packed_text()
+    assert not fastprompt.is_patched(eager.clip) and not eager.uses_packed_text()
     assert eager.truncate_text is False and eager.clip.visual.conv1.weight.dtype == torch.float32
     assert eager_step.mode == "eager" and eager_step.amp_dtype == torch.bfloat16
     fast, fast_step = build_contender("fastprompt", "coop", NAMES, backbone="tiny", amp_dtype=torch.bfloat16)
-    assert fastprompt.patch.is_patched(fast.clip) and fast.uses_packed_text()
+    assert fastprompt.is_patched(fast.clip) and fast.uses_packed_text()
     assert fast.clip.visual.conv1.weight.dtype == torch.bfloat16  # frozen weights in the autocast dtype
     assert fast_step.cuda_graph == "auto"
     _, compiled_step = build_contender("compiled", "coop", NAMES, backbone="tiny", amp_dtype=None)
