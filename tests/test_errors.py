@@ -115,3 +115,17 @@ def test_other_backbones_build_and_run(backbone):
     with torch.no_grad():
         out = model(torch.randn(1, 3, 224, 224))
     assert out.logits["main"].shape == (1, 2)
+
+
+def test_images_on_another_device_are_named(tiny_clip):
+    model = fastprompt.build("maple", tiny_clip, ["cat", "dog"])
+    with pytest.raises(ValueError, match="images are on meta but the model is on cpu"):
+        model(torch.empty(1, 3, 32, 32, device="meta"))
+
+
+def test_images_of_another_float_dtype_are_cast_to_the_model(tiny_clip):
+    """Documented behaviour (as open_clip's encode_image): any floating dtype is cast to the weights' dtype."""
+    model = fastprompt.build("maple", tiny_clip, ["cat", "dog"]).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images.double()).logits["main"], model(images).logits["main"])
