@@ -13,6 +13,7 @@ import torch
 
 from fastprompt.ops import backends
 from fastprompt.ops.attention import attention, prefix_varlen_attention
+from attention_references import reference_attention, reference_prefix_attention
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -30,34 +31,6 @@ def gpu_backends(op="attention", dtype=torch.bfloat16, head_dim=64):
         ok, why = usable(name, op, dtype, head_dim) if torch.cuda.is_available() else (True, "")
         params.append(pytest.param(name, marks=pytest.mark.skipif(not ok, reason=f"{name}: {why}")))
     return params
-
-
-def dense_reference(q, k, v, causal, scale):
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if causal:
-        L = q.shape[1]
-        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
-
-
-def prefix_reference(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, scale):
-    """Grouped by exact sequence length, as in test_attention_prefix.py."""
-    P = prefix_k.shape[1]
-    starts = cu_seqlens[:-1].long()
-    lengths = cu_seqlens[1:].long() - starts
-    groups = torch.zeros_like(starts) if prefix_index is None else prefix_index.long()
-    out = torch.zeros_like(q)
-    for n in lengths.unique().tolist():
-        seqs = (lengths == n).nonzero().squeeze(1)
-        tokens = starts[seqs, None] + torch.arange(n, device=q.device)
-        keys = torch.cat([prefix_k[groups[seqs]], k[tokens]], 1)
-        values = torch.cat([prefix_v[groups[seqs]], v[tokens]], 1)
-        scores = torch.einsum("mqhd,mkhd->mhqk", q[tokens], keys) * scale
-        allowed = torch.ones(n, P + n, dtype=torch.bool, device=q.device)
-        allowed[:, P:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out = out.index_put((tokens,), torch.einsum("mhqk,mkhd->mqhd", scores.softmax(-1), values))
-    return out
 
 
 def check_against_torch(name, fn, ref_fn, inputs, grad, dtype, reduction_lens):
@@ -97,7 +70,7 @@ def test_dense_bf16(backend, B, LQ, LK, H, causal):
     q, k, v = (torch.randn(B, L, H, 64, device=DEVICE) for L in (LQ, LK, LK))
     grad = torch.randn(B, LQ, H, 64, device=DEVICE)
     check_against_torch(f"{backend} {B}x{LQ}x{LK}", lambda a, b, c: attention(a, b, c, causal, backend=backend),
-                        lambda a, b, c: dense_reference(a, b, c, causal, 0.125), (q, k, v), grad,
+                        lambda a, b, c: reference_attention(a, b, c, causal, 0.125), (q, k, v), grad,
                         torch.bfloat16, [max(LQ, LK)] * 4)
 
 
@@ -107,7 +80,7 @@ def test_dense_triton_dtypes_and_head_dims(dtype, D):
     q, k, v = (torch.randn(3, L, 4, D, device=DEVICE) for L in (197, 201, 201))
     scale = D ** -0.5
     check_against_torch(f"triton {dtype} D={D}", lambda a, b, c: attention(a, b, c, backend="triton"),
-                        lambda a, b, c: dense_reference(a, b, c, False, scale), (q, k, v),
+                        lambda a, b, c: reference_attention(a, b, c, False, scale), (q, k, v),
                         torch.randn(3, 197, 4, D, device=DEVICE), dtype, [201] * 4)
 
 
@@ -116,7 +89,7 @@ def test_fp32_goes_to_sdpa_and_explicit_triton_says_why():
     assert backends.explain_backend("attention", device=DEVICE, dtype=torch.float32, head_dim=64).chosen != "triton"
     with pytest.raises(backends.BackendNotSupportedError, match="dtype float32 is not supported on cuda"):
         attention(q, q, q, backend="triton")
-    torch.testing.assert_close(attention(q, q, q), dense_reference(q, q, q, False, 0.125), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(attention(q, q, q), reference_attention(q, q, q, False, 0.125), rtol=1e-4, atol=1e-4)
 
 
 def make_packed(num_seqs, max_len, P, G, H, D=64, adjacent=True, seed=0):
@@ -155,7 +128,7 @@ def test_prefix_bf16(backend, S, max_len, P, G, H, adjacent):
     check_against_torch(
         f"{backend} S={S} P={P} G={G}",
         lambda a, b, c, d, e: prefix_varlen_attention(a, b, c, cu, longest, d, e, index, backend=backend),
-        lambda a, b, c, d, e: prefix_reference(a, b, c, cu, d, e, index, 0.125),
+        lambda a, b, c, d, e: reference_prefix_attention(a, b, c, cu, d, e, index, 0.125),
         (q, k, v, pk, pv), grad, torch.bfloat16,
         [P + longest, P + longest, longest, longest, T, T])
 
@@ -168,7 +141,7 @@ def test_prefix_triton_dtypes_and_head_dims(dtype, D):
     check_against_torch(
         f"triton {dtype} D={D}",
         lambda a, b, c, d, e: prefix_varlen_attention(a, b, c, cu, longest, d, e, index, backend="triton"),
-        lambda a, b, c, d, e: prefix_reference(a, b, c, cu, d, e, index, D ** -0.5),
+        lambda a, b, c, d, e: reference_prefix_attention(a, b, c, cu, d, e, index, D ** -0.5),
         (q, k, v, pk, pv), grad, dtype, [9 + longest, 9 + longest, longest, longest, T, T])
 
 

@@ -11,29 +11,9 @@ import pytest
 import torch
 
 from fastprompt.ops.attention import prefix_varlen_attention
+from attention_references import reference_prefix_attention
 
 CPU_BACKENDS = ["triton", "sdpa", "eager"]
-
-
-def reference_prefix_attention(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, scale):
-    """Sequences grouped by their exact length n (no padding, no packing tricks): each attends to
-    [its prefix's P keys; its own n suffix keys], causal on the suffix."""
-    P = prefix_k.shape[1]
-    starts = cu_seqlens[:-1].long()
-    lengths = cu_seqlens[1:].long() - starts
-    groups = torch.zeros_like(starts) if prefix_index is None else prefix_index.long()
-    out = torch.zeros_like(q)
-    for n in lengths.unique().tolist():
-        seqs = (lengths == n).nonzero().squeeze(1)
-        tokens = starts[seqs, None] + torch.arange(n)  # [m, n]
-        keys = torch.cat([prefix_k[groups[seqs]], k[tokens]], 1)  # [m, P + n, H, D]
-        values = torch.cat([prefix_v[groups[seqs]], v[tokens]], 1)
-        scores = torch.einsum("mqhd,mkhd->mhqk", q[tokens], keys) * scale
-        allowed = torch.ones(n, P + n, dtype=torch.bool)
-        allowed[:, P:] = torch.ones(n, n, dtype=torch.bool).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out = out.index_put((tokens,), torch.einsum("mhqk,mkhd->mqhd", scores.softmax(-1), values))
-    return out
 
 
 def assert_within_torch_error(name, actual, ref64, torch_lowp, reduction_len):
@@ -138,19 +118,7 @@ def test_thousand_short_sequences(backend):
     run_and_check(backend, random_lengths(1000, 1, 8), 5, 1, "none", H=2)
 
 
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """Fresh float buffers start as NaN, so an element a kernel forgets to write shows up."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
-
-
-def test_triton_writes_every_output(poisoned_allocations):
+def test_triton_writes_every_output(poison):
     run_and_check("triton", random_lengths(12), 5, 3, "random")
 
 
