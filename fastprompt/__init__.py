@@ -9,7 +9,7 @@
 from .backbone import UnsupportedModelError, inspect_clip
 from .methods import METHODS, build, method_options
 from .model import PromptedCLIP
-from .patch import is_patched, patch, unpatch
+from .fast import is_patched, patch, unpatch
 from .schedule import LayerEdit, ScheduleError, TowerSchedule
 
 __version__ = "0.1.0"

@@ -105,7 +105,9 @@ def options_for_model(model, amp_dtype: torch.dtype | None = None, optimizer: st
 
     clip = model.clip
     weight = clip.transformer.resblocks[0].mlp.c_fc.weight
-    report = clip.__dict__.get("fastprompt_patch")
+    from .fast import fast_path
+
+    report = fast_path(clip)
     common = dict(weights_dtype=weight.dtype, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute)
     if report is None:
         return StepOptions(packed_text=False, full_context=not model.truncate_text, cache_frozen_layers=False,

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from . import backbone as bb
 from .method import EncoderOutputs, PromptMethod
-from .sources import SourceContext
+from .fast import fast_path
+from .sources import SourceContext, shared_couplings
 from .text import ClassPrompts, tokenize_classes
 
 
@@ -133,16 +134,16 @@ class PromptedCLIP(nn.Module):
     def grouped_maps(self):
         """Coupling maps grouped into one launch: on when the patch runs the Triton kernels (or when asked
         for with `model.use_grouped_maps = True`)."""
-        report = self.clip.__dict__.get("fastprompt_patch")
+        path = fast_path(self.clip)
         wanted = self.use_grouped_maps if self.use_grouped_maps is not None else (
-            report is not None and report.kernels.norm_mlp == "triton")
+            path is not None and path.groups_coupling_maps)
         if not wanted:
             return None
         if self._grouped is None:
-            from .grouped import GroupedMaps
+            from .fast.grouped import GroupedMaps
 
             sources = list(self.method.text_sources.values()) + list(self.method.vision_sources.values())
-            self._grouped = GroupedMaps(sources)
+            self._grouped = GroupedMaps(shared_couplings(sources))
         return self._grouped or None
 
     def _layer_tokens(self, tower: str, ctx: SourceContext) -> dict[int, torch.Tensor]:
@@ -249,15 +250,18 @@ class PromptedCLIP(nn.Module):
     def uses_packed_text(self) -> bool:
         """Packed text runs when asked for, or by default on a fastprompt-patched CLIP."""
         if self.text_path == "auto":
-            return self.truncate_text and "fastprompt_patch" in self.clip.__dict__
+            return self.truncate_text and fast_path(self.clip) is not None
         return self.text_path == "packed"
 
     def _encode_text_packed(self, tokens_by_layer, images: int):
-        from .packed_text import PackedText
-
         if self._packed is None:
-            report = self.clip.__dict__.get("fastprompt_patch")
-            self._packed = PackedText(self, kernels=report.kernels if report else None)
+            path = fast_path(self.clip)
+            if path is not None:
+                self._packed = path.text_encoder(self)
+            else:  # text_path='packed' on an unpatched CLIP: the packed tower with PyTorch ops
+                from .fast.packed_text import PackedText
+
+                self._packed = PackedText(self)
         features = self._packed.encode(tokens_by_layer, images)
         input_embeds = None
         if self.method.uses_text_input_embeds:

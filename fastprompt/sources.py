@@ -138,3 +138,29 @@ class InstanceShift(TokenSource):
 def bottleneck_mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     """Linear -> ReLU -> Linear (CoCoOp meta-net, MCPL PMS)."""
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=False), nn.Linear(hidden, d_out))
+
+
+def _children(src: TokenSource):
+    if isinstance(src, Coupled):
+        yield src.source
+    elif isinstance(src, Sum):
+        yield from (src.first, src.second)
+    elif isinstance(src, Concat):
+        yield from src.parts
+    elif isinstance(src, InstanceShift):
+        yield src.base
+
+
+def shared_couplings(sources) -> list[Coupled]:
+    """Every Coupled source reachable from `sources` whose input is shared by all images and classes, each
+    once: what fastprompt.fast.grouped can run as one grouped launch."""
+    seen, found, stack = set(), [], list(sources)
+    while stack:
+        src = stack.pop()
+        if id(src) in seen:
+            continue
+        seen.add(id(src))
+        stack.extend(_children(src))
+        if isinstance(src, Coupled) and src.source.scope == "shared":
+            found.append(src)
+    return found

@@ -21,7 +21,7 @@ from fastprompt.memory import (
     step_geometry,
     structural_model,
 )
-from fastprompt.patch import patch
+from fastprompt.fast import patch
 
 NAMES = [f"class {i}" for i in range(6)]
 IMAGENET = list(open_clip.IMAGENET_CLASSNAMES)

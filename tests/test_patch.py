@@ -8,7 +8,7 @@ import torch
 
 import fastprompt
 from fastprompt.backbones import create_clip
-from fastprompt.patch import is_patched, patch, unpatch
+from fastprompt.fast import is_patched, patch, unpatch
 
 NAMES = ["red circle", "blue square", "green triangle", "yellow star"]
 

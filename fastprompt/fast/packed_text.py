@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import backbone as bb
+from .. import backbone as bb
 from .blocks import BlockKernels, attention_out, dense_attention, layer_norm, mlp, qkv
 
 _SCOPE_RANK = {"shared": 0, "class": 1, "image": 2, "pair": 3}
@@ -104,7 +104,7 @@ class PackedText:
         split = groups * plen
         qp, kp, vp = (t[:split].unflatten(0, (groups, plen)) for t in (q, k, v))
         out_prefix = dense_attention(qp, kp, vp, True, kernels)
-        from .ops.attention import prefix_varlen_attention
+        from ..ops.attention import prefix_varlen_attention
 
         out_suffix = prefix_varlen_attention(
             q[split:], k[split:], v[split:], cu, self.max_suffix, kp, vp, prefix_index, backend=kernels.attention

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .backbone import _gelu_kind
+from ..backbone import _gelu_kind
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, kernels: BlockKernels) -> torch.Tensor:
     """open_clip LayerNorm / LayerNormFp32: statistics in fp32, result in the input's dtype."""
     if kernels.norm_mlp == "triton":
-        from .ops.layer_norm import layer_norm as triton_layer_norm
+        from ..ops.layer_norm import layer_norm as triton_layer_norm
 
         return triton_layer_norm(x, norm.weight, norm.bias, norm.eps)
     stats = torch.promote_types(x.dtype, torch.float32)  # fp32 statistics; float64 stays float64
@@ -68,7 +68,7 @@ def mlp(block, h: torch.Tensor, kernels: BlockKernels) -> torch.Tensor:
     fc, proj = block.mlp.c_fc, block.mlp.c_proj
     act = _gelu_kind(block.mlp.gelu)
     if kernels.norm_mlp == "triton":
-        from .ops.mlp import frozen_mlp
+        from ..ops.mlp import frozen_mlp
 
         dtype = _compute_dtype(h, fc.weight)
         cast = [t.to(dtype) for t in (h, fc.weight, fc.bias, proj.weight, proj.bias)]
@@ -77,7 +77,7 @@ def mlp(block, h: torch.Tensor, kernels: BlockKernels) -> torch.Tensor:
 
 
 def dense_attention(q, k, v, causal: bool, kernels: BlockKernels) -> torch.Tensor:
-    from .ops.attention import attention
+    from ..ops.attention import attention
 
     return attention(q, k, v, causal=causal, backend=kernels.attention)
 

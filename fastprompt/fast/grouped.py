@@ -14,19 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .sources import Concat, Coupled, InstanceShift, SourceContext, Sum, TokenSource
-
-
-def _children(src: TokenSource):
-    if isinstance(src, Coupled):
-        yield src.source
-    elif isinstance(src, Sum):
-        yield from (src.first, src.second)
-    elif isinstance(src, Concat):
-        yield from src.parts
-    elif isinstance(src, InstanceShift):
-        yield src.base
-
 
 def _kind(mapping: nn.Module):
     if isinstance(mapping, nn.Linear) and mapping.bias is not None:
@@ -45,27 +32,23 @@ def _kind(mapping: nn.Module):
 
 
 class GroupedMaps:
-    def __init__(self, sources):
-        seen, groups = set(), {}
-        stack = list(sources)
-        while stack:
-            src = stack.pop()
-            if id(src) in seen:
-                continue
-            seen.add(id(src))
-            stack.extend(_children(src))
-            if isinstance(src, Coupled) and src.source.scope == "shared":
-                kind = _kind(src.mapping)
-                if kind is not None:
-                    groups.setdefault(kind, []).append(src)
+    def __init__(self, couplings):
+        """`couplings`: the model's coupled sources whose input is shared by every image and class (see
+        fastprompt.sources.shared_couplings); each has `.mapping`, `.source(ctx)`, and reads its grouped
+        result from `ctx.memo[id(coupling)]`."""
+        groups = {}
+        for src in couplings:
+            kind = _kind(src.mapping)
+            if kind is not None:
+                groups.setdefault(kind, []).append(src)
         # A group of one gains nothing; distinct mappings only (MuDPT shares one map across layers: still fine).
         self.groups = {k: v for k, v in groups.items() if len(v) > 1}
 
     def __bool__(self) -> bool:
         return bool(self.groups)
 
-    def run(self, ctx: SourceContext) -> None:
-        from .ops.grouped_mlp import grouped_bottleneck_mlp, grouped_linear
+    def run(self, ctx) -> None:
+        from ..ops.grouped_mlp import grouped_bottleneck_mlp, grouped_linear
 
         for kind, members in self.groups.items():
             inputs = [m.source(ctx) for m in members]

@@ -7,7 +7,9 @@ What it does to the instance (and nothing else: no open_clip module globals chan
   frozen-weight MLP; any other mask falls back to the original forward, exactly;
 - `encode_text` becomes an instance method that cuts the 77-token rows after the last EOT (exact, see
   fastprompt.model) before running the same modules;
-- `fastprompt_patch` on the model records the report: what was patched, with which kernels, and why.
+- a `FastPath` object kept on the model (`fastprompt.fast.fast_path(model)`, also `model.fastprompt_patch`)
+  records what was patched, with which kernels, and why; the general model asks it, and nothing else, how
+  to run the fast path.
 `unpatch(model)` restores the original classes and methods (outputs are then bit-identical to a model
 never patched). Patching twice only updates the kernel choice.
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from . import backbone as bb
+from .. import backbone as bb
 from .blocks import BlockKernels, block_forward
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,9 @@ _MARK = "_fastprompt_original_class"
 
 
 @dataclass
-class PatchReport:
+class FastPath:
+    """The fast path of one patched CLIP: the kernel plan chosen at patch time and the report of what changed."""
+
     blocks: dict[str, int] = field(default_factory=dict)  # tower -> number of patched blocks
     kernels: BlockKernels = field(default_factory=BlockKernels)
     reasons: list[str] = field(default_factory=list)
@@ -42,6 +46,17 @@ class PatchReport:
                  f"{self.kernels.attention}; encode_text truncated after the last EOT: {self.encode_text}"]
         lines += [f"  - {r}" for r in self.reasons]
         return "\n".join(lines)
+
+    @property
+    def groups_coupling_maps(self) -> bool:
+        """Run every prompted layer's coupling map in one grouped launch (worth it with the Triton kernels)."""
+        return self.kernels.norm_mlp == "triton"
+
+    def text_encoder(self, model):
+        """The packed text tower for a PromptedCLIP built on this CLIP (fastprompt.fast.packed_text)."""
+        from .packed_text import PackedText
+
+        return PackedText(model, kernels=self.kernels)
 
 
 def _is_causal_mask(mask: torch.Tensor) -> bool:
@@ -98,7 +113,7 @@ def _fast_encode_text(self, text: torch.Tensor, normalize: bool = False):
 
 
 def _resolve_kernels(model: nn.Module, backend: str, info) -> tuple[BlockKernels, list[str]]:
-    from .ops import backends
+    from ..ops import backends
 
     device = next(model.parameters()).device
     reasons = []
@@ -144,7 +159,7 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.
     """
     info = bb.inspect_clip(model)  # raises before any change
     kernels, reasons = _resolve_kernels(model, backend, info)
-    report = PatchReport(kernels=kernels, reasons=reasons)
+    report = FastPath(kernels=kernels, reasons=reasons)
     for tower_name, tower in (("vision", model.visual.transformer), ("text", model.transformer)):
         for blk in tower.resblocks:
             original = getattr(blk, _MARK, type(blk))
@@ -163,8 +178,13 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.
     return model
 
 
+def fast_path(model: nn.Module) -> FastPath | None:
+    """The FastPath of a patched model, None for a model that is not patched."""
+    return model.__dict__.get("fastprompt_patch")
+
+
 def is_patched(model: nn.Module) -> bool:
-    return "fastprompt_patch" in model.__dict__
+    return fast_path(model) is not None
 
 
 def unpatch(model: nn.Module) -> nn.Module:
