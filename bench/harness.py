@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastprompt.memory import StepOptions, options_for_model, predict_peak_memory, step_geometry
-from fastprompt.step import CONTENDERS, build_contender
+from .contenders import CONTENDERS, build_contender
 
 from .flops import step_flops
 from .workloads import Workload

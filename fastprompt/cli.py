@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--lr", type=float, default=None)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     demo.add_argument("--kernels", default="auto",
                       help="auto (fastprompt.patch), eager (the unpatched reference path), or an attention backend")
     demo.set_defaults(func=_demo)

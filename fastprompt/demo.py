@@ -15,10 +15,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from .backbones import create_clip
-from .patch import patch
-from .data import procedural_splits, train_transform, eval_transform
+from .data import eval_transform, procedural_splits, train_transform
+from .evaluation import evaluate
+from .fast import patch
 from .methods import build
-from .training import evaluate, lr_at, make_optimizer, set_lr, train_epoch
+from .training import TrainStep, fit, lr_at, make_optimizer
 
 # Short-run settings that learn within a minute on a CPU from random weights (the papers' recipes assume
 # pretrained CLIP and 5-200 epochs; the runner's presets carry those).
@@ -35,12 +36,17 @@ def run_demo(
     batch_size: int = 16,
     lr: float | None = None,
     seed: int = 0,
-    device: str = "cpu",
+    device: str = "auto",
     kernels: str = "auto",
     echo=print,
 ) -> dict:
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    # On a GPU the frozen weights are bf16 and the step runs under bf16 autocast (the runner's default there).
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(seed)
-    clip = create_clip(backbone, pretrained=pretrained, device=device)
+    clip = create_clip(backbone, pretrained=pretrained, device=device,
+                       precision="bf16" if amp_dtype is not None else "fp32")
     if kernels != "eager":
         # The product's fast path (exact): fused blocks, packed text; Triton kernels on CUDA.
         patch(clip, backend=kernels)
@@ -50,7 +56,8 @@ def run_demo(
     trainable = sum(p.numel() for p in model.trainable_parameters())
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(
-        splits.dataset("train", train_transform(size)), batch_size=batch_size, shuffle=True, generator=generator
+        splits.dataset("train", train_transform(size)), batch_size=batch_size, shuffle=True, generator=generator,
+        drop_last=True, pin_memory=device.type == "cuda",
     )
     test_loader = DataLoader(splits.dataset("test", eval_transform(size)), batch_size=64)
     chance = 100.0 / splits.num_classes
@@ -59,24 +66,24 @@ def run_demo(
         f" {splits.num_classes} classes x {shots} shots, {len(splits.test)} test images, {trainable:,} trainable"
         f" parameters, device {device}, {'unpatched reference path' if kernels == 'eager' else 'fastprompt.patch'}"
     )
-    before = evaluate(model, test_loader, device)
+    before = evaluate(model, test_loader, device, amp_dtype=amp_dtype)
     echo(f"before training: accuracy {before['accuracy']:.1f}% (chance {chance:.1f}%)")
     optimizer = make_optimizer(
         model.trainable_parameters(), DEMO_DEFAULTS["optimizer"], lr or DEMO_DEFAULTS["lr"],
         weight_decay=DEMO_DEFAULTS["weight_decay"],
     )
+    base_lr = lr or DEMO_DEFAULTS["lr"]
+    step = TrainStep(model, optimizer, amp_dtype=amp_dtype)  # the library's one engine (CUDA graph on a GPU)
+
+    def epoch_end(epoch, rate, stats):
+        echo(f"epoch {epoch}/{epochs}: loss {stats.loss:.4f}, {stats.images_per_second:.1f} images/s"
+             f" ({stats.seconds:.1f} s)")
+
     start = time.perf_counter()
-    history = []
-    for epoch in range(1, epochs + 1):
-        # A short run: no warm-up epoch, cosine over the epochs.
-        set_lr(optimizer, lr_at(epoch, epochs, lr or DEMO_DEFAULTS["lr"], warmup_epochs=0))
-        stats = train_epoch(model, train_loader, optimizer, device)
-        history.append(stats)
-        echo(
-            f"epoch {epoch}/{epochs}: loss {stats.loss:.4f}, {stats.images_per_second:.1f} images/s"
-            f" ({stats.seconds:.1f} s)"
-        )
-    after = evaluate(model, test_loader, device)
+    # A short run: no warm-up epoch, cosine over the epochs.
+    history = fit(step, train_loader, epochs, lambda epoch: lr_at(epoch, epochs, base_lr, warmup_epochs=0),
+                  device=device, on_epoch_end=epoch_end)
+    after = evaluate(model, test_loader, device, amp_dtype=amp_dtype)
     seconds = time.perf_counter() - start
     echo(
         f"after training: accuracy {after['accuracy']:.1f}% (chance {chance:.1f}%), macro-F1 {after['macro_f1']:.1f}%,"

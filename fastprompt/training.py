@@ -1,22 +1,53 @@
-"""The training and evaluation loop shared by the demo and the runner.
+"""The training engine: one step (`TrainStep`) and one loop (`train_epoch`, `fit`) for every caller.
 
-The papers' recipe (METHODS.md §2): SGD (momentum 0.9, weight decay 5e-4) or AdamW, a learning rate set
-once per epoch: a constant warm-up epoch at 1e-5, then cosine over the E epochs ("recount" on), and the
-final-epoch weights are evaluated. A NaN or inf loss (or gradient) skips the step with a warning and stops
-the run after a bound, instead of silently corrupting the prompts.
+The runner (`fastprompt train`), the demo, the benchmark and users' own loops all step through `TrainStep`:
+
+    optimizer = make_optimizer(model.trainable_parameters(), "sgd", lr=2e-3)
+    step = TrainStep(model, optimizer, amp_dtype=torch.bfloat16)   # cuda_graph="auto", skip_nonfinite=True
+    for epoch in range(1, epochs + 1):
+        step.set_lr(lr_at(epoch, epochs, 2e-3))
+        stats = train_epoch(step, loader, device=device)              # one host sync per log interval
+
+The papers' recipe (METHODS.md §2): SGD (momentum 0.9, weight decay 5e-4) or AdamW, a learning rate set once per
+epoch (a constant warm-up epoch at 1e-5, then cosine over the E epochs), the final-epoch weights evaluated.
+
+Why the step looks the way it does (DESIGN.md §10, measured on an H200): a fastprompt step is ~14 ms of GPU work,
+and without a CUDA graph its host side cost more than that. So nothing in a step waits for the device:
+- the optimizer is a fused one whose learning rate is a 0-dim tensor on the device: `set_lr` fills it in place,
+  a captured graph reads it, and an epoch boundary does not force a re-capture;
+- a step whose loss or gradients are not finite is skipped on the device (the fused optimizers' `found_inf`, the
+  mechanism GradScaler uses; other optimizers get their parameters and state put back with `torch.where`);
+- the loss sum, the images trained, the skipped steps and the longest run of skipped steps accumulate in device
+  tensors that `totals()` reads once per log interval; `train_epoch` raises NonFiniteLossError there when the run
+  of skipped steps reached the bound (the skipped steps changed nothing, so nothing is lost by noticing late).
+
+CUDA graphs: on CUDA with static shapes the whole step (forward, loss, backward, guard, optimizer) is captured
+once after `warmup_steps` eager steps on a side stream (PyTorch's whole-network recipe) and replayed with the batch
+copied into static buffers. What runs eagerly instead, logged once with the reason (kept in `graph_reason`): CPU
+tensors, a batch of another shape or dtype (only that step), a capture that fails (every later step). Host-side
+optimizer settings (momentum, weight decay, a float lr of a non-fused optimizer) are baked into a graph, so a change
+of them re-captures. `cuda_graph=True` turns fallbacks into errors; `compile=True` runs the step through
+torch.compile instead.
+
+The last partial batch: the runner's loaders drop it (as Dassl's training sampler does, `drop_last=True`); a
+caller that yields one gets it stepped eagerly (graphs are per shape), counted like any other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
+# --- schedule and optimizer ------------------------------------------------------------------------------
 def lr_at(epoch: int, epochs: int, base_lr: float, warmup_epochs: int = 1, warmup_lr: float = 1e-5) -> float:
     """Learning rate of 1-based `epoch`: warm-up epochs at `warmup_lr`, then cosine with T_max = `epochs`.
 
@@ -31,40 +62,388 @@ def lr_at(epoch: int, epochs: int, base_lr: float, warmup_epochs: int = 1, warmu
     return base_lr * (1 + math.cos(math.pi * step / epochs)) / 2
 
 
+def _fusable(params) -> bool:
+    """torch's fused SGD/AdamW kernels take float parameters on CUDA or CPU, all on one device."""
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cuda", "cpu")
+            and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) for p in params))
+
+
 def make_optimizer(params, name: str = "sgd", lr: float = 2e-3, weight_decay: float = 5e-4, momentum: float = 0.9):
+    """SGD (momentum, weight decay) or AdamW over the trainable `params`: the fused implementation with the learning
+    rate as a 0-dim tensor on the parameters' device where torch has one (see the module docstring)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the method has no trainable parameters")
+    fused = _fusable(params)
+    rate = torch.tensor(float(lr), dtype=torch.float32, device=params[0].device) if fused else lr
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
+        optimizer = torch.optim.SGD(params, lr=rate, momentum=momentum, weight_decay=weight_decay,
+                                    fused=fused or None)
+    elif name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=rate, betas=(0.9, 0.999), weight_decay=weight_decay,
+                                      fused=fused or None)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
+    return optimizer
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Set every group's learning rate: in place where it is a tensor (a captured graph keeps reading it)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(float(lr))
+        else:
+            group["lr"] = lr
+
+
+def get_lr(optimizer) -> float:
+    """The first group's learning rate as a float (synchronises when it lives on a GPU)."""
+    lr = optimizer.param_groups[0]["lr"]
+    return float(lr) if torch.is_tensor(lr) else lr
+
+
+def _lr_on_device(optimizer) -> None:
+    """Fused optimizers get their learning rate as a device tensor (a state loaded from JSON brings floats back)."""
+    for group in optimizer.param_groups:
+        if group.get("fused") and not torch.is_tensor(group["lr"]):
+            device = group["params"][0].device
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def _momentum_buffers(optimizer) -> None:
+    """SGD's momentum buffers start at zero instead of being created by the first step: identical updates (with
+    no dampening the first step's buffer is the gradient either way), and a first step that is skipped or
+    captured in a graph finds the buffer already there."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0 or group.get("dampening", 0) != 0:
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many steps in a row produced a NaN or inf loss."""
+    """Too many steps in a row produced a NaN or inf loss or gradient."""
 
 
+# --- the step ----------------------------------------------------------------------------------------------
+def prompted_loss(model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of a PromptedCLIP: its forward, then the method's loss."""
+    out = model(images)
+    loss, _ = model.loss(out, labels)
+    return loss
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """What the steps since the last `reset_totals` did (read from the device in one go)."""
+
+    loss_sum: float  # sum over trained (not skipped) steps of loss x batch size
+    images: int  # images in trained steps
+    skipped: int  # steps skipped for a non-finite loss or gradient
+    longest_bad_run: int  # the longest run of consecutive skipped steps
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.images if self.images else float("nan")
+
+
+def _side_stream(device: torch.device):
+    """A context running work on a fresh side stream that joins back to the current one (CUDA only)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def run():
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            yield
+        current.wait_stream(side)
+
+    return run()
+
+
+def _graph_problem(images: torch.Tensor) -> str | None:
+    """Why this batch cannot use a CUDA graph (None when it can)."""
+    if images.device.type != "cuda":
+        return f"CUDA graphs need CUDA tensors; the batch is on {images.device}"
+    return None
+
+
+def _signature(images: torch.Tensor, labels: torch.Tensor) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in (images, labels))
+
+
+def _hyperparameters(optimizer) -> tuple:
+    """The optimizer settings a captured graph has baked in (host-side numbers, not tensors)."""
+    plain = (bool, int, float, str, type(None), tuple)
+    return tuple(
+        tuple(sorted((k, v) for k, v in group.items() if k != "params" and isinstance(v, plain)))
+        for group in optimizer.param_groups
+    )
+
+
+class TrainStep:
+    """forward + loss + backward + non-finite guard + optimizer step; see the module docstring.
+
+    Args:
+        model: a PromptedCLIP, or any module `loss_fn` understands.
+        optimizer: over the trainable parameters (`make_optimizer` gives the fused, device-lr kind).
+        loss_fn: (model, images, labels) -> scalar loss; default `prompted_loss`.
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for none.
+        cuda_graph: 'auto' (capture on CUDA, fall back with a logged reason), True (capture or raise), False.
+        compile: run the step through torch.compile (excludes cuda_graph=True); `compile_options` are passed on.
+        warmup_steps: eager steps before the capture (at least 1).
+        skip_nonfinite: skip steps whose loss or gradients are not finite, without a host synchronisation.
+    """
+
+    def __init__(self, model, optimizer, *, loss_fn=prompted_loss, amp_dtype: torch.dtype | None = None,
+                 cuda_graph: bool | str = "auto", compile: bool = False, compile_options: dict | None = None,
+                 warmup_steps: int = 3, skip_nonfinite: bool = True):
+        if cuda_graph not in ("auto", True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        if compile and cuda_graph is True:
+            raise ValueError("compile=True with cuda_graph=True: use compile_options={'mode': 'reduce-overhead'}"
+                             " for CUDA graphs of compiled code")
+        if amp_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp_dtype must be torch.bfloat16, torch.float16 or None, got {amp_dtype!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.amp_dtype = amp_dtype
+        self.cuda_graph = False if compile else cuda_graph
+        self.warmup_steps = warmup_steps
+        self.skip_nonfinite = skip_nonfinite
+        self.graph_reason: str | None = "compile=True" if compile else None
+        self.steps = 0
+        _lr_on_device(optimizer)
+        _momentum_buffers(optimizer)
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._fused = all(group.get("fused") for group in optimizer.param_groups)
+        device = self._params[0].device if self._params else torch.device("cpu")
+        # Device-side bookkeeping, created outside any capture so that replays update the same tensors.
+        self._totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, images, skipped, longest run
+        self._run = torch.zeros(1, dtype=torch.float64, device=device)  # current run of skipped steps
+        self._found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self._one = torch.ones((), dtype=torch.float32, device=device)
+        self._compiled = torch.compile(self._eager_step, **(compile_options or {})) if compile else None
+        self._graph = None
+        self._graph_failed = False
+        self._signature = None  # shapes the graph was captured for
+        self._hyper = None
+        self._warm = 0
+        self._static: tuple | None = None
+        self._logged: set[str] = set()
+
+    # --- public ---------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """'cuda_graph' once captured, 'compiled' with compile=True, else 'eager'."""
+        if self._graph is not None:
+            return "cuda_graph"
+        return "compiled" if self._compiled is not None else "eager"
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def totals(self) -> StepTotals:
+        """What the steps since the last reset did (one host synchronisation)."""
+        loss_sum, images, skipped, run = self._totals.tolist()
+        return StepTotals(loss_sum, int(images), int(skipped), int(run))
+
+    def reset_totals(self) -> None:
+        self._totals.zero_()
+        self._run.zero_()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped since the last reset (synchronises)."""
+        return self.totals().skipped
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        if self.cuda_graph is False or self._graph_failed:
+            return self._run_step(images, labels)
+        problem = _graph_problem(images)
+        if problem is not None:
+            return self._no_graph(problem, images, labels)
+        signature = _signature(images, labels)
+        if self._signature is not None and signature != self._signature:
+            shapes = ", ".join(str(s[0]) for s in signature)
+            return self._no_graph(f"batch shapes {shapes} differ from the captured "
+                                  f"{', '.join(str(s[0]) for s in self._signature)}; such steps run eagerly",
+                                  images, labels, permanent=False)
+        if self._graph is not None and _hyperparameters(self.optimizer) != self._hyper:
+            logger.info("TrainStep: optimizer hyperparameters changed; re-capturing the CUDA graph")
+            self._graph = None
+        if self._graph is None:
+            if self._warm < self.warmup_steps:
+                self._warm += 1
+                if self._warm == 1:
+                    self._make_capturable()
+                with _side_stream(images.device):
+                    return self._run_step(images, labels)
+            try:
+                self._capture(images, labels)
+            except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+                self._graph = None
+                self._graph_failed = True
+                self.graph_reason = f"CUDA graph capture failed: {type(error).__name__}: {error}"
+                if self.cuda_graph is True:
+                    raise RuntimeError(self.graph_reason) from error
+                logger.warning("TrainStep: %s; running eagerly", self.graph_reason)
+                if images.device.type == "cuda":
+                    torch.cuda.synchronize(images.device)  # surfaces a broken context here, not later
+                return self._run_step(images, labels)
+            self._signature = signature
+            self.graph_reason = None
+        static_images, static_labels, static_loss = self._static
+        static_images.copy_(images)
+        static_labels.copy_(labels)
+        self._graph.replay()
+        return static_loss.clone()
+
+    # --- the step -------------------------------------------------------------------------------------
+    def _body(self, images, labels) -> torch.Tensor:
+        """forward, loss, backward, guarded optimizer step, totals (gradients must be None on entry)."""
+        with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss = self.loss_fn(self.model, images, labels)
+        loss.backward()
+        loss = loss.detach()
+        if self.skip_nonfinite:
+            finite = self._guarded_update(loss)
+        else:
+            self.optimizer.step()
+            finite = torch.isfinite(loss)
+        self._count(loss, finite, labels.shape[0])
+        return loss
+
+    def _eager_step(self, images, labels) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._body(images, labels)
+
+    def _run_step(self, images, labels) -> torch.Tensor:
+        return (self._compiled or self._eager_step)(images, labels)
+
+    def _no_graph(self, reason: str, images, labels, permanent: bool = True):
+        if self.cuda_graph is True:
+            raise RuntimeError(f"cuda_graph=True but {reason}")
+        if permanent:
+            self.graph_reason = reason
+        if reason not in self._logged:
+            self._logged.add(reason)
+            logger.info("TrainStep: no CUDA graph: %s", reason)
+        return self._run_step(images, labels)
+
+    # --- non-finite steps and totals ------------------------------------------------------------------
+    def _nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
+        """1.0 when the loss or any gradient is not finite, else 0.0 (a 0-dim float tensor on the device)."""
+        found = self._found_inf
+        found.zero_()
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            # GradScaler's multi-tensor check (scale 1: the gradients are unchanged): one launch per dtype.
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
+        return torch.maximum(found, (~torch.isfinite(loss)).to(found.dtype))
+
+    def _guarded_update(self, loss: torch.Tensor) -> torch.Tensor:
+        """optimizer.step() that changes nothing when the step is not finite; returns the 0-dim finite flag."""
+        found = self._nonfinite(loss)
+        if self._fused:
+            # Fused kernels skip the whole update (parameters, momentum, Adam moments and step count) on found_inf.
+            self.optimizer.found_inf = found
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            return found == 0
+        finite = found == 0
+        tensors = self._state_tensors()
+        before = {k: t.detach().clone() for k, t in tensors.items()}
+        self.optimizer.step()
+        with torch.no_grad():
+            for key, t in self._state_tensors().items():
+                old = before.get(key)
+                t.copy_(torch.where(finite, t, old if old is not None else torch.zeros_like(t)))
+        return finite
+
+    def _state_tensors(self) -> dict:
+        out = {}
+        for p in self._params:
+            out[(id(p), "param")] = p
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    out[(id(p), key)] = value
+        return out
+
+    def _count(self, loss: torch.Tensor, finite: torch.Tensor, images: int) -> None:
+        with torch.no_grad():
+            bad = (~finite).to(torch.float64).reshape(1)
+            self._run.mul_(bad).add_(bad)  # (run + 1) if skipped else 0
+            good = 1 - bad
+            trained = torch.cat([torch.where(finite, loss.to(torch.float64), 0.0).reshape(1) * images,
+                                 good * images, bad])
+            self._totals[:3].add_(trained)
+            torch.maximum(self._totals[3:], self._run, out=self._totals[3:])
+
+    # --- capture --------------------------------------------------------------------------------------
+    def _make_capturable(self) -> None:
+        """Non-fused Adam-style optimizers keep their step count on the host unless `capturable`; switch it on
+        (moving existing step counters to the parameters' device, as load_state_dict does)."""
+        for group in self.optimizer.param_groups:
+            if group.get("capturable") is False and not group.get("fused"):
+                group["capturable"] = True
+                for p in group["params"]:
+                    step = self.optimizer.state.get(p, {}).get("step")
+                    if torch.is_tensor(step) and step.device != p.device:
+                        self.optimizer.state[p]["step"] = step.to(p.device, torch.float32)
+
+    def _capture(self, images, labels) -> None:
+        device = images.device
+        static_images, static_labels = images.clone(), labels.clone()
+        torch.cuda.synchronize(device)
+        self.optimizer.zero_grad(set_to_none=True)  # backward then assigns (not accumulates) inside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = self._body(static_images, static_labels)
+        self._graph = graph
+        self._static = (static_images, static_labels, static_loss)
+        self._hyper = _hyperparameters(self.optimizer)
+        logger.info("TrainStep: captured the training step in a CUDA graph for shapes %s",
+                    [tuple(t.shape) for t in (images, labels)])
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
 @dataclass
 class EpochStats:
-    loss: float
-    images: int
-    seconds: float
+    loss: float  # mean loss over trained images
+    images: int  # images trained (skipped steps excluded)
+    seconds: float  # wall time of the epoch, device work included
     skipped_steps: int
+    loader_seconds: float = 0.0  # wall time spent waiting for the next batch
+    steps: int = 0
+    delivered: int = 0  # images the loader delivered (skipped steps included)
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
+    @property
+    def loader_images_per_second(self) -> float:
+        """Images per second the loader delivered while the loop waited for it (inf: it never made the loop wait)."""
+        return self.delivered / self.loader_seconds if self.loader_seconds > 0 else float("inf")
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    @property
+    def loader_bound(self) -> bool:
+        """The loop spent more than a quarter of the epoch waiting for data: the loader is the limit."""
+        return self.seconds > 0 and self.loader_seconds > 0.25 * self.seconds
 
 
 def _sync(device: torch.device) -> None:
@@ -72,70 +451,93 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _finite_grads(params) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+def _check_run(totals: StepTotals, max_bad_steps: int, where: str) -> None:
+    if totals.longest_bad_run >= max_bad_steps:
+        raise NonFiniteLossError(
+            f"{totals.longest_bad_run} non-finite steps in a row ({where}); stopping (lower the lr, or use "
+            "bf16/fp32 precision)")
 
 
-def train_epoch(
-    model,
-    loader,
-    optimizer,
-    device,
-    amp_dtype: torch.dtype | None = None,
-    max_bad_steps: int = 5,
-    progress=None,
-    input_dtype: torch.dtype | None = None,
-) -> EpochStats:
-    """One pass over `loader`. `progress(step, loss)` is called after each step when given.
+def train_epoch(step: TrainStep, batches, *, device=None, progress=None, log_every: int = 50, on_log=None,
+                max_bad_steps: int = 5, input_dtype: torch.dtype | None = None) -> EpochStats:
+    """One pass of `step` over `batches` (an iterable of (images, labels)).
 
-    A step whose loss or gradients are not finite is skipped (no update) with a warning; `max_bad_steps` of
-    them in a row raise NonFiniteLossError. `input_dtype` casts the images (fp16 weights without autocast).
+    Nothing per step waits for the device: `progress(n)` (e.g. a tqdm update) is called after each step with the
+    step's batch size; every `log_every` steps, and at the end, the device totals are read once: `on_log(step_index,
+    mean_loss_so_far)` is called, skipped steps are warned about, and NonFiniteLossError is raised when
+    `max_bad_steps` steps in a row were skipped. `input_dtype` casts the images (fp16-parity precision).
     """
-    device = torch.device(device)
-    model.train()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    total, count, images, skipped, bad_in_a_row = 0.0, 0, 0, 0, 0
+    device = torch.device(device) if device is not None else step._totals.device
+    step.model.train()
+    step.reset_totals()
+    warned = 0
     _sync(device)
     start = time.perf_counter()
-    for step, (x, y) in enumerate(loader):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    loader_seconds, count, delivered = 0.0, 0, 0
+
+    def report(index: int) -> StepTotals:
+        nonlocal warned
+        totals = step.totals()
+        if totals.skipped > warned:
+            warnings.warn(f"{totals.skipped - warned} step(s) with a non-finite loss or gradient skipped "
+                          f"(by step {index + 1} of this epoch)", RuntimeWarning, stacklevel=3)
+            warned = totals.skipped
+        _check_run(totals, max_bad_steps, f"by step {index + 1}")
+        if on_log is not None:
+            on_log(index, totals.mean_loss)
+        return totals
+
+    last = None
+    iterator = iter(batches)
+    while True:
+        waited = time.perf_counter()
+        try:
+            images, labels = next(iterator)
+        except StopIteration:
+            break
+        loader_seconds += time.perf_counter() - waited
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         if input_dtype is not None:
-            x = x.to(input_dtype)
-        with _autocast(device, amp_dtype):
-            out = model(x)
-            loss, _ = model.loss(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
-            finite = _finite_grads(params)
-            what = "gradient"
-        else:
-            what = f"loss {loss.item()}"
-        if not finite:
-            skipped += 1
-            bad_in_a_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            warnings.warn(f"non-finite {what} at step {step}; step skipped", RuntimeWarning, stacklevel=2)
-            if bad_in_a_row >= max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{bad_in_a_row} non-finite steps in a row; stopping (lower the lr, or use bf16/fp32 precision)"
-                )
-            continue
-        bad_in_a_row = 0
-        optimizer.step()
-        value = loss.item()
-        total += value * len(y)
-        count += len(y)
-        images += len(y)
+            images = images.to(input_dtype)
+        step(images, labels)
+        count += 1
+        delivered += labels.shape[0]
         if progress is not None:
-            progress(step, value)
+            progress(labels.shape[0])
+        last = None
+        if log_every and count % log_every == 0:
+            last = report(count - 1)
+    totals = last or (report(count - 1) if count else step.totals())
     _sync(device)
     seconds = time.perf_counter() - start
-    return EpochStats(loss=total / max(count, 1), images=images, seconds=seconds, skipped_steps=skipped)
+    return EpochStats(loss=totals.mean_loss, images=totals.images, seconds=seconds, skipped_steps=totals.skipped,
+                      loader_seconds=loader_seconds, steps=count, delivered=delivered)
 
 
+def fit(step: TrainStep, batches, epochs: int, lr_of_epoch, *, start_epoch: int = 1, device=None,
+        on_epoch_end=None, progress_for_epoch=None, log_every: int = 50, max_bad_steps: int = 5,
+        input_dtype: torch.dtype | None = None) -> list[EpochStats]:
+    """Epochs `start_epoch..epochs` of `train_epoch`, the learning rate `lr_of_epoch(epoch)` set before each.
+
+    `on_epoch_end(epoch, lr, stats)` runs after each epoch (checkpoints, logs, prompt averaging);
+    `progress_for_epoch(epoch)` may return a context manager yielding a per-step progress callable.
+    """
+    history = []
+    for epoch in range(start_epoch, epochs + 1):
+        lr = lr_of_epoch(epoch)
+        step.set_lr(lr)
+        bar = progress_for_epoch(epoch) if progress_for_epoch is not None else contextlib.nullcontext(None)
+        with bar as progress:
+            stats = train_epoch(step, batches, device=device, progress=progress, log_every=log_every,
+                                max_bad_steps=max_bad_steps, input_dtype=input_dtype)
+        history.append(stats)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, lr, stats)
+    return history
+
+
+# --- memory ------------------------------------------------------------------------------------------------
 def peak_memory(device) -> tuple[float, str]:
     """(peak bytes, what was measured): CUDA max allocated since the last reset, or the process's peak RSS."""
     device = torch.device(device)
@@ -155,56 +557,3 @@ def reset_peak_memory(device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def macro_f1(pred: torch.Tensor, target: torch.Tensor, classes: int) -> float:
-    """Mean over classes present in target or prediction of per-class F1."""
-    f1s = []
-    for c in range(classes):
-        tp = ((pred == c) & (target == c)).sum().item()
-        fp = ((pred == c) & (target != c)).sum().item()
-        fn = ((pred != c) & (target == c)).sum().item()
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return sum(f1s) / len(f1s) if f1s else float("nan")
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    loader,
-    device,
-    mode: str = "base",
-    amp_dtype: torch.dtype | None = None,
-    input_dtype: torch.dtype | None = None,
-    progress=None,
-) -> dict:
-    """Accuracy and macro-F1 of `model.predict(out, mode)`; never updates anything.
-
-    `progress(batch)` is called after each batch when given."""
-    device = torch.device(device)
-    model.eval()
-    preds, targets, loss_sum = [], [], 0.0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        if input_dtype is not None:
-            x = x.to(input_dtype)
-        with _autocast(device, amp_dtype):
-            out = model(x)
-            logits = model.predict(out, mode)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        preds.append(logits.argmax(-1).cpu())
-        targets.append(y.cpu())
-        if progress is not None:
-            progress(len(y))
-    if not preds:
-        raise ValueError("evaluation set is empty")
-    pred, target = torch.cat(preds), torch.cat(targets)
-    classes = len(model.classnames)
-    return {
-        "accuracy": (pred == target).float().mean().item() * 100,
-        "macro_f1": macro_f1(pred, target, classes) * 100,
-        "loss": loss_sum / len(target),
-        "images": len(target),
-    }

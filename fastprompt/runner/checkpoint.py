@@ -301,7 +301,10 @@ def _flatten_optimizer(state: dict, tensors: dict) -> dict:
             else:
                 entry[name] = {"value": value}
         per_param[str(index)] = entry
-    return {"state": per_param, "param_groups": state["param_groups"]}
+    # A fused optimizer's learning rate is a device tensor (fastprompt.training): stored as its value; the engine
+    # puts it back on the device when it steps again.
+    groups = [{k: float(v) if torch.is_tensor(v) else v for k, v in group.items()} for group in state["param_groups"]]
+    return {"state": per_param, "param_groups": groups}
 
 
 def _unflatten_optimizer(record: dict, tensors: dict, device) -> dict:

@@ -80,9 +80,10 @@ class RunConfig:
     )
     # --- data loading ---------------------------------------------------------------------------------
     num_workers: int = _help("data-loader worker processes; -1 = automatic", default=-1)
-    data_on_device: bool = _help(
-        "decode the few-shot training set once onto the device and augment there (crop, flip, normalise)",
-        default=False,
+    data_on_device: object = _help(
+        "decode the few-shot training set once onto the device and augment there (crop, flip, normalise):"
+        " true, false, or auto (on with CUDA; elsewhere a DataLoader with workers, pinned memory and prefetch)",
+        default="auto",
     )
     device_cache_side: int | None = _help(
         "with data_on_device: shrink images so the shorter side is at most this before caching (none = as is)",
@@ -196,6 +197,13 @@ def coerce(value, hint, key: str):
     if inner is object or isinstance(value, inner) and not (inner is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}: expected {getattr(inner, '__name__', inner)}, got {value!r}")
+
+
+def data_on_device(config: RunConfig, device) -> bool:
+    """Whether the training set is held on the device: `data_on_device`, with auto = on a CUDA device."""
+    if config.data_on_device == "auto":
+        return str(device).startswith("cuda")
+    return bool(config.data_on_device)
 
 
 def set_field(config: RunConfig, key: str, value) -> None:
@@ -328,7 +336,13 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {config.crop_scale}")
     if config.targets is not None and config.protocol not in ("xd", "dg"):
         raise ConfigError(f"targets are for the xd and dg protocols, not {config.protocol!r}")
-    if config.device_cache_side is not None and not config.data_on_device:
+    if isinstance(config.data_on_device, str):  # typed loosely (a bool or 'auto'): normalise the spellings
+        spelled = config.data_on_device.strip().lower()
+        config.data_on_device = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False,
+                                 "no": False, "off": False}.get(spelled, spelled)
+    if config.data_on_device not in (True, False, "auto"):
+        raise ConfigError(f"data_on_device must be true, false or auto, got {config.data_on_device!r}")
+    if config.device_cache_side is not None and config.data_on_device is False:
         raise ConfigError("device_cache_side is set but data_on_device is false; set data_on_device=true")
     if config.gpa and config.method != "promptsrc":
         raise ConfigError(f"gpa (Gaussian prompt aggregation) is PromptSRC's; method is {config.method!r}")

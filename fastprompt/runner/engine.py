@@ -21,9 +21,10 @@ import torch
 
 import fastprompt
 
-from ..training import evaluate, lr_at, make_optimizer, peak_memory, reset_peak_memory, set_lr, train_epoch
+from ..evaluation import evaluate
+from ..training import TrainStep, fit, lr_at, make_optimizer, peak_memory, reset_peak_memory
 from . import checkpoint as ckpt
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, data_on_device
 from .data import Target, eval_loader, template_for, train_loader, worker_count
 from .device_data import DeviceAugmentedSet
 
@@ -64,7 +65,7 @@ def load_backbone(name: str, pretrained: str | None, precision: str, device: tor
     """create_clip with its errors (unknown name, missing file, unknown tag) as ConfigErrors naming the keys,
     patched onto fastprompt's fast path unless `kernels` is 'eager' (exact either way; see fastprompt.patch)."""
     from ..backbones import create_clip
-    from ..patch import patch
+    from ..fast import patch
 
     try:
         clip = create_clip(name, pretrained=pretrained, precision=precision, device=device)
@@ -146,7 +147,7 @@ class SeedTrainer:
     # --- training -------------------------------------------------------------------------------------
     def _loader(self, train, generator):
         config = self.config
-        if config.data_on_device:
+        if data_on_device(config, self.device):
             with progress_bar(len(train.train), "decoding onto the device") as bar:
                 data = DeviceAugmentedSet(train, self.image_size, config.crop_scale, self.device,
                                           config.device_cache_side, progress=lambda it: _tick(it, bar))
@@ -156,7 +157,11 @@ class SeedTrainer:
 
     def train(self, seed: int, train, targets: list[Target], seed_dir: str, resume: bool = False,
               on_epoch_end=None) -> dict:
-        """Train seed `seed` on `train` (a DatasetSplits), evaluate `targets`, write checkpoint and results."""
+        """Train seed `seed` on `train` (a DatasetSplits), evaluate `targets`, write checkpoint and results.
+
+        Every step goes through fastprompt.training.TrainStep (the library's one engine): CUDA graph on a GPU,
+        non-finite steps skipped on the device, the learning rate in a device tensor set once per epoch. The
+        loaders drop the last incomplete batch, as Dassl's training sampler does."""
         config, device = self.config, self.device
         template = template_for(config, train)
         model = build_model(config, self.clip, train.classnames, seed, template)
@@ -178,31 +183,41 @@ class SeedTrainer:
             done = ckpt.restore_state(manifest, tensors, model, optimizer, generator, device, gpa)
             start, history = done + 1, list(manifest["history"])
             self.echo(f"seed {seed}: resuming after epoch {done} from {state_dir}")
-        loader = self._loader(train, generator) if optimizer is not None and start <= config.epochs else None
-        for epoch in range(start, config.epochs + 1 if optimizer is not None else 1):
-            lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
-            set_lr(optimizer, lr)
-            reset_peak_memory(device)
-            with progress_bar(len(loader), f"seed {seed} epoch {epoch}/{config.epochs}") as bar:
-                def progress(step, loss, bar=bar):
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                    bar.update(1)
+        if optimizer is not None and start <= config.epochs:
+            step = TrainStep(model, optimizer, amp_dtype=self.num.amp_dtype)
+            loader = self._loader(train, generator)
 
-                stats = train_epoch(model, loader, optimizer, device, self.num.amp_dtype, config.max_bad_steps,
-                                    progress, self.num.input_dtype)
-            peak, peak_kind = peak_memory(device)
-            if gpa is not None:
-                gpa.update(epoch)
-            history.append({"epoch": epoch, "lr": lr, "loss": stats.loss, "images": stats.images,
-                            "seconds": stats.seconds, "images_per_second": stats.images_per_second,
-                            "skipped_steps": stats.skipped_steps, "peak_memory_bytes": peak})
-            self.echo(f"seed {seed} epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, lr {lr:.3g},"
-                      f" {stats.images_per_second:.1f} images/s, {peak_kind} {_format_bytes(peak)}"
-                      + (f", {stats.skipped_steps} steps skipped" if stats.skipped_steps else ""))
-            if epoch % config.save_every == 0 or epoch == config.epochs:
-                ckpt.save_state(state_dir, epoch, model, optimizer, generator, device, gpa, history)
-            if on_epoch_end is not None:
-                on_epoch_end(seed, epoch)
+            def progress_for_epoch(epoch):
+                reset_peak_memory(device)
+                return _epoch_bar(len(loader), f"seed {seed} epoch {epoch}/{config.epochs}")
+
+            def epoch_end(epoch, lr, stats):
+                peak, peak_kind = peak_memory(device)
+                if gpa is not None:
+                    gpa.update(epoch)
+                history.append({"epoch": epoch, "lr": lr, "loss": stats.loss, "images": stats.images,
+                                "seconds": stats.seconds, "images_per_second": stats.images_per_second,
+                                "loader_images_per_second": _finite_or_none(stats.loader_images_per_second),
+                                "skipped_steps": stats.skipped_steps, "peak_memory_bytes": peak})
+                loader_rate = stats.loader_images_per_second
+                self.echo(f"seed {seed} epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, lr {lr:.3g},"
+                          f" {stats.images_per_second:.1f} images/s (loader "
+                          f"{'never waited on' if loader_rate == float('inf') else f'{loader_rate:.0f} images/s'}),"
+                          f" {peak_kind} {_format_bytes(peak)}"
+                          + (f", {stats.skipped_steps} steps skipped" if stats.skipped_steps else ""))
+                if stats.loader_bound:
+                    self.echo(f"  warning: the data loader is the limit ({stats.loader_seconds:.1f} s of"
+                              f" {stats.seconds:.1f} s waiting for batches); try data_on_device=true or more"
+                              " num_workers")
+                if epoch % config.save_every == 0 or epoch == config.epochs:
+                    ckpt.save_state(state_dir, epoch, model, optimizer, generator, device, gpa, history)
+                if on_epoch_end is not None:
+                    on_epoch_end(seed, epoch)
+
+            fit(step, loader, config.epochs,
+                lambda epoch: lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr),
+                start_epoch=start, device=device, on_epoch_end=epoch_end, progress_for_epoch=progress_for_epoch,
+                max_bad_steps=config.max_bad_steps, input_dtype=self.num.input_dtype)
         if gpa is not None:
             gpa.apply()
         self.echo(f"seed {seed}: evaluating the final weights")
@@ -215,6 +230,23 @@ class SeedTrainer:
         ckpt.atomic_write_json(os.path.join(seed_dir, "results.json"), results)
         shutil.rmtree(state_dir, ignore_errors=True)
         return results
+
+
+class _epoch_bar:
+    """A tqdm bar over an epoch's steps as a context manager yielding the per-step callable train_epoch takes."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = progress_bar(total, desc)
+
+    def __enter__(self):
+        return lambda images: self.bar.update(1)
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+def _finite_or_none(value: float):
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
 
 
 def _tick(iterable, bar):

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 from . import checkpoint as ckpt
-from .config import FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, set_field
+from .config import FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, data_on_device, set_field
 from .data import check_training_set, load_dataset, plan, split_record, verify_images
 from .engine import SeedTrainer, build_model, load_backbone, numerics, progress_bar, resolve_device
 from .results import csv_table, markdown_table, summarize_run
@@ -67,7 +67,7 @@ def prepare(config: RunConfig, echo) -> Prepared:
     for seed, (train, _) in plans.items():
         if config.epochs > 0:  # epochs=0 evaluates the initial prompts (zero-shot CLIP): nothing is trained
             check_training_set(config, train)
-            if not config.data_on_device:
+            if not data_on_device(config, device):
                 with progress_bar(len(train.train), f"checking seed {seed}'s training images") as bar:
                     verify_images(train, bar.update)
     # Build once so bad method options and over-long class names fail now, not after the folder exists.

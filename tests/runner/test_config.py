@@ -103,7 +103,10 @@ def test_invalid_combinations_are_errors():
     with pytest.raises(ConfigError, match="targets are for the xd and dg protocols"):
         resolved(method="coop", targets="dtd")
     with pytest.raises(ConfigError, match="data_on_device is false"):
-        resolved(device_cache_side="64")
+        resolved(device_cache_side="64", data_on_device="false")
+    with pytest.raises(ConfigError, match="data_on_device must be true, false or auto, got 'gpu'"):
+        resolved(data_on_device="gpu")
+    assert resolved().data_on_device == "auto"  # on with CUDA, a DataLoader elsewhere
 
 
 def test_config_files_are_data_json_and_yaml(tmp_path):

@@ -9,7 +9,8 @@ import torch
 
 import fastprompt
 from fastprompt.runner.engine import numerics
-from fastprompt.training import NonFiniteLossError, evaluate, lr_at, macro_f1, make_optimizer, peak_memory, train_epoch
+from fastprompt.evaluation import evaluate, macro_f1
+from fastprompt.training import NonFiniteLossError, TrainStep, lr_at, make_optimizer, peak_memory, train_epoch
 
 NAMES = ["red circle", "blue square", "green triangle", "yellow star"]
 
@@ -57,15 +58,16 @@ def test_a_nan_step_is_skipped_with_a_warning_and_too_many_stop_the_run(tiny_cli
     optimizer = make_optimizer(model.trainable_parameters(), "sgd", 0.01)
     wrapped = _Poisoned(model, bad_steps={2})
     before = model.method.state_dict()["text_sources.1.tokens"].clone()
-    with pytest.warns(RuntimeWarning, match="non-finite loss nan at step 1; step skipped"):
-        stats = train_epoch(wrapped, _batches(3), optimizer, "cpu")
+    with pytest.warns(RuntimeWarning, match="1 step\\(s\\) with a non-finite loss or gradient skipped"):
+        stats = train_epoch(TrainStep(wrapped, optimizer), _batches(3), device="cpu")
     assert stats.skipped_steps == 1 and stats.images == 4 and math.isfinite(stats.loss)
     assert all(torch.isfinite(p).all() for p in model.trainable_parameters())
     assert not torch.equal(before, model.method.state_dict()["text_sources.1.tokens"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
-            train_epoch(_Poisoned(model, bad_steps={1, 2, 3}), _batches(4), optimizer, "cpu", max_bad_steps=3)
+            train_epoch(TrainStep(_Poisoned(model, bad_steps={1, 2, 3}), optimizer), _batches(4), device="cpu",
+                        max_bad_steps=3)
 
 
 def test_evaluate_never_updates_and_reports_metrics(tiny_clip):
@@ -94,7 +96,7 @@ def test_fp16_parity_keeps_fp32_prompt_masters_and_trains():
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
     optimizer = make_optimizer(model.trainable_parameters(), "sgd", 0.01)
     before = model.trainable_parameters()[0].detach().clone()
-    stats = train_epoch(model, _batches(2), optimizer, "cpu", input_dtype=torch.float16)
+    stats = train_epoch(TrainStep(model, optimizer), _batches(2), device="cpu", input_dtype=torch.float16)
     assert stats.skipped_steps == 0 and math.isfinite(stats.loss)
     assert not torch.equal(before, model.trainable_parameters()[0])
 

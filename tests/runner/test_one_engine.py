@@ -1,0 +1,63 @@
+"""One engine: `fastprompt train` and `fastprompt demo` step through fastprompt.training.TrainStep and nothing
+else trains; the runner's epoch log carries the loader's rate next to the step's."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastprompt import training
+from fastprompt.demo import run_demo
+from runner_support import FAST, PROCEDURAL, read_json
+
+
+@pytest.fixture
+def counted_steps(monkeypatch):
+    """Counts TrainStep calls and the optimizer steps taken anywhere (an optimizer stepped outside TrainStep —
+    a second loop — would show as a difference)."""
+    import torch
+
+    counts = {"train_step": 0, "optimizer": 0, "inside": False}
+    call = training.TrainStep.__call__
+
+    def counting_call(self, images, labels):
+        counts["train_step"] += 1
+        counts["inside"] = True
+        try:
+            return call(self, images, labels)
+        finally:
+            counts["inside"] = False
+
+    for cls in (torch.optim.SGD, torch.optim.AdamW):
+        original = cls.step
+
+        def counting_step(self, *args, _original=original, **kwargs):
+            assert counts["inside"], "an optimizer stepped outside TrainStep"
+            counts["optimizer"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "step", counting_step)
+    monkeypatch.setattr(training.TrainStep, "__call__", counting_call)
+    return counts
+
+
+def test_the_demo_steps_through_train_step(counted_steps):
+    lines = []
+    result = run_demo(backbone="tiny", epochs=2, shots=2, test_per_class=1, batch_size=4, device="cpu",
+                      echo=lines.append)
+    # 8 classes x 2 shots = 16 images = 4 full batches per epoch, 2 epochs.
+    assert counted_steps["train_step"] == 8 == counted_steps["optimizer"]
+    assert len(result["losses"]) == 2 and "device cpu" in lines[0]
+
+
+def test_the_runner_steps_through_train_step_and_logs_the_loader_rate(counted_steps, cli, tmp_path):
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--method", "coop", *PROCEDURAL, "--shots", 2, "--seeds", "1", *FAST,
+                         "epochs=2", "batch_size=3", "data_on_device=false", f"output_dir={run}")
+    assert code == 0, err
+    # b2n trains the 4 base classes x 2 shots = 8 images -> 2 full batches of 3 per epoch (the incomplete last
+    # batch is dropped, as Dassl's training sampler does), 2 epochs.
+    assert counted_steps["train_step"] == 4 == counted_steps["optimizer"]
+    history = read_json(run / "seed1" / "results.json")["history"]
+    assert [h["images"] for h in history] == [6, 6] and all(h["skipped_steps"] == 0 for h in history)
+    assert all("loader_images_per_second" in h for h in history)
+    assert "images/s (loader " in out

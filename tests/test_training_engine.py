@@ -1,0 +1,301 @@
+"""fastprompt.training: TrainStep equals a plain training loop, skips non-finite steps on the device (nothing
+changes, nothing synchronises), reads the learning rate from a device tensor, and train_epoch/fit loop over it
+with one host read per log interval. The CUDA-graph path itself (capture, replay, no re-capture on an lr change)
+is in the GPU tier."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+
+import fastprompt
+from fastprompt import training
+from fastprompt.training import (NonFiniteLossError, TrainStep, fit, lr_at, make_optimizer, prompted_loss, set_lr,
+                                 train_epoch)
+
+NAMES = ["red circle", "blue square", "green triangle", "yellow star"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from a thread pool, and on a busy 2-core machine an oversubscribed one costs 5-10x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batches(n, batch=2, size=32, classes=4, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 3, size, size, generator=g).to(device),
+             torch.randint(0, classes, (batch,), generator=g).to(device)) for _ in range(n)]
+
+
+def _model(tiny_clip, method="maple"):
+    torch.manual_seed(0)
+    model = fastprompt.build(method, copy.deepcopy(tiny_clip), NAMES)
+    model.train()
+    return model
+
+
+def _plain_loop(model, optimizer, batches, amp_dtype=None, lrs=None):
+    """The textbook loop, with torch's default (non-fused) SGD and a float learning rate: the reference."""
+    losses = []
+    for i, (images, labels) in enumerate(batches):
+        if lrs is not None:
+            optimizer.param_groups[0]["lr"] = lrs[i]
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = prompted_loss(model, images, labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _assert_close_state(a, b, tol=1e-6):
+    for (name, p), q in zip(a.method.named_parameters(), b.method.parameters()):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=name)
+
+
+def test_make_optimizer_is_fused_with_a_device_learning_rate():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    for name in ("sgd", "adamw"):
+        optimizer = make_optimizer(params, name, lr=0.5)
+        group = optimizer.param_groups[0]
+        assert group["fused"] is True and torch.is_tensor(group["lr"]) and group["lr"].device == params[0].device
+        rate = group["lr"]
+        set_lr(optimizer, 0.25)
+        assert group["lr"] is rate and float(rate) == 0.25  # filled in place: a captured graph keeps reading it
+    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adamw'"):
+        make_optimizer(params, "lamb")
+    with pytest.raises(ValueError, match="nothing to train"):
+        make_optimizer([torch.nn.Parameter(torch.ones(1), requires_grad=False)])
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_steps_equal_a_plain_loop_and_say_why_there_is_no_graph(tiny_clip, amp_dtype, caplog):
+    batches = _batches(3)
+    lrs = [0.05, 0.05, 0.01]
+    reference = _model(tiny_clip)
+    expected = _plain_loop(reference, torch.optim.SGD(reference.trainable_parameters(), lr=0.05, momentum=0.9,
+                                                      weight_decay=5e-4), batches, amp_dtype, lrs)
+    model = _model(tiny_clip)
+    step = TrainStep(model, make_optimizer(model.trainable_parameters(), "sgd", lr=0.05), amp_dtype=amp_dtype)
+    with caplog.at_level(logging.INFO, logger="fastprompt.training"):
+        losses = []
+        for lr, (images, labels) in zip(lrs, batches):
+            step.set_lr(lr)
+            losses.append(float(step(images, labels)))
+    assert losses == pytest.approx(expected, rel=1e-5)
+    _assert_close_state(model, reference)
+    assert step.mode == "eager" and step.steps == 3
+    assert step.graph_reason == "CUDA graphs need CUDA tensors; the batch is on cpu"
+    assert sum("no CUDA graph" in r.message for r in caplog.records) == 1  # logged once, not per step
+    totals = step.totals()
+    assert totals.images == 6 and totals.skipped == 0
+    assert totals.mean_loss == pytest.approx(sum(expected) / 3, rel=1e-5)
+
+
+def test_a_failed_capture_falls_back_to_eager_with_the_reason(tiny_clip, monkeypatch, caplog):
+    # Pretend the batch could be captured: on this CPU-only machine the capture itself then fails for real, which
+    # is the path a capture failure on a GPU takes (a host sync inside the model, an uncapturable op).
+    monkeypatch.setattr(training, "_graph_problem", lambda images: None)
+    batches = _batches(4)
+    reference = _model(tiny_clip, "coop")
+    _plain_loop(reference, torch.optim.SGD(reference.trainable_parameters(), lr=0.05, momentum=0.9,
+                                           weight_decay=5e-4), batches)
+    model = _model(tiny_clip, "coop")
+    step = TrainStep(model, make_optimizer(model.trainable_parameters(), lr=0.05), warmup_steps=2)
+    with caplog.at_level(logging.WARNING, logger="fastprompt.training"):
+        for images, labels in batches:
+            step(images, labels)
+    _assert_close_state(model, reference)  # warm-up, the failed capture's step and the rest: all real steps
+    assert step.mode == "eager"
+    assert step.graph_reason.startswith("CUDA graph capture failed: ")
+    assert [r.message for r in caplog.records if "capture failed" in r.message][0].endswith("running eagerly")
+
+
+def test_cuda_graph_required_on_cpu_is_an_error(tiny_clip):
+    model = _model(tiny_clip, "coop")
+    step = TrainStep(model, make_optimizer(model.trainable_parameters()), cuda_graph=True)
+    images, labels = _batches(1)[0]
+    with pytest.raises(RuntimeError, match="cuda_graph=True but CUDA graphs need CUDA tensors"):
+        step(images, labels)
+
+
+def test_bad_arguments_are_refused():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        TrainStep(model, optimizer, cuda_graph="yes")
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        TrainStep(model, optimizer, compile=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainStep(model, optimizer, warmup_steps=0)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        TrainStep(model, optimizer, amp_dtype=torch.float64)
+
+
+def _linear_loss(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+OPTIMIZERS = {
+    "fused sgd": lambda params: make_optimizer(params, "sgd", lr=0.1, weight_decay=0.01),
+    "fused adamw": lambda params: make_optimizer(params, "adamw", lr=0.1),
+    "plain sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "plain adamw": lambda params: torch.optim.AdamW(params, lr=0.1),
+}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_nonfinite_step_changes_nothing(optimizer, poison):
+    data = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(3)]
+
+    if poison == "loss":
+        bad = (data[0][0], torch.full((4, 2), float("nan")))
+        loss_fn = _linear_loss
+    else:
+        # A finite loss whose gradient overflows: the inf enters only through the backward pass.
+        class InfGrad(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return torch.full_like(g, float("inf"))
+
+        bad = (data[0][0].clone(), torch.full((4, 2), 7.0))
+
+        def loss_fn(model, x, y):
+            out = model(x)
+            out = InfGrad.apply(out) if bool((y == 7.0).all()) else out
+            return torch.nn.functional.mse_loss(out, y)
+
+    def run(batches, skip):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        step = TrainStep(model, OPTIMIZERS[optimizer](list(model.parameters())), loss_fn=loss_fn,
+                         skip_nonfinite=skip)
+        losses = [step(x, y) for x, y in batches]
+        return model, step, losses
+
+    clean, clean_step, _ = run(data, skip=True)
+    # The bad step comes first (state is created by it) and in the middle (state exists): both are no-ops.
+    guarded, step, _ = run([bad, data[0], data[1], bad, bad, data[2]], skip=True)
+    totals = step.totals()
+    assert totals.skipped == 3 and totals.longest_bad_run == 2 and totals.images == 12
+    assert totals.mean_loss == pytest.approx(clean_step.totals().mean_loss, rel=1e-6)
+    for p, q in zip(guarded.parameters(), clean.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    unguarded, _, _ = run([bad, *data], skip=False)
+    assert not torch.isfinite(unguarded.weight).all()  # what the guard prevents
+
+
+def test_train_epoch_reads_the_device_once_per_log_interval(tiny_clip, monkeypatch):
+    model = _model(tiny_clip, "coop")
+    step = TrainStep(model, make_optimizer(model.trainable_parameters(), lr=0.05))
+    reads = []
+    original = TrainStep.totals
+    monkeypatch.setattr(TrainStep, "totals", lambda self: reads.append(1) or original(self))
+    logged, seen = [], []
+    batches = _batches(5) + [_batches(1, batch=1)[0]]  # a last partial batch: stepped eagerly and counted
+    stats = train_epoch(step, batches, log_every=2, on_log=lambda i, loss: logged.append((i, loss)),
+                        progress=seen.append)
+    assert len(reads) == 3  # after steps 2, 4 and 6, and none otherwise (the end reuses the last read)
+    assert [i for i, _ in logged] == [1, 3, 5]
+    assert seen == [2, 2, 2, 2, 2, 1] and stats.images == 11 and stats.steps == 6 and stats.delivered == 11
+    assert stats.skipped_steps == 0 and stats.loss == pytest.approx(logged[-1][1])
+    assert stats.seconds > 0 and stats.loader_seconds >= 0
+
+
+def test_train_epoch_stops_after_the_bound_of_skipped_steps_in_a_row():
+    model = torch.nn.Linear(3, 2)
+    step = TrainStep(model, make_optimizer(model.parameters(), lr=0.1), loss_fn=_linear_loss)
+    good = (torch.randn(4, 3), torch.randn(4, 2))
+    bad = (torch.randn(4, 3), torch.full((4, 2), float("nan")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = train_epoch(step, [bad, bad, good, bad, good], max_bad_steps=3, log_every=10)
+    assert stats.skipped_steps == 3 and stats.images == 8
+    assert any("3 step(s) with a non-finite loss or gradient skipped" in str(w.message) for w in caught)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
+        train_epoch(step, [good, bad, bad, bad, good, good], max_bad_steps=3, log_every=100)
+    # The skipped steps changed nothing: only the three good steps moved the weights.
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_fit_sets_each_epochs_learning_rate_through_the_device_tensor():
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model.parameters(), lr=0.1)
+    rate = optimizer.param_groups[0]["lr"]
+    step = TrainStep(model, optimizer, loss_fn=_linear_loss)
+    data = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(2)]
+    seen = []
+    history = fit(step, data, 3, lambda e: lr_at(e, 3, 0.1), on_epoch_end=lambda e, lr, s: seen.append(
+        (e, lr, float(optimizer.param_groups[0]["lr"]))))
+    assert len(history) == 3 and optimizer.param_groups[0]["lr"] is rate
+    assert [(e, round(a, 8)) for e, a, _ in seen] == [(e, round(lr_at(e, 3, 0.1), 8)) for e in (1, 2, 3)]
+    assert all(a == pytest.approx(b) for _, a, b in seen)
+
+
+# --- GPU tier: the graph path itself ----------------------------------------------------------------------
+@pytest.mark.gpu
+def test_graph_replays_equal_eager_steps_without_recapture_on_an_lr_change(caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4)).cuda()
+    reference = copy.deepcopy(model)
+    batches = [(torch.randn(8, 16, device="cuda"), torch.randn(8, 4, device="cuda")) for _ in range(8)]
+    odd = (torch.randn(5, 16, device="cuda"), torch.randn(5, 4, device="cuda"))
+    nan = (batches[0][0], torch.full((8, 4), float("nan"), device="cuda"))
+
+    def loss_fn(m, x, y):
+        return torch.nn.functional.mse_loss(m(x), y)
+
+    optimizer = make_optimizer(model.parameters(), lr=0.05, weight_decay=0.0)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    step = TrainStep(model, optimizer, loss_fn=loss_fn, warmup_steps=2)
+    ref_step = TrainStep(reference, ref_opt, loss_fn=loss_fn, cuda_graph=False)
+    schedule = batches[:4] + [odd, nan] + batches[4:6] + ["lr"] + batches[6:]
+    with caplog.at_level(logging.INFO, logger="fastprompt.training"):
+        for item in schedule:
+            if item == "lr":
+                step.set_lr(0.01)
+                set_lr(ref_opt, 0.01)
+                continue
+            if item is nan:
+                step(*item)  # skipped on the device: the reference does not see it
+                continue
+            torch.testing.assert_close(step(*item), ref_step(*item), rtol=1e-5, atol=1e-6)
+    assert step.mode == "cuda_graph"
+    assert sum("captured the training step" in r.message for r in caplog.records) == 1  # no re-capture
+    assert step.totals().skipped == 1
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_replays_match(fused):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).cuda()
+    reference = copy.deepcopy(model)
+    optimizer = make_optimizer(model.parameters(), "adamw", lr=0.01) if fused else \
+        torch.optim.AdamW(model.parameters(), lr=0.01)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+    step = TrainStep(model, optimizer, loss_fn=lambda m, x, y: (m(x) - y).square().mean(), warmup_steps=1)
+    ref_step = TrainStep(reference, ref_opt, loss_fn=lambda m, x, y: (m(x) - y).square().mean(), cuda_graph=False)
+    for _ in range(5):
+        x, y = torch.randn(8, 16, device="cuda"), torch.randn(8, 4, device="cuda")
+        step(x, y), ref_step(x, y)
+    assert step.mode == "cuda_graph"
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
