@@ -299,3 +299,22 @@ def test_adamw_replays_match(fused):
     assert step.mode == "cuda_graph"
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_slow_loader_is_reported_as_the_limit():
+    import time as _time
+
+    model = torch.nn.Linear(3, 2)
+    step = TrainStep(model, make_optimizer(model.parameters(), lr=0.1), loss_fn=_linear_loss)
+    data = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(3)]
+
+    def slow():
+        for batch in data:
+            _time.sleep(0.05)  # far longer than a step of a 3x2 linear model
+            yield batch
+
+    stats = train_epoch(step, slow())
+    assert stats.loader_bound and stats.loader_seconds >= 0.15 and stats.delivered == 12
+    assert stats.loader_images_per_second == pytest.approx(12 / stats.loader_seconds)
+    fast = train_epoch(step, data)
+    assert not fast.loader_bound

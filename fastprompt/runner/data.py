@@ -163,9 +163,11 @@ def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, gener
     dataset = train.dataset("train", train_transform(image_size, scale=tuple(config.crop_scale)))
     # Dassl drops the last incomplete batch when the set holds at least one batch (check_training_set).
     # The shuffle order and the workers' base seed come from `generator`, which the resumable state saves.
+    # Workers decode and augment ahead of the step (4 batches each); no persistent workers, so that a resumed run
+    # seeds its workers exactly as an uninterrupted one does at the same epoch.
     return DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator,
-        num_workers=workers, pin_memory=pin_memory,
+        num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
     )
 
 
