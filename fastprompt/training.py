@@ -395,10 +395,11 @@ class TrainStep:
 
     # --- capture --------------------------------------------------------------------------------------
     def _make_capturable(self) -> None:
-        """Non-fused Adam-style optimizers keep their step count on the host unless `capturable`; switch it on
-        (moving existing step counters to the parameters' device, as load_state_dict does)."""
+        """Adam-style optimizers refuse graph capture unless `capturable` (the non-fused ones keep their step count
+        on the host otherwise); switch it on, moving existing step counters to the parameters' device as
+        load_state_dict does. Measured on an H200: fused AdamW without it fails to capture."""
         for group in self.optimizer.param_groups:
-            if group.get("capturable") is False and not group.get("fused"):
+            if group.get("capturable") is False:
                 group["capturable"] = True
                 for p in group["params"]:
                     step = self.optimizer.state.get(p, {}).get("step")
