@@ -33,6 +33,7 @@ class EncoderOutputs:
     frozen_image_features: torch.Tensor | None = None  # unprompted CLIP features, when computed
     text_input_embeds: torch.Tensor | None = None  # [C, L, d] layer-1 text embeddings (no positional)
     text_lengths: torch.Tensor | None = None  # [C] SOS..EOT lengths
+    class_state: object = None  # PromptMethod.class_state's result, cached with the text features at inference
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -81,6 +82,12 @@ class PromptMethod(nn.Module):
         return self.needs_image_features() or self.needs_vision_before_text()
 
     # --- hooks the general model calls ------------------------------------------------------------
+    def class_state(self, text_features, text_input_embeds, text_lengths):
+        """What `heads` computes from the class set and the parameters alone (MCPL: VAIPL's class queries). At
+        inference the general model computes it once per class set, caches it with the text features, and hands
+        it to `heads` as EncoderOutputs.class_state (None otherwise: `heads` then computes it). Default: nothing."""
+        return None
+
     def heads(self, out: EncoderOutputs) -> dict[str, torch.Tensor]:
         return {"main": cosine_logits(out.image_features, out.text_features, out.logit_scale)}
 

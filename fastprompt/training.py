@@ -307,6 +307,9 @@ class TrainStep:
         static_images.copy_(images)
         static_labels.copy_(labels)
         self._graph.replay()
+        # A replay runs no Python: bump the trained tensors' version counters as an eager step does, so that what
+        # keys on them (the model's inference cache) sees the update.
+        torch.autograd.graph.increment_version(self._params)
         return static_loss.clone()
 
     # --- the step -------------------------------------------------------------------------------------

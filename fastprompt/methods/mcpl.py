@@ -71,28 +71,39 @@ class JointAttended(TokenSource):
         return memo[self.index * n : (self.index + 1) * n]
 
 
-def _multihead(attn: nn.MultiheadAttention, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
-    """nn.MultiheadAttention's math through fastprompt's attention op (flash-style on GPU): the B x H x C x N
-    probabilities of the class-query x image-token attention are never materialised."""
+def _project_queries(attn: nn.MultiheadAttention, query: torch.Tensor) -> torch.Tensor:
+    """The query projection of nn.MultiheadAttention, as [..., L, H, head_dim]."""
+    d = attn.embed_dim
+    q = F.linear(query, attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+    return q.unflatten(-1, (attn.num_heads, d // attn.num_heads))
+
+
+def _attend(attn: nn.MultiheadAttention, q: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+    """nn.MultiheadAttention's math from projected queries `q` [1 or B, Lq, H, hd] through fastprompt's attention
+    op (flash-style on GPU): the B x H x C x N probabilities of the class-query x image-token attention are never
+    materialised. Keys and values come from one GEMM."""
     from ..ops.attention import attention
 
-    d = attn.embed_dim
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    heads = attn.num_heads
-    q = F.linear(query, w[:d], b[:d]).unflatten(-1, (heads, d // heads))
-    k = F.linear(key_value, w[d : 2 * d], b[d : 2 * d]).unflatten(-1, (heads, d // heads))
-    v = F.linear(key_value, w[2 * d :], b[2 * d :]).unflatten(-1, (heads, d // heads))
+    d, heads = attn.embed_dim, attn.num_heads
+    kv = F.linear(key_value, attn.in_proj_weight[d:], attn.in_proj_bias[d:])
+    k, v = kv.unflatten(-1, (2, heads, d // heads)).unbind(-3)
     if q.shape[0] != k.shape[0]:
         q = q.expand(k.shape[0], -1, -1, -1)
     o = attention(q, k, v, causal=False)
     return attn.out_proj(o.flatten(-2))
 
 
+def _multihead(attn: nn.MultiheadAttention, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+    """nn.MultiheadAttention(query, key_value, key_value) without its weights (see _attend)."""
+    return _attend(attn, _project_queries(attn, query), key_value)
+
+
 class VAIPLDecoder(nn.Module):
     """Queries [C, d] x image tokens [B, N, d] -> prompt features u [B, C, d_out].
 
     Each layer: q += SelfAttn(LN q) over the classes; q += CrossAttn(LN q, LN Z_b); q += MLP(LN q).
-    Then Linear -> ReLU -> Linear. The first layer's self-attention is image-independent and runs once.
+    Then Linear -> ReLU -> Linear. The first layer's self-attention and cross-attention queries are
+    image-independent: they run once per forward (`prepare`), or once per class set at inference.
     """
 
     def __init__(self, width: int, layers: int = 2, out_dim: int | None = None, hidden: int = 128):
@@ -117,15 +128,23 @@ class VAIPLDecoder(nn.Module):
             )
         self.proj = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out_dim or width))
 
-    def forward(self, queries: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        batch = image_tokens.shape[0]
-        q = queries.unsqueeze(0)  # [1, C, d]
+    def prepare(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class-only part, [C, d] -> ([1, C, d], [1, C, H, hd]): layer 1's self-attention over the classes and
+        its cross-attention queries. Inference computes it once per class set (MCPLCLIP.class_state)."""
+        layer = self.layers[0]
+        q = queries.unsqueeze(0)
+        h = layer["ln_self"](q)
+        q = q + _multihead(layer["self_attn"], h, h)
+        return q, _project_queries(layer["cross_attn"], layer["ln_q"](q))
+
+    def forward(self, queries: torch.Tensor | None, image_tokens: torch.Tensor, prepared=None) -> torch.Tensor:
+        q, cross_q = prepared if prepared is not None else self.prepare(queries)
         for i, layer in enumerate(self.layers):
-            h = layer["ln_self"](q)
-            q = q + _multihead(layer["self_attn"], h, h)
-            if i == 0:
-                q = q.expand(batch, -1, -1)
-            q = q + _multihead(layer["cross_attn"], layer["ln_q"](q), layer["ln_kv"](image_tokens))
+            if i > 0:  # from here on the queries are per image: [B, C, d]
+                h = layer["ln_self"](q)
+                q = q + _multihead(layer["self_attn"], h, h)
+                cross_q = _project_queries(layer["cross_attn"], layer["ln_q"](q))
+            q = q + _attend(layer["cross_attn"], cross_q, layer["ln_kv"](image_tokens))  # [1, C, d] grows to [B, C, d]
             q = q + layer["mlp"](layer["ln_mlp"](q))
         return self.proj(q)
 
@@ -209,17 +228,30 @@ class MCPLCLIP(PromptMethod):
             out_dim = dt if integration == "input" else embed
             self.decoder = VAIPLDecoder(embed, decoder_layers, out_dim=out_dim)
 
-    def vaipl_features(self, input_embeds, lengths, vision_tokens, vision_proj) -> torch.Tensor:
+    def vaipl_classes(self, input_embeds, lengths):
+        """The class-only part of VAIPL (queries and the decoder's `prepare`), in the decoder's dtype (fp32)."""
+        dtype = self.decoder.proj[0].weight.dtype
+        return self.decoder.prepare(self.query_proj(max_pooled_queries(input_embeds.to(dtype), lengths)))
+
+    def vaipl_features(self, input_embeds, lengths, vision_tokens, vision_proj, classes=None) -> torch.Tensor:
+        """u [B, C, d_out]; `classes` is vaipl_classes(input_embeds, lengths) when already computed."""
         dtype = self.decoder.proj[0].weight.dtype  # the decoder trains in its parameters' dtype (fp32)
-        queries = self.query_proj(max_pooled_queries(input_embeds.to(dtype), lengths))
+        if classes is None:
+            classes = self.vaipl_classes(input_embeds, lengths)
         image_tokens = vision_tokens.to(dtype) @ vision_proj.to(dtype)
-        return self.decoder(queries, image_tokens)
+        return self.decoder(None, image_tokens, prepared=classes)
+
+    def class_state(self, text_features, text_input_embeds, text_lengths):
+        if self.integration == "post" and self.fusion == "vaipl":
+            return self.vaipl_classes(text_input_embeds, text_lengths)
+        return None
 
     def heads(self, out: EncoderOutputs) -> dict[str, torch.Tensor]:
         image, text = out.image_features, out.text_features
         if self.integration == "post":
             if self.fusion == "vaipl":
-                u = self.vaipl_features(out.text_input_embeds, out.text_lengths, out.vision_tokens, out.vision_proj)
+                u = self.vaipl_features(out.text_input_embeds, out.text_lengths, out.vision_tokens, out.vision_proj,
+                                        classes=out.class_state)
                 text = text.to(u.dtype)[None] + u  # w_{b,c} = w_c + u_{b,c}; cosine_logits normalises
             else:
                 # CMPP: the mean text input embedding (over classes and valid tokens) added to the image feature.

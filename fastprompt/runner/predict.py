@@ -13,6 +13,10 @@ The backbone is re-created from the checkpoint's record (open_clip name + pretra
 `pretrained=` where the weights live elsewhere on this machine. New class names are fine for every
 method whose parameters do not depend on the class count; the prediction mode is 'base' on the training
 classes and 'novel' otherwise (MMRL's decoupled inference), unless `mode` is given.
+
+A Predictor computes the class set's text features once (PromptedCLIP's inference cache) and reuses them for
+every call, so a call costs the image tower; on a GPU it runs under bf16 autocast unless `amp_dtype` says
+otherwise (None: fp32).
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from . import checkpoint as ckpt
 
 class Predictor:
     def __init__(self, checkpoint: str, classnames=None, device: str = "cpu", pretrained: str | None = None,
-                 mode: str | None = None, clip=None):
+                 mode: str | None = None, clip=None, amp_dtype="auto"):
         import fastprompt
+        from ..evaluation import _resolve_amp
 
         manifest, tensors = ckpt.load_checkpoint(checkpoint)
         self.manifest = manifest
         self.device = torch.device(device)
+        self.amp_dtype = _resolve_amp(amp_dtype, self.device)
         backbone = manifest["backbone"]
         if clip is None:
             weights = pretrained if pretrained is not None else backbone.get("pretrained")
@@ -69,13 +75,16 @@ class Predictor:
         """Class probabilities [B, C] (softmax of the method's prediction logits), on the CPU."""
         x = self._batch(images).to(self.device)
         x = x.to(self.model.clip.visual.conv1.weight.dtype)
-        logits = self.model.predict(self.model(x), self.mode).float()
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = self.model.predict(self.model(x), self.mode).float()
         if self.mode == "base" and getattr(self.model.method, "fusion", "logits") == "probs":
             return logits.cpu()  # MMRL's paper fusion already mixes probabilities
         return logits.softmax(-1).cpu()
 
 
 def predict(images, classnames, checkpoint: str, device: str = "cpu", pretrained: str | None = None,
-            mode: str | None = None) -> torch.Tensor:
+            mode: str | None = None, amp_dtype="auto") -> torch.Tensor:
     """One-call form of Predictor: class probabilities [B, len(classnames)]."""
-    return Predictor(checkpoint, classnames, device=device, pretrained=pretrained, mode=mode)(images)
+    predictor = Predictor(checkpoint, classnames, device=device, pretrained=pretrained, mode=mode, amp_dtype=amp_dtype)
+    return predictor(images)
