@@ -50,13 +50,23 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
+def _heads(out: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return out.unflatten(-1, (3, heads, out.shape[-1] // (3 * heads))).unbind(-3)
+
+
 def qkv(block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One GEMM for q, k, v; each returned as [..., L, H, hd] (no transposes)."""
     attn = block.attn
+    return _heads(linear(h, (attn.in_proj_weight, attn.in_proj_bias)), attn.num_heads)
+
+
+def qkv_split(block, h: torch.Tensor, rows: int):
+    """qkv of a [N, D] stream as two triples, rows [:rows] and [rows:]. One `split` instead of six slices: its
+    backward is one cat, where each slice's backward is a zero fill, a copy and an add."""
+    attn = block.attn
     out = linear(h, (attn.in_proj_weight, attn.in_proj_bias))
-    heads = attn.num_heads
-    out = out.unflatten(-1, (3, heads, out.shape[-1] // (3 * heads)))
-    return out.unbind(-3)
+    first, rest = out.split([rows, out.shape[0] - rows])
+    return _heads(first, attn.num_heads), _heads(rest, attn.num_heads)
 
 
 def attention_out(block, o: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .. import backbone as bb
-from .blocks import BlockKernels, attention_out, dense_attention, layer_norm, mlp, qkv
+from ..ops.attention import prefix_varlen_attention
+from .blocks import BlockKernels, attention_out, dense_attention, layer_norm, mlp, qkv_split
 
 _SCOPE_RANK = {"shared": 0, "class": 1, "image": 2, "pair": 3}
 
@@ -100,19 +101,17 @@ class PackedText:
         kernels = self.kernels
         groups, plen, width = prefix.shape
         stream = torch.cat([prefix.reshape(-1, width), suffix])  # one stream for every per-token op
-        q, k, v = qkv(block, layer_norm(stream, block.ln_1, kernels))
         split = groups * plen
-        qp, kp, vp = (t[:split].unflatten(0, (groups, plen)) for t in (q, k, v))
+        (qp, kp, vp), (q, k, v) = qkv_split(block, layer_norm(stream, block.ln_1, kernels), split)
+        qp, kp, vp = (t.unflatten(0, (groups, plen)) for t in (qp, kp, vp))
         out_prefix = dense_attention(qp, kp, vp, True, kernels)
-        from ..ops.attention import prefix_varlen_attention
-
-        out_suffix = prefix_varlen_attention(
-            q[split:], k[split:], v[split:], cu, self.max_suffix, kp, vp, prefix_index, backend=kernels.attention
-        )
+        out_suffix = prefix_varlen_attention(q, k, v, cu, self.max_suffix, kp, vp, prefix_index,
+                                             backend=kernels.attention)
         o = torch.cat([out_prefix.flatten(0, 1), out_suffix])
         stream = stream + block.ls_1(attention_out(block, o)).to(stream.dtype)
         stream = stream + block.ls_2(mlp(block, layer_norm(stream, block.ln_2, kernels), kernels)).to(stream.dtype)
-        return stream[:split].view(groups, plen, width), stream[split:]
+        prefix, suffix = stream.split([split, stream.shape[0] - split])
+        return prefix.view(groups, plen, width), suffix
 
     # --- the tower ------------------------------------------------------------------------------------
     def _inputs(self, device, cast):
@@ -151,14 +150,16 @@ class PackedText:
             if edit.add or edit.drop:
                 fill = layer == 1 and not insert  # layer 1 of replace mode fills the template's placeholder slots
                 drop = seg if fill else edit.drop
-                parts = [prefix[:, : 1 + seg - drop]]
+                # One split (backward: one cat) rather than two slices (each a zero fill and a copy backward).
+                head, _, tail = prefix.split([1 + seg - drop, drop, prefix.shape[1] - 1 - seg], dim=1)
+                parts = [head]
                 if edit.add:
                     new, scope = tokens_by_layer[layer]
                     new = self._to_groups(new.to(cast), scope, kind, images)
                     if fill:  # slots filled at layer 1 are input tokens: they get positions 1..n
                         new = new + clip.positional_embedding[1 : 1 + new.shape[1]].to(cast)
                     parts.append(new)
-                parts.append(prefix[:, 1 + seg :])
+                parts.append(tail)
                 prefix = torch.cat(parts, dim=1)
                 seg += edit.add - drop
             model._record("text", layer, prefix.shape[1] + self.max_suffix)

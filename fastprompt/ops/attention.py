@@ -32,18 +32,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from ._library import define_op
+from ._library import define_op, direct_call_ok, eager_function
 
 # ----------------------------------------------------------------------------------------------
 # Triton: torch.library ops
 # ----------------------------------------------------------------------------------------------
 
 
-@define_op("attention_fwd")
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     from fastprompt.kernels.attention import attention_forward
 
     return attention_forward(q, k, v, causal=causal, scale=scale)
+
+
+_attention_fwd = define_op("attention_fwd")(_attention_fwd_impl)
 
 
 @_attention_fwd.register_fake
@@ -55,12 +57,14 @@ def _(q, k, v, causal, scale):
     return q.new_empty((B, LQ, H, D)), q.new_empty((B, H, LQ), dtype=torch.float32)
 
 
-@define_op("attention_bwd")
-def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor,
-                   causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_bwd_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor,
+                        causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from fastprompt.kernels.attention import attention_backward
 
     return attention_backward(grad_out, q, k, v, out, lse2, causal=causal, scale=scale)
+
+
+_attention_bwd = define_op("attention_bwd")(_attention_bwd_impl)
 
 
 @_attention_bwd.register_fake
@@ -77,19 +81,23 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, _grad_lse2):
     q, k, v, out, lse2 = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out.contiguous(), q, k, v, out, lse2, ctx.causal, ctx.scale)
+    grad_out = grad_out.contiguous()
+    backward = _attention_bwd_impl if direct_call_ok(grad_out) else _attention_bwd  # see _library
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse2, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-@define_op("prefix_varlen_attention_fwd")
-def _prefix_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, prefix_k: Tensor, prefix_v: Tensor,
-                prefix_index: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _prefix_fwd_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                     prefix_index: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     from fastprompt.kernels.attention_prefix import prefix_attention_forward
 
     return prefix_attention_forward(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, scale=scale)
+
+
+_prefix_fwd = define_op("prefix_varlen_attention_fwd")(_prefix_fwd_impl)
 
 
 @_prefix_fwd.register_fake
@@ -101,14 +109,16 @@ def _(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, scale):
     return q.new_empty((T, H, D)), q.new_empty((H, T), dtype=torch.float32)
 
 
-@define_op("prefix_varlen_attention_bwd")
-def _prefix_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor,
-                cu_seqlens: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_index: Tensor | None,
-                scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _prefix_bwd_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor,
+                     cu_seqlens: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_index: Tensor | None,
+                     scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fastprompt.kernels.attention_prefix import prefix_attention_backward
 
     return prefix_attention_backward(grad_out, q, k, v, out, lse2, cu_seqlens, prefix_k, prefix_v,
                                      prefix_index, scale=scale)
+
+
+_prefix_bwd = define_op("prefix_varlen_attention_bwd")(_prefix_bwd_impl)
 
 
 @_prefix_bwd.register_fake
@@ -126,20 +136,28 @@ def _prefix_setup_context(ctx, inputs, output):
 
 def _prefix_backward(ctx, grad_out, _grad_lse2):
     q, k, v, out, lse2, cu_seqlens, prefix_k, prefix_v, prefix_index = ctx.saved_tensors
-    dq, dk, dv, dpk, dpv = _prefix_bwd(grad_out.contiguous(), q, k, v, out, lse2, cu_seqlens,
-                                       prefix_k, prefix_v, prefix_index, ctx.scale)
+    grad_out = grad_out.contiguous()
+    backward = _prefix_bwd_impl if direct_call_ok(grad_out) else _prefix_bwd  # see _library
+    dq, dk, dv, dpk, dpv = backward(grad_out, q, k, v, out, lse2, cu_seqlens, prefix_k, prefix_v, prefix_index,
+                                    ctx.scale)
     return dq, dk, dv, None, dpk, dpv, None, None
 
 
 _prefix_fwd.register_autograd(_prefix_backward, setup_context=_prefix_setup_context)
+_AttentionEager = eager_function("attention_fwd", _attention_fwd_impl, _attention_setup_context, _attention_backward)
+_PrefixEager = eager_function("prefix_varlen_attention_fwd", _prefix_fwd_impl, _prefix_setup_context,
+                              _prefix_backward)
 
 
 def _triton_attention(q, k, v, causal, scale):
-    return _attention_fwd(q, k, v, causal, scale)[0]
+    # Eager: the implementation through a plain autograd.Function; traced or compiled: the registered op.
+    op = _AttentionEager.apply if direct_call_ok(q) else _attention_fwd
+    return op(q, k, v, causal, scale)[0]
 
 
 def _triton_prefix(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, prefix_index, scale):
-    return _prefix_fwd(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, scale)[0]
+    op = _PrefixEager.apply if direct_call_ok(q) else _prefix_fwd
+    return op(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from fastprompt.ops._library import define_op, require_triton
+from fastprompt.ops._library import define_op, direct_call_ok, eager_function, require_triton
 
 require_triton()
 from fastprompt.kernels import grouped_mlp as _kernel  # noqa: E402
 
 
-@define_op("grouped_linear")
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _grouped_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return _kernel.grouped_linear_forward(x.contiguous(), weight.contiguous(), bias.contiguous())
+
+
+_grouped_linear = define_op("grouped_linear")(_grouped_linear_impl)
 
 
 @_grouped_linear.register_fake
@@ -31,11 +33,13 @@ def _(x, weight, bias):
     return x.new_empty((x.shape[0], x.shape[1], weight.shape[1]))
 
 
-@define_op("grouped_linear_backward")
-def _grouped_linear_backward(
+def _grouped_linear_backward_impl(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernel.grouped_linear_backward(dy.contiguous(), x.contiguous(), weight.contiguous())
+
+
+_grouped_linear_backward = define_op("grouped_linear_backward")(_grouped_linear_backward_impl)
 
 
 @_grouped_linear_backward.register_fake
@@ -50,18 +54,21 @@ def _setup_grouped_linear(ctx, inputs, output):
 
 def _backward_grouped_linear(ctx, dy):
     x, weight = ctx.saved_tensors
-    dx, dw, db = torch.ops.fastprompt.grouped_linear_backward(dy, x, weight)
+    backward = _grouped_linear_backward_impl if direct_call_ok(dy) else torch.ops.fastprompt.grouped_linear_backward
+    dx, dw, db = backward(dy, x, weight)
     return tuple(g if needed else None for g, needed in zip((dx, dw, db), ctx.needs_input_grad))
 
 
 _grouped_linear.register_autograd(_backward_grouped_linear, setup_context=_setup_grouped_linear)
 
 
-@define_op("grouped_bottleneck_mlp")
-def _grouped_bottleneck(
+def _grouped_bottleneck_impl(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernel.grouped_bottleneck_forward(*(t.contiguous() for t in (x, w1, b1, w2, b2)))
+
+
+_grouped_bottleneck = define_op("grouped_bottleneck_mlp")(_grouped_bottleneck_impl)
 
 
 @_grouped_bottleneck.register_fake
@@ -71,11 +78,13 @@ def _(x, w1, b1, w2, b2):
     return x.new_empty((groups, n, w2.shape[1])), x.new_empty((groups, n, w1.shape[1]))
 
 
-@define_op("grouped_bottleneck_mlp_backward")
-def _grouped_bottleneck_backward(
+def _grouped_bottleneck_backward_impl(
     dy: torch.Tensor, x: torch.Tensor, hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernel.grouped_bottleneck_backward(*(t.contiguous() for t in (dy, x, hidden, w1, w2)))
+
+
+_grouped_bottleneck_backward = define_op("grouped_bottleneck_mlp_backward")(_grouped_bottleneck_backward_impl)
 
 
 @_grouped_bottleneck_backward.register_fake
@@ -95,11 +104,17 @@ def _setup_grouped_bottleneck(ctx, inputs, output):
 
 def _backward_grouped_bottleneck(ctx, dy, _dhidden):
     x, hidden, w1, w2 = ctx.saved_tensors
-    grads = torch.ops.fastprompt.grouped_bottleneck_mlp_backward(dy, x, hidden, w1, w2)
+    direct = direct_call_ok(dy)  # eager backward: the implementation, not the dispatcher (see _library)
+    grads = (_grouped_bottleneck_backward_impl if direct else torch.ops.fastprompt.grouped_bottleneck_mlp_backward)(
+        dy, x, hidden, w1, w2)
     return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
 
 
 _grouped_bottleneck.register_autograd(_backward_grouped_bottleneck, setup_context=_setup_grouped_bottleneck)
+_GroupedLinearEager = eager_function("grouped_linear", _grouped_linear_impl, _setup_grouped_linear,
+                                     _backward_grouped_linear)
+_GroupedBottleneckEager = eager_function("grouped_bottleneck_mlp", _grouped_bottleneck_impl,
+                                         _setup_grouped_bottleneck, _backward_grouped_bottleneck)
 
 
 def grouped_linear(x, weight, bias):
@@ -116,6 +131,8 @@ def grouped_linear(x, weight, bias):
     Raises:
         ValueError: wrong shapes, mixed dtypes or devices.
     """
+    if direct_call_ok(x):  # eager: skip the dispatcher; traced or compiled: the registered op (see _library)
+        return _GroupedLinearEager.apply(x, weight, bias)
     return torch.ops.fastprompt.grouped_linear(x, weight, bias)
 
 
@@ -137,4 +154,5 @@ def grouped_bottleneck_mlp(x, w1, b1, w2, b2):
     Raises:
         ValueError: wrong shapes, more than 16 tokens, mixed dtypes or devices.
     """
-    return torch.ops.fastprompt.grouped_bottleneck_mlp(x, w1, b1, w2, b2)[0]
+    op = _GroupedBottleneckEager.apply if direct_call_ok(x) else torch.ops.fastprompt.grouped_bottleneck_mlp
+    return op(x, w1, b1, w2, b2)[0]

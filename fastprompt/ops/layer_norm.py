@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._library import define_op, require_triton
+from fastprompt.ops._library import define_op, direct_call_ok, eager_function, require_triton
 
 require_triton()
 from fastprompt.kernels import layer_norm as _kernel  # noqa: E402
@@ -39,13 +39,15 @@ def _check_nd(x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> None:
         raise ValueError(f"layer_norm: residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
 
 
-@define_op("layer_norm")
-def _layer_norm(
+def _layer_norm_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_nd(x)
     y, _, mean, rstd = _kernel.layer_norm_forward(_rows(x), weight, bias, eps)
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+_layer_norm = define_op("layer_norm")(_layer_norm_impl)
 
 
 @_layer_norm.register_fake
@@ -56,13 +58,15 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
-@define_op("layer_norm_residual")
-def _layer_norm_residual(
+def _layer_norm_residual_impl(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_nd(x, residual)
     y, s, mean, rstd = _kernel.layer_norm_forward(_rows(x), weight, bias, eps, residual=_rows(residual))
     return y.view(x.shape), s.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+_layer_norm_residual = define_op("layer_norm_residual")(_layer_norm_residual_impl)
 
 
 @_layer_norm_residual.register_fake
@@ -73,8 +77,7 @@ def _(x, residual, weight, bias, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
-@define_op("layer_norm_backward")
-def _layer_norm_backward(
+def _layer_norm_backward_impl(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     d_sum: Optional[torch.Tensor],
 ) -> torch.Tensor:  # fmt: skip
@@ -83,13 +86,15 @@ def _layer_norm_backward(
     return dx.view(x.shape)
 
 
+_layer_norm_backward = define_op("layer_norm_backward")(_layer_norm_backward_impl)
+
+
 @_layer_norm_backward.register_fake
 def _(dy, x, weight, mean, rstd, d_sum):
     return x.new_empty(x.shape)
 
 
-@define_op("layer_norm_backward_params")
-def _layer_norm_backward_params(
+def _layer_norm_backward_params_impl(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     d_sum: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -98,6 +103,9 @@ def _layer_norm_backward_params(
         _rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1), dsum, param_grads=True
     )
     return dx.view(x.shape), dw.to(weight.dtype), db.to(weight.dtype)
+
+
+_layer_norm_backward_params = define_op("layer_norm_backward_params")(_layer_norm_backward_params_impl)
 
 
 @_layer_norm_backward_params.register_fake
@@ -109,10 +117,13 @@ def _input_gradients(ctx, dy, normalised, d_sum):
     """(dx, dweight or None, dbias or None) for the saved forward."""
     weight, mean, rstd = ctx.saved_tensors[1:]
     want_weight, want_bias = ctx.needs_input_grad[ctx.weight_index], ctx.needs_input_grad[ctx.weight_index + 1]
+    direct = direct_call_ok(dy)  # eager backward: the implementations, not the dispatcher (see _library)
     if want_weight or want_bias:
-        dx, dw, db = torch.ops.fastprompt.layer_norm_backward_params(dy, normalised, weight, mean, rstd, d_sum)
+        params = _layer_norm_backward_params_impl if direct else torch.ops.fastprompt.layer_norm_backward_params
+        dx, dw, db = params(dy, normalised, weight, mean, rstd, d_sum)
         return dx, (dw if want_weight else None), (db if want_bias else None)
-    return torch.ops.fastprompt.layer_norm_backward(dy, normalised, weight, mean, rstd, d_sum), None, None
+    backward = _layer_norm_backward_impl if direct else torch.ops.fastprompt.layer_norm_backward
+    return backward(dy, normalised, weight, mean, rstd, d_sum), None, None
 
 
 def _setup_layer_norm(ctx, inputs, output):
@@ -146,6 +157,10 @@ def _backward_layer_norm_residual(ctx, dy, d_sum, _dmean, _drstd):
 
 _layer_norm.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
 _layer_norm_residual.register_autograd(_backward_layer_norm_residual, setup_context=_setup_layer_norm_residual)
+_LayerNormEager = eager_function("layer_norm", _layer_norm_impl, _setup_layer_norm, _backward_layer_norm)
+_LayerNormResidualEager = eager_function(
+    "layer_norm_residual", _layer_norm_residual_impl, _setup_layer_norm_residual, _backward_layer_norm_residual
+)
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
@@ -166,7 +181,11 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
     Raises:
         ValueError: wrong shapes, dtypes, devices, or a width above 2048.
     """
+    direct = direct_call_ok(x)  # eager: skip the dispatcher; traced or compiled: the registered op
     if residual is None:
+        if direct:
+            return _LayerNormEager.apply(x, weight, bias, float(eps))[0]
         return torch.ops.fastprompt.layer_norm(x, weight, bias, float(eps))[0]
-    y, summed, _, _ = torch.ops.fastprompt.layer_norm_residual(x, residual, weight, bias, float(eps))
+    op = _LayerNormResidualEager.apply if direct else torch.ops.fastprompt.layer_norm_residual
+    y, summed, _, _ = op(x, residual, weight, bias, float(eps))
     return y, summed

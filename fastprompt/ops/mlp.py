@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastprompt.ops._library import define_op, require_triton
+from fastprompt.ops._library import define_op, direct_call_ok, eager_function, require_triton
 
 require_triton()
 from fastprompt.kernels import linear_act as _kernel  # noqa: E402
@@ -52,12 +52,14 @@ def _(x, weight, bias, activation):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@define_op("linear_act_grad")
-def _linear_act_grad(
+def _linear_act_grad_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, activation: str
 ) -> torch.Tensor:
     out = _kernel.linear_act_grad(_rows(x), weight.contiguous(), bias.contiguous(), _rows(grad), activation)
     return out.view(grad.shape)
+
+
+_linear_act_grad = define_op("linear_act_grad")(_linear_act_grad_impl)
 
 
 @_linear_act_grad.register_fake
@@ -69,7 +71,10 @@ def _(x, weight, bias, grad, activation):
 def _pre_activation_grad(x, weight, bias, grad, activation):
     if activation == "none":  # act' = 1: the upstream gradient is the answer, no GEMM needed
         return grad
-    return torch.ops.fastprompt.linear_act_grad(x, weight, bias, grad.contiguous(), activation)
+    grad = grad.contiguous()
+    if direct_call_ok(grad):  # eager backward: the implementation, not the dispatcher (see _library)
+        return _linear_act_grad_impl(x, weight, bias, grad, activation)
+    return torch.ops.fastprompt.linear_act_grad(x, weight, bias, grad, activation)
 
 
 def _setup_linear_act(ctx, inputs, output):
@@ -108,14 +113,16 @@ def _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation):
     _kernel.check_same_device("frozen_mlp", {"x": x, "proj_w": proj_w, "proj_b": proj_b})
 
 
-@define_op("frozen_mlp")
-def _frozen_mlp(
+def _frozen_mlp_impl(
     x: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor, activation: str
 ) -> torch.Tensor:
     _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation)
     hidden = _kernel.linear_act_forward(_rows(x), fc_w.contiguous(), fc_b.contiguous(), activation)
     out = torch.addmm(proj_b, hidden, proj_w.t())
     return out.view(*x.shape[:-1], proj_w.shape[0])
+
+
+_frozen_mlp = define_op("frozen_mlp")(_frozen_mlp_impl)
 
 
 @_frozen_mlp.register_fake
@@ -143,6 +150,7 @@ def _backward_frozen_mlp(ctx, dy):
 
 
 _frozen_mlp.register_autograd(_backward_frozen_mlp, setup_context=_setup_frozen_mlp)
+_FrozenMlpEager = eager_function("frozen_mlp", _frozen_mlp_impl, _setup_frozen_mlp, _backward_frozen_mlp)
 
 
 def linear_act(x, weight, bias, activation: str = "gelu"):
@@ -183,4 +191,6 @@ def frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, activation: str = "gelu"):
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (fc_w, fc_b, proj_w, proj_b)):
         return F.linear(linear_act(x, fc_w, fc_b, activation), proj_w, proj_b)
+    if direct_call_ok(x):  # eager: skip the dispatcher; traced or compiled: the registered op (see _library)
+        return _FrozenMlpEager.apply(x, fc_w, fc_b, proj_w, proj_b, activation)
     return torch.ops.fastprompt.frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, activation)

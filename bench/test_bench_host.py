@@ -1,0 +1,70 @@
+"""The host-overhead proxy (bench/host.py) in CI: its op counter, and a record per method and contender.
+
+CI-sized: every method under every contender at the proxy's few classes (2 timed steps), and the real 1,000 ImageNet
+class names for the fastprompt step of MaPLe, whose op count must not grow with the class set. Records of kind
+`host_overhead` go into the suite's results file when bench/workloads.py lists that kind, and always into
+bench/results/host-<device>-<date>.json. The full proxy (7 steps, op counts at C = 1000 for every case) is
+`python -m bench.host`; bench/results/host-proxy-before.json and host-proxy-after.json hold its runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import torch
+
+from . import host
+from .contenders import CONTENDERS
+from .workloads import METHODS
+
+_records: list[dict] = []
+
+
+def test_op_counter_counts_dispatched_ops():
+    a = torch.randn(3, 4, requires_grad=True)
+    with host.OpCounter() as counter:
+        (a.view(12) * 2).sum().backward()
+    ops = counter.ops
+    # forward: view, mul, sum; backward adds at least the ones-like seed, the expand and the mul's gradient
+    assert ops["aten::view"] >= 1 and ops["aten::mul"] >= 2 and ops["aten::sum"] == 1
+    summary = counter.summary()
+    assert summary["ops_per_step"] == sum(ops.values())
+    assert summary["ops_view"] >= 2 and summary["ops_custom"] == 0
+    assert summary["ops_launch"] == summary["ops_per_step"] - summary["ops_view"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_host_records(method):
+    torch.set_num_threads(1)
+    for contender in CONTENDERS:
+        record = host.host_record(method, contender, steps=2, warmup=1, count_classes=host.HOST_CLASSES)
+        _records.append(record)
+        if CONTENDERS[contender].compile:
+            assert record["status"] == "skipped" and record["reason"] == host.COMPILE_REASON
+            continue
+        assert record["status"] == "ran", record
+        assert record["host_ms_per_step"] > 0 and record["ops_per_step"] > record["ops_launch"] > 0
+        assert record["ops_custom"] == 0  # on CPU the fast path runs PyTorch ops
+
+
+def test_fast_path_ops_do_not_grow_with_classes():
+    torch.set_num_threads(1)
+    full = host.count_ops("fastprompt", "maple", host.COUNT_CLASSES)
+    few = host.count_ops("fastprompt", "maple", host.HOST_CLASSES)
+    assert full["ops_per_step"] == few["ops_per_step"], (full, few)
+
+
+def test_write_records(results, settings):
+    if not _records:
+        pytest.skip("no host record was made")
+    from .results import atomic_write_json, device_info, device_slug
+    from .workloads import KINDS
+
+    if host.KIND in KINDS:
+        for record in _records:
+            results.add(record)
+    name = f"host-{device_slug(device_info(settings.device))}-{dt.date.today().isoformat()}.json"
+    path = results.path.parent / name
+    atomic_write_json(path, host.document(_records, "pytest bench/test_bench_host.py (CI size: 2 timed steps)"))
+    assert path.exists()
