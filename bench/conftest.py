@@ -1,16 +1,21 @@
 """Settings of `pytest bench/` (each option has an environment variable of the same meaning).
 
-    pytest bench/                                   # the device's default workloads, every method and contender
+    pytest bench/                                   # the device's default workloads, every kind, method, contender
     FASTPROMPT_BENCH_WORKLOADS=imagenet-b32 FASTPROMPT_BENCH_METHODS=maple,coop pytest bench/
+    pytest bench/test_bench_inference.py            # one kind: train_step, runner_epoch or inference (one file each)
 
 --bench-workloads / FASTPROMPT_BENCH_WORKLOADS     comma-separated names (bench/workloads.py); default: the GPU
-                                                   set with CUDA, the tiny CPU set without
+                                                   set with CUDA, the tiny CPU set without; each kind runs the
+                                                   chosen workloads that serve it
 --bench-methods / FASTPROMPT_BENCH_METHODS          subset of the methods
---bench-contenders / FASTPROMPT_BENCH_CONTENDERS    subset of eager, compiled, fastprompt
+--bench-contenders / FASTPROMPT_BENCH_CONTENDERS    subset of eager, compiled, tuned, fastprompt; default all, but
+                                                   on a GPU the runner epoch runs fastprompt only
 --bench-compile / FASTPROMPT_BENCH_COMPILE          auto (on with CUDA, off on CPU, where inductor takes minutes
-                                                   per method), on, off; a skipped contender is recorded with why
-FASTPROMPT_BENCH_COMPILE_MODE                       torch.compile mode for the compiled contender (default mode)
---bench-rounds, --bench-warmup                      timed and warm-up steps (GPU 50 / 5, CPU 2 / 1)
+                                                   per method), on, off; off skips the contenders that compile
+                                                   (compiled, tuned), recorded with why
+FASTPROMPT_BENCH_COMPILE_MODE                       torch.compile mode of compiled and tuned (default mode)
+--bench-rounds, --bench-warmup                      timed and warm-up steps or batches (GPU 50 / 5, CPU 2 / 1);
+                                                   the runner epoch times one whole epoch after its warm-up
 --bench-precision / FASTPROMPT_BENCH_PRECISION      bf16 (autocast) or fp32; default bf16 with CUDA, fp32 on CPU
                                                    (CPU autocast is emulated and several times slower)
 --bench-results / FASTPROMPT_BENCH_RESULTS          results folder (default bench/results)
@@ -28,6 +33,7 @@ that also collects tests/ (`pytest bench tests`), tests/conftest.py still decide
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -88,8 +94,8 @@ def _settings(config):
     reason = None
     if not compile_on:
         reason = ("--bench-compile=off" if compile_choice == "off" else
-                  "no CUDA: torch.compile (inductor) of a training step takes minutes per method on CPU, more than"
-                  " the CPU suite's budget; --bench-compile=on runs it")
+                  "no CUDA: torch.compile (inductor) takes minutes per method and kind on CPU, more than the CPU"
+                  " suite's budget; --bench-compile=on runs it")
     mode = os.environ.get("FASTPROMPT_BENCH_COMPILE_MODE")
     threads = os.environ.get("FASTPROMPT_BENCH_THREADS") or (None if cuda else "1")
     if threads:
@@ -106,6 +112,14 @@ def _settings(config):
 
 def pytest_configure(config):
     config._fastprompt_bench = None  # built lazily: only when a bench test is collected
+    config._fastprompt_bench_start = time.monotonic()  # the CPU suite's time budget is checked against it
+    config.addinivalue_line("markers", "bench_last: run after every other test of the session (bench/ checks)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The completeness check reads the records every case wrote, so it runs after all of them, whatever the order
+    # of the files.
+    items.sort(key=lambda item: item.get_closest_marker("bench_last") is not None)
 
 
 def bench_settings(config):
@@ -118,9 +132,10 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     config = metafunc.config
+    kind = getattr(metafunc.module, "KIND", "train_step")  # each test file measures one kind
     try:
         cases = select_cases(torch.cuda.is_available(), _option(config, "workloads"), _option(config, "methods"),
-                             _option(config, "contenders"))
+                             _option(config, "contenders"), kind)
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
     metafunc.parametrize("case", cases, ids=[f"{w.name}-{m}-{c}" for w, m, c in cases])

@@ -7,13 +7,15 @@ import dataclasses
 import open_clip
 import pytest
 
-from fastprompt.memory import StepOptions, step_geometry, structural_model
+from fastprompt.memory import step_geometry, structural_model
 
+from .contenders import contender_options
 from .flops import layer_flops, peak_flops, step_flops
 
-EAGER = StepOptions.for_contender("eager", "cuda")
+EAGER = contender_options("eager", "cuda")
 T_MAX = dataclasses.replace(EAGER, full_context=False)  # reference rows cut after the longest class's EOT
-FASTPROMPT = StepOptions.for_contender("fastprompt", "cuda")
+TUNED = contender_options("tuned", "cuda")
+FASTPROMPT = contender_options("fastprompt", "cuda")
 NAMES = list(open_clip.IMAGENET_CLASSNAMES)
 
 
@@ -42,6 +44,7 @@ def test_per_encoder_forward_matches_open_clip_profile(models):
     [
         ("maple", EAGER, 14.38),  # T = 77
         ("maple", T_MAX, 5.05),  # T_max = 18
+        ("maple", TUNED, 5.05),  # the tuned contender computes the T_max rows (bf16 weights change no FLOP)
         ("maple", FASTPROMPT, 2.94),  # shared prefix once + packed suffixes: 4,170 text tokens
         ("coop", EAGER, 13.19),
         ("coop", T_MAX, 5.72),  # T_max = 30

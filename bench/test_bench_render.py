@@ -14,20 +14,26 @@ from .results import RECORD_FIELDS, with_ratios
 RENDER = Path(__file__).with_name("render.py")
 
 
-def _record(contender, images_per_s, peak, status="ran", reason=None):
+def _record(contender, images_per_s, peak, status="ran", reason=None, kind="train_step", batch=32):
     record = dict.fromkeys(RECORD_FIELDS)
-    record.update(workload="imagenet-b32", backbone="ViT-B-16", classes=1000, batch=32, method="maple",
-                  contender=contender, status=status, reason=reason, images_per_s=images_per_s,
-                  step_ms_median=None if images_per_s is None else 32e3 / images_per_s,
-                  peak_allocated_bytes=peak, predicted_peak_bytes=peak)
+    record.update(kind=kind, workload="imagenet-b32" if batch == 32 else "imagenet-b100", backbone="ViT-B-16",
+                  classes=1000, batch=batch, method="maple", contender=contender, status=status, reason=reason,
+                  images_per_s=images_per_s, peak_allocated_bytes=peak, predicted_peak_bytes=peak,
+                  step_ms_median=None if images_per_s is None else batch * 1e3 / images_per_s)
     return record
 
 
 @pytest.fixture()
 def results_file(tmp_path):
-    records = with_ratios([_record("eager", 500.0, 16 * 2**30), _record("fastprompt", 3000.0, 4 * 2**30),
-                           _record("compiled", None, None, "oom", "out of memory: 140 GiB")])
-    document = {"schema": 1, "created": "2026-01-01T00:00:00+00:00", "device": {"type": "cuda", "name": "NVIDIA H200"},
+    epoch = _record("fastprompt", 2700.0, 5 * 2**30, kind="runner_epoch")
+    epoch.update(step_ms_median=None, epoch_s=5.926, epoch_steps=500, loader_s=0.5, dataset_bytes=2**31)
+    records = with_ratios([
+        _record("eager", 500.0, 16 * 2**30), _record("fastprompt", 3000.0, 4 * 2**30),
+        _record("compiled", None, None, "oom", "out of memory: 140 GiB"), _record("tuned", 1000.0, 8 * 2**30), epoch,
+        _record("eager", 6000.0, 3 * 2**30, kind="inference", batch=100),
+        _record("fastprompt", 15000.0, 2**30, kind="inference", batch=100),
+    ])
+    document = {"schema": 2, "created": "2026-01-01T00:00:00+00:00", "device": {"type": "cuda", "name": "NVIDIA H200"},
                 "versions": {"torch": "2.11"}, "git": {"commit": "abc"}, "settings": {"amp_dtype": "bfloat16"},
                 "peak": {"flops": 790e12}, "results": records}
     path = tmp_path / "nvidia-h200-2026-01-01.json"
@@ -39,13 +45,30 @@ def _render(*args):
     return subprocess.run([sys.executable, str(RENDER), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
-def test_markdown_table_has_ratios_and_reasons(results_file):
+def test_markdown_tables_per_kind_have_ratios_and_reasons(results_file):
     done = _render(results_file, "--markdown-only")
     assert done.returncode == 0, done.stderr
     table = results_file.with_suffix(".md").read_text()
-    assert "| imagenet-b32 | maple | fastprompt | 10.7 | 3000.0 | 6.00× | 4.00 | 0.25× |" in table
+    assert [line for line in table.splitlines() if line.startswith("## ")] == [
+        "## Training step", "## Runner epoch", "## Inference"]
+    # step ms, img/s, vs eager (3000/500), vs tuned (3000/1000), peak GiB, memory vs eager (4/16)
+    assert "| imagenet-b32 | maple | fastprompt | 10.7 | 3000.0 | 6.00× | 3.00× | 4.00 | 0.25× |" in table
     assert "oom: out of memory: 140 GiB" in table
+    # epoch s, steps, img/s, vs train step (2700/3000), no eager or tuned epoch, loader s, data GiB, peak GiB
+    assert "| imagenet-b32 | maple | fastprompt | 5.93 | 500 | 2700.0 | 90% | – | – | 0.50 | 2.00 | 5.00 |" in table
+    assert "| imagenet-b100 | maple | fastprompt | 100 | 6.7 | 15000.0 | 2.50× | – | 1.00 |" in table
+    paper = [line for line in table.splitlines() if line.startswith("| reference | maple | MMRL Table 6 |")]
+    assert len(paper) == 1 and "| 1758.0 |" in paper[0] and "RTX 4090" in paper[0] and "the paper's figure" in paper[0]
     assert not results_file.with_suffix(".png").exists()
+
+
+def test_a_file_written_before_kinds_renders_as_training_steps(results_file):
+    document = json.loads(results_file.read_text())
+    document["results"] = [{k: v for k, v in r.items() if k != "kind"} for r in document["results"][:2]]
+    results_file.write_text(json.dumps(document))
+    assert _render(results_file, "--markdown-only").returncode == 0
+    table = results_file.with_suffix(".md").read_text()
+    assert "## Training step" in table and "## Inference" not in table
 
 
 def test_plot_is_written(results_file, tmp_path):

@@ -1,6 +1,6 @@
 """How much memory one training step needs, from the activation arithmetic (PERFORMANCE.md §6).
 
-    estimate = predict_for("maple", imagenet_classnames, batch=32, contender="eager")   # no weights needed
+    estimate = predict_for("maple", imagenet_classnames, batch=32, patched=False)       # no weights needed
     print(estimate)                       # total and the parts it is made of
     print(estimate.suggest(16 * 2**30))   # which option makes it fit in 16 GiB
     predict_peak_memory(model, 32, options_for_model(model, torch.bfloat16))           # a built PromptedCLIP
@@ -51,7 +51,8 @@ ATTENTION = ("sdpa", "triton", "xformers", "eager")
 
 @dataclass(frozen=True)
 class StepOptions:
-    """What a step computes and how: the contender's choices, or hypothetical ones for `suggest`."""
+    """What a step computes and how: a configuration's (`options_for`, `options_for_model`) or hypothetical ones
+    for `suggest`."""
 
     packed_text: bool = True  # shared prefix once per group, class suffixes packed (else one row per sequence)
     full_context: bool = False  # reference rows padded to the context length (77) instead of cut after EOT
@@ -81,20 +82,23 @@ class StepOptions:
     def compute_dtype(self) -> torch.dtype:
         return self.amp_dtype or self.weights_dtype
 
-    @classmethod
-    def for_contender(cls, name: str, device: str | torch.device = "cuda", amp_dtype=torch.bfloat16):
-        """The benchmark contenders (fastprompt.step): 'eager'/'compiled' = open_clip blocks, 77-token reference
-        text, fp32 weights under autocast; 'fastprompt' = patched blocks, packed text, weights in the autocast
-        dtype, Triton LayerNorm/MLP and attention on CUDA, PyTorch ops + SDPA elsewhere."""
-        cuda = torch.device(device).type == "cuda"
-        if name in ("eager", "compiled"):
-            return cls(packed_text=False, full_context=True, cache_frozen_layers=False, frozen_weight_ops=False,
-                       patched=False, attention="sdpa", weights_dtype=torch.float32, amp_dtype=amp_dtype)
-        if name == "fastprompt":
-            return cls(packed_text=True, full_context=False, cache_frozen_layers=True, frozen_weight_ops=cuda,
-                       patched=True, attention="triton" if cuda else "sdpa",
-                       weights_dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
-        raise ValueError(f"unknown contender {name!r}; known: eager, compiled, fastprompt")
+
+def options_for(patched: bool = True, truncate_text: bool = True, device: str | torch.device = "cuda",
+                amp_dtype: torch.dtype | None = torch.bfloat16, weights_dtype: torch.dtype | None = None,
+                optimizer: str = "sgd", recompute: bool = False) -> StepOptions:
+    """The options a model built this way runs with, without building it (what `options_for_model` reads from a
+    built one): `patched` = fastprompt.fast.patch with its default backend (Triton LayerNorm/MLP and attention on
+    CUDA, PyTorch ops + SDPA elsewhere) and packed text; unpatched = open_clip's blocks with one text row per class,
+    cut after the longest EOT (`truncate_text`) or padded to the full context. Frozen weights in `weights_dtype`
+    (default: the autocast dtype, fp32 without autocast)."""
+    cuda = torch.device(device).type == "cuda"
+    weights = weights_dtype or amp_dtype or torch.float32
+    common = dict(weights_dtype=weights, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute)
+    if not patched:
+        return StepOptions(packed_text=False, full_context=not truncate_text, cache_frozen_layers=False,
+                           frozen_weight_ops=False, patched=False, attention="sdpa", **common)
+    return StepOptions(packed_text=True, full_context=False, cache_frozen_layers=True, frozen_weight_ops=cuda,
+                       patched=True, attention="triton" if cuda else "sdpa", **common)
 
 
 def options_for_model(model, amp_dtype: torch.dtype | None = None, optimizer: str = "sgd",
@@ -467,13 +471,13 @@ def predict_peak_memory(model, batch: int, options: StepOptions | None = None) -
     return MemoryEstimate(sum(parts.values()), parts, o, batch, saved_total, _model=model)
 
 
-def predict_for(method: str, classnames, batch: int, backbone: str = "ViT-B-16", contender: str = "fastprompt",
-                device: str = "cuda", amp_dtype=torch.bfloat16, method_options: dict | None = None,
-                **overrides) -> MemoryEstimate:
-    """The estimate for a configuration without building its weights: method x backbone x batch x classes x
-    contender, with any StepOptions field overridden (e.g. recompute=True, optimizer='adamw')."""
+def predict_for(method: str, classnames, batch: int, backbone: str = "ViT-B-16", *, patched: bool = True,
+                truncate_text: bool = True, device: str = "cuda", amp_dtype=torch.bfloat16, weights_dtype=None,
+                method_options: dict | None = None, **overrides) -> MemoryEstimate:
+    """The estimate for a configuration without building its weights: method x backbone x batch x classes, patched
+    or not (see `options_for`), with any StepOptions field overridden (e.g. recompute=True, optimizer='adamw')."""
     model = structural_model(method, classnames, backbone, **(method_options or {}))
-    options = dataclasses.replace(StepOptions.for_contender(contender, device, amp_dtype), **overrides)
+    options = dataclasses.replace(options_for(patched, truncate_text, device, amp_dtype, weights_dtype), **overrides)
     return predict_peak_memory(model, batch, options)
 
 

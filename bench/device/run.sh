@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The device-side checks and measurements of the product path, for a session lent a GPU. Run from the repo root
+# on the GPU machine (torch + triton there; open_clip carried as wheels in .whl/, see ../shared/gpu/kit/prep.sh):
+#   bash bench/device/run.sh A      # ~6 min: GPU tests of the engine, evaluation, cache and eager op path;
+#                                   #   host vs GPU time; MaPLe train steps (eager, tuned, fastprompt); inference
+#   bash bench/device/run.sh B      # ~6 min: runner epochs, the other methods' train steps and inference
+# Writes logs and results under $OUT (the device tool brings them back); commit bench/results/*.json from there.
+set -u
+PART=${1:-A}
+OUT=${OUT:-/tmp/fastprompt-device}
+mkdir -p "$OUT"
+SITE=$(mktemp -d)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+rm -rf fastprompt/kernels && cp -r kernels fastprompt/kernels   # kernels/ is installed as fastprompt.kernels
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 FASTPROMPT_BENCH_ROUNDS=${ROUNDS:-15} FASTPROMPT_BENCH_WARMUP=3
+T0=$(date +%s)
+say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  say "stage $name (<= ${secs}s)"
+  timeout -k 5 "$secs" "$@" > "$OUT/$name.log" 2>&1
+  say "stage $name rc=$?"; tail -n "${TAILN:-12}" "$OUT/$name.log"
+}
+bench() {  # bench NAME SECONDS FILE WORKLOADS METHODS CONTENDERS
+  FASTPROMPT_BENCH_WORKLOADS=$4 FASTPROMPT_BENCH_METHODS=$5 FASTPROMPT_BENCH_CONTENDERS=$6 \
+    stage "$1" "$2" python3 -m pytest "bench/$3" -q -p no:cacheprovider --benchmark-disable-gc -rfEs
+}
+finish() {
+  rm -rf fastprompt/kernels
+  cp bench/results/*.json "$OUT/" 2>/dev/null
+  for j in bench/results/nvidia-*.json; do [ -f "$j" ] && python3 bench/render.py "$j" --out "$OUT/render-$(basename "$j" .json)" >/dev/null 2>&1; done
+  say done
+}
+trap finish EXIT
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [ "$PART" = A ]; then
+  TAILN=25 stage gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_training_engine.py \
+    tests/test_evaluation.py tests/test_text_cache.py tests/kernels/test_eager_call_path.py
+  TAILN=6 stage host-gpu 90 python3 bench/device/host_gpu.py maple,coop,mcpl imagenet-b32
+  bench train-maple 150 test_bench_train_step.py imagenet-b32 maple eager,tuned,fastprompt
+  bench inference 150 test_bench_inference.py imagenet-b100 maple,coop,mmrl,mcpl eager,fastprompt
+fi
+if [ "$PART" = B ]; then
+  bench runner-epoch 200 test_bench_runner_epoch.py imagenet-b32 maple,coop,mmrl,mcpl fastprompt
+  bench train-rest 150 test_bench_train_step.py imagenet-b32 coop,cocoop,vpt_deep,mpl,mudpt,mmrl,mcpl eager,fastprompt
+  bench inference-rest 100 test_bench_inference.py imagenet-b100 cocoop,vpt_deep,mpl,mudpt eager,fastprompt
+  TAILN=6 stage image-tower 60 python3 bench/device/image_tower.py maple 100
+fi
