@@ -157,3 +157,13 @@ def test_conflicting_flags_are_errors(tmp_path, cli, monkeypatch):
     code, _, err = cli("train", "--dry-run", "stray")
     assert code == 2 and "override 'stray' is not key=value" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_data_on_device_auto_means_on_with_cuda_only():
+    from fastprompt.runner.config import data_on_device
+
+    auto = resolved()
+    assert data_on_device(auto, "cuda") and data_on_device(auto, "cuda:1")
+    assert not data_on_device(auto, "cpu")
+    assert data_on_device(resolved(data_on_device="on"), "cpu") is True
+    assert data_on_device(resolved(data_on_device="false"), "cuda") is False
