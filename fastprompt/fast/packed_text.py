@@ -47,6 +47,7 @@ class PackedText:
         self.cu_seqlens[1:] = torch.cumsum(suffix_lengths, 0)
         self.max_suffix = int(suffix_lengths.max())
         self.pool_offsets = self.cu_seqlens[1:].long() - 1  # EOT is the last suffix token of each class
+        self.total_tokens = int(self.cu_seqlens[-1])  # read once here: a step never reads the host
         self._static = {}
         self._device_ids = {}
         self._below_cache = None
@@ -55,7 +56,7 @@ class PackedText:
     def _on(self, device, images: int):
         key = (device, images)
         if key not in self._static:
-            total = int(self.cu_seqlens[-1])
+            total = self.total_tokens
             cu = torch.cat([self.cu_seqlens[:1]] + [self.cu_seqlens[1:] + i * total for i in range(images)])
             pool = torch.cat([self.pool_offsets + i * total for i in range(images)])
             self._static[key] = (cu.to(device), pool.to(device))

@@ -99,10 +99,13 @@ def _setup_grouped_bottleneck(ctx, inputs, output):
     x, w1, _, w2, _ = inputs
     _, hidden = output
     ctx.mark_non_differentiable(hidden)
+    ctx.set_materialize_grads(False)  # no zero gradient filled in for the saved hidden activation
     ctx.save_for_backward(x, hidden, w1, w2)
 
 
 def _backward_grouped_bottleneck(ctx, dy, _dhidden):
+    if dy is None:  # the output reached the loss by no path
+        return (None,) * 5
     x, hidden, w1, w2 = ctx.saved_tensors
     direct = direct_call_ok(dy)  # eager backward: the implementation, not the dispatcher (see _library)
     grads = (_grouped_bottleneck_backward_impl if direct else torch.ops.fastprompt.grouped_bottleneck_mlp_backward)(

@@ -130,11 +130,15 @@ def _setup_layer_norm(ctx, inputs, output):
     x, weight, _, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    # No zero gradients filled in for the statistics (or an unused output): two launches saved per call.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.weight_index = 1
 
 
 def _backward_layer_norm(ctx, dy, _dmean, _drstd):
+    if dy is None:  # the output reached the loss by no path
+        return None, None, None, None
     dx, dw, db = _input_gradients(ctx, dy.contiguous(), ctx.saved_tensors[0], None)
     return (dx if ctx.needs_input_grad[0] else None), dw, db, None
 
@@ -143,12 +147,16 @@ def _setup_layer_norm_residual(ctx, inputs, output):
     _, _, weight, _, _ = inputs
     _, summed, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # see _setup_layer_norm
     # x + residual is an output (the residual stream carries it on), so saving it costs nothing.
     ctx.save_for_backward(summed, weight, mean, rstd)
     ctx.weight_index = 2
 
 
 def _backward_layer_norm_residual(ctx, dy, d_sum, _dmean, _drstd):
+    if dy is None:  # only x + residual reached the loss: the sum's gradient passes to both inputs
+        dx = d_sum
+        return (dx if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None), None, None, None
     d_sum = None if d_sum is None else d_sum.contiguous()
     dx, dw, db = _input_gradients(ctx, dy.contiguous(), ctx.saved_tensors[0], d_sum)
     # d(x + r)/dx = d(x + r)/dr = identity: both inputs receive the same gradient.
