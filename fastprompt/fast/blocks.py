@@ -44,6 +44,21 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, kernels: BlockKernels)
     return out.to(x.dtype)
 
 
+def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm,
+                   kernels: BlockKernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + branch, LayerNorm(x + branch)): the residual add and the next LayerNorm. With the Triton kernels one
+    fused pass (the sum is rounded to x's dtype exactly as the separate add rounds it), which also saves the add's
+    launch forward and the gradient's accumulation launch backward."""
+    branch = branch.to(x.dtype)
+    if kernels.norm_mlp == "triton":
+        from ..ops.layer_norm import layer_norm as triton_layer_norm
+
+        normed, summed = triton_layer_norm(branch, norm.weight, norm.bias, norm.eps, residual=x)
+        return summed, normed
+    x = x + branch
+    return x, layer_norm(x, norm, kernels)
+
+
 def linear(x: torch.Tensor, layer) -> torch.Tensor:
     weight, bias = (layer.weight, layer.bias) if hasattr(layer, "weight") else layer
     dtype = _compute_dtype(x, weight)
@@ -96,5 +111,5 @@ def block_forward(block, x: torch.Tensor, causal: bool, kernels: BlockKernels) -
     """x + attn(LN1 x); then + MLP(LN2 .), for a dense [B, L, D] sequence (LayerScale honoured)."""
     q, k, v = qkv(block, layer_norm(x, block.ln_1, kernels))
     o = dense_attention(q, k, v, causal, kernels)
-    x = x + block.ls_1(attention_out(block, o)).to(x.dtype)
-    return x + block.ls_2(mlp(block, layer_norm(x, block.ln_2, kernels), kernels)).to(x.dtype)
+    x, h = add_layer_norm(x, block.ls_1(attention_out(block, o)), block.ln_2, kernels)
+    return x + block.ls_2(mlp(block, h, kernels)).to(x.dtype)

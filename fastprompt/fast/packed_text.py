@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import backbone as bb
 from ..ops.attention import prefix_varlen_attention
-from .blocks import BlockKernels, attention_out, dense_attention, layer_norm, mlp, qkv_split
+from .blocks import BlockKernels, add_layer_norm, attention_out, dense_attention, layer_norm, mlp, qkv_split
 
 _SCOPE_RANK = {"shared": 0, "class": 1, "image": 2, "pair": 3}
 
@@ -109,8 +109,8 @@ class PackedText:
         out_suffix = prefix_varlen_attention(q, k, v, cu, self.max_suffix, kp, vp, prefix_index,
                                              backend=kernels.attention)
         o = torch.cat([out_prefix.flatten(0, 1), out_suffix])
-        stream = stream + block.ls_1(attention_out(block, o)).to(stream.dtype)
-        stream = stream + block.ls_2(mlp(block, layer_norm(stream, block.ln_2, kernels), kernels)).to(stream.dtype)
+        stream, h = add_layer_norm(stream, block.ls_1(attention_out(block, o)), block.ln_2, kernels)
+        stream = stream + block.ls_2(mlp(block, h, kernels)).to(stream.dtype)
         prefix, suffix = stream.split([split, stream.shape[0] - split])
         return prefix.view(groups, plen, width), suffix
 
