@@ -8,7 +8,11 @@ The tensor file is written first, the manifest last; the manifest's hash ties th
 the writes, a truncated file or a manifest from another checkpoint is detected on load, never loaded.
 
 A training state (for `--resume`) is the same kind of pair holding the weights, the optimizer state, the RNG
-states (torch, CUDA, Python, NumPy, the loader's generator), the GPA sums and the epoch.
+states (torch, CUDA, Python, NumPy, the loader's generator), the GPA sums and the epoch. It is rewritten every
+epoch, so its two files are never overwritten in place: the pair is written and verified in a fresh sibling
+folder `.state-new`, and one rename of that folder to `state` publishes it (the previous state waits as
+`.state-old` meanwhile). A crash at any point leaves either the old or the new state complete; leftovers are
+ignored on load and removed by the next save.
 
 No pickle is ever read: tensors come from safetensors, everything else from JSON.
 """
@@ -22,6 +26,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +70,21 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+    fsync_folder(folder)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename inside `folder` durable: without it a power cut can undo the rename after the data landed."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # platforms that cannot open a folder (Windows) make renames durable themselves
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename is still atomic there
+    finally:
+        os.close(handle)
 
 
 def atomic_write_json(path: str, content) -> None:
@@ -347,9 +367,37 @@ def rng_restore(record: dict, tensors: dict, generator: torch.Generator, device:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
 
 
+def _state_siblings(folder: str) -> tuple[str, str]:
+    """(.state-new, .state-old) next to the state folder `folder`: the unpublished and the replaced state."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    return os.path.join(parent, f".{name}-new"), os.path.join(parent, f".{name}-old")
+
+
+def find_state(folder: str) -> str | None:
+    """The folder holding the last published training state: `folder` itself, or its previous version when a
+    crash came between moving it aside and publishing the next one; None when no state was ever published.
+    An unpublished `.state-new` is never used (it may be incomplete)."""
+    new, old = _state_siblings(folder)
+    if os.path.isdir(folder):
+        return folder
+    if os.path.isdir(old):
+        return old
+    return None
+
+
+def remove_state(folder: str) -> None:
+    """Remove a training state with its leftovers (the seed is complete; nothing resumes from it any more)."""
+    for path in (folder, *_state_siblings(folder)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def save_state(folder: str, epoch: int, model, optimizer, generator, device, gpa=None, history=None,
                config: dict | None = None) -> None:
-    """Everything needed to continue after `epoch` exactly as an uninterrupted run would."""
+    """Everything needed to continue after `epoch` exactly as an uninterrupted run would.
+
+    Written into `.state-new` (emptied first: a leftover is from a crash), read back and checked, then
+    published by renaming it to `folder`; the state it replaces is moved to `.state-old` first and removed last,
+    so a crash between any two steps leaves a complete state that find_state() returns."""
     tensors = {f"model.{k}": v for k, v in model.method.state_dict().items()}
     optim = _flatten_optimizer(optimizer.state_dict(), tensors) if optimizer is not None else None
     rng = rng_snapshot(tensors, generator, device)
@@ -357,11 +405,27 @@ def save_state(folder: str, epoch: int, model, optimizer, generator, device, gpa
         tensors.update({f"gpa.{k}": v for k, v in gpa.sums.items()})
     manifest = {"format": STATE_FORMAT, "epoch": epoch, "optimizer": optim, "rng": rng,
                 "history": history or [], "config": config, "created": now()}
-    _write_pair(folder, STATE_TENSORS, STATE_MANIFEST, tensors, manifest)
+    folder = os.path.abspath(folder)
+    new, old = _state_siblings(folder)
+    shutil.rmtree(new, ignore_errors=True)
+    _write_pair(new, STATE_TENSORS, STATE_MANIFEST, tensors, manifest)
+    # Read back what the disk holds before it replaces anything: a short write or a full disk fails here.
+    _read_pair(new, STATE_TENSORS, STATE_MANIFEST, "new training state", STATE_FORMAT)
+    if os.path.isdir(folder):
+        # An .state-old still here is from a crash after the last publish, so `folder` is newer: drop it.
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(new, folder)  # the publish
+    fsync_folder(os.path.dirname(folder))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_state(folder: str) -> tuple[dict, dict]:
-    return _read_pair(folder, STATE_TENSORS, STATE_MANIFEST, "training state", STATE_FORMAT)
+    """(manifest, tensors) of the last published state at `folder` (see find_state); CheckpointError if none."""
+    found = find_state(folder)
+    if found is None:
+        raise CheckpointError(f"training state not found: {folder}")
+    return _read_pair(found, STATE_TENSORS, STATE_MANIFEST, "training state", STATE_FORMAT)
 
 
 def restore_state(manifest: dict, tensors: dict, model, optimizer, generator, device, gpa=None) -> int:

@@ -112,12 +112,36 @@ def verify_images(splits: DatasetSplits, progress=None) -> None:
 
     Threads overlap the decodes (PIL releases the GIL); the first failure is raised, naming its file.
     `progress(n)` is called as images finish."""
+    verify_paths(image_paths(splits, "train"), progress)
+
+
+def image_paths(splits: DatasetSplits, which: str) -> list[str]:
+    """The files a split's images are decoded from ([] when they are generated in memory, as procedural's are)."""
     if splits.loader is not open_rgb_image:
-        return  # generated in memory (procedural): nothing on disk to verify
+        return []
+    return [s.path for s in splits.split(which)]
+
+
+def run_image_paths(plans: dict, train_too: bool) -> list[str]:
+    """Every image file a run will read, once: each seed's training set (when it trains) and the test split of
+    every target (b2n's base and novel halves and the seeds share test files), in a stable order."""
+    paths: dict[str, None] = {}
+    for train, targets in plans.values():
+        if train_too:
+            paths.update(dict.fromkeys(image_paths(train, "train")))
+        for target in targets:
+            paths.update(dict.fromkeys(image_paths(target.splits, "test")))
+    return list(paths)
+
+
+def verify_paths(paths: list[str], progress=None) -> None:
+    """Decode each file once (open_rgb_image); the first missing or corrupt one raises, naming it."""
+    if not paths:
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        for _ in pool.map(open_rgb_image, [s.path for s in splits.train]):
+        for _ in pool.map(open_rgb_image, paths):
             if progress is not None:
                 progress(1)
 

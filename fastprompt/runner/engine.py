@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -44,8 +43,14 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device={name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        # torch names more device types (mps, xla, meta, ...) than the runner has a path for.
+        raise ConfigError(f"device={name!r}: the runner runs on auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available on this machine; use device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device={name!r} but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
     return device
 
 
@@ -98,7 +103,7 @@ def build_model(config: RunConfig, clip, classnames, seed: int, template: str | 
     seed_everything(seed)
     try:
         return fastprompt.build(config.method, clip, list(classnames), **method_options(config, template))
-    except TypeError as error:  # a bad option combination, named by the method
+    except (TypeError, ValueError) as error:  # a bad option or combination, named by the method
         raise ConfigError(f"method {config.method!r}: {error}") from None
 
 
@@ -178,11 +183,12 @@ class SeedTrainer:
         generator = torch.Generator().manual_seed(seed)
         state_dir = os.path.join(seed_dir, "state")
         start, history = 1, []
-        if resume and os.path.isdir(state_dir):
+        found = ckpt.find_state(state_dir) if resume else None
+        if found is not None:
             manifest, tensors = ckpt.load_state(state_dir)
             done = ckpt.restore_state(manifest, tensors, model, optimizer, generator, device, gpa)
             start, history = done + 1, list(manifest["history"])
-            self.echo(f"seed {seed}: resuming after epoch {done} from {state_dir}")
+            self.echo(f"seed {seed}: resuming after epoch {done} from {found}")
         if optimizer is not None and start <= config.epochs:
             step = TrainStep(model, optimizer, amp_dtype=self.num.amp_dtype)
             loader = self._loader(train, generator)
@@ -220,15 +226,17 @@ class SeedTrainer:
                 max_bad_steps=config.max_bad_steps, input_dtype=self.num.input_dtype)
         if gpa is not None:
             gpa.apply()
-        self.echo(f"seed {seed}: evaluating the final weights")
-        records = self.evaluate_targets(model, targets)
+        # The checkpoint comes before the evaluation, so a failure there loses no training; the resumable state
+        # stays until results.json is written (a resume then restores the final epoch and only evaluates).
         backbone = ckpt.backbone_record(model, config.backbone, config.pretrained)
         options = method_options(config, template)
         ckpt.save_checkpoint(seed_dir, model, config.method, options, backbone, config.to_dict(),
                              extra={"seed": seed, "precision": self.num.name})
+        self.echo(f"seed {seed}: evaluating the final weights")
+        records = self.evaluate_targets(model, targets)
         results = {"seed": seed, "complete": True, "targets": records, "history": history}
         ckpt.atomic_write_json(os.path.join(seed_dir, "results.json"), results)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        ckpt.remove_state(state_dir)
         return results
 
 

@@ -2,24 +2,31 @@
 
     <output_dir>/
         run.json        config, preset and its diff, environment, split hashes per seed, status
+        run.lock        while a process trains the run: its pid, host and start time (see lock.py)
         log.txt         the log lines printed during the run
-        seed<S>/        checkpoint.safetensors + checkpoint.json, results.json (written last), state/ while
-                        training (the resumable state; removed when the seed completes)
+        seed<S>/        checkpoint.safetensors + checkpoint.json (written when training ends, before the
+                        evaluation), results.json (written last), state/ while training (the resumable state;
+                        removed when the seed completes)
         summary.json, summary.md, summary.csv   written when every seed is complete
 
 Bad input (config, dataset, images, batch size, backbone) is checked before the folder is created. A run
 that fails or is interrupted is marked so in run.json and has no summary and no results.json for the
-unfinished seed; `--resume latest` (or a path) continues it from the last saved epoch.
+unfinished seed; `--resume latest` (or a path) continues it from the last saved epoch. One process at a time
+holds a run folder (run.lock); a run whose status says `running` but whose lock no live process holds was
+killed, and every command that reads it says so.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from . import checkpoint as ckpt
-from .config import FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, data_on_device, set_field
-from .data import check_training_set, load_dataset, plan, split_record, verify_images
+from . import lock as run_lock
+from .config import (FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, check_config, data_on_device,
+                     set_field)
+from .data import check_training_set, load_dataset, plan, run_image_paths, split_record, verify_paths
 from .engine import SeedTrainer, build_model, load_backbone, numerics, progress_bar, resolve_device
 from .results import csv_table, markdown_table, summarize_run
 
@@ -59,17 +66,32 @@ def prepare(config: RunConfig, echo) -> Prepared:
     """Everything that can fail on bad input, before anything is written."""
     device = resolve_device(config.device)
     num = numerics(config.precision, device)
-    clip = load_backbone(config.backbone, config.pretrained, num.clip_precision, device, config.kernels)
-    image_size = int(clip.visual.image_size[0])
+    # The data are checked before the backbone loads: a missing root, layout or image must fail in seconds,
+    # not after a pretrained download (minutes online, the hub's retries offline). The image size the data
+    # plan needs comes from the backbone's config; only where that needs the network (an hf-hub: name) or
+    # the name is unknown (an immediate error) does the backbone load first.
+    image_size = _configured_image_size(config.backbone)
+    clip = None
+    if image_size is None:
+        clip = load_backbone(config.backbone, config.pretrained, num.clip_precision, device, config.kernels)
+        image_size = int(clip.visual.image_size[0])
     full = load_dataset(config, config.dataset, image_size)
     loaded: dict = {}
     plans = {seed: plan(config, full, seed, image_size, loaded) for seed in config.seeds}
     for seed, (train, _) in plans.items():
         if config.epochs > 0:  # epochs=0 evaluates the initial prompts (zero-shot CLIP): nothing is trained
             check_training_set(config, train)
-            if not data_on_device(config, device):
-                with progress_bar(len(train.train), f"checking seed {seed}'s training images") as bar:
-                    verify_images(train, bar.update)
+    # Decode every file the run will read, the evaluation targets included: a bad test image found after the
+    # training would cost the whole run. data_on_device decodes the training set itself before the first step.
+    paths = run_image_paths(plans, train_too=config.epochs > 0 and not data_on_device(config, device))
+    if paths:
+        with progress_bar(len(paths), "checking the images") as bar:
+            verify_paths(paths, bar.update)
+    if clip is None:
+        clip = load_backbone(config.backbone, config.pretrained, num.clip_precision, device, config.kernels)
+        if int(clip.visual.image_size[0]) != image_size:
+            raise RunError(f"backbone {config.backbone!r} loaded with image size {clip.visual.image_size}, but its"
+                           f" config says {image_size}: the data were planned for {image_size} px")
     # Build once so bad method options and over-long class names fail now, not after the folder exists.
     first_train, _ = plans[config.seeds[0]]
     build_model(config, clip, first_train.classnames, config.seeds[0])
@@ -77,6 +99,24 @@ def prepare(config: RunConfig, echo) -> Prepared:
          f" seeds {list(config.seeds)}, backbone {config.backbone} ({config.pretrained or 'random weights'}),"
          f" {num.name} on {device}")
     return Prepared(config, clip, device, num, image_size, plans)
+
+
+def _configured_image_size(backbone: str) -> int | None:
+    """The input size of `backbone` read from its config without building it; None where that is not known
+    offline (hf-hub: names, unknown names)."""
+    import open_clip
+
+    from ..backbones import TINY_CONFIGS
+
+    if backbone in TINY_CONFIGS:
+        size = TINY_CONFIGS[backbone]["vision_cfg"]["image_size"]
+    elif backbone in open_clip.list_models():  # local configs only: get_model_config fetches hf-hub: names
+        size = (open_clip.get_model_config(backbone) or {}).get("vision_cfg", {}).get("image_size")
+    else:
+        return None
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    return int(size) if size is not None else None
 
 
 def _seed_dir(run_dir: str, seed: int) -> str:
@@ -91,15 +131,37 @@ def _complete(seed_dir: str) -> dict | None:
     return result if result.get("complete") else None
 
 
+def status_line(run_dir: str, manifest: dict | None = None) -> str:
+    """The run's status as run.json gives it, checked against its lock: 'running' with no live holder is stale."""
+    if manifest is None:
+        manifest = ckpt.read_json(os.path.join(run_dir, RUN_MANIFEST), "run manifest")
+    status = manifest.get("status")
+    if status != "running":
+        return f"status {status!r}"
+    alive, record = run_lock.holder(run_dir)
+    if alive:
+        return f"status 'running': it is being trained now by {run_lock.describe(record)}"
+    who = f"its process ({run_lock.describe(record)}) is gone" if record else "no process holds it"
+    return (f"status 'running' is stale: {who}, so the run was killed; continue it with"
+            f" `fastprompt train --resume {run_dir}`")
+
+
 def _check_new_folder(run_dir: str) -> None:
     if os.path.isfile(os.path.join(run_dir, RUN_MANIFEST)):
-        status = ckpt.read_json(os.path.join(run_dir, RUN_MANIFEST), "run manifest").get("status")
         raise RunError(
-            f"{run_dir} already holds a run (status {status!r}). Pass --resume latest to continue it, or choose"
+            f"{run_dir} already holds a run ({status_line(run_dir)}). Pass --resume latest to continue it, or choose"
             " another output_dir="
         )
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
+    # run.lock alone is a run that was starting: a live one refuses at the lock, a dead one left it behind.
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {run_lock.LOCK_NAME}:
         raise RunError(f"output folder {run_dir} is not empty and holds no fastprompt run; choose another output_dir=")
+
+
+def _take_lock(run_dir: str) -> run_lock.RunLock:
+    try:
+        return run_lock.acquire(run_dir)
+    except run_lock.LockHeld as error:
+        raise RunError(str(error)) from None
 
 
 def resume_folder(path: str) -> str:
@@ -127,6 +189,8 @@ def config_for_resume(run_dir: str, overrides: dict | None, candidate: RunConfig
             if key in overrides:
                 set_field(config, key, overrides.pop(key))
         apply_values(config, overrides, "override")
+    # The same checks as a new run: a bad value saved here would break every later resume.
+    check_config(config)
     config.output_dir = run_dir
     before, after = stored.to_dict(), config.to_dict()
     changed = [k for k in FIELDS if before[k] != after[k] and k not in RESUMABLE_CHANGES]
@@ -147,11 +211,41 @@ def train_run(resolved: ResolvedConfig | None = None, resume_dir: str | None = N
     run_dir = resume_dir or config.resolved_output_dir()
     if resume_dir is None:
         _check_new_folder(run_dir)
-    prepared = prepare(config, echo)
-    os.makedirs(run_dir, exist_ok=True)
+    # A resume locks first (the folder exists; a second process is refused before loading anything); a new run
+    # after the checks that must fail before its folder exists.
+    held = _take_lock(run_dir) if resume_dir else None
+    try:
+        prepared = prepare(config, echo)
+        if held is None:
+            created = not os.path.isdir(run_dir)
+            os.makedirs(run_dir, exist_ok=True)
+            try:
+                held = _take_lock(run_dir)
+                _check_new_folder(run_dir)  # another process may have started a run here since the first check
+            except BaseException:
+                if held is not None:
+                    held.release()
+                    held = None
+                if created:
+                    try:
+                        os.rmdir(run_dir)  # only if still empty: never remove what another process wrote
+                    except OSError:
+                        pass
+                raise
+        return _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, on_epoch_end)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, on_epoch_end) -> dict:
     echo.path = os.path.join(run_dir, "log.txt")
     manifest_path = os.path.join(run_dir, RUN_MANIFEST)
     manifest = ckpt.read_json(manifest_path, "run manifest") if resume_dir else {"started": ckpt.now()}
+    if resume_dir and manifest.get("status") == "running":
+        # We hold the lock, so whoever wrote 'running' is gone without marking the run (killed).
+        who = f"its process ({run_lock.describe(held.previous)})" if held.previous else "its process"
+        echo(f"run.json said 'running', but {who} is gone: the run was killed; resuming from the last saved state")
     splits = {str(seed): split_record(train, targets) for seed, (train, targets) in prepared.plans.items()}
     if resume_dir and manifest.get("splits") not in (None, splits):
         changed = sorted(k for k in splits if manifest["splits"].get(k) != splits[k])
@@ -168,7 +262,7 @@ def train_run(resolved: ResolvedConfig | None = None, resume_dir: str | None = N
     })
     if resolved is not None:
         manifest["preset"] = {"name": resolved.preset_name,
-                              "diff": {k: list(v) for k, v in resolved.diff().items()}}
+                              "diff": {k: list(v) for k, v in resolved.diff().items()}, "notes": list(resolved.notes)}
     manifest.pop("error", None)
     if resume_dir:
         manifest.setdefault("resumed", []).append(ckpt.now())
@@ -178,6 +272,8 @@ def train_run(resolved: ResolvedConfig | None = None, resume_dir: str | None = N
         changes = resolved.diff()
         echo(f"preset {resolved.preset_name}; " + ("no changes" if not changes else "changed: " + ", ".join(
             f"{k} {before!r} -> {after!r}" for k, (before, after) in changes.items())))
+        for note in resolved.notes:
+            echo(f"note: {note}")
     trainer = SeedTrainer(config, prepared.clip, prepared.device, prepared.num, prepared.image_size, echo)
     results = []
     try:
@@ -189,8 +285,10 @@ def train_run(resolved: ResolvedConfig | None = None, resume_dir: str | None = N
                 results.append(done)
                 continue
             train, targets = prepared.plans[seed]
-            results.append(trainer.train(seed, train, targets, seed_dir, resume=resume_dir is not None,
-                                         on_epoch_end=on_epoch_end))
+            result = trainer.train(seed, train, targets, seed_dir, resume=resume_dir is not None,
+                                   on_epoch_end=on_epoch_end)
+            _fail_if_nothing_trained(seed, seed_dir, result)
+            results.append(result)
         summary = write_summary(run_dir, config, results)
     except BaseException as error:
         manifest.update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
@@ -201,6 +299,27 @@ def train_run(resolved: ResolvedConfig | None = None, resume_dir: str | None = N
     ckpt.atomic_write_json(manifest_path, manifest)
     echo("\n" + markdown_table([summary]))
     return summary
+
+
+def _fail_if_nothing_trained(seed: int, seed_dir: str, result: dict) -> None:
+    """A seed whose every training step was skipped (non-finite loss or gradient) trained nothing: its checkpoint
+    is the initial prompts, not a result. Epochs shorter than max_bad_steps never trip the in-a-row guard, so this
+    is checked over the whole history; the seed's results and checkpoint are removed so it does not count as
+    complete (results.json first: without it the seed is unfinished whatever else remains)."""
+    history = result.get("history") or []
+    skipped = sum(int(epoch.get("skipped_steps") or 0) for epoch in history)
+    if not skipped or any(int(epoch.get("images") or 0) for epoch in history):
+        return
+    for name in ("results.json", ckpt.MANIFEST, ckpt.TENSORS):
+        try:
+            os.remove(os.path.join(seed_dir, name))
+        except FileNotFoundError:
+            pass
+    from ..training import NonFiniteLossError
+
+    raise NonFiniteLossError(
+        f"seed {seed}: every training step ({skipped}) had a non-finite loss or gradient and was skipped, so"
+        " nothing was trained; lower the lr, or use precision=fp32")
 
 
 def run_name(config: RunConfig) -> str:
@@ -239,6 +358,7 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
             raise ConfigError(f"eval cannot change {', '.join(bad)} (only {', '.join(EVAL_OVERRIDES)}, dataset.*): the"
                               " checkpoint fixes the method, its options and the training data")
         apply_values(config, overrides or {}, "override")
+        check_config(config)  # eval_batch_size=0 and the like: the checks a new run's values get
         seed = int(manifest.get("seed", config.seeds[0]))
         config.seeds = (seed,)
         device = resolve_device(config.device)
@@ -282,17 +402,33 @@ def checkpoints_of_run(run_dir: str) -> list[str]:
         if not os.path.isfile(os.path.join(folder, ckpt.MANIFEST)):
             raise ckpt.CheckpointError(
                 f"{folder} has no checkpoint (the seed did not finish training); eval never trains: run"
-                f" `fastprompt train --resume {run_dir}` first"
+                f" `fastprompt train --resume {run_dir}` first (run.json: {status_line(run_dir)})"
+            )
+        if not os.path.isfile(os.path.join(folder, "results.json")):
+            # The checkpoint is written before the seed's evaluation, which did not finish (`eval --run` compares
+            # with the logged results, so it needs them).
+            raise ckpt.CheckpointError(
+                f"{folder} has its final checkpoint but no results.json (its evaluation did not finish); run"
+                f" `fastprompt train --resume {run_dir}` to evaluate it, or `fastprompt eval --checkpoint {folder}`"
+                f" (run.json: {status_line(run_dir)})"
             )
         folders.append(folder)
+    state = status_line(run_dir)
+    if state != "status 'complete'":
+        # Every seed has its final checkpoint (written before its evaluation), so they can be evaluated; say
+        # that the run itself did not finish rather than let it pass for a complete one.
+        print(f"fastprompt: note: {run_dir} is not complete ({state}); evaluating its saved checkpoints",
+              file=sys.stderr)
     return folders
 
 
 def load_summaries(run_dirs: list[str]) -> list[dict]:
     summaries = []
     for run_dir in run_dirs:
-        path = os.path.join(os.path.abspath(os.path.expanduser(run_dir)), "summary.json")
+        folder = os.path.abspath(os.path.expanduser(run_dir))
+        path = os.path.join(folder, "summary.json")
         if not os.path.isfile(path):
-            raise RunError(f"{run_dir} has no summary.json (the run is not complete)")
+            state = status_line(folder) if os.path.isfile(os.path.join(folder, RUN_MANIFEST)) else "no run.json"
+            raise RunError(f"{run_dir} has no summary.json (the run is not complete: {state})")
         summaries.append(ckpt.read_json(path, "run summary"))
     return summaries
