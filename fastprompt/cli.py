@@ -17,6 +17,15 @@ import argparse
 import os
 import sys
 
+# The parser is built from these literal names, not from fastprompt.METHODS / fastprompt.data: importing
+# those imports torch and open_clip (seconds), and `--help` and argument errors must answer at once.
+# tests/test_cli_startup.py checks that they equal the registries.
+METHOD_NAMES = ("clip", "coop", "cocoop", "vpt_deep", "deep_language", "ivlp", "maple", "mpl", "mudpt", "mmrl",
+                "promptsrc", "mcpl")
+DATASET_NAMES = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                 "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101", "imagenetv2", "imagenet_sketch",
+                 "imagenet_a", "imagenet_r", "procedural", "imagefolder", "csv")
+
 
 def _demo(args) -> int:
     from .demo import run_demo
@@ -92,6 +101,7 @@ def _train(args, extra) -> int:
         if args.dry_run:
             print(format_config(resolved))
             return 0
+        _check_output_path(resolved.config.resolved_output_dir(), "output folder", folder=True)
         train_run(resolved)
         return 0
     if args.resume == "latest":
@@ -124,6 +134,8 @@ def _eval(args, extra) -> int:
     if args.dataset is None and (args.subset != "all" or args.mode is not None):
         raise ConfigError("--subset and --mode apply to --dataset; without it the run's own targets are evaluated")
     overrides = _overrides(argparse.Namespace(overrides=args.overrides), extra)
+    if args.output:
+        _check_output_path(args.output, "--output", folder=False)
     folders = checkpoints_of_run(args.run) if args.run else list(args.checkpoint)
     outputs = evaluate_checkpoints(folders, overrides, args.dataset, args.subset, args.mode)
     if args.run and args.dataset is None:
@@ -148,6 +160,9 @@ def _report(args) -> int:
     from .runner.results import csv_table, markdown_table
     from .runner.run import load_summaries
 
+    for option, path in (("--markdown", args.markdown), ("--csv", args.csv)):
+        if path:
+            _check_output_path(path, option, folder=False)
     summaries = load_summaries(args.runs)
     text = markdown_table(summaries)
     print(text)
@@ -177,17 +192,16 @@ def _bench(args, extra) -> int:
 
 # --- parser --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
-
-    parser = argparse.ArgumentParser(prog="fastprompt", description="Fast prompt learning on frozen CLIP.")
+    parser = _Parser(prog="fastprompt", description="Fast prompt learning on frozen CLIP.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train and evaluate a method on the embedded procedural dataset")
-    demo.add_argument("--method", default="maple", choices=sorted(METHODS))
+    demo.add_argument("--method", default="maple", choices=sorted(METHOD_NAMES))
     demo.add_argument("--backbone", default="small", help="'small', 'tiny' or an open_clip model name")
     demo.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint file")
     demo.add_argument("--epochs", type=int, default=15)
-    demo.add_argument("--shots", type=int, default=16)
+    demo.add_argument("--shots", type=int, default=16,
+                      help="training images per class of the procedural dataset (K of K-shot; default 16)")
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--lr", type=float, default=None)
     demo.add_argument("--seed", type=int, default=0)
@@ -220,11 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
             "method options are bare keys (n_ctx=4, depth=3); dataset options are dataset.<name>=value"
         ),
     )
-    train.add_argument("--method", help="prompt method: " + ", ".join(sorted(METHODS)))
+    train.add_argument("--method", help="prompt method: " + ", ".join(sorted(METHOD_NAMES)))
     train.add_argument("--protocol", help="b2n, fewshot, xd or dg")
-    train.add_argument("--dataset", help="dataset name (fastprompt.data)")
+    train.add_argument("--dataset", help="training dataset: " + ", ".join(DATASET_NAMES)
+                       + " (Dassl names such as OxfordPets are accepted too)")
     train.add_argument("--root", help="folder holding one folder per dataset")
-    train.add_argument("--shots", type=int)
+    train.add_argument("--shots", type=int,
+                       help="training images per class, sampled as Dassl does (K of K-shot; default 16; "
+                            "the fewshot protocol's papers use 1, 2, 4, 8, 16)")
     train.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3")
     train.add_argument("--output", dest="output_dir", help="run folder")
     train.add_argument("--config", help="JSON or YAML file of config keys")
@@ -236,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate saved checkpoints (never trains)")
     evaluate.add_argument("--run", help="a run folder: evaluate every seed on its own targets")
     evaluate.add_argument("--checkpoint", action="append", help="a checkpoint folder or checkpoint.json (repeatable)")
-    evaluate.add_argument("--dataset", help="evaluate on this dataset's test split instead")
+    evaluate.add_argument("--dataset", help="evaluate on this dataset's test split instead: "
+                          + ", ".join(DATASET_NAMES))
     evaluate.add_argument("--subset", default="all", choices=["all", "base", "novel"])
     evaluate.add_argument("--mode", choices=["base", "novel"], help="prediction mode (default: by class set)")
     evaluate.add_argument("--output", help="write the results as JSON")
@@ -249,10 +267,48 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--csv", help="write the CSV table here")
     report.set_defaults(func=_report)
 
-    bench = sub.add_parser("bench", help="run the benchmark suite (pytest bench/); extra arguments go to pytest")
+    bench = sub.add_parser(
+        "bench", help="run the benchmark suite (pytest bench/); extra arguments go to pytest",
+        description="Run the benchmark suite: `python -m pytest <bench folder> ARGS...`. Every argument other than"
+                    " --path is passed to pytest unchanged (e.g. fastprompt bench -k maple -x).",
+        usage="fastprompt bench [-h] [--path PATH] [PYTEST ARGS ...]",
+    )
     bench.add_argument("--path", help="benchmark folder (default: bench/ of the source checkout)")
     bench.set_defaults(func=_bench, takes_extra=True)
     return parser
+
+
+class _UsageError(Exception):
+    """A command-line argument argparse refused (unknown option, bad choice, missing value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors end like every other failure: one line `fastprompt: error: ...` and exit status 2
+    from main(), instead of the usage block and a SystemExit (subcommand parsers inherit the class)."""
+
+    def error(self, message):
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _check_output_path(path: str, what: str, folder: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder is needed (or the
+    reverse), a file on the way to it, or a first existing folder this user cannot write into."""
+    from .runner.config import ConfigError
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path):
+        if folder and not os.path.isdir(path):
+            raise ConfigError(f"{what} {path} is a file; give a folder for the run")
+        if not folder and os.path.isdir(path):
+            raise ConfigError(f"{what} {path} is a folder; give a file path")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: cannot create it, {parent} is not writable")
 
 
 def _expected_errors() -> tuple:
@@ -260,18 +316,25 @@ def _expected_errors() -> tuple:
     from .data import CorruptImageError, DatasetError
     from .runner.checkpoint import CheckpointError
     from .runner.config import ConfigError
+    from .runner.results import ReportError
     from .runner.run import RunError
     from .training import NonFiniteLossError
 
+    # OSError: what the operating system refused (permissions, a full disk, a path that vanished) is a problem
+    # of the environment, said in one line like bad input; a bug still shows its traceback.
     return (ConfigError, DatasetError, CheckpointError, RunError, CorruptImageError, NonFiniteLossError,
-            UnsupportedModelError, FileNotFoundError)
+            UnsupportedModelError, ReportError, OSError)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "takes_extra", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "takes_extra", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except _UsageError as error:
+        print(f"fastprompt: error: {error}", file=sys.stderr)
+        return 2
     try:
         if getattr(args, "takes_extra", False):
             return args.func(args, extra)

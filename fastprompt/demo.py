@@ -26,6 +26,45 @@ from .training import TrainStep, fit, lr_at, make_optimizer
 DEMO_DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=0.0)
 
 
+def _check_options(method, backbone, epochs, shots, test_per_class, batch_size, lr, device,
+                   kernels) -> torch.device:
+    """Every option checked before anything is built, each error naming the option (ConfigError, a ValueError);
+    returns the device. Without this, an unknown backbone or device ended in a traceback and a batch larger
+    than the training set ran zero steps and printed a result."""
+    import math
+
+    from .backbones import known_backbones
+    from .data.procedural import PROCEDURAL_CLASSES
+    from .methods import METHODS
+    from .ops.backends import BACKENDS
+    from .runner.config import ConfigError, unknown_key_message
+    from .runner.engine import resolve_device
+
+    if method not in METHODS:
+        raise ConfigError(unknown_key_message(method, sorted(METHODS), "method"))
+    for name, value, low in (("epochs", epochs, 1), ("shots", shots, 1), ("test_per_class", test_per_class, 1),
+                             ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            hint = " (the demo trains; fastprompt train ... epochs=0 evaluates without training)" * (name == "epochs")
+            raise ConfigError(f"demo: {name} must be an integer >= {low}, got {value!r}{hint}")
+    train_images = shots * len(PROCEDURAL_CLASSES)
+    if batch_size > train_images:
+        raise ConfigError(f"demo: batch_size={batch_size} is larger than the training set ({shots} shots x"
+                          f" {len(PROCEDURAL_CLASSES)} classes = {train_images} images): no full batch to train on")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr)
+                           or lr <= 0):
+        raise ConfigError(f"demo: lr must be a finite number > 0, got {lr!r}")
+    if not backbone.startswith("hf-hub:") and backbone not in known_backbones():
+        import difflib
+
+        close = difflib.get_close_matches(backbone, known_backbones(), n=3)
+        raise ConfigError(f"demo: unknown backbone {backbone!r}" + (f"; did you mean {', '.join(close)}?" if close
+                                                                     else "; see open_clip.list_models()"))
+    if kernels not in ("auto", *BACKENDS):
+        raise ConfigError(f"demo: kernels must be auto or one of {', '.join(BACKENDS)}, got {kernels!r}")
+    return resolve_device(device)
+
+
 def run_demo(
     method: str = "maple",
     backbone: str = "small",
@@ -40,8 +79,7 @@ def run_demo(
     kernels: str = "auto",
     echo=print,
 ) -> dict:
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
+    device = _check_options(method, backbone, epochs, shots, test_per_class, batch_size, lr, device, kernels)
     # On a GPU the frozen weights are bf16 and the step runs under bf16 autocast (the runner's default there).
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(seed)

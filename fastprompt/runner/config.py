@@ -314,19 +314,17 @@ def check_config(config: RunConfig) -> None:
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
-    positive = ("shots", "batch_size", "eval_batch_size", "max_bad_steps", "save_every")
-    for key in positive:
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
-    if config.epochs < 0 or config.warmup_epochs < 0:
-        raise ConfigError("epochs and warmup_epochs must be >= 0")
+    for key, (low, high, closed_high) in _RANGES.items():
+        _check_number(key, getattr(config, key), low, high, closed_high)
+    if config.device_cache_side is not None:
+        _check_number("device_cache_side", config.device_cache_side, 1, None)
+    for value in config.crop_scale:
+        _check_number("crop_scale", value, None, None)
     if config.warmup_epochs >= config.epochs > 0:
         raise ConfigError(
             f"warmup_epochs={config.warmup_epochs} leaves no cosine epoch in epochs={config.epochs};"
             " lower warmup_epochs"
         )
-    if config.lr <= 0:
-        raise ConfigError(f"lr must be > 0, got {config.lr}")
     if not config.seeds:
         raise ConfigError("seeds must list at least one seed")
     if len(set(config.seeds)) != len(config.seeds):
@@ -348,6 +346,54 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(f"gpa (Gaussian prompt aggregation) is PromptSRC's; method is {config.method!r}")
     if config.dataset == "procedural" and config.root is not None:
         raise ConfigError("the procedural dataset is drawn in memory and takes no root; remove root=")
+    check_method_options(config.method, config.options)
+
+
+# Numeric config keys: (lowest, highest, highest allowed?); None = unbounded. Every value must also be finite:
+# a NaN passes every comparison, and lr=nan trained an all-NaN checkpoint that was reported complete.
+_RANGES = {
+    "shots": (1, None, True), "batch_size": (1, None, True), "eval_batch_size": (1, None, True),
+    "max_bad_steps": (1, None, True), "save_every": (1, None, True), "epochs": (0, None, True),
+    "warmup_epochs": (0, None, True), "num_workers": (-1, None, True),
+    "lr": (0, None, True), "warmup_lr": (0, None, True), "weight_decay": (0, None, True),
+    "momentum": (0, 1, False),
+}
+_ABOVE_LOW = ("lr", "gpa_std")  # lowest value excluded: a zero lr trains nothing, a zero std divides by zero
+
+
+def _check_number(key: str, value, low, high, closed_high: bool = True) -> None:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if key in _ABOVE_LOW else value < low)
+    too_high = high is not None and (value > high if closed_high else value >= high)
+    if too_low or too_high:
+        lower = "" if low is None else (f"> {low}" if key in _ABOVE_LOW else f">= {low}")
+        upper = "" if high is None else (f"<= {high}" if closed_high else f"< {high}")
+        raise ConfigError(f"{key} must be {' and '.join(b for b in (lower, upper) if b)}, got {value}")
+
+
+# Method options with a range (the methods' own checks come only when the model is built, and some values,
+# like CoOp's n_ctx under a ctx_init, are ignored there without a word): name -> (lowest, highest).
+_OPTION_RANGES = {
+    "n_ctx": (1, None), "depth": (1, None), "n_tokens": (1, None), "rep_dim": (1, None), "first_layer": (1, None),
+    "text_depth": (0, None), "vision_depth": (0, None), "decoder_layers": (1, None), "meta_hidden": (1, None),
+    "n_text": (0, None), "n_vision": (0, None), "n_add": (0, None), "n_remove": (0, None),
+    "reg_weight": (0, None), "text_weight": (0, None), "image_weight": (0, None), "kl_weight": (0, None),
+    "alpha": (0, 1), "gpa_mean": (0, None), "gpa_std": (0, None),
+}
+
+
+def check_method_options(method: str, options: dict) -> None:
+    """Every numeric method option finite, and in range where the option has one (n_ctx >= 1, ...)."""
+    for name, value in options.items():
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        low, high = _OPTION_RANGES.get(name, (None, None))
+        _check_number(name, value, low, high)
 
 
 # --- building the effective config ---------------------------------------------------------------------
@@ -356,6 +402,7 @@ class ResolvedConfig:
     config: RunConfig
     preset: RunConfig
     preset_name: str
+    notes: list = field(default_factory=list)  # one line per option overridden by another (shown and logged)
 
     def diff(self) -> dict[str, tuple]:
         """key -> (preset value, effective value) for every key that differs from the preset."""
@@ -397,7 +444,54 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
     apply_values(config, file_values, "config file")
     apply_values(config, overrides, "override")
     check_config(config)
-    return ResolvedConfig(config, base, name)
+    notes = _reconcile_context(config, base.options, set(file_values) | set(overrides))
+    return ResolvedConfig(config, base, name, notes)
+
+
+# Methods whose ctx_init, when set, fixes the context length at its token count (n_ctx is then not used), and
+# methods that initialise their first n_ctx context tokens from ctx_init's words (n_ctx must not exceed them).
+_CTX_INIT_SETS_LENGTH = ("coop", "cocoop")
+_CTX_INIT_INITIALISES = ("maple", "mcpl")
+
+
+def _reconcile_context(config: RunConfig, preset_options: dict, user_keys: set) -> list[str]:
+    """Make n_ctx and ctx_init agree in the recorded config, so that no option is recorded as if used when the
+    method ignores it. A value the user gave wins over the preset's (one note line says what was dropped); two
+    user values that contradict each other are an error. Returns the note lines."""
+    from ..methods import method_options
+
+    method = config.method
+    if method not in _CTX_INIT_SETS_LENGTH + _CTX_INIT_INITIALISES:
+        return []
+    options = config.options
+    ctx_init = options.get("ctx_init", method_options(method)["ctx_init"])
+    if not ctx_init:
+        return []
+    from ..model import _default_tokenizer
+
+    tokens = len(_default_tokenizer().encode(ctx_init))
+    n_ctx = options.get("n_ctx", method_options(method)["n_ctx"])
+    if method in _CTX_INIT_INITIALISES:
+        if n_ctx > tokens:
+            raise ConfigError(f"n_ctx={n_ctx} but ctx_init={ctx_init!r} has {tokens} tokens: {method} initialises"
+                              f" its n_ctx context tokens from ctx_init's words; use n_ctx <= {tokens} or a longer"
+                              " ctx_init")
+        return []
+    if n_ctx == tokens:
+        return []
+    if "n_ctx" in user_keys and "ctx_init" in user_keys:
+        raise ConfigError(f"n_ctx={n_ctx} and ctx_init={ctx_init!r} conflict: {method} takes the context length from"
+                          f" ctx_init ({tokens} tokens); give one of them (ctx_init=none for {n_ctx} random tokens)")
+    if "n_ctx" in user_keys:
+        source = "the preset's" if preset_options.get("ctx_init") else f"{method}'s default"
+        options["ctx_init"] = None
+        return [f"n_ctx={n_ctx} replaces {source} ctx_init={ctx_init!r} (which fixes the context at its {tokens}"
+                f" tokens): the context is {n_ctx} randomly initialised tokens"]
+    if "n_ctx" not in options:
+        return []  # the method's default n_ctx: not recorded, so nothing claims it was used
+    options["n_ctx"] = tokens
+    return [f"ctx_init={ctx_init!r} sets the context length to its {tokens} tokens; the preset's n_ctx={n_ctx} is"
+            " not used"]
 
 
 def format_config(resolved: ResolvedConfig) -> str:
@@ -418,6 +512,7 @@ def format_config(resolved: ResolvedConfig) -> str:
         else:
             lines.append(f"{key} = {json.dumps(value)}")
     changes = resolved.diff()
+    lines += [f"# note: {note}" for note in resolved.notes]
     lines.append(f"# differences from the preset: {len(changes) or 'none'}")
     for key, (before, after) in changes.items():
         lines.append(f"{key}: {json.dumps(before)} -> {json.dumps(after)}")

@@ -17,6 +17,10 @@ import math
 import statistics
 
 
+class ReportError(ValueError):
+    """Summaries that cannot share one table (runs of different protocols); the message names the runs."""
+
+
 def harmonic_mean(base: float, novel: float) -> float:
     return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
 
@@ -66,10 +70,17 @@ def _pm(pair, digits: int = 2) -> str:
 # --- tables -------------------------------------------------------------------------------------------
 def table_rows(summaries: list[dict]) -> tuple[list[str], list[list], list[list[str]]]:
     """(header, numeric rows for CSV, formatted rows for Markdown) for summaries of one protocol."""
-    protocols = {s["protocol"] for s in summaries}
-    if len(protocols) != 1:
-        raise ValueError(f"cannot put runs of different protocols in one table: {sorted(protocols)}")
-    protocol = protocols.pop()
+    if not summaries:
+        raise ReportError("no runs to put in a table")
+    by_protocol: dict[str, list[str]] = {}
+    for s in summaries:
+        by_protocol.setdefault(s["protocol"], []).append(s["name"])
+    if len(by_protocol) != 1:
+        # Each protocol has its own columns (base/novel/HM, accuracy, transfer targets): one table cannot hold two.
+        listed = "; ".join(f"{protocol}: {', '.join(names)}" for protocol, names in sorted(by_protocol.items()))
+        raise ReportError(f"cannot put runs of different protocols in one table ({listed}); report each protocol"
+                          " separately")
+    (protocol,) = by_protocol
     if protocol == "b2n":
         return _b2n_rows(summaries)
     if protocol == "fewshot":
