@@ -159,9 +159,14 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
 def check_images(model: nn.Module, images: torch.Tensor) -> None:
     visual = model.visual
     if not torch.is_tensor(images) or not images.is_floating_point():
-        raise TypeError(f"images must be a floating-point tensor, got {getattr(images, 'dtype', type(images))}")
+        raise TypeError(
+            f"images must be a floating-point tensor, got {getattr(images, 'dtype', type(images).__name__)};"
+            " integer pixels need the CLIP normalisation first (fastprompt.data.eval_transform does it)"
+        )
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"the image batch is empty (shape {tuple(images.shape)}); give at least one image")
     if tuple(images.shape[-2:]) != tuple(visual.image_size):
         raise ValueError(
             f"images are {tuple(images.shape[-2:])} pixels but the model's positional embedding is for"

@@ -78,7 +78,14 @@ class PromptedCLIP(nn.Module):
             raise ValueError("text_path='packed' computes only SOS..EOT; it cannot run with truncate_text=False")
         self.text_path = text_path
         self.info = bb.inspect_clip(clip)
+        if not isinstance(method, PromptMethod):
+            raise TypeError(
+                f"method must be a PromptMethod (e.g. from fastprompt.build), not {type(method).__name__}"
+            )
         self.clip = clip
+        # Frozen in place, the caller's flags included (documented in fastprompt.build): a CLIP weight that
+        # requires grad would get a gradient computed and kept every step, and the fused MLP keeps its memory
+        # saving only for weights that do not.
         for p in clip.parameters():
             p.requires_grad_(False)
         self.method = method
@@ -293,7 +300,9 @@ class PromptedCLIP(nn.Module):
             return self.truncate_text and fast_path(self.clip) is not None
         return self.text_path == "packed"
 
-    def _encode_text_packed(self, tokens_by_layer, images: int):
+    def packed_text(self):
+        """The packed text tower of this class set (built once per class set: its packing metadata is read from
+        the host here, never in a step)."""
         if self._packed is None:
             path = fast_path(self.clip)
             if path is not None:
@@ -302,7 +311,10 @@ class PromptedCLIP(nn.Module):
                 from .fast.packed_text import PackedText
 
                 self._packed = PackedText(self)
-        features = self._packed.encode(tokens_by_layer, images)
+        return self._packed
+
+    def _encode_text_packed(self, tokens_by_layer, images: int):
+        features = self.packed_text().encode(tokens_by_layer, images)
         input_embeds = None
         if self.method.uses_text_input_embeds:
             first = tokens_by_layer.get(1)

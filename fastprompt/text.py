@@ -35,6 +35,45 @@ def clean_classname(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
+def class_list(classnames) -> list[str]:
+    """`classnames` checked and read once into a list: any iterable of strings (a generator is read here, once),
+    not None, a single string or a mapping. Names that clean to the same string give two identical prompts (the
+    same text features: every image scores them equally, and the lower index wins the tie): a warning naming them,
+    not an error, because CLIP's standard ImageNet class names (open_clip's and CoOp's) hold such pairs ('missile',
+    'sunglasses'), and the papers' ImageNet numbers are measured with them."""
+    if classnames is None:
+        raise TypeError("classnames is None; give a list of class names, e.g. ['cat', 'dog']")
+    if isinstance(classnames, str | bytes):
+        raise TypeError("classnames must be a list of names, not a single string")
+    if isinstance(classnames, dict):
+        raise TypeError("classnames is a dict; give a list of names (e.g. list(mapping.values()))")
+    try:
+        names = list(classnames)
+    except TypeError:
+        raise TypeError(
+            f"classnames must be an iterable of strings, not {type(classnames).__name__}"
+        ) from None
+    first_at: dict[str, int] = {}
+    duplicates = []
+    for i, raw in enumerate(names):
+        if not isinstance(raw, str):
+            raise TypeError(f"class name {i} is {raw!r:.80} of type {type(raw).__name__}, not a string")
+        name = clean_classname(raw)
+        if name in first_at:
+            j = first_at[name]
+            same = f"{names[j]!r}" if names[j] == raw else f"{names[j]!r} and {raw!r}, both {name!r} after cleaning"
+            duplicates.append(f"{same} at positions {j} and {i}")
+        elif name:
+            first_at[name] = i
+    if duplicates:
+        import warnings
+
+        warnings.warn(f"duplicate class names ({'; '.join(duplicates[:5])}{'; ...' if len(duplicates) > 5 else ''}):"
+                      " their prompts are identical, so they always score the same and the first wins ties",
+                      UserWarning, stacklevel=3)
+    return names
+
+
 def tokenize_classes(
     tokenizer,
     template: str,
@@ -47,9 +86,8 @@ def tokenize_classes(
     `slots`: learnable tokens right after SOS (replace mode). Tokens inserted by 'insert' mode take no
     positional slot, so they do not count against the context length.
     """
-    if isinstance(classnames, str):
-        raise TypeError("classnames must be a list of names, not a single string")
-    names = [clean_classname(str(n)) for n in classnames]
+    classnames = class_list(classnames)
+    names = [clean_classname(n) for n in classnames]
     if not names:
         raise ValueError("the class list is empty; give at least one class name")
     for raw, name in zip(classnames, names):

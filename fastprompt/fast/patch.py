@@ -5,19 +5,19 @@ What it does to the instance (and nothing else: no open_clip module globals chan
   state_dict keys and tensors) whose forward runs LayerNorm with fp32 statistics, one qkv GEMM, the
   chosen attention backend without a dense mask (causal when open_clip passes its causal mask), and the
   frozen-weight MLP; any other mask falls back to the original forward, exactly;
-- `encode_text` becomes an instance method that cuts the 77-token rows after the last EOT (exact, see
-  fastprompt.model) before running the same modules;
+- `encode_text` becomes an instance attribute (a callable) that cuts the 77-token rows after the last EOT
+  (exact, see fastprompt.model) before running the same modules;
 - a `FastPath` object kept on the model (`fastprompt.fast.fast_path(model)`, also `model.fastprompt_patch`)
   records what was patched, with which kernels, and why; the general model asks it, and nothing else, how
   to run the fast path.
 `unpatch(model)` restores the original classes and methods (outputs are then bit-identical to a model
-never patched). Patching twice only updates the kernel choice.
+never patched). Patching twice only updates the kernel choice. A patched model pickles (pickle, torch.save,
+copy.deepcopy) and loads as a patched model; `unpatch` of anything but an open_clip CLIP is an error.
 """
 
 from __future__ import annotations
 
 import logging
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +87,14 @@ class FastResidualAttentionBlock:
             causal = True
         return block_forward(self, q_x, causal, self._fastprompt_kernels)
 
+    def __reduce_ex__(self, protocol):
+        # The subclass is made at patch time, so pickle (torch.save, copy.deepcopy) cannot find it by name: a
+        # block is stored as its original (importable) class plus its state, and `_rebuild_fast_block` makes the
+        # subclass again on load. The mask cache is keyed by tensor addresses, meaningless in another process.
+        state = self.__getstate__()
+        state.pop("_fastprompt_mask_cache", None)
+        return _rebuild_fast_block, (state[_MARK],), state
+
 
 _FAST_CLASSES: dict[type, type] = {}
 
@@ -97,9 +105,32 @@ def _fast_class(original: type) -> type:
     return _FAST_CLASSES[original]
 
 
+def _rebuild_fast_block(original: type):
+    """An empty patched block of `original`'s fast subclass; pickle then restores its state (__setstate__)."""
+    cls = _fast_class(original)
+    return cls.__new__(cls)
+
+
+class _FastEncodeText:
+    """`encode_text` of a patched CLIP, stored on the instance. A callable object rather than a bound method: a
+    bound method pickles as getattr(model, name), which on load would find CLIP.encode_text, the unpatched one."""
+
+    def __init__(self, model: nn.Module):
+        self.__self__ = model
+
+    def __call__(self, text: torch.Tensor, normalize: bool = False):
+        return _fast_encode_text(self.__self__, text, normalize)
+
+    def __repr__(self) -> str:
+        return f"<fastprompt patched encode_text of {type(self.__self__).__name__} at {id(self.__self__):#x}>"
+
+
 def _fast_encode_text(self, text: torch.Tensor, normalize: bool = False):
     """CLIP.encode_text with rows cut after the last EOT: exact for causal towers with EOT pooling."""
-    length = int(text.argmax(dim=-1).max()) + 1 if self.text_pool_type == "argmax" else text.shape[1]
+    # The cut reads the longest row's EOT position from the host; tokens without values (fake tensors while
+    # tracing) keep every position, which is exact too.
+    cut = self.text_pool_type == "argmax" and type(text) is torch.Tensor
+    length = int(text.argmax(dim=-1).max()) + 1 if cut else text.shape[1]
     text = text[:, :length]
     cast = self.transformer.get_cast_dtype()
     x = self.token_embedding(text).to(cast) + self.positional_embedding[:length].to(cast)
@@ -151,11 +182,34 @@ def _resolve_kernels(model: nn.Module, backend: str, info) -> tuple[BlockKernels
 
 
 def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.Module:
-    """Patch `model` (an open_clip CLIP) in place and return it. See the module docstring.
+    """Patch `model` (an open_clip CLIP) in place onto fastprompt's kernels and return it; exact, reversible.
 
-    backend: 'auto' (Triton kernels on CUDA, the fastest available attention), 'triton', 'xformers',
-    'sdpa' or 'eager'. An explicitly requested backend that cannot run raises an error saying why.
-    Unsupported models raise fastprompt.UnsupportedModelError before anything is changed.
+    The explanation is here rather than only in the module docstring: `help(fastprompt.patch)` shows this
+    text, and the module cannot be reached by name (`fastprompt.fast.patch` is this function).
+
+    What it changes on this instance (and nothing else: no open_clip module globals change):
+    - every `ResidualAttentionBlock` of both towers gets a subclass (a class swap: no new parameters, the
+      same state_dict keys and tensors, load_state_dict(strict=True) still works) whose forward runs
+      LayerNorm with fp32 statistics, one qkv GEMM, the chosen attention backend without a dense mask
+      (causal when open_clip passes its causal mask) and the frozen-weight MLP; any other mask falls back
+      to the original forward, exactly;
+    - `encode_text` cuts the 77-token rows after the last EOT (exact: causal mask + EOT pooling) before
+      running the same modules, so zero-shot use gains too;
+    - a `FastPath` kept on the model (`model.fastprompt_patch`, `fastprompt.fast.fast_path(model)`) records
+      what was patched, with which kernels, and why. A PromptedCLIP built on a patched model asks it how to
+      run: the packed text path (the shared prompt prefix once, the class suffixes in one varlen stream)
+      and, with the Triton kernels, every layer's coupling map in one grouped launch.
+
+    backend: 'auto' (Triton kernels for LayerNorm/MLP on CUDA, PyTorch ops elsewhere; attention from the
+    first backend that can run it: triton, xformers, sdpa, eager on CUDA; sdpa, eager on CPU), 'triton',
+    'xformers', 'sdpa' or 'eager'. An explicitly requested backend that cannot run raises an error saying
+    why; `fastprompt info` shows what each op runs on, per device.
+    verbose: print the FastPath report (otherwise it is logged at INFO level).
+
+    `fastprompt.unpatch(model)` restores the original classes and methods (outputs are then bit-identical
+    to a never-patched model). Patching twice only updates the kernel choice. Scripted models,
+    CustomTextCLIP and towers with other block types raise fastprompt.UnsupportedModelError before
+    anything is changed.
     """
     info = bb.inspect_clip(model)  # raises before any change
     kernels, reasons = _resolve_kernels(model, backend, info)
@@ -169,7 +223,7 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.
             blk.__dict__["_fastprompt_kernels"] = kernels
         report.blocks[tower_name] = len(tower.resblocks)
     if info.text_pool == "argmax":
-        model.encode_text = types.MethodType(_fast_encode_text, model)
+        model.encode_text = _FastEncodeText(model)
         report.encode_text = True
     else:
         report.reasons.append(f"encode_text kept: pooling {info.text_pool!r} is not argmax")
@@ -189,6 +243,19 @@ def is_patched(model: nn.Module) -> bool:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch`: original block classes and methods; a no-op on a model that is not patched."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch takes an open_clip CLIP module, not {type(model).__name__}")
+    if hasattr(model, "clip") and hasattr(model, "method"):  # a PromptedCLIP: the patch is on its CLIP
+        raise TypeError(f"unpatch takes the open_clip CLIP, not the {type(model).__name__} on it: pass model.clip")
+    for where in ("visual.transformer.resblocks", "transformer.resblocks"):
+        owner = model
+        for attr in where.split("."):
+            if not hasattr(owner, attr):
+                raise bb.UnsupportedModelError(
+                    f"unpatch: {type(model).__name__} has no {where}; it is not an open_clip CLIP (nothing of it"
+                    " was patched)"
+                )
+            owner = getattr(owner, attr)
     for tower in (model.visual.transformer, model.transformer):
         for blk in tower.resblocks:
             if hasattr(blk, _MARK):

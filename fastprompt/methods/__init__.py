@@ -41,6 +41,8 @@ METHODS = {
 
 
 def method_class(name: str):
+    if not isinstance(name, str):
+        raise TypeError(f"method name must be a string such as 'coop', not {type(name).__name__}")
     key = name.lower().replace("-", "_")
     if key not in METHODS:
         raise KeyError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
@@ -64,16 +66,25 @@ def build(
 ):
     """Build method `name` over the frozen `clip` for `classnames`; returns a PromptedCLIP.
 
+    classnames: any iterable of unique strings (read once, so a generator works); None, a single string, a
+    non-string entry or two names equal after cleaning ('red_panda', 'red panda') are errors naming it.
     text_path: 'reference' (the eager oracle: full template rows cut after the last EOT), 'packed' (shared
     prefix once, class suffixes packed; exact), or 'auto' (packed when `clip` is fastprompt-patched).
+
+    `clip` is frozen in place: every one of its parameters gets requires_grad=False (the caller's flags are not
+    kept). Training needs it: a CLIP weight that requires grad makes every step compute and keep its gradient
+    (open_clip's blocks read their weights directly, and the fused ops take the frozen-weight path only for
+    weights that do not require grad). Call `clip.requires_grad_(True)` to train the CLIP itself afterwards.
     """
     from ..model import PromptedCLIP, _default_tokenizer
+    from ..text import class_list
 
     cls = method_class(name)
     known = method_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise TypeError(f"method {name!r} has no option(s) {unknown}; its options: {sorted(known)}")
+    classnames = class_list(classnames)  # checked before any work; a generator is read once, here
     tokenizer = tokenizer or _default_tokenizer()
     ctx = BuildContext(clip, inspect_clip(clip), tokenizer)
     ctx.num_classes = len(classnames)

@@ -7,7 +7,8 @@
 
 Images are file paths, PIL images, or a float tensor [B, 3, H, W] already normalised with the CLIP
 statistics (what `fastprompt.data.eval_transform` gives). Paths and PIL images go through the evaluation
-transform (resize the shorter side, centre crop, normalise).
+transform (resize the shorter side, centre crop, normalise). A tensor is never normalised here: an integer
+(e.g. uint8) tensor, an empty batch or a list of anything else is an error naming what was found.
 
 The backbone is re-created from the checkpoint's record (open_clip name + pretrained tag or file); pass
 `pretrained=` where the weights live elsewhere on this machine. New class names are fine for every
@@ -35,6 +36,7 @@ class Predictor:
                  mode: str | None = None, clip=None, amp_dtype="auto"):
         import fastprompt
         from ..evaluation import _resolve_amp
+        from ..text import class_list
 
         manifest, tensors = ckpt.load_checkpoint(checkpoint)
         self.manifest = manifest
@@ -45,7 +47,7 @@ class Predictor:
             weights = pretrained if pretrained is not None else backbone.get("pretrained")
             clip = create_clip(backbone["name"], pretrained=weights, device=self.device)
         trained = list(manifest["classnames"])
-        self.classnames = list(classnames) if classnames is not None else trained
+        self.classnames = class_list(classnames) if classnames is not None else trained
         if not self.classnames:
             raise ValueError("classnames is empty")
         self.model = fastprompt.build(manifest["method"], clip, trained, **manifest["options"])
@@ -60,13 +62,38 @@ class Predictor:
 
     def _batch(self, images) -> torch.Tensor:
         if torch.is_tensor(images):
+            # Checked here, before the cast to the weights' dtype below would turn uint8 pixels into
+            # unnormalised floats that predict quietly wrong classes.
+            if not images.is_floating_point():
+                raise TypeError(
+                    f"images is a {images.dtype} tensor; a tensor must be float, already normalised with the CLIP"
+                    " statistics (fastprompt.data.eval_transform); pass file paths or PIL images to have them"
+                    " resized and normalised here"
+                )
+            if images.dim() not in (3, 4) or images.shape[-3] != 3:
+                raise ValueError(f"images must have shape [B, 3, H, W] or [3, H, W], got {tuple(images.shape)}")
+            if images.shape[0] == 0:
+                raise ValueError(f"the image batch is empty (shape {tuple(images.shape)}); give at least one image")
             return images if images.dim() == 4 else images.unsqueeze(0)
         if isinstance(images, str | os.PathLike) or hasattr(images, "convert"):
             images = [images]
+        try:
+            images = list(images)
+        except TypeError:
+            raise TypeError(
+                f"images must be file paths, PIL images or a float tensor, not {type(images).__name__}"
+            ) from None
+        if not images:
+            raise ValueError("no images given: the list of images is empty")
         tensors = []
-        for image in images:
+        for i, image in enumerate(images):
             if isinstance(image, str | os.PathLike):
                 image = open_rgb_image(os.fspath(image))
+            elif not hasattr(image, "convert"):
+                raise TypeError(
+                    f"image {i} is of type {type(image).__name__}; a list holds file paths or PIL images (a batch of"
+                    " tensors goes in as one float tensor [B, 3, H, W])"
+                )
             tensors.append(self.transform(image))
         return torch.stack(tensors)
 
