@@ -1,8 +1,9 @@
 """Environment and capability report: ``python -m fastprompt.info`` (or ``info()`` for a dict).
 
-Lists the devices, the versions that matter (python, torch, CUDA, triton, open_clip, xformers)
-and, per device, every attention backend as available or unavailable with the reasons, plus the
-backend ``auto`` picks. Paste its output into bug reports.
+Lists the devices, the versions that matter (python, torch, CUDA, triton, open_clip, xformers),
+what each op of the fast path (LayerNorm, MLP, coupling maps, attention, prefix attention) runs on for
+each device under ``fastprompt.patch(clip)``'s default ``backend="auto"``, and every attention backend as
+available or unavailable with the reasons. Paste its output into bug reports.
 """
 
 from __future__ import annotations
@@ -47,16 +48,73 @@ def info() -> dict:
         "open_clip": _package_version("open_clip_torch"),
         "xformers": _package_version("xformers"),
     }
-    problem = backends.triton_import_problem()
-    triton_mode = problem or ("interpreter (TRITON_INTERPRET=1)" if backends.triton_interpreted()
-                              else "compiled")
-    rows = []
-    for device in _devices():
+    devices = _devices()
+    rows, ops = [], []
+    for device in devices:
         name = "cpu" if device["type"] == "cpu" else f"cuda:{device['index']}"
         dtype = torch.float32 if device["type"] == "cpu" else torch.bfloat16
-        rows.extend(backends.backend_report(name, dtype))
-    return {"platform": platform.platform(), "versions": versions, "triton_mode": triton_mode,
-            "devices": _devices(), "attention_backends": rows}
+        report = backends.backend_report(name, dtype)
+        rows.extend(report)
+        ops.extend(_op_plan(name, dtype, report))
+    return {"platform": platform.platform(), "versions": versions, "triton_mode": _triton_mode(devices),
+            "devices": devices, "ops": ops, "attention_backends": rows}
+
+
+def _triton_mode(devices: list[dict]) -> str:
+    """Whether fastprompt's Triton kernels can run here, and how. Compiled Triton needs a CUDA GPU: on a
+    machine without one, saying "compiled" would claim kernels that never run."""
+    problem = backends.triton_import_problem()
+    if problem:
+        return f"unusable: {problem}"
+    if backends.triton_interpreted():
+        return ("interpreter (TRITON_INTERPRET=1): the kernels run on the CPU, slowly, and only where"
+                " patch(clip, backend='triton') asks for them; auto never picks them")
+    if any(d["type"] == "cuda" for d in devices):
+        return "compiled, on the CUDA devices below"
+    return ("installed, but no kernel runs: Triton compiles for CUDA GPUs and there is none here"
+            " (TRITON_INTERPRET=1 runs the kernels on the CPU, for tests)")
+
+
+def _op_plan(device: str, dtype: torch.dtype, attention_rows: list[dict]) -> list[dict]:
+    """What each op of a CLIP patched with backend='auto' on `device` runs on, and why.
+
+    The LayerNorm/MLP rule is the one fastprompt.fast.patch applies (_resolve_kernels): the Triton kernels
+    on a CUDA device where they import, PyTorch ops elsewhere; coupling maps are grouped into one launch
+    exactly when LayerNorm/MLP run on Triton (FastPath.groups_coupling_maps). Attention is the backend
+    that fastprompt.ops.backends' auto selection picks for a head_dim-64 request on that device.
+    tests/test_info.py checks these claims against a really patched CLIP."""
+    problem = backends.triton_import_problem()
+    on_cuda = device.startswith("cuda")
+    triton = on_cuda and problem is None
+    if triton:
+        why = f"fastprompt's Triton kernels ({'interpreted' if backends.triton_interpreted() else 'compiled'})"
+    elif on_cuda:
+        why = f"Triton cannot run: {problem}"
+    else:
+        why = "the Triton kernels are used on CUDA devices only"
+    plan = [
+        ("LayerNorm", "triton" if triton else "pytorch",
+         "fp32 statistics, input gradient only for frozen weights" if triton else why),
+        ("MLP", "triton" if triton else "pytorch",
+         "GEMM with fused bias + activation, hidden recomputed in backward" if triton else why),
+        ("coupling maps", "triton, grouped" if triton else "pytorch, one Linear per layer",
+         "every prompted layer's map in one launch each way" if triton
+         else "the grouped launch is a Triton kernel, used on CUDA devices only" if not on_cuda
+         else f"the grouped launch is a Triton kernel ({why})"),
+    ]
+    for op, label in (("attention", "attention"), ("prefix_varlen_attention", "prefix attention")):
+        by_backend = {r["backend"]: r for r in attention_rows if r["op"] == op}
+        order = backends.get_backend_order(op, device.split(":")[0])
+        chosen = next((name for name in order if by_backend[name]["auto_choice"]), None)
+        # Why auto passed over the backends before the chosen one in its order (e.g. triton on a CPU).
+        passed = [f"{name} skipped: {(by_backend[name]['reasons'] + by_backend[name]['auto_skips'])[0]}"
+                  for name in order[:order.index(chosen) if chosen else len(order)]
+                  if by_backend[name]["reasons"] or by_backend[name]["auto_skips"]]
+        note = f"auto's order here: {', '.join(order)}" + ("; " + "; ".join(passed) if passed else "")
+        plan.append((label, chosen or "none (no backend can run it)", note))
+    dtype_name = str(dtype).replace("torch.", "")
+    return [{"device": device, "dtype": dtype_name, "op": op, "runs_on": runs_on, "why": why}
+            for op, runs_on, why in plan]
 
 
 def format_info(report: dict) -> str:
@@ -74,6 +132,10 @@ def format_info(report: dict) -> str:
                          f"{device['memory_gib']} GiB, {device['multiprocessors']} SMs")
     if not any(d["type"] == "cuda" for d in report["devices"]):
         lines.append("  no CUDA device")
+    lines += ["", "what each op runs on with fastprompt.patch(clip) (backend='auto'):"]
+    for row in report["ops"]:
+        lines.append(f"  {row['device'] + ' (' + row['dtype'] + ')':<18} {row['op']:<17} {row['runs_on']:<30}"
+                     f" {row['why']}")
     lines += ["", "attention backends (head_dim 64):"]
     for row in report["attention_backends"]:
         where = f"{row['op']} on {row['device']} ({row['dtype']})"
