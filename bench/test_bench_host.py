@@ -10,6 +10,7 @@ bench/results/host-<device>-<date>.json. The full proxy (7 steps, op counts at C
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,34 @@ def test_write_records(results, settings):
     path = results.path.parent / name
     atomic_write_json(path, host.document(_records, "pytest bench/test_bench_host.py (CI size: 2 timed steps)"))
     assert path.exists()
+
+
+def test_kernel_path_ops_are_counted_without_running_a_kernel():
+    """bench/kernel_path.py: the Triton path's ops per step under fake tensors, in a process of its own (the patch
+    takes backend='triton' on a CPU only under TRITON_INTERPRET=1, which this suite does not set). The counts must
+    not grow with the class set: everything per class is packed into the same launches."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def run(classes):
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        done = subprocess.run([sys.executable, "-m", "bench.kernel_path", "coop,maple", str(classes), "2", "small"],
+                              capture_output=True, text=True, env=env, cwd=str(Path(__file__).resolve().parent.parent),
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return {r["method"]: r for r in map(json.loads, done.stdout.splitlines())}
+
+    few, more = run(4), run(12)
+    for method in ("coop", "maple"):
+        record = few[method]
+        ops = record["kernel_path_ops"]
+        # every block of both towers (12 + 12) runs LayerNorm, attention and the MLP as fastprompt ops
+        assert ops["fastprompt::layer_norm"] >= 24 and ops["fastprompt::frozen_mlp"] == 24
+        assert ops["fastprompt::attention_fwd"] >= 12 and ops["fastprompt::prefix_varlen_attention_fwd"] == 12
+        assert record["kernel_path_ops_custom"] == sum(n for op, n in ops.items() if op.startswith("fastprompt::"))
+        # No materialised zero gradients for the ops' statistics (that was 4-6 per block); what is left are the
+        # dropped pieces of the prompt splices (one per prompted layer at most).
+        assert ops.get("aten::zeros", 0) <= 18
+        assert more[method]["kernel_path_ops_per_step"] == record["kernel_path_ops_per_step"]
