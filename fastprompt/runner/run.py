@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 from . import checkpoint as ckpt
 from . import lock as run_lock
-from .config import (FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, check_config, data_on_device,
-                     set_field)
+from .config import FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, check_config, set_field
 from .data import check_training_set, load_dataset, plan, run_image_paths, split_record, verify_paths
 from .engine import SeedTrainer, build_model, load_backbone, numerics, progress_bar, resolve_device
 from .results import csv_table, markdown_table, summarize_run
@@ -81,9 +80,10 @@ def prepare(config: RunConfig, echo) -> Prepared:
     for seed, (train, _) in plans.items():
         if config.epochs > 0:  # epochs=0 evaluates the initial prompts (zero-shot CLIP): nothing is trained
             check_training_set(config, train)
-    # Decode every file the run will read, the evaluation targets included: a bad test image found after the
-    # training would cost the whole run. data_on_device decodes the training set itself before the first step.
-    paths = run_image_paths(plans, train_too=config.epochs > 0 and not data_on_device(config, device))
+    # Decode every file the run will read, the training set and the evaluation targets, before the run folder
+    # exists: a bad image found later would cost a folder or the whole run. With data_on_device the training set
+    # is decoded twice (here and onto the device): a few-shot set is small, and nothing is lost for it.
+    paths = run_image_paths(plans, train_too=config.epochs > 0)
     if paths:
         with progress_bar(len(paths), "checking the images") as bar:
             verify_paths(paths, bar.update)

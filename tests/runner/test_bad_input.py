@@ -38,11 +38,14 @@ def test_split_file_naming_absent_files(tmp_path, cli, data_root):
     assert "Forest/Forest_4.jpg" in err
 
 
-def test_corrupt_training_image_stops_before_the_run_starts(tmp_path, cli, data_root):
+@pytest.mark.parametrize("on_device", ["false", "true"])
+def test_corrupt_training_image_stops_before_the_run_starts(tmp_path, cli, data_root, on_device):
     bad = data_root / "eurosat" / "2750" / "Forest" / "Forest_1.jpg"  # a base class
     bad.write_bytes(b"this is not a jpeg")
-    # 3 shots = every training image, so the corrupt one is in the sample.
-    err = fails(cli, tmp_path / "run", *EUROSAT, "--root", data_root, "shots=3", match="cannot decode image")
+    # 3 shots = every training image, so the corrupt one is in the sample; held on the device or not, it is found
+    # before the run folder exists.
+    err = fails(cli, tmp_path / "run", *EUROSAT, "--root", data_root, "shots=3", f"data_on_device={on_device}",
+                match="cannot decode image")
     assert str(bad) in err
 
 
