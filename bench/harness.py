@@ -100,6 +100,38 @@ def _base_record(kind: str, workload: Workload, method: str, contender: str, set
     return record
 
 
+def _timed(record: dict, call, settings: Settings, batch: int, benchmark) -> list:
+    """pytest-benchmark rounds of `call()`, each synchronised with the device before its time is taken, from a
+    reset peak-memory counter (warm-up rounds included); fills the timing fields and returns every round's output."""
+    device = settings.device
+    times, outputs = [], []
+
+    def one_round():
+        start = time.perf_counter()
+        outputs.append(call())
+        _sync(device)
+        times.append(time.perf_counter() - start)
+
+    _reset_peak(device)
+    benchmark.pedantic(one_round, rounds=settings.rounds, warmup_rounds=settings.warmup, iterations=1)
+    _timing_fields(record, times, settings, batch)
+    return outputs
+
+
+def record_case(kind: str, case, settings: Settings, results, benchmark) -> dict:
+    """What every bench test does first: run the case, add its record to the results file, and skip the test
+    (with the record's status and reason) unless the case ran."""
+    import pytest
+
+    workload, method, contender = case
+    benchmark.group = f"{kind}/{workload.name}/{method}"
+    record = run_case(kind, workload, method, contender, settings, benchmark)
+    results.add(record)
+    if record["status"] != "ran":
+        pytest.skip(f"{record['status']}: {record['reason']}")
+    return record
+
+
 def _skip(record: dict, status: str, reason: str) -> dict:
     record.update(status=status, reason=reason)
     return record
@@ -187,18 +219,7 @@ def _train_step(record, workload, method, contender, settings, benchmark) -> dic
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(workload.batch, 3, height, width, device=device, generator=generator)
     labels = torch.randint(0, workload.classes, (workload.batch,), device=device, generator=generator)
-    times, losses = [], []
-
-    def one_step():
-        start = time.perf_counter()
-        loss = step(images, labels)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        losses.append(loss)
-
-    _reset_peak(device)
-    benchmark.pedantic(one_step, rounds=settings.rounds, warmup_rounds=settings.warmup, iterations=1)
-    _timing_fields(record, times, settings, workload.batch)
+    losses = _timed(record, lambda: step(images, labels), settings, workload.batch, benchmark)
     record.update(loss_first=float(losses[0]), loss_last=float(losses[-1]), train_step_mode=step.mode,
                   cuda_graph_reason=step.graph_reason)
     _peak_fields(record, device)
@@ -275,18 +296,7 @@ def _inference(record, workload, method, contender, settings, benchmark) -> dict
     height, width = model.info.image_size
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(workload.batch, 3, height, width, device=device, generator=generator)
-    times, logits = [], []
-
-    def one_batch():
-        start = time.perf_counter()
-        predicted = logits_of(images)  # the class logits evaluation reads
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        logits.append(predicted)
-
-    _reset_peak(device)
-    benchmark.pedantic(one_batch, rounds=settings.rounds, warmup_rounds=settings.warmup, iterations=1)
-    _timing_fields(record, times, settings, workload.batch)
+    logits = _timed(record, lambda: logits_of(images), settings, workload.batch, benchmark)  # what evaluation reads
     record["train_step_mode"] = mode or step.mode_name
     _peak_fields(record, device)
     if not torch.isfinite(logits[-1]).all():

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from . import synthetic
-from .harness import run_case
+from .harness import record_case
 from .workloads import SHOTS
 
 KIND = "runner_epoch"
@@ -24,12 +24,8 @@ def _free_the_set():
 
 
 def test_runner_epoch(case, settings, results, benchmark):
-    workload, method, contender = case
-    benchmark.group = f"{KIND}/{workload.name}/{method}"
-    record = run_case(KIND, workload, method, contender, settings, benchmark)
-    results.add(record)
-    if record["status"] != "ran":
-        pytest.skip(f"{record['status']}: {record['reason']}")
+    workload = case[0]
+    record = record_case(KIND, case, settings, results, benchmark)
     assert math.isfinite(record["loss_last"]), record["reason"]
     # The whole epoch ran: every full batch of the 16-shot set (the last partial one dropped, as the runner does).
     assert record["epoch_steps"] == workload.classes * SHOTS // workload.batch

@@ -11,18 +11,14 @@ import math
 
 import pytest
 
-from .harness import run_case
+from .harness import record_case
 
 KIND = "train_step"
 
 
 def test_train_step(case, settings, results, benchmark):
-    workload, method, contender = case
-    benchmark.group = f"{KIND}/{workload.name}/{method}"
-    record = run_case(KIND, workload, method, contender, settings, benchmark)
-    results.add(record)
-    if record["status"] != "ran":
-        pytest.skip(f"{record['status']}: {record['reason']}")
+    contender = case[2]
+    record = record_case(KIND, case, settings, results, benchmark)
     assert math.isfinite(record["loss_first"]) and math.isfinite(record["loss_last"]), record["reason"]
     assert record["step_ms_median"] > 0 and record["images_per_s"] > 0
     if contender == "fastprompt" and settings.device.type != "cuda":

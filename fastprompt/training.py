@@ -97,12 +97,6 @@ def set_lr(optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def get_lr(optimizer) -> float:
-    """The first group's learning rate as a float (synchronises when it lives on a GPU)."""
-    lr = optimizer.param_groups[0]["lr"]
-    return float(lr) if torch.is_tensor(lr) else lr
-
-
 def _lr_on_device(optimizer) -> None:
     """Fused optimizers get their learning rate as a device tensor (a state loaded from JSON brings floats back)."""
     for group in optimizer.param_groups:

@@ -272,6 +272,21 @@ def test_new_frozen_clip_weights(tiny_clip64):
     close(infer(model, x), fresh(model, x, clip=donor))
 
 
+def test_clear_cache_after_an_edit_the_key_cannot_see(tiny_clip64):
+    # Writing through `.data` bumps no version counter: the key cannot see it, and clear_cache is the documented way.
+    clip = copy.deepcopy(tiny_clip64)
+    model = build("maple", clip)
+    x = images()
+    before = infer(model, x)
+    with torch.no_grad():
+        for block in clip.transformer.resblocks:
+            block.mlp.c_fc.weight.data.mul_(1.5)
+    close(infer(model, x), before)  # still the cached text features
+    model.clear_cache()
+    close(infer(model, x), fresh(model, x))
+    assert not torch.allclose(infer(model, x), before)
+
+
 def test_frozen_text_features_follow_the_clip_weights_and_dtype(tiny_clip):
     clip = copy.deepcopy(tiny_clip)
     model = build("promptsrc", clip)

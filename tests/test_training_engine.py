@@ -20,15 +20,6 @@ from fastprompt.training import (NonFiniteLossError, TrainStep, fit, lr_at, make
 NAMES = ["red circle", "blue square", "green triangle", "yellow star"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a thread pool, and on a busy 2-core machine an oversubscribed one costs 5-10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batches(n, batch=2, size=32, classes=4, device="cpu"):
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(batch, 3, size, size, generator=g).to(device),

@@ -9,6 +9,7 @@ this host whose pid is dead is stale; one on another host is taken as alive, sin
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -110,10 +111,8 @@ class RunLock:
             return
         # Unlink while still holding the lock: a process that opened the old file meanwhile sees that the path
         # no longer names the file it locked and retries on a fresh one (acquire()).
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
-        except OSError:
-            pass
         os.close(self.handle)
         self.handle = None
 
@@ -145,11 +144,8 @@ def acquire(run_dir: str) -> RunLock:
             os.fsync(handle)
             return RunLock(path, handle, previous)
         except BaseException:
-            if handle is not None:
-                try:
-                    os.close(handle)
-                except OSError:
-                    pass
+            with contextlib.suppress(OSError):
+                os.close(handle)
             raise
 
 

@@ -26,6 +26,16 @@ class Crash(Exception):
     pass
 
 
+def stop_after(last: int):
+    """An on_epoch_end that crashes the run once epoch `last` has ended (its state saved)."""
+
+    def stop(seed, epoch):
+        if epoch == last:
+            raise Crash(f"stopped after epoch {last}")
+
+    return stop
+
+
 def config(out):
     return resolve_config(overrides={**VALUES, "output_dir": str(out)}).config
 
@@ -124,13 +134,8 @@ def test_a_crash_between_any_two_steps_of_a_state_save_loses_nothing(tmp_path, m
 
 def test_leftovers_of_a_crash_are_ignored_and_cleaned(tmp_path, reference):
     out = tmp_path / "run"
-
-    def stop(seed, epoch):
-        if epoch == 1:
-            raise Crash("stopped after epoch 1")
-
     with pytest.raises(Crash):
-        train(out, on_epoch_end=stop)
+        train(out, on_epoch_end=stop_after(1))
     seed = out / "seed1"
     # What a SIGKILL in the middle of the next save leaves: a half-written new state and a stray temp file.
     (seed / ".state-new").mkdir()
@@ -147,13 +152,8 @@ def test_leftovers_of_a_crash_are_ignored_and_cleaned(tmp_path, reference):
 def test_the_previous_state_is_used_when_the_crash_came_before_the_publish(tmp_path):
     """The window between moving the old state aside and publishing the new one, made by hand."""
     out = tmp_path / "run"
-
-    def stop(seed, epoch):
-        if epoch == 2:
-            raise Crash("stopped after epoch 2")
-
     with pytest.raises(Crash):
-        train(out, on_epoch_end=stop)
+        train(out, on_epoch_end=stop_after(2))
     seed = out / "seed1"
     os.rename(seed / "state", seed / ".state-old")
     assert ckpt.find_state(str(seed / "state")) == str(seed / ".state-old")
