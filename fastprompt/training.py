@@ -195,11 +195,19 @@ class TrainStep:
         compile: run the step through torch.compile (excludes cuda_graph=True); `compile_options` are passed on.
         warmup_steps: eager steps before the capture (at least 1).
         skip_nonfinite: skip steps whose loss or gradients are not finite, without a host synchronisation.
+        accumulate: split each batch into this many micro-batches (sizes differ by at most one), run forward and
+            backward on each in turn and update once: the update equals the whole batch's for losses that are a
+            mean over images plus image-independent terms (every method here), while autograd keeps one
+            micro-batch's activations at a time. The text tower runs once per micro-batch.
+        grad_sync: called once per step as `grad_sync(grads)` with the trainable parameters' gradients (after the
+            last micro-batch's backward, before the non-finite check and the update; inside the CUDA graph when
+            the step is graphed). Data-parallel training averages them across processes here, so every process
+            sees the same gradients and skips or applies the same steps.
     """
 
     def __init__(self, model, optimizer, *, loss_fn=prompted_loss, amp_dtype: torch.dtype | None = None,
                  cuda_graph: bool | str = "auto", compile: bool = False, compile_options: dict | None = None,
-                 warmup_steps: int = 3, skip_nonfinite: bool = True):
+                 warmup_steps: int = 3, skip_nonfinite: bool = True, accumulate: int = 1, grad_sync=None):
         if cuda_graph not in ("auto", True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
         if compile and cuda_graph is True:
@@ -209,6 +217,11 @@ class TrainStep:
             raise ValueError(f"amp_dtype must be torch.bfloat16, torch.float16 or None, got {amp_dtype!r}")
         if not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate must be an int >= 1 (micro-batches per step), got {accumulate!r}")
+        if grad_sync is not None and not callable(grad_sync):
+            raise TypeError(f"grad_sync must be callable (grads -> None), got {type(grad_sync).__name__}")
+        self.accumulate, self.grad_sync = accumulate, grad_sync
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.amp_dtype = amp_dtype
         self.cuda_graph = False if compile else cuda_graph
@@ -308,12 +321,22 @@ class TrainStep:
 
     # --- the step -------------------------------------------------------------------------------------
     def _body(self, images, labels) -> torch.Tensor:
-        """forward, loss, backward, guarded optimizer step, totals (gradients must be None on entry)."""
-        with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            loss = self.loss_fn(self.model, images, labels)
-        loss.backward()
-        loss = loss.detach()
+        """forward, loss, backward (per micro-batch), gradient sync, guarded optimizer step, totals (gradients must
+        be None on entry)."""
+        count = labels.shape[0]
+        parts = min(self.accumulate, count) if count else 1
+        loss = None
+        for part_images, part_labels in zip(images.tensor_split(parts), labels.tensor_split(parts)):
+            with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                part = self.loss_fn(self.model, part_images, part_labels)
+            if parts > 1:
+                # Each micro-batch's mean loss weighted by its share of the batch: the weighted sum is the batch mean.
+                part = part * (part_labels.shape[0] / count)
+            part.backward()  # gradients accumulate into .grad across micro-batches
+            loss = part.detach() if loss is None else loss + part.detach()
+        if self.grad_sync is not None:
+            self.grad_sync([p.grad for p in self._params if p.grad is not None])
         if self.skip_nonfinite:
             finite = self._guarded_update(loss)
         else:
