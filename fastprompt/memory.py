@@ -64,8 +64,11 @@ class StepOptions:
     weights_dtype: torch.dtype = torch.bfloat16  # frozen CLIP weights
     amp_dtype: torch.dtype | None = torch.bfloat16  # autocast dtype; None = compute in the weights' dtype
     optimizer: str = "sgd"  # 'sgd' (momentum), 'sgd-plain', 'adamw'
+    accumulate: int = 1  # micro-batches per step (TrainStep(accumulate=...)): autograd keeps one micro-batch
 
     def __post_init__(self):
+        if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise ValueError(f"accumulate must be an int >= 1, got {self.accumulate!r}")
         object.__setattr__(self, "weights_dtype", _dtype(self.weights_dtype))
         if self.amp_dtype is not None:
             object.__setattr__(self, "amp_dtype", _dtype(self.amp_dtype))
@@ -436,7 +439,8 @@ class MemoryEstimate:
     _model: object = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
-        lines = [f"predicted peak {self.total_bytes / GiB:.2f} GiB (batch {self.batch})"]
+        micro = f", {self.options.accumulate} micro-batches" if self.options.accumulate > 1 else ""
+        lines = [f"predicted peak {self.total_bytes / GiB:.2f} GiB (batch {self.batch}{micro})"]
         lines += [f"  {name}: {value / GiB:.3f} GiB" for name, value in self.parts.items() if value]
         return "\n".join(lines)
 
@@ -445,9 +449,13 @@ class MemoryEstimate:
 
 
 def predict_peak_memory(model, batch: int, options: StepOptions | None = None) -> MemoryEstimate:
-    """Predicted peak allocated bytes of one training step of `model` at `batch` under `options`."""
+    """Predicted peak allocated bytes of one training step of `model` at `batch` under `options`.
+
+    With `options.accumulate` = k the step runs micro-batches of ceil(batch / k) images one after another: the
+    activations, heads and workspace are those of one micro-batch; the whole batch's images are on the device."""
     o = options or StepOptions()
-    g = step_geometry(model, batch, o)
+    micro = -(-batch // o.accumulate) if batch else batch
+    g = step_geometry(model, micro, o)
     parts: dict[str, int] = {}
     for p in g.passes:
         saved = sum(saved_layer_bytes(p, layer, o) for layer in p.layers)
@@ -466,7 +474,8 @@ def predict_peak_memory(model, batch: int, options: StepOptions | None = None) -
     text = g.pass_named("text")
     cached = (text.cached_rows * text.width * c) if text else 0
     parts["run-long caches"] = cached + g.constant_text_rows * g.embed_dim * c
-    parts["inputs"] = g.image_bytes + 8 * g.batch
+    per_image = g.image_bytes // g.batch if g.batch else 0
+    parts["inputs"] = (per_image + 8) * batch
     parts["workspace (estimate)"] = _workspace_bytes(g, o)
     return MemoryEstimate(sum(parts.values()), parts, o, batch, saved_total, _model=model)
 
@@ -488,8 +497,9 @@ class Suggestion:
     fits: bool  # the first option set in `tried` that fits, if any
     advice: str
     tried: list[tuple[str, int]]  # (what was changed, predicted bytes)
-    options: StepOptions | None = None
-    batch: int | None = None
+    options: StepOptions | None = None  # with every change tried so far, `accumulate` included when it is needed
+    batch: int | None = None  # the batch `options` are for
+    smaller_batch: int | None = None  # when accumulation was needed: the largest batch that fits without it
 
     def __str__(self) -> str:
         lines = [self.advice] + [f"  {what}: {value / GiB:.2f} GiB" for what, value in self.tried]
@@ -498,8 +508,9 @@ class Suggestion:
 
 def suggest(model, batch: int, budget_bytes: int, options: StepOptions | None = None, cuda: bool = True) -> Suggestion:
     """Which option makes the step fit in `budget_bytes`: cumulative changes in order of cost (packed text and
-    caching are exact and free; Triton's input-only saving needs CUDA; recompute costs a forward), then the
-    largest batch that fits with all of them."""
+    caching are exact and free; Triton's input-only saving needs CUDA; recompute costs a forward), then gradient
+    accumulation (the same update as the whole batch, with the text tower run once per micro-batch): the fewest
+    micro-batches that fit. The largest batch that fits without accumulation is given too (a different recipe)."""
     o = options or StepOptions()
     steps = [("as configured", o)]
     if not o.packed_text:
@@ -521,17 +532,31 @@ def suggest(model, batch: int, budget_bytes: int, options: StepOptions | None = 
         if total <= budget_bytes:
             advice = "fits as configured" if what == "as configured" else f"fits with: {what}"
             return Suggestion(budget_bytes, True, advice, tried, opts, batch)
-    best = 0
-    lo, hi = 1, batch - 1
-    while lo <= hi:  # predicted memory grows with the batch
-        mid = (lo + hi) // 2
-        if predict_peak_memory(model, mid, o).total_bytes <= budget_bytes:
-            best, lo = mid, mid + 1
-        else:
-            hi = mid - 1
-    if best:
-        return Suggestion(budget_bytes, True, f"fits with every option above and batch {best}", tried, o, best)
-    return Suggestion(budget_bytes, False, "does not fit even at batch 1 with every option", tried, o, None)
+    def largest(fits_with) -> int:  # predicted memory grows with the (micro-)batch
+        best, lo, hi = 0, 1, batch - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if fits_with(mid):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        return best
+
+    def accumulated(micro: int) -> StepOptions:
+        return dataclasses.replace(o, accumulate=-(-batch // micro))
+
+    micro = largest(lambda m: predict_peak_memory(model, batch, accumulated(m)).total_bytes <= budget_bytes)
+    smaller = largest(lambda b: predict_peak_memory(model, b, o).total_bytes <= budget_bytes) or None
+    if micro:
+        opts = accumulated(micro)
+        tried.append((f"gradient accumulation {opts.accumulate}", predict_peak_memory(model, batch, opts).total_bytes))
+        advice = (f"fits with every option above and gradient accumulation {opts.accumulate} (micro-batches of "
+                  f"<= {-(-batch // opts.accumulate)} images; the update equals batch {batch}'s)")
+        if smaller:
+            advice += f"; or batch {smaller} without accumulation"
+        return Suggestion(budget_bytes, True, advice, tried, opts, batch, smaller)
+    return Suggestion(budget_bytes, False, "does not fit even with one image per micro-batch and every option",
+                      tried, o, None)
 
 
 # --- measurement and recompute -----------------------------------------------------------------------------

@@ -195,13 +195,39 @@ def test_suggest_names_the_option_that_fits():
     advice = eager.suggest(8 * 2**30)
     assert advice.fits and advice.advice == "fits with: fastprompt.patch + packed text (exact)"
     assert advice.tried[-1][1] <= 8 * 2**30 < advice.tried[0][1]
-    tight = eager.suggest(int(0.6 * 2**30))
-    assert tight.fits and 1 <= tight.batch < 32 and "batch" in tight.advice
-    assert predict_peak_memory(model, tight.batch, tight.options).total_bytes <= 0.6 * 2**30
-    assert predict_peak_memory(model, tight.batch + 1, tight.options).total_bytes > 0.6 * 2**30
+    budget = int(0.6 * 2**30)
+    tight = eager.suggest(budget)
+    # Too tight for batch 32 with every option: the fewest micro-batches that fit, keeping the batch (the recipe).
+    k = tight.options.accumulate
+    assert tight.fits and tight.batch == 32 and k > 1 and f"gradient accumulation {k}" in tight.advice
+    assert predict_peak_memory(model, 32, tight.options).total_bytes <= budget
+    fewer = dataclasses.replace(tight.options, accumulate=k - 1)
+    assert -(-32 // (k - 1)) == -(-32 // k) or predict_peak_memory(model, 32, fewer).total_bytes > budget
+    # ... and the largest batch that fits without accumulation, as the other way out.
+    plain = dataclasses.replace(tight.options, accumulate=1)
+    assert predict_peak_memory(model, tight.smaller_batch, plain).total_bytes <= budget
+    assert predict_peak_memory(model, tight.smaller_batch + 1, plain).total_bytes > budget
+    assert f"or batch {tight.smaller_batch} without accumulation" in tight.advice
     impossible = eager.suggest(2**20)
     assert not impossible.fits and "does not fit" in impossible.advice
     assert "GiB" in str(eager) and "saved: text" in str(eager)
+
+
+def test_accumulation_predicts_one_micro_batch_of_activations_and_the_whole_batch_of_inputs():
+    model = structural_model("maple", IMAGENET)
+    options = options_for(patched=True, device="cuda")
+    whole = predict_peak_memory(model, 32, options)
+    four = predict_peak_memory(model, 32, dataclasses.replace(options, accumulate=4))
+    eight_images = predict_peak_memory(model, 8, options)
+    for name, value in four.parts.items():
+        if name == "inputs":
+            assert value == whole.parts["inputs"] == 32 * (3 * 224 * 224 * 4 + 8)
+        else:  # everything else is what a step of 8 images needs
+            assert value == eight_images.parts[name], name
+    assert four.total_bytes < whole.total_bytes and "4 micro-batches" in str(four)
+    # 32 images in 5 micro-batches: the largest holds ceil(32 / 5) = 7.
+    assert predict_peak_memory(model, 32, dataclasses.replace(options, accumulate=5)).saved_bytes == \
+        predict_peak_memory(model, 7, options).saved_bytes
 
 
 def test_options_and_arguments_are_checked():
@@ -213,6 +239,8 @@ def test_options_and_arguments_are_checked():
         StepOptions(weights_dtype="fp8")
     with pytest.raises(ValueError, match="dtype must be"):
         options_for(weights_dtype="fp8")
+    with pytest.raises(ValueError, match="accumulate must be an int >= 1"):
+        StepOptions(accumulate=0)
     model = structural_model("coop", NAMES, backbone="tiny")
     with pytest.raises(ValueError, match="batch must be a positive int"):
         predict_peak_memory(model, 0)

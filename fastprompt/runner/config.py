@@ -69,6 +69,8 @@ class RunConfig:
     warmup_epochs: int = _help("constant warm-up epochs at warmup_lr", default=1)
     warmup_lr: float = _help("warm-up learning rate", default=1e-5)
     batch_size: int = _help("training batch size", default=4)
+    accumulate: int = _help("gradient accumulation: split each batch into this many micro-batches, one update per"
+                            " batch (same update, less memory, the text tower runs once per micro-batch)", default=1)
     eval_batch_size: int = _help("evaluation batch size", default=100)
     crop_scale: tuple[float, float] = _help("RandomResizedCrop scale range", default=(0.08, 1.0))
     gpa: bool = _help("PromptSRC Gaussian prompt aggregation (gpa_mean/gpa_std are method options)", default=False)
@@ -325,6 +327,9 @@ def check_config(config: RunConfig) -> None:
             f"warmup_epochs={config.warmup_epochs} leaves no cosine epoch in epochs={config.epochs};"
             " lower warmup_epochs"
         )
+    if config.accumulate > config.batch_size:
+        raise ConfigError(f"accumulate={config.accumulate} splits a batch of batch_size={config.batch_size} into more"
+                          " micro-batches than it has images; lower accumulate")
     if not config.seeds:
         raise ConfigError("seeds must list at least one seed")
     if len(set(config.seeds)) != len(config.seeds):
@@ -352,7 +357,7 @@ def check_config(config: RunConfig) -> None:
 # Numeric config keys: (lowest, highest, highest allowed?); None = unbounded. Every value must also be finite:
 # a NaN passes every comparison, and lr=nan trained an all-NaN checkpoint that was reported complete.
 _RANGES = {
-    "shots": (1, None, True), "batch_size": (1, None, True), "eval_batch_size": (1, None, True),
+    "shots": (1, None, True), "batch_size": (1, None, True), "eval_batch_size": (1, None, True), "accumulate": (1, None, True),
     "max_bad_steps": (1, None, True), "save_every": (1, None, True), "epochs": (0, None, True),
     "warmup_epochs": (0, None, True), "num_workers": (-1, None, True),
     "lr": (0, None, True), "warmup_lr": (0, None, True), "weight_decay": (0, None, True),

@@ -190,7 +190,7 @@ class SeedTrainer:
             start, history = done + 1, list(manifest["history"])
             self.echo(f"seed {seed}: resuming after epoch {done} from {found}")
         if optimizer is not None and start <= config.epochs:
-            step = TrainStep(model, optimizer, amp_dtype=self.num.amp_dtype)
+            step = TrainStep(model, optimizer, amp_dtype=self.num.amp_dtype, accumulate=self.config.accumulate)
             loader = self._loader(train, generator)
 
             def progress_for_epoch(epoch):
