@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
+from urllib.parse import urlparse
 
 import torch
 
@@ -82,5 +84,78 @@ def create_clip(
     precision_map = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "pure_fp16"}
     if precision not in precision_map:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if pretrained and not os.path.isfile(pretrained):
+        _check_weights_reachable(name, pretrained)
     model = open_clip.create_model(name, pretrained=pretrained, precision=precision_map[precision], device=device)
     return model.eval()
+
+
+def cached_weights(name: str, tag: str) -> str | None:
+    """The local file open_clip would load for `name` + `tag` without downloading (its hub cache or its URL
+    cache), or None when a download would be needed. Unknown tags give None (open_clip names them)."""
+    import open_clip
+    from open_clip import pretrained as known
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        return None
+    if "file" in cfg:
+        return cfg["file"] if os.path.isfile(cfg["file"]) else None
+    hub = cfg.get("hf_hub", "")
+    if hub and known.has_hf_hub():
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        filename = filename or known.HF_WEIGHTS_NAME
+        # open_clip tries the safetensors twin first, then the named file.
+        for candidate in [*known._get_safe_alternatives(filename), filename]:
+            found = try_to_load_from_cache(repo, candidate)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = cfg.get("url", "")
+    if url:
+        target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(target):
+            return target
+    return None
+
+
+def weights_host(name: str, tag: str) -> str | None:
+    """The host open_clip would download `name` + `tag` from (the Hugging Face hub when it is installed and the tag
+    has a hub entry, else the tag's URL)."""
+    import open_clip
+    from open_clip import pretrained as known
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if cfg.get("hf_hub") and known.has_hf_hub():
+        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    return urlparse(cfg["url"]).hostname if cfg.get("url") else None
+
+
+def host_reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host:443 opens within `timeout` seconds (name lookup included)."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_weights_reachable(name: str, tag: str) -> None:
+    """Fail in seconds, naming the way out, when a tag's weights are neither cached nor downloadable: offline, the
+    hub client retries for about a minute before it gives up with a traceback."""
+    if cached_weights(name, tag) is not None:
+        return
+    host = weights_host(name, tag)
+    if host is None:
+        return  # not a known tag: open_clip's own error lists the tags
+    hub_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if hub_offline or not host_reachable(host):
+        why = "HF_HUB_OFFLINE is set" if hub_offline else f"{host} cannot be reached"
+        raise WeightsUnavailableError(
+            f"the {tag!r} weights of {name} are not in this machine's cache and {why}: download them once on a "
+            f"connected machine (open_clip caches them), or give a local file with pretrained=/path/to/weights")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights that are neither cached nor downloadable from here."""

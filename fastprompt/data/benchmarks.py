@@ -45,7 +45,7 @@ def _check_files_exist(info: DatasetInfo, split_path: str, parts) -> None:
     missing = [s.path for samples in parts for s in samples if not os.path.isfile(s.path)]
     if missing:
         raise DatasetError(
-            f"{split_path} names {len(missing)} files that do not exist: {shorten(missing, 5)}\n{info.hint()}"
+            f"{split_path} names {len(missing)} files that do not exist: {shorten(missing, 5)}; {info.hint()}"
         )
 
 
@@ -67,7 +67,7 @@ def load_split_file_dataset(
         raise DatasetError(
             f"{info.title} split file not found: {split_path}. Use the published CoOp file (the CoOp "
             f"DATASETS.md links it) to reproduce published numbers; or pass generate_split=True to draw a "
-            f"new random split from the raw layout (results will not be comparable).\n{info.hint()}"
+            f"new random split from the raw layout (results will not be comparable).; {info.hint()}"
         )
     rng = random.Random(split_seed)
     generator = _GENERATORS.get(info.name)

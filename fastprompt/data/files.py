@@ -38,9 +38,9 @@ def shorten(names, limit: int = 10) -> str:
 
 def require_dir(path: str, what: str, hint: str) -> None:
     if not os.path.isdir(path):
-        raise DatasetError(f"{what} not found: {path} is not a folder.\n{hint}")
+        raise DatasetError(f"{what} not found: {path} is not a folder; {hint}")
 
 
 def require_file(path: str, what: str, hint: str) -> None:
     if not os.path.isfile(path):
-        raise DatasetError(f"{what} not found: {path} does not exist.\n{hint}")
+        raise DatasetError(f"{what} not found: {path} does not exist; {hint}")

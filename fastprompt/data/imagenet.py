@@ -38,13 +38,13 @@ def read_class_folders(
     if not folders and list_images(split_dir):
         raise DatasetError(
             f"{split_dir} holds image files directly instead of one folder per class; sort them into "
-            f"<wnid>/ folders first (for ImageNet val, the usual valprep.sh script does this).\n{info.hint()}"
+            f"<wnid>/ folders first (for ImageNet val, the usual valprep.sh script does this).; {info.hint()}"
         )
     missing = [w for w in wnids if w not in set(folders)]
     if missing:
         raise DatasetError(
             f"{relative}: found {len(wnids) - len(missing)}/{len(wnids)} class folders; "
-            f"missing: {shorten(missing)}\n{info.hint()}"
+            f"missing: {shorten(missing)}; {info.hint()}"
         )
     unknown = sorted(set(folders) - set(wnids))
     if unknown:
@@ -129,7 +129,7 @@ def load_imagenetv2(info: DatasetInfo, root: str) -> DatasetSplits:
     if missing:
         raise DatasetError(
             f"{info.folder}/{info.image_dir}: found {len(expected) - len(missing)}/{len(expected)} class folders; "
-            f"missing: {shorten(missing)}\n{info.hint()}"
+            f"missing: {shorten(missing)}; {info.hint()}"
         )
     samples = []
     for label, folder in enumerate(expected):

@@ -44,11 +44,10 @@ class DatasetInfo:
         return DATASET_TEMPLATES[self.name]
 
     def hint(self) -> str:
-        """What to run and what the layout should be: appended to loader errors."""
-        return (
-            f"Run `fastprompt prepare {self.name} --root <root>` (or fastprompt.data.check_layout) for a full "
-            f"report. Expected layout:\n{self.describe()}"
-        )
+        """What to run to see the expected layout: appended to loader errors. One clause, so that an error stays one
+        line; the folder tree itself (`describe`) is in `fastprompt prepare`'s report and `check_layout`'s."""
+        return (f"run `fastprompt prepare {self.name} --root <root>` (or fastprompt.data.check_layout) for the "
+                f"expected layout and a full report")
 
     def describe(self) -> str:
         """The expected folder tree, for error messages and `fastprompt prepare`."""

@@ -21,6 +21,7 @@ def fails(cli, out, *args, match):
     code, stdout, err = cli("train", *args, f"output_dir={out}")
     assert code == 2, (stdout, err)
     assert err.startswith("fastprompt: error: ") and match in err, err
+    assert err.count("\n") == 1, f"one line, not {err.count(chr(10))}: {err}"
     assert not os.path.exists(out), "a failed start must leave no run folder"
     return err
 
@@ -29,7 +30,8 @@ def test_missing_dataset_root(tmp_path, cli):
     fails(cli, tmp_path / "run", *EUROSAT, "--root", tmp_path / "nowhere", match="dataset root")
     fails(cli, tmp_path / "run", *EUROSAT, match="dataset 'eurosat' needs root=")
     (tmp_path / "empty").mkdir()
-    fails(cli, tmp_path / "run", *EUROSAT, "--root", tmp_path / "empty", match="EuroSAT dataset folder not found")
+    err = fails(cli, tmp_path / "run", *EUROSAT, "--root", tmp_path / "empty", match="EuroSAT dataset folder not found")
+    assert "run `fastprompt prepare eurosat --root <root>`" in err  # where the expected tree is shown
 
 
 def test_split_file_naming_absent_files(tmp_path, cli, data_root):
