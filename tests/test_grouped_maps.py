@@ -12,7 +12,6 @@ NAMES = ["red circle", "blue square", "green triangle"]
 @pytest.mark.parametrize("name,kind,members", [
     ("maple", "linear", 9),        # F_1..F_9
     ("mcpl", "bottleneck", 9),     # PMS_1..PMS_9 (Linear-ReLU-Linear)
-    ("mudpt", "linear", 23),       # E_0 + the two shared maps used by 11 layers each (tiny: one width)
 ])
 def test_grouped_coupling_maps_equal_per_layer_maps(tiny_clip, name, kind, members):
     torch.manual_seed(0)
