@@ -6,6 +6,18 @@ import torch
 
 import fastprompt
 
+# MCPL-CLIP (a reconstruction, METHODS.md §3.9) counted from the paper's description on ViT-B/16: text width 512,
+# vision width 768, n = 2 prompts in each of J = 9 layers.
+_T, _V, _N, _J = 512, 768, 2, 9
+_PMS = (_T * 128 + 128) + (128 * _V + _V)  # PMS-Standard: Linear(512->128) -> ReLU -> Linear(128->768)
+_LN = 2 * _T
+_MHA = (3 * _T * _T + 3 * _T) + (_T * _T + _T)  # q/k/v and output projections, with biases
+_MLP = (_T * 4 * _T + 4 * _T) + (4 * _T * _T + _T)  # Linear(512->2048) -> activation -> Linear(2048->512)
+_SA = 2 * _LN + _MHA + _MLP  # the prompt self-attention: one pre-LN transformer block
+_DECODER_LAYER = _LN + _MHA + 2 * _LN + _MHA + _LN + _MLP  # LN+self-attn, LN(q), LN(Z)+cross-attn, LN+MLP
+_VAIPL_PROJ = (_T * 128 + 128) + (128 * _T + _T)  # the non-linear projection 512 -> 128 -> 512
+_MCPL = _J * _PMS + _SA + 2 * _DECODER_LAYER + _VAIPL_PROJ + _J * _N * _T  # VAIPL-Standard: 2 decoder layers
+
 # METHODS.md §4 (ViT-B/16).
 PARAM_COUNTS = [
     ("clip", {}, 0),
@@ -15,14 +27,28 @@ PARAM_COUNTS = [
     ("vpt_deep", {}, 73_728),
     ("promptsrc", {}, 46_080),
     ("maple", {}, 3_555_072),
-    ("mpl", {}, 6_702_336),
-    ("mudpt", {}, 1_243_136),
-    ("mudpt", {"n_ctx": 2, "depth": 9}, 1_204_736),
+    # MPL: 9 text tokens + (2 at layer 1 + 2 per layer 2..9) Linears 512->768 (paper); the released code's
+    # single layer-1 token (n_first=1) is one Linear fewer.
+    ("mpl", {}, 9 * 512 + 18 * (512 * 768 + 768)),
+    ("mpl", {"n_first": 1}, 6_702_336),
+    ("mudpt", {"injection": "linear"}, 1_243_136),
+    ("mudpt", {"injection": "linear", "n_ctx": 2, "depth": 9}, 1_204_736),
+    # MuDPT's default cross-modal attention, one Injection Model for all 12 layers: prompts 12 x 4 x (512 + 768);
+    # text side Q, O 512->512 and K, V 768->512; vision side Q, O 768->768 and K, V 512->768 (weights + biases).
+    ("mudpt", {}, 12 * 4 * (512 + 768) + 2 * (512 * 512 + 512) + 2 * (768 * 512 + 512)
+     + 2 * (768 * 768 + 768) + 2 * (512 * 768 + 768)),
     ("mmrl", {}, 4_992_256),
     ("mmrl", {"rep_dim": 32}, 689_056),
-    # MCPL-CLIP is a reconstruction: PMS 9 x 164,736 + SA block 3,152,384 + 2 decoder layers 8,410,112
-    # + projection 131,712 + prompts 9,216 (METHODS.md §4 says "about 13.2M").
-    ("mcpl", {}, 1_482_624 + 3_152_384 + 8_410_112 + 131_712 + 9_216),
+    # MMRL ablations (Tab. 4), from the paper's description: R 5 x 512, 7 layers (6..12) of maps 512->768 and/or
+    # 512->512, proj_rep 768 x 512 while vision tokens exist; w/o RS: free 5-token blocks per layer and tower.
+    ("mmrl", {"towers": "vision"}, 5 * 512 + 7 * (512 * 768 + 768) + 768 * 512),
+    ("mmrl", {"towers": "text"}, 5 * 512 + 7 * (512 * 512 + 512)),
+    ("mmrl", {"space": "separate"}, 7 * 5 * (768 + 512) + 768 * 512),
+    ("mmrl", {"space": "text_to_vision"}, 7 * 5 * 512 + 7 * (512 * 768 + 768) + 768 * 512),
+    ("mcpl", {}, _MCPL),  # METHODS.md §4 says "about 13.2M"
+    ("mcpl", {"shared_pms": True}, _MCPL - (_J - 1) * _PMS),  # one PMS for all layers
+    ("mcpl", {"pms": "none"}, _MCPL - _J * _PMS),  # text prompts used as visual prompts: no map
+    ("mcpl", {"free_visual_prompts": True}, _MCPL + _J * _N * _V),  # plus a free [2, 768] block per layer
 ]
 
 
@@ -44,7 +70,7 @@ def _expected_vision(name):
     if name in ("mudpt", "promptsrc"):
         return [201] * 12
     if name == "mpl":
-        return [197 + layer for layer in range(1, 10)] + [206] * 3
+        return [198 + layer for layer in range(1, 10)] + [207] * 3
     if name == "mmrl":
         return [197] * 5 + [202] * 7
     raise KeyError(name)
@@ -66,8 +92,11 @@ def test_layer_by_layer_sequence_lengths(vit_b16, name):
 
 
 def test_mpl_segment_matches_methods_md(vit_b16):
-    """MPL: the segment before layer l (2..9) has length l; the first token added at each layer is carried."""
+    """MPL: the segment at layer l (1..9) has length l + 1 (2 added, 1 removed per layer); the first token added
+    at each layer is carried. The released code's single layer-1 token gives length l."""
     model = fastprompt.build("mpl", vit_b16, ["cat"])
+    assert model.method.vision_schedule.segment_lengths() == list(range(2, 11)) + [10, 10, 10]
+    model = fastprompt.build("mpl", vit_b16, ["cat"], n_first=1)
     assert model.method.vision_schedule.segment_lengths() == list(range(1, 10)) + [9, 9, 9]
 
 

@@ -1,5 +1,24 @@
 """MMRL (METHODS.md §3.7): shared representation tokens mapped into both towers from layer 6, a second
-(representation) head, decoupled inference and a cosine regulariser against the frozen model."""
+(representation) head, decoupled inference and a cosine regulariser against the frozen model.
+
+The paper's ablations (Sec. 4.6, Tab. 4; Appendix E, Tab. 9; METHODS §6.5) are options; the defaults are MMRL:
+
+* `towers`: 'both'; 'vision' is "w/o L" and 'text' is "w/o V" ("where only a single modality of representation
+  tokens is utilized"). Without vision tokens there is no representation feature f_r, so 'text' trains and
+  predicts with the class head alone: loss CE(z_c) + lambda * regulariser (alpha only balances two heads).
+* `space`: 'shared' (R mapped by per-layer Linears into both towers); 'separate' is "w/o RS", which "excludes the
+  Representation Space, independently initializes textual and visual tokens": per-layer free K x d tokens in
+  each tower, N(0, 0.02^2) like R, no mapping; 'text_to_vision' is MMRL-dagger, "text-side tokens are initialized
+  randomly and mapped to the visual side" (per-layer free text tokens, per-layer Linear into the vision tower,
+  the Linears copies of one, as MMRL's own maps).
+* `regularizer`: 'cosine' (Eq. L_cos); 'l1' and 'mse' are Tab. 9's alternatives. The paper does not define them;
+  they compare the same L2-normalised features the released code feeds its cosine (the classifier sees only
+  directions), averaged over all elements (torch's l1_loss / mse_loss): per image and per class, like L_cos.
+* `inference`: 'decoupled' (fuse on base classes, z_c on novel ones); 'class' is "w/o DS1" ("relies only on
+  class features"), 'fused' is "w/o DS2" ("using both features for novel class evaluation").
+* `fusion` (unchanged here): 'logits' fuses alpha*z_c + (1-alpha)*z_r as the released code does; 'probs' is the
+  paper's "p(y=c|x) = alpha p(y=c|f_c) + (1-alpha) p(y=c|f_r)".
+"""
 
 from __future__ import annotations
 
@@ -12,13 +31,46 @@ from ..schedule import TowerSchedule
 from ..sources import Coupled, FreeTokens
 from ._build import BuildContext, cloned_linears
 
+_CHOICES = {
+    "fusion": ("logits", "probs"),
+    "towers": ("both", "vision", "text"),
+    "space": ("shared", "separate", "text_to_vision"),
+    "regularizer": ("cosine", "l1", "mse"),
+    "inference": ("decoupled", "class", "fused"),
+}
+
+
+def _check_choices(**options) -> None:
+    for name, value in options.items():
+        if value not in _CHOICES[name]:
+            raise ValueError(f"MMRL option {name} must be one of {_CHOICES[name]}, got {value!r}")
+    if options["space"] == "text_to_vision" and options["towers"] != "both":
+        raise ValueError("MMRL space='text_to_vision' maps text tokens into the vision tower: it needs towers='both'")
+    two_heads = options["towers"] != "text" and options["inference"] == "decoupled"
+    if options["fusion"] == "probs" and not two_heads:
+        # Predictors read fusion='probs' as "base-class predictions are already probabilities": only true when the
+        # base prediction is the fused one and the novel one is z_c.
+        raise ValueError("MMRL fusion='probs' needs the decoupled two-head prediction (towers with vision tokens,"
+                         " inference='decoupled')")
+
+
+def _regularizer(kind: str, features: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """Distance of (rows of) `features` to the frozen model's, as the `regularizer` option names it."""
+    f, f0 = F.normalize(features.float(), dim=-1), F.normalize(frozen.float(), dim=-1)
+    if kind == "l1":
+        return F.l1_loss(f, f0)
+    if kind == "mse":
+        return F.mse_loss(f, f0)
+    return 1 - (f * f0).sum(-1).mean()
+
 
 class MMRL(PromptMethod):
     """K tokens R (K x d_r) mapped per layer by F^v_l / F^t_l and *inserted* after CLS / SOS at layer
     `first_layer` (text grows by K, EOT index shifts), replaced in later layers. Heads: CLS -> proj (z_c) and
     mean of the K vision outputs -> proj_rep (z_r). Loss alpha*CE(z_c) + (1-alpha)*CE(z_r) +
     lam*(cosine distance of image and text features to the frozen CLIP's). Prediction on training (base)
-    classes fuses the heads; on novel classes and other datasets it uses z_c only."""
+    classes fuses the heads; on novel classes and other datasets it uses z_c only. The ablation options
+    (towers, space, regularizer, inference) are described in the module docstring."""
 
     name = "mmrl"
 
@@ -32,51 +84,79 @@ class MMRL(PromptMethod):
         reg_weight: float = 0.5,
         template: str = "a photo of a {}.",
         fusion: str = "logits",
+        towers: str = "both",
+        space: str = "shared",
+        regularizer: str = "cosine",
+        inference: str = "decoupled",
     ):
         super().__init__(ctx.info)
-        if fusion not in ("logits", "probs"):
-            raise ValueError(f"fusion must be 'logits' (released code) or 'probs' (paper), got {fusion!r}")
+        _check_choices(fusion=fusion, towers=towers, space=space, regularizer=regularizer, inference=inference)
         info = ctx.info
         self.template = template
         self.alpha, self.reg_weight, self.fusion = alpha, reg_weight, fusion
+        self.towers, self.space, self.regularizer, self.inference = towers, space, regularizer, inference
         last = info.vision.layers
         if info.text.layers != last:
             raise ValueError("MMRL needs towers of equal depth")
         layers = range(first_layer, last + 1)
+        text, vision = self._sources(layers, n_tokens, rep_dim, info.text.width, info.vision.width)
+        if towers != "vision":
+            self.text_schedule = TowerSchedule.deep("text", last, n_tokens, depth=last, first=first_layer,
+                                                    mode="insert")
+            self.set_sources("text", text)
+        if towers != "text":
+            self.vision_schedule = TowerSchedule.deep("vision", last, n_tokens, depth=last, first=first_layer,
+                                                      site="head")
+            self.set_sources("vision", vision)
+            self.proj_rep = nn.Parameter(torch.randn(info.vision.width, info.embed_dim) * info.vision.width**-0.5)
+
+    def _sources(self, layers, n_tokens: int, rep_dim: int, d_text: int, d_vision: int):
+        """Per-layer token sources of each tower (built for both; `towers` decides which are used)."""
+        count = len(layers)
+        if self.space == "separate":
+            return ({l: FreeTokens(n_tokens, d_text) for l in layers},
+                    {l: FreeTokens(n_tokens, d_vision) for l in layers})
+        if self.space == "text_to_vision":
+            text = {l: FreeTokens(n_tokens, d_text) for l in layers}
+            return text, {l: Coupled(text[l], m) for l, m in zip(layers, cloned_linears(d_text, d_vision, count))}
         latent = FreeTokens(n_tokens, rep_dim)
-        to_vision = cloned_linears(rep_dim, info.vision.width, len(layers))
-        to_text = cloned_linears(rep_dim, info.text.width, len(layers))
-        self.text_schedule = TowerSchedule.deep("text", last, n_tokens, depth=last, first=first_layer, mode="insert")
-        self.vision_schedule = TowerSchedule.deep("vision", last, n_tokens, depth=last, first=first_layer, site="head")
-        self.set_sources("vision", {l: Coupled(latent, m) for l, m in zip(layers, to_vision)})
-        self.set_sources("text", {l: Coupled(latent, m) for l, m in zip(layers, to_text)})
-        self.proj_rep = nn.Parameter(torch.randn(info.vision.width, info.embed_dim) * info.vision.width**-0.5)
+        vision = {l: Coupled(latent, m) for l, m in zip(layers, cloned_linears(rep_dim, d_vision, count))}
+        text = {l: Coupled(latent, m) for l, m in zip(layers, cloned_linears(rep_dim, d_text, count))}
+        return text, vision
+
+    @property
+    def has_rep_head(self) -> bool:
+        return self.towers != "text"
 
     def heads(self, out: EncoderOutputs) -> dict[str, torch.Tensor]:
-        start, length = out.vision_segment
-        rep = out.vision_tokens[:, start : start + length].mean(dim=1)
-        rep_features = rep @ self.proj_rep.to(rep.dtype)
-        return {
-            "main": cosine_logits(out.image_features, out.text_features, out.logit_scale),
-            "rep": cosine_logits(rep_features, out.text_features, out.logit_scale),
-        }
+        logits = {"main": cosine_logits(out.image_features, out.text_features, out.logit_scale)}
+        if self.has_rep_head:
+            start, length = out.vision_segment
+            rep = out.vision_tokens[:, start : start + length].mean(dim=1)
+            logits["rep"] = cosine_logits(rep @ self.proj_rep.to(rep.dtype), out.text_features, out.logit_scale)
+        return logits
 
     def loss(self, out: EncoderOutputs, labels: torch.Tensor, model=None):
         ce_main = F.cross_entropy(out.logits["main"], labels)
-        ce_rep = F.cross_entropy(out.logits["rep"], labels)
-        loss = self.alpha * ce_main + (1 - self.alpha) * ce_rep
-        parts = {"ce": ce_main.detach(), "ce_rep": ce_rep.detach()}
+        parts = {"ce": ce_main.detach()}
+        if self.has_rep_head:
+            ce_rep = F.cross_entropy(out.logits["rep"], labels)
+            loss = self.alpha * ce_main + (1 - self.alpha) * ce_rep
+            parts["ce_rep"] = ce_rep.detach()
+        else:
+            loss = ce_main
         if self.reg_weight and model is not None:
             frozen_img = model.frozen_image_features(out.images)
             frozen_txt = model.frozen_text_features((self.template,))
-            reg_v = 1 - F.cosine_similarity(out.image_features.float(), frozen_img.float(), dim=-1).mean()
-            reg_t = 1 - F.cosine_similarity(out.text_features.float(), frozen_txt.float(), dim=-1).mean()
+            reg_v = _regularizer(self.regularizer, out.image_features, frozen_img)
+            reg_t = _regularizer(self.regularizer, out.text_features, frozen_txt)
             loss = loss + self.reg_weight * (reg_v + reg_t)
             parts.update(reg_image=reg_v.detach(), reg_text=reg_t.detach())
         return loss, parts
 
     def predict(self, out: EncoderOutputs, mode: str = "base") -> torch.Tensor:
-        if mode == "novel":
+        fuse = self.has_rep_head and self.inference != "class" and (mode == "base" or self.inference == "fused")
+        if not fuse:
             return out.logits["main"]
         if self.fusion == "probs":
             return self.alpha * out.logits["main"].softmax(-1) + (1 - self.alpha) * out.logits["rep"].softmax(-1)
