@@ -336,7 +336,12 @@ class TrainStep:
             part.backward()  # gradients accumulate into .grad across micro-batches
             loss = part.detach() if loss is None else loss + part.detach()
         if self.grad_sync is not None:
-            self.grad_sync([p.grad for p in self._params if p.grad is not None])
+            grads = [p.grad for p in self._params if p.grad is not None]
+            if grads:
+                # A loss that is not finite on this process alone (its gradients finite) must skip the step on every
+                # process: carried into the synced gradients as a NaN, every process's guard sees it.
+                grads[0].add_(torch.where(torch.isfinite(loss), 0.0, float("nan")).to(grads[0].dtype))
+            self.grad_sync(grads)
         if self.skip_nonfinite:
             finite = self._guarded_update(loss)
         else:

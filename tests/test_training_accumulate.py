@@ -113,3 +113,22 @@ def test_bad_accumulation_arguments_are_refused():
             TrainStep(model, optimizer, accumulate=bad)
     with pytest.raises(TypeError, match="grad_sync must be callable"):
         TrainStep(model, optimizer, grad_sync=3)
+
+
+def test_a_nonfinite_loss_with_finite_gradients_reaches_the_other_processes(tiny_clip):
+    """One process's loss is inf while its gradients are finite (a constant term): the sync must carry that, or the
+    processes would skip different steps and their prompts diverge."""
+    images, labels = _batches(1, 4)[0]
+    model = _model(tiny_clip, "coop")
+    before = [p.detach().clone() for p in model.trainable_parameters()]
+    synced = []
+
+    def inf_loss(m, x, y):
+        return prompted_loss(m, x, y) + torch.tensor(float("inf"))  # no gradient: the gradients stay finite
+
+    step = TrainStep(model, make_optimizer(model.trainable_parameters(), "sgd", lr=0.1), loss_fn=inf_loss,
+                     grad_sync=lambda grads: synced.append(bool(torch.isnan(grads[0]).any())))
+    step(images, labels)
+    assert synced == [True] and step.totals().skipped == 1
+    for p, q in zip(model.trainable_parameters(), before):
+        assert torch.equal(p.detach(), q)
