@@ -127,7 +127,8 @@ def _eval(args, extra) -> int:
     from .runner.checkpoint import atomic_write_json, read_json
     from .runner.config import ConfigError
     from .runner.results import markdown_table, summarize_run
-    from .runner.run import checkpoints_of_run, evaluate_checkpoints, run_name, stored_config
+    from .parallel import data_parallel
+    from .runner.run import checkpoints_of_run, evaluate_checkpoints, join_torchrun, run_name, stored_config
 
     if bool(args.run) == bool(args.checkpoint):
         raise ConfigError("give exactly one of --run DIR or --checkpoint PATH")
@@ -136,8 +137,11 @@ def _eval(args, extra) -> int:
     overrides = _overrides(argparse.Namespace(overrides=args.overrides), extra)
     if args.output:
         _check_output_path(args.output, "--output", folder=False)
+    join_torchrun(str(overrides.get("device", "auto")))  # under torchrun every rank evaluates its shard
     folders = checkpoints_of_run(args.run) if args.run else list(args.checkpoint)
     outputs = evaluate_checkpoints(folders, overrides, args.dataset, args.subset, args.mode)
+    if not data_parallel.is_main():
+        return 0  # rank 0 prints the tables and writes --output
     if args.run and args.dataset is None:
         config = stored_config(args.run)
         print("\n" + markdown_table([summarize_run(config.protocol, run_name(config), outputs)]))
@@ -314,6 +318,7 @@ def _check_output_path(path: str, what: str, folder: bool) -> None:
 def _expected_errors() -> tuple:
     from .backbone import UnsupportedModelError
     from .data import CorruptImageError, DatasetError
+    from .parallel.data_parallel import PeerFailed
     from .runner.checkpoint import CheckpointError
     from .runner.config import ConfigError
     from .runner.results import ReportError
@@ -323,7 +328,7 @@ def _expected_errors() -> tuple:
     # OSError: what the operating system refused (permissions, a full disk, a path that vanished) is a problem
     # of the environment, said in one line like bad input; a bug still shows its traceback.
     return (ConfigError, DatasetError, CheckpointError, RunError, CorruptImageError, NonFiniteLossError,
-            UnsupportedModelError, ReportError, OSError)
+            UnsupportedModelError, ReportError, OSError, PeerFailed)
 
 
 def main(argv=None) -> int:
@@ -340,8 +345,14 @@ def main(argv=None) -> int:
             return args.func(args, extra)
         return args.func(args)
     except _expected_errors() as error:
+        from .parallel import data_parallel
+
         message = str(error).strip() or type(error).__name__
-        print(f"fastprompt: error: {message}", file=sys.stderr)
+        if isinstance(error, data_parallel.PeerFailed):
+            return 2  # rank 0's own error, which rank 0 prints
+        processes = data_parallel.world_size()
+        where = f" (rank {data_parallel.rank()} of {processes})" if processes > 1 else ""
+        print(f"fastprompt: error{where}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastprompt: interrupted", file=sys.stderr)

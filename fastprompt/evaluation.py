@@ -235,12 +235,15 @@ class EvalStep:
 
 
 def evaluate(model, loader, device, mode: str = "base", amp_dtype=AUTO, input_dtype: torch.dtype | None = None,
-             progress=None, cuda_graph: bool | str = AUTO) -> dict:
+             progress=None, cuda_graph: bool | str = AUTO, reduce=None) -> dict:
     """Accuracy (%), macro-F1 (%), mean cross-entropy and image count of `model` over `loader` of (images, labels).
 
     Never updates anything and never waits for the device per batch (one read at the end). `amp_dtype` 'auto' is
     bf16 on CUDA and fp32 on CPU; the runner passes its precision's. `input_dtype` casts the images (fp16-parity).
-    `progress(n)` is called after each batch with its size."""
+    `progress(n)` is called after each batch with its size. `reduce(tensor)` sums a tensor in place over the
+    processes of a data-parallel evaluation (fastprompt.parallel.data_parallel.all_reduce_sum_), each of which passes
+    its own shard of the set in `loader`: the per-class counts are integers, so the metrics are exactly those of
+    one process over the whole set."""
     device = torch.device(device)
     step = EvalStep(model, mode=mode, amp_dtype=amp_dtype, cuda_graph=cuda_graph, device=device)
     for images, labels in loader:
@@ -251,6 +254,9 @@ def evaluate(model, loader, device, mode: str = "base", amp_dtype=AUTO, input_dt
         step(images, labels)
         if progress is not None:
             progress(labels.shape[0])
+    if reduce is not None:
+        reduce(step._counts)
+        reduce(step._loss)
     totals = step.totals()
     if totals.images == 0:
         raise ValueError("evaluation set is empty")

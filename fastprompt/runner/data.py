@@ -26,6 +26,7 @@ from ..data import (
     subsample_classes,
     train_transform,
 )
+from ..parallel import data_parallel
 from .config import ConfigError, RunConfig
 from .presets import DATASET_TEMPLATE_METHODS
 
@@ -105,6 +106,10 @@ def check_training_set(config: RunConfig, train: DatasetSplits) -> None:
             f"batch_size={config.batch_size} is larger than the {config.shots}-shot training set of {train.name}"
             f" ({len(train.train)} images over {train.num_classes} classes); lower batch_size"
         )
+    try:
+        data_parallel.check_batch(config.batch_size)  # under torchrun each process takes batch_size / N
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def verify_images(splits: DatasetSplits, progress=None) -> None:
@@ -185,6 +190,8 @@ def worker_count(config: RunConfig, device: torch.device) -> int:
 def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, generator: torch.Generator, workers: int,
                  pin_memory: bool = False):
     dataset = train.dataset("train", train_transform(image_size, scale=tuple(config.crop_scale)))
+    if data_parallel.world_size() > 1:  # torchrun: this process's slice of every global batch
+        return data_parallel.sharded_loader(dataset, config.batch_size, generator, workers, pin_memory)
     # Dassl drops the last incomplete batch when the set holds at least one batch (check_training_set).
     # The shuffle order and the workers' base seed come from `generator`, which the resumable state saves.
     # Workers decode and augment ahead of the step (4 batches each); no persistent workers, so that a resumed run
@@ -196,6 +203,6 @@ def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, gener
 
 
 def eval_loader(config: RunConfig, splits: DatasetSplits, image_size: int, workers: int, pin_memory: bool = False):
-    dataset = splits.dataset("test", eval_transform(image_size))
+    dataset = data_parallel.shard(splits.dataset("test", eval_transform(image_size)))  # this process's share
     return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,
                       pin_memory=pin_memory)

@@ -10,6 +10,7 @@ Numerics (`precision`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -21,7 +22,8 @@ import torch
 import fastprompt
 
 from ..evaluation import evaluate
-from ..training import TrainStep, fit, lr_at, make_optimizer, peak_memory, reset_peak_memory
+from ..parallel import data_parallel
+from ..training import EpochStats, TrainStep, fit, lr_at, make_optimizer, peak_memory, reset_peak_memory
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, data_on_device
 from .data import Target, eval_loader, template_for, train_loader, worker_count
@@ -51,7 +53,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise ConfigError(f"device={name!r} but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-    return device
+    try:
+        return data_parallel.rank_device(device)  # under torchrun: this process's own GPU
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def numerics(precision: str, device: torch.device) -> Numerics:
@@ -110,7 +115,8 @@ def build_model(config: RunConfig, clip, classnames, seed: int, template: str | 
 def progress_bar(total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty() or not data_parallel.is_main(),
+                dynamic_ncols=True)
 
 
 def _format_bytes(value: float) -> str:
@@ -137,9 +143,12 @@ class SeedTrainer:
                 model.method.template = template
             model.set_classnames(target.splits.classnames)
             loader = eval_loader(config, target.splits, self.image_size, self.workers, self.device.type == "cuda")
-            with progress_bar(len(target.splits.test), f"eval {target.key}") as bar:
+            # Under torchrun the loader holds this rank's share of the test set and the counts are summed.
+            sharded = data_parallel.world_size() > 1
+            with progress_bar(len(loader.dataset), f"eval {target.key}") as bar:
                 metrics = evaluate(model, loader, self.device, mode=target.mode, amp_dtype=self.num.amp_dtype,
-                                   input_dtype=self.num.input_dtype, progress=bar.update)
+                                   input_dtype=self.num.input_dtype, progress=bar.update,
+                                   reduce=data_parallel.all_reduce_sum_ if sharded else None)
             records.append({"dataset": target.dataset, "subset": target.subset, "mode": target.mode,
                             "classes": target.splits.num_classes, **metrics})
             self.echo(f"  {target.key:<28} ({target.mode:5}) accuracy {metrics['accuracy']:6.2f}%  "
@@ -157,6 +166,8 @@ class SeedTrainer:
                 data = DeviceAugmentedSet(train, self.image_size, config.crop_scale, self.device,
                                           config.device_cache_side, progress=lambda it: _tick(it, bar))
             self.echo(f"  few-shot set on {self.device}: {len(data)} images, {_format_bytes(data.nbytes())}")
+            if data_parallel.world_size() > 1:
+                return data_parallel.ShardedDeviceBatches(data, config.batch_size, generator)
             return data.batches(config.batch_size, generator)
         return train_loader(config, train, self.image_size, generator, self.workers, self.device.type == "cuda")
 
@@ -183,14 +194,19 @@ class SeedTrainer:
         generator = torch.Generator().manual_seed(seed)
         state_dir = os.path.join(seed_dir, "state")
         start, history = 1, []
+        data_parallel.barrier()  # rank 0's writes (the state of an earlier seed or run) land before anyone reads
         found = ckpt.find_state(state_dir) if resume else None
         if found is not None:
             manifest, tensors = ckpt.load_state(state_dir)
             done = ckpt.restore_state(manifest, tensors, model, optimizer, generator, device, gpa)
             start, history = done + 1, list(manifest["history"])
             self.echo(f"seed {seed}: resuming after epoch {done} from {found}")
+        # Every rank built (or loaded) the same prompts; rank 0's are made everyone's, as DDP does.
+        data_parallel.broadcast_parameters(params)
         if optimizer is not None and start <= config.epochs:
-            step = TrainStep(model, optimizer, amp_dtype=self.num.amp_dtype, accumulate=self.config.accumulate)
+            sync = data_parallel.GradientMean() if data_parallel.world_size() > 1 else None
+            step = TrainStep(model, optimizer, amp_dtype=self.num.amp_dtype, accumulate=self.config.accumulate,
+                             grad_sync=sync)
             loader = self._loader(train, generator)
 
             def progress_for_epoch(epoch):
@@ -198,6 +214,7 @@ class SeedTrainer:
                 return _epoch_bar(len(loader), f"seed {seed} epoch {epoch}/{config.epochs}")
 
             def epoch_end(epoch, lr, stats):
+                stats = _over_ranks(stats)
                 peak, peak_kind = peak_memory(device)
                 if gpa is not None:
                     gpa.update(epoch)
@@ -216,7 +233,8 @@ class SeedTrainer:
                               f" {stats.seconds:.1f} s waiting for batches); try data_on_device=true or more"
                               " num_workers")
                 if epoch % config.save_every == 0 or epoch == config.epochs:
-                    ckpt.save_state(state_dir, epoch, model, optimizer, generator, device, gpa, history)
+                    data_parallel.on_main(ckpt.save_state, state_dir, epoch, model, optimizer, generator, device,
+                                          gpa, history)
                 if on_epoch_end is not None:
                     on_epoch_end(seed, epoch)
 
@@ -229,14 +247,20 @@ class SeedTrainer:
         # The checkpoint comes before the evaluation, so a failure there loses no training; the resumable state
         # stays until results.json is written (a resume then restores the final epoch and only evaluates).
         backbone = ckpt.backbone_record(model, config.backbone, config.pretrained)
-        options = method_options(config, template)
-        ckpt.save_checkpoint(seed_dir, model, config.method, options, backbone, config.to_dict(),
-                             extra={"seed": seed, "precision": self.num.name})
+        # Every option is recorded, defaults included: a later release that changes a default (MCPL's sa_to_text,
+        # MuDPT's injection) must not change what this checkpoint means when it is rebuilt from its manifest.
+        options = {**fastprompt.method_options(config.method), **method_options(config, template)}
+        data_parallel.on_main(ckpt.save_checkpoint, seed_dir, model, config.method, options, backbone,
+                              config.to_dict(), extra={"seed": seed, "precision": self.num.name})
         self.echo(f"seed {seed}: evaluating the final weights")
         records = self.evaluate_targets(model, targets)
         results = {"seed": seed, "complete": True, "targets": records, "history": history}
-        ckpt.atomic_write_json(os.path.join(seed_dir, "results.json"), results)
-        ckpt.remove_state(state_dir)
+
+        def publish():
+            ckpt.atomic_write_json(os.path.join(seed_dir, "results.json"), results)
+            ckpt.remove_state(state_dir)
+
+        data_parallel.on_main(publish)
         return results
 
 
@@ -251,6 +275,19 @@ class _epoch_bar:
 
     def __exit__(self, *exc):
         self.bar.close()
+
+
+def _over_ranks(stats: EpochStats) -> EpochStats:
+    """An epoch's stats over every rank (each TrainStep counts its own shard): one gather per epoch."""
+    if data_parallel.world_size() == 1:
+        return stats
+    total = data_parallel.gather_epoch_totals(stats.loss * stats.images if stats.images else 0.0, stats.images,
+                                              stats.delivered, stats.skipped_steps, stats.seconds,
+                                              stats.loader_seconds)
+    loss = total["loss_sum"] / total["images"] if total["images"] else float("nan")
+    return dataclasses.replace(stats, loss=loss, images=total["images"], delivered=total["delivered"],
+                               skipped_steps=total["skipped"], seconds=total["seconds"],
+                               loader_seconds=total["loader_seconds"])
 
 
 def _finite_or_none(value: float):

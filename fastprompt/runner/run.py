@@ -22,6 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from ..parallel import data_parallel
 from . import checkpoint as ckpt
 from . import lock as run_lock
 from .config import FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, check_config, set_field
@@ -207,38 +208,94 @@ def train_run(resolved: ResolvedConfig | None = None, resume_dir: str | None = N
               printer=print, on_epoch_end=None) -> dict:
     """Train every seed of a config; with `resume_dir` continue that run. Returns the summary."""
     config = config or resolved.config
-    echo = Echo(printer)
+    join_torchrun(config.device)
+    # Under torchrun every process trains, only rank 0 (which holds the lock) writes and prints: the other ranks
+    # wait for its writes in data_parallel.on_main and get its failures from there.
+    echo = Echo(printer if data_parallel.is_main() else _silent)
     run_dir = resume_dir or config.resolved_output_dir()
     if resume_dir is None:
-        _check_new_folder(run_dir)
+        data_parallel.on_main(_check_new_folder, run_dir)
     # A resume locks first (the folder exists; a second process is refused before loading anything); a new run
     # after the checks that must fail before its folder exists.
-    held = _take_lock(run_dir) if resume_dir else None
+    held = data_parallel.on_main(_take_lock, run_dir) if resume_dir else None
     try:
         prepared = prepare(config, echo)
-        if held is None:
-            created = not os.path.isdir(run_dir)
-            os.makedirs(run_dir, exist_ok=True)
-            try:
-                held = _take_lock(run_dir)
-                _check_new_folder(run_dir)  # another process may have started a run here since the first check
-            except BaseException:
-                if held is not None:
-                    held.release()
-                    held = None
-                if created:
-                    try:
-                        os.rmdir(run_dir)  # only if still empty: never remove what another process wrote
-                    except OSError:
-                        pass
-                raise
+        if resume_dir is None:
+            held = data_parallel.on_main(_new_run_folder, run_dir)
         return _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, on_epoch_end)
     finally:
         if held is not None:
             held.release()
 
 
+def join_torchrun(device: str) -> None:
+    """Join torchrun's process group when this process was started by torchrun (nothing otherwise)."""
+    try:
+        data_parallel.init_from_env(device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _silent(line: str) -> None:
+    """The printer of ranks other than 0: rank 0 prints every line once."""
+
+
+def _new_run_folder(run_dir: str) -> run_lock.RunLock:
+    """Create a new run's folder and take its lock (removing the folder again when that fails and it was ours)."""
+    created = not os.path.isdir(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    held = None
+    try:
+        held = _take_lock(run_dir)
+        _check_new_folder(run_dir)  # another process may have started a run here since the first check
+    except BaseException:
+        if held is not None:
+            held.release()
+        if created:
+            try:
+                os.rmdir(run_dir)  # only if still empty: never remove what another process wrote
+            except OSError:
+                pass
+        raise
+    return held
+
+
 def _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, on_epoch_end) -> dict:
+    manifest_path = os.path.join(run_dir, RUN_MANIFEST)
+    # None on ranks other than 0, which never write run.json.
+    manifest = data_parallel.on_main(_start_manifest, resolved, resume_dir, config, prepared, run_dir, echo, held,
+                                     share=False)
+    trainer = SeedTrainer(config, prepared.clip, prepared.device, prepared.num, prepared.image_size, echo)
+    results = []
+    try:
+        for seed in config.seeds:
+            seed_dir = _seed_dir(run_dir, seed)
+            done = data_parallel.on_main(_complete, seed_dir, share=True) if resume_dir else None
+            if done is not None:
+                echo(f"seed {seed}: complete already, results reused")
+                results.append(done)
+                continue
+            train, targets = prepared.plans[seed]
+            result = trainer.train(seed, train, targets, seed_dir, resume=resume_dir is not None,
+                                   on_epoch_end=on_epoch_end)
+            data_parallel.on_main(_fail_if_nothing_trained, seed, seed_dir, result)
+            results.append(result)
+        summary = data_parallel.on_main(write_summary, run_dir, config, results, share=True)
+    except BaseException as error:
+        if manifest is not None:
+            manifest.update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+                            error=f"{type(error).__name__}: {error}", finished=ckpt.now())
+            ckpt.atomic_write_json(manifest_path, manifest)
+        raise
+    if manifest is not None:
+        manifest.update(status="complete", finished=ckpt.now())
+        ckpt.atomic_write_json(manifest_path, manifest)
+    echo("\n" + markdown_table([summary]))
+    return summary
+
+
+def _start_manifest(resolved, resume_dir, config, prepared, run_dir, echo, held) -> dict:
+    """Rank 0's start of a run: the log file, the checks against a resumed run's manifest, run.json 'running'."""
     echo.path = os.path.join(run_dir, "log.txt")
     manifest_path = os.path.join(run_dir, RUN_MANIFEST)
     manifest = ckpt.read_json(manifest_path, "run manifest") if resume_dir else {"started": ckpt.now()}
@@ -253,11 +310,16 @@ def _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, o
             f"cannot resume {run_dir}: the data changed since the run started (split hashes of seed(s)"
             f" {', '.join(changed)} differ); start a new run"
         )
+    processes = data_parallel.world_size()
+    if resume_dir and manifest.get("processes", 1) != processes:
+        echo(f"note: the run started with {manifest.get('processes', 1)} process(es) and continues with {processes}:"
+             " the same global batch, but the rest of the run is not bit-identical to an uninterrupted one")
     manifest.update({
         "format": "fastprompt.run/1",
         "config": config.to_dict(),
         "status": "running",
         "environment": ckpt.environment(prepared.device),
+        "processes": processes,  # torchrun's WORLD_SIZE: the global batch is split over this many
         "splits": splits,
     })
     if resolved is not None:
@@ -274,31 +336,7 @@ def _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, o
             f"{k} {before!r} -> {after!r}" for k, (before, after) in changes.items())))
         for note in resolved.notes:
             echo(f"note: {note}")
-    trainer = SeedTrainer(config, prepared.clip, prepared.device, prepared.num, prepared.image_size, echo)
-    results = []
-    try:
-        for seed in config.seeds:
-            seed_dir = _seed_dir(run_dir, seed)
-            done = _complete(seed_dir) if resume_dir else None
-            if done is not None:
-                echo(f"seed {seed}: complete already, results reused")
-                results.append(done)
-                continue
-            train, targets = prepared.plans[seed]
-            result = trainer.train(seed, train, targets, seed_dir, resume=resume_dir is not None,
-                                   on_epoch_end=on_epoch_end)
-            _fail_if_nothing_trained(seed, seed_dir, result)
-            results.append(result)
-        summary = write_summary(run_dir, config, results)
-    except BaseException as error:
-        manifest.update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
-                        error=f"{type(error).__name__}: {error}", finished=ckpt.now())
-        ckpt.atomic_write_json(manifest_path, manifest)
-        raise
-    manifest.update(status="complete", finished=ckpt.now())
-    ckpt.atomic_write_json(manifest_path, manifest)
-    echo("\n" + markdown_table([summary]))
-    return summary
+    return manifest
 
 
 def _fail_if_nothing_trained(seed: int, seed_dir: str, result: dict) -> None:
@@ -346,7 +384,8 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
     from ..data import subsample_classes
     from .data import Target
 
-    echo = Echo(printer)
+    join_torchrun(str((overrides or {}).get("device", "auto")))
+    echo = Echo(printer if data_parallel.is_main() else _silent)  # every rank evaluates its shard; rank 0 prints
     outputs, backbones = [], {}
     for folder in folders:
         manifest, tensors = ckpt.load_checkpoint(folder)
@@ -417,8 +456,9 @@ def checkpoints_of_run(run_dir: str) -> list[str]:
     if state != "status 'complete'":
         # Every seed has its final checkpoint (written before its evaluation), so they can be evaluated; say
         # that the run itself did not finish rather than let it pass for a complete one.
-        print(f"fastprompt: note: {run_dir} is not complete ({state}); evaluating its saved checkpoints",
-              file=sys.stderr)
+        if data_parallel.is_main():
+            print(f"fastprompt: note: {run_dir} is not complete ({state}); evaluating its saved checkpoints",
+                  file=sys.stderr)
     return folders
 
 

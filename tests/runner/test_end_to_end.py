@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+import fastprompt
+
 from fastprompt.cli import main
 from fastprompt.data import build_dataset, eval_transform, sample_few_shot, subsample_classes
 from fastprompt.runner import Predictor
@@ -150,7 +152,10 @@ def test_cross_dataset_imagenet_to_eurosat_with_mmrl(tmp_path, cli):
     assert found == [("imagenet", "base", 4), ("eurosat", "novel", 4)]
     manifest = read_json(run / "seed1" / "checkpoint.json")
     # MMRL's frozen text input is the dataset template; xd preset: 1 epoch, no warm-up, lambda 0.2.
-    assert manifest["options"] == {"reg_weight": 0.2, "template": "a photo of a {}."}
+    # Every option is recorded, the defaults too, so a later default cannot change what the checkpoint means.
+    assert manifest["options"] == {**fastprompt.method_options("mmrl"), "reg_weight": 0.2,
+                                   "template": "a photo of a {}."}
+    assert manifest["options"]["alpha"] == 0.7
     assert read_json(run / "seed1" / "results.json")["history"][0]["lr"] == 1e-3
     assert "| mmrl imagenet | 1 |" in out and "Average (targets)" in out
 
@@ -175,7 +180,8 @@ def test_zero_shot_clip_evaluates_with_the_dataset_template_and_trains_nothing(t
                          *FAST, f"output_dir={run}")
     assert code == 0, err
     manifest = read_json(run / "seed1" / "checkpoint.json")
-    assert manifest["tensors"] == {} and manifest["options"] == {"template": "a centered satellite photo of {}."}
+    assert manifest["tensors"] == {} and manifest["options"] == {**fastprompt.method_options("clip"),
+                                                               "template": "a centered satellite photo of {}."}
     results = read_json(run / "seed1" / "results.json")
     assert results["history"] == []  # no training epoch was run
     assert [t["subset"] for t in results["targets"]] == ["base", "novel"]
