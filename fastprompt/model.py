@@ -70,6 +70,7 @@ class PromptedCLIP(nn.Module):
         tokenizer=None,
         truncate_text: bool = True,
         text_path: str = "auto",
+        shard_text_classes: bool = False,
     ):
         super().__init__()
         if text_path not in ("auto", "packed", "reference"):
@@ -100,8 +101,11 @@ class PromptedCLIP(nn.Module):
         self._inference_caches: dict[bool, InferenceCache] = {}  # by `full` (see inference_cache)
         self._key_dicts: list | None = None  # the method's parameter/buffer dicts, read by _cache_key
         self._frozen_text_cache: dict = {}
+        self.text_sharding = None  # a ClassShardedText while shard_text_classes is on
         _track_fused_optimizer_steps()
         self.set_classnames(classnames)
+        if shard_text_classes:
+            self.shard_text_classes()
 
     # --- set-up -----------------------------------------------------------------------------------
     def _check_sources(self) -> None:
@@ -141,6 +145,20 @@ class PromptedCLIP(nn.Module):
         if key not in self._device_copies:
             self._device_copies[key] = getattr(self.prompts, name).to(device)
         return self._device_copies[key]
+
+    def shard_text_classes(self, enabled: bool = True, group=None) -> None:
+        """Class-sharded text for large class sets (fastprompt.parallel.class_shard): each rank of `group` (None:
+        the default process group) encodes its slice of the classes and the text features are all-gathered, with
+        gradients for data-parallel training (mean all_reduce of the trainable gradients). Methods whose text
+        depends on the image are refused. Every rank must run the same forwards: the gather is a collective."""
+        if enabled:
+            from .parallel.class_shard import ClassShardedText
+
+            self.text_sharding = ClassShardedText(self.method, group)
+        else:
+            self.text_sharding = None
+        # Same values either way, but a cache built on some ranks only would leave the others in a collective.
+        self._inference_caches = {}
 
     @property
     def classnames(self) -> tuple[str, ...]:
@@ -253,9 +271,16 @@ class PromptedCLIP(nn.Module):
         R = C, or B*C (image-major) when text prompts depend on the image; `images` is B then.
         """
         ctx = ctx or SourceContext()
+        tokens_by_layer = self._layer_tokens("text", ctx)
+        if self.text_sharding is not None:  # this rank's classes, all-gathered (per-image text is refused there)
+            return self.text_sharding.encode(self, tokens_by_layer)
+        return self.encode_text_tokens(tokens_by_layer, images)
+
+    def encode_text_tokens(self, tokens_by_layer: dict, images: int = 1):
+        """encode_text from the prompt tokens already computed ({layer: (tokens, scope)}), over this model's
+        classes, never sharded."""
         clip = self.clip
         sched = self.method.text_schedule
-        tokens_by_layer = self._layer_tokens("text", ctx)
         if self.uses_packed_text():
             return self._encode_text_packed(tokens_by_layer, images)
         if not any(scope in ("image", "pair") for _, scope in tokens_by_layer.values()):
@@ -314,16 +339,18 @@ class PromptedCLIP(nn.Module):
         return self._packed
 
     def _encode_text_packed(self, tokens_by_layer, images: int):
-        features = self.packed_text().encode(tokens_by_layer, images)
-        input_embeds = None
-        if self.method.uses_text_input_embeds:
-            first = tokens_by_layer.get(1)
-            if first is not None and self.method.text_schedule.mode == "replace" and first[1] == "shared":
-                input_embeds = self.class_input_embeds(first[0])
-            else:
-                ids = self._on("tokens", self.clip.positional_embedding.device)[:, : self.prompts.max_length]
-                input_embeds = self.clip.token_embedding(ids)
-        return features, input_embeds
+        return self.packed_text().encode(tokens_by_layer, images), self.text_input_embeds(tokens_by_layer)
+
+    def text_input_embeds(self, tokens_by_layer) -> torch.Tensor | None:
+        """Layer-1 text input embeddings [C, L, d] of all classes for methods that read them (MCPL), else None: an
+        embedding lookup, no transformer pass."""
+        if not self.method.uses_text_input_embeds:
+            return None
+        first = tokens_by_layer.get(1)
+        if first is not None and self.method.text_schedule.mode == "replace" and first[1] == "shared":
+            return self.class_input_embeds(first[0])
+        ids = self._on("tokens", self.clip.positional_embedding.device)[:, : self.prompts.max_length]
+        return self.clip.token_embedding(ids)
 
     def _causal_mask(self, length: int, device, dtype) -> torch.Tensor:
         cache = self.__dict__.setdefault("_mask_cache", {})
