@@ -161,6 +161,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     odd = [("batch_size=3" if arg == "batch_size=4" else arg) for arg in RUN_ARGS]
     report["odd_batch"] = _cli("train", *odd, f"output_dir={os.path.join(runs, 'odd')}")
     report["existing"] = _cli("train", *RUN_ARGS, f"output_dir={full}")
+    report["sharded"] = _cli("train", *RUN_ARGS, "shard_text=true", f"output_dir={os.path.join(runs, 'sharded')}")
+    per_image = [("cocoop" if arg == "maple" else arg) for arg in RUN_ARGS]
+    report["sharded_cocoop"] = _cli("train", *per_image, "shard_text=true",
+                                    f"output_dir={os.path.join(runs, 'sharded_cocoop')}")
     report["writes"] = list(writes)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:  # outside runs/
         json.dump(report, handle)
@@ -321,3 +325,21 @@ def test_python_dash_m_fastprompt_is_the_command_line():
 
     done = subprocess.run([sys.executable, "-m", "fastprompt", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "usage: fastprompt" in done.stdout, done.stderr
+
+
+def test_class_sharded_text_trains_like_the_unsharded_run(two_ranks):
+    """shard_text=true: each rank encodes half of the classes' text; the run equals the unsharded two-process run
+    (float summation order aside), and a method whose text depends on the image is refused on every rank."""
+    from safetensors.torch import load_file
+
+    out, reports = two_ranks
+    assert all(r["sharded"]["code"] == 0 for r in reports), reports[0]["sharded"]["err"]
+    full = load_file(out / "runs" / "full" / "seed1" / "checkpoint.safetensors")
+    sharded = load_file(out / "runs" / "sharded" / "seed1" / "checkpoint.safetensors")
+    assert full.keys() == sharded.keys()
+    for name in full:
+        torch.testing.assert_close(sharded[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+    for report in reports:
+        assert report["sharded_cocoop"]["code"] == 2
+    assert "shard_text:" in reports[0]["sharded_cocoop"]["err"] and "cocoop" in reports[0]["sharded_cocoop"]["err"]
+    assert not (out / "runs" / "sharded_cocoop").exists()

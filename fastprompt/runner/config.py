@@ -75,6 +75,9 @@ class RunConfig:
     crop_scale: tuple[float, float] = _help("RandomResizedCrop scale range", default=(0.08, 1.0))
     gpa: bool = _help("PromptSRC Gaussian prompt aggregation (gpa_mean/gpa_std are method options)", default=False)
     max_bad_steps: int = _help("non-finite losses in a row before the run stops", default=5)
+    shard_text: bool = _help("under torchrun, each process encodes the text of C/N classes and the features are"
+                             " all-gathered (fastprompt.parallel.class_shard: pays from about 1,000 classes);"
+                             " no effect with one process", default=False)
     kernels: str = _help(
         "auto (fastprompt.patch: fused blocks + packed text; Triton kernels on CUDA), eager (the unpatched"
         " reference path), or an attention backend to patch with: triton, xformers, sdpa",

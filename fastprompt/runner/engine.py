@@ -107,9 +107,20 @@ def method_options(config: RunConfig, template: str | None) -> dict:
 def build_model(config: RunConfig, clip, classnames, seed: int, template: str | None = None):
     seed_everything(seed)
     try:
-        return fastprompt.build(config.method, clip, list(classnames), **method_options(config, template))
+        model = fastprompt.build(config.method, clip, list(classnames), **method_options(config, template))
     except (TypeError, ValueError) as error:  # a bad option or combination, named by the method
         raise ConfigError(f"method {config.method!r}: {error}") from None
+    return shard_text_if_asked(model, config)
+
+
+def shard_text_if_asked(model, config: RunConfig):
+    """Class-sharded text under torchrun when `shard_text` is on (with one process the plain text pass)."""
+    if config.shard_text and data_parallel.world_size() > 1:
+        try:
+            model.shard_text_classes()
+        except ValueError as error:  # a method whose text depends on the image
+            raise ConfigError(f"shard_text: {error}") from None
+    return model
 
 
 def progress_bar(total: int, desc: str):

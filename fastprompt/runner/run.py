@@ -27,7 +27,8 @@ from . import checkpoint as ckpt
 from . import lock as run_lock
 from .config import FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, check_config, set_field
 from .data import check_training_set, load_dataset, plan, run_image_paths, split_record, verify_paths
-from .engine import SeedTrainer, build_model, load_backbone, numerics, progress_bar, resolve_device
+from .engine import (SeedTrainer, build_model, load_backbone, numerics, progress_bar, resolve_device,
+                     shard_text_if_asked)
 from .results import csv_table, markdown_table, summarize_run
 
 RUN_MANIFEST = "run.json"
@@ -374,7 +375,8 @@ def write_summary(run_dir: str, config: RunConfig, results: list[dict]) -> dict:
 
 
 # --- evaluation of saved checkpoints ------------------------------------------------------------------------
-EVAL_OVERRIDES = ("device", "precision", "eval_batch_size", "num_workers", "root", "targets", "pretrained")
+EVAL_OVERRIDES = ("device", "precision", "eval_batch_size", "num_workers", "root", "targets", "pretrained",
+                  "shard_text")
 
 
 def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, dataset: str | None = None,
@@ -414,7 +416,7 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
             splits = subsample_classes(load_dataset(config, dataset, image_size), subset)
             same = list(splits.classnames) == list(manifest["classnames"])
             targets = [Target(splits.name, subset, mode or ("base" if same else "novel"), splits)]
-        model = _model_from_checkpoint(clip, manifest, tensors)
+        model = shard_text_if_asked(_model_from_checkpoint(clip, manifest, tensors), config)
         echo(f"evaluating {ckpt.checkpoint_folder(folder)} ({manifest['method']}, seed {seed}, {num.name} on {device})")
         trainer = SeedTrainer(config, clip, device, num, image_size, echo)
         records = trainer.evaluate_targets(model, targets)
