@@ -492,7 +492,46 @@ def _values_checkable(t: Tensor) -> bool:
 def _select(op, device, dtype, head_dim, causal, backend) -> str:
     # A pure function of its arguments for the life of a compiled graph: torch.compile bakes
     # the choice in rather than tracing the probes and caches behind it.
-    return backends.select_backend(backends.AttentionRequest(op, device, dtype, head_dim, causal), backend)
+    request = backends.AttentionRequest(op, device, dtype, head_dim, causal)
+    try:
+        return backends.select_backend(request, backend)
+    except backends.BackendNotSupportedError as exc:
+        if backend != "xformers":
+            raise
+        # One line (xformers' own errors run to several; the full text stays in __cause__), with the
+        # reason an import alone hides: a wheel built for another torch/CUDA imports, then has no operators.
+        line = str(exc).strip().splitlines()[0]
+        build = _xformers_build_problem()
+        raise backends.BackendNotSupportedError(line if build is None else f"{line}; {build}") from exc
+
+
+def _xformers_build_problem() -> str | None:
+    """What the installed xformers' C++/CUDA extension was built for, when it failed to load; else None."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        return None
+    try:
+        from xformers import _cpp_lib  # records the load failure (xformers only logs a warning)
+    except Exception:
+        return None  # nothing recorded to read; the backend's own reason stands
+    failure = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    if failure is None:
+        return None
+    try:
+        name = f"xformers {importlib.metadata.version('xformers')}"
+    except importlib.metadata.PackageNotFoundError:
+        name = "xformers"
+    here = f"torch {torch.__version__}" + (f" with CUDA {torch.version.cuda}" if torch.version.cuda else "")
+    info = getattr(failure, "build_info", None)
+    if info is None:
+        built = "another torch, CUDA or Python"
+    else:
+        cuda = info.cuda_version  # e.g. 1208 for 12.8
+        built = f"torch {info.torch_version}" + (f" with CUDA {cuda // 100}.{cuda % 100}" if cuda else "")
+    return (f"{name} could not load its C++/CUDA extension: it was built for {built}, this is {here}; "
+            "install the xformers build for this torch and CUDA (README, 'xformers')")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,

@@ -5,6 +5,14 @@ import math
 import pytest
 import torch
 
+import kernel_targets
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> str:
+    """The kernel tests' device, from kernel_targets (which also picks their dtypes)."""
+    return kernel_targets.DEVICE
+
 
 @pytest.fixture
 def poison(monkeypatch):

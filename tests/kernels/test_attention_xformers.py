@@ -1,12 +1,15 @@
 """The xformers backend without xformers: detection (not installed, op moved to mslk, op that
 fails to run) and the glue code (mask construction, interleaving of per-sequence prefixes with
 suffix keys, deterministic prefix gradient), run against a stand-in ``xformers.ops`` whose
-``memory_efficient_attention`` implements the documented mask semantics in plain torch.
+``memory_efficient_attention`` implements the documented mask semantics in plain torch; and the
+one-line error of an explicit ``backend="xformers"`` that cannot run (a wheel built for another
+torch/CUDA, an import that fails with several lines).
 
 The real xformers kernels need CUDA; the GPU tier (test_attention_gpu.py) runs them when the
 package is installed and usable there.
 """
 
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
@@ -152,3 +155,83 @@ def test_prefix_glue_interleaves_prefixes_and_suffixes(monkeypatch, P, G, with_i
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# An explicit backend="xformers" that cannot run says why in one line
+# ----------------------------------------------------------------------------------------------
+
+
+class StandInBuildInfo:
+    """What xformers._cpp_lib records from its wheel's cpp_lib.json (the H200 image's wheel)."""
+
+    torch_version = "2.10.0+cu128"
+    cuda_version = 1208
+
+
+def record_extension_load(monkeypatch, failure):
+    """xformers._cpp_lib as a wheel for another torch/CUDA leaves it: the import succeeds (xformers
+    logs a warning) and _cpp_library_load_exception holds what went wrong (None: it loaded)."""
+    cpp_lib = types.ModuleType("xformers._cpp_lib")
+    cpp_lib._cpp_library_load_exception = failure
+    sys.modules["xformers"]._cpp_lib = cpp_lib
+    _install(monkeypatch, "xformers._cpp_lib", cpp_lib)
+
+
+def explicit_request_error(**request) -> str:
+    from fastprompt.ops.attention import _select
+
+    args = {"op": "attention", "device": torch.device("cpu"), "dtype": torch.float32, "head_dim": 64,
+            "causal": False} | request
+    with pytest.raises(backends.BackendNotSupportedError) as raised:
+        _select(**args, backend="xformers")
+    return str(raised.value)
+
+
+def no_operator(*args, **kwargs):  # memory_efficient_attention when no C++/CUDA operator was registered
+    raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n...")
+
+
+def test_a_wheel_built_for_another_torch_is_named(monkeypatch):
+    install_stand_in(monkeypatch, no_operator)
+    failure = RuntimeError("xFormers can't load C++/CUDA extensions. xFormers was built for:\n ...")
+    failure.build_info = StandInBuildInfo()
+    record_extension_load(monkeypatch, failure)
+    message = explicit_request_error()
+    assert "\n" not in message
+    assert message.startswith("attention backend 'xformers' cannot run attention on cpu")
+    assert "runs on cuda only" in message
+    here = f"this is torch {torch.__version__}"
+    assert f"could not load its C++/CUDA extension: it was built for torch 2.10.0+cu128 with CUDA 12.8, {here}" in message
+
+
+def test_an_extension_that_loaded_adds_nothing(monkeypatch):
+    install_stand_in(monkeypatch)
+    record_extension_load(monkeypatch, None)
+    assert "could not load" not in explicit_request_error()
+
+
+def test_a_failing_import_is_reported_in_one_line(monkeypatch):
+    # xformers.ops raising on import (multi-line text), on a CUDA request: the probe reports the import.
+    class FailingLoader(importlib.abc.Loader):
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise ImportError("xFormers can't load C++/CUDA extensions.\n  Please reinstall xformers")
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            return importlib.machinery.ModuleSpec(name, FailingLoader()) if name == "xformers.ops" else None
+
+    package = types.ModuleType("xformers")
+    package.__path__ = []  # a package: its submodules are looked up through sys.meta_path
+    _install(monkeypatch, "xformers", package)
+    for name in ("xformers.ops", "xformers._cpp_lib"):  # a real installation's, where there is one
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past "runs on cuda only" to the probes
+    message = explicit_request_error(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    assert message == ("attention backend 'xformers' cannot run attention on cuda:0 in torch.bfloat16 with "
+                       "head_dim 64: importing xformers.ops failed: ImportError: xFormers can't load C++/CUDA "
+                       "extensions.")

@@ -18,15 +18,20 @@ pytest.importorskip("triton")
 
 from fastprompt.ops import attention as attention_ops  # noqa: E402
 from fastprompt.ops import grouped_mlp, layer_norm, mlp  # noqa: E402
+from kernel_targets import ATTENTION_DTYPE, MATRIX_DTYPE  # noqa: E402
 
 MODULES = (attention_ops, grouped_mlp, layer_norm, mlp)
 
 
 def _cases(device):
+    """name -> (fn, inputs) on ``device``: fp32 under the interpreter, bf16 on a GPU (kernel_targets)."""
     g = torch.Generator().manual_seed(0)
 
-    def r(*shape, grad=True, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_(grad)
+    def r(*shape, grad=True, scale=1.0, dtype=MATRIX_DTYPE):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_(grad)
+
+    def a(*shape):  # attention inputs: the Triton attention kernels run fp32 only in the interpreter
+        return r(*shape, dtype=ATTENTION_DTYPE)
 
     d = 64
     cu = torch.tensor([0, 3, 5, 9], dtype=torch.int32, device=device)
@@ -41,13 +46,13 @@ def _cases(device):
                        (r(2, 3, d), r(4 * d, d, grad=False, scale=0.1), r(4 * d, grad=False),
                         r(d, 4 * d, grad=False, scale=0.1), r(d, grad=False))),
         "attention": (lambda q, k, v: attention_ops.attention(q, k, v, backend="triton"),
-                      (r(2, 5, 1, d), r(2, 7, 1, d), r(2, 7, 1, d))),
+                      (a(2, 5, 1, d), a(2, 7, 1, d), a(2, 7, 1, d))),
         "attention_causal": (lambda q, k, v: attention_ops.attention(q, k, v, causal=True, backend="triton"),
-                             (r(2, 6, 1, d), r(2, 6, 1, d), r(2, 6, 1, d))),
+                             (a(2, 6, 1, d), a(2, 6, 1, d), a(2, 6, 1, d))),
         "prefix_varlen_attention": (
             lambda q, k, v, pk, pv: attention_ops.prefix_varlen_attention(q, k, v, cu, 4, pk, pv, index,
                                                                          backend="triton"),
-            (r(9, 1, d), r(9, 1, d), r(9, 1, d), r(2, 3, 1, d), r(2, 3, 1, d))),
+            (a(9, 1, d), a(9, 1, d), a(9, 1, d), a(2, 3, 1, d), a(2, 3, 1, d))),
         "grouped_linear": (grouped_mlp.grouped_linear, (r(3, 2, d), r(3, 32, d, scale=0.1), r(3, 32))),
         "grouped_bottleneck_mlp": (grouped_mlp.grouped_bottleneck_mlp,
                                    (r(3, 2, d), r(3, 16, d, scale=0.1), r(3, 16), r(3, 32, 16, scale=0.1), r(3, 32))),
@@ -57,7 +62,7 @@ def _cases(device):
 def _run(fn, inputs):
     inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     out = fn(*inputs)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     out.backward(upstream)
     return out.detach(), [t.grad for t in inputs], type(out.grad_fn).__name__
 
@@ -104,8 +109,7 @@ def test_compile_sees_the_registered_op(kernel_device):
         graphs.append(gm)
         return gm.forward
 
-    x = torch.randn(3, 64, device=kernel_device)
-    w, b = torch.randn(64, device=kernel_device), torch.randn(64, device=kernel_device)
+    x, w, b = (torch.randn(*shape, device=kernel_device, dtype=MATRIX_DTYPE) for shape in ((3, 64), (64,), (64,)))
     compiled = torch.compile(lambda x: layer_norm.layer_norm(x, w, b, 1e-5) * 2, backend=backend, fullgraph=True)
     torch._dynamo.reset()
     try:

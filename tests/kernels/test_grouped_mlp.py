@@ -3,8 +3,8 @@
 Rule (DESIGN.md §4): the kernel's max error against float64 is at most twice the error of the
 same computation in plain PyTorch at the test dtype, plus a small atol, for the output and the
 gradients of x and of every weight and bias (these maps train). On CPU the kernels run under
-the Triton interpreter in fp32; the GPU class repeats the checks in bf16 and fp32 and times the
-kernels against PyTorch at the PMS / coupling shapes.
+the Triton interpreter in fp32, on a GPU compiled in bf16, fp16 and fp32 (kernel_targets); the
+GPU class repeats the checks at the PMS / coupling shapes and times the kernels against PyTorch.
 """
 
 import math
@@ -15,6 +15,9 @@ import torch
 from fastprompt.kernels import grouped_mlp as grouped_kernel
 from fastprompt.ops.grouped_mlp import grouped_bottleneck_mlp, grouped_linear
 from kernel_numerics import ATOL, assert_within_torch_error
+from kernel_targets import MATRIX_DTYPE, MATRIX_DTYPES, dtype_params
+
+DTYPES = dtype_params(MATRIX_DTYPES)
 
 
 def torch_grouped_linear(x, weight, bias):
@@ -64,9 +67,10 @@ def bottleneck_inputs(groups, n, din, hidden, dout, dtype, device):
 @pytest.mark.parametrize(
     "shape", [(12, 2, 40, 72), (1, 1, 70, 90), (2, 37, 24, 70)], ids=lambda s: "x".join(map(str, s))
 )
-def test_grouped_linear(shape, kernel_device, poison):
-    inputs = linear_inputs(*shape, torch.float32, kernel_device)
-    check(grouped_linear, torch_grouped_linear, inputs, torch.float32, f"grouped_linear {shape}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_linear(shape, dtype, kernel_device, poison):
+    inputs = linear_inputs(*shape, dtype, kernel_device)
+    check(grouped_linear, torch_grouped_linear, inputs, dtype, f"grouped_linear {shape}")
 
 
 # (G, n, din, hidden, dout): PMS-like (2 tokens, hidden narrower than the input), one token,
@@ -74,35 +78,38 @@ def test_grouped_linear(shape, kernel_device, poison):
 @pytest.mark.parametrize(
     "shape", [(3, 2, 70, 24, 90), (1, 1, 20, 16, 24), (2, 16, 40, 130, 33)], ids=lambda s: "x".join(map(str, s))
 )
-def test_grouped_bottleneck_mlp(shape, kernel_device, poison):
-    inputs = bottleneck_inputs(*shape, torch.float32, kernel_device)
-    check(grouped_bottleneck_mlp, torch_bottleneck, inputs, torch.float32, f"bottleneck {shape}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_bottleneck_mlp(shape, dtype, kernel_device, poison):
+    inputs = bottleneck_inputs(*shape, dtype, kernel_device)
+    check(grouped_bottleneck_mlp, torch_bottleneck, inputs, dtype, f"bottleneck {shape}")
 
 
-def test_bottleneck_hidden_is_the_relu_output(kernel_device, poison):
-    x, w1, b1, w2, b2 = bottleneck_inputs(4, 3, 24, 40, 20, torch.float32, kernel_device)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bottleneck_hidden_is_the_relu_output(dtype, kernel_device, poison):
+    x, w1, b1, w2, b2 = bottleneck_inputs(4, 3, 24, 40, 20, dtype, kernel_device)
     _, hidden = torch.ops.fastprompt.grouped_bottleneck_mlp(x, w1, b1, w2, b2)
-    torch.testing.assert_close(hidden, torch.relu(torch_grouped_linear(x, w1, b1)), rtol=1e-5, atol=1e-5)
+    exact = torch.relu(torch_grouped_linear(x.double(), w1.double(), b1.double()))
+    assert_within_torch_error("hidden", hidden, exact, torch.relu(torch_grouped_linear(x, w1, b1)), dtype)
 
 
 def test_backward_is_deterministic(kernel_device):
-    x, w, b = linear_inputs(3, 20, 40, 33, torch.float32, kernel_device)
-    dy = torch.randn(3, 20, 33, device=kernel_device)
+    x, w, b = linear_inputs(3, 20, 40, 33, MATRIX_DTYPE, kernel_device)
+    dy = torch.randn(3, 20, 33, device=kernel_device).to(MATRIX_DTYPE)
     first = grouped_kernel.grouped_linear_backward(dy, x, w)
     second = grouped_kernel.grouped_linear_backward(dy, x, w)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    x, w1, b1, w2, b2 = bottleneck_inputs(3, 2, 40, 24, 33, torch.float32, kernel_device)
+    x, w1, b1, w2, b2 = bottleneck_inputs(3, 2, 40, 24, 33, MATRIX_DTYPE, kernel_device)
     _, hidden = grouped_kernel.grouped_bottleneck_forward(x, w1, b1, w2, b2)
-    dy = torch.randn(3, 2, 33, device=kernel_device)
+    dy = torch.randn(3, 2, 33, device=kernel_device).to(MATRIX_DTYPE)
     first = grouped_kernel.grouped_bottleneck_backward(dy, x, hidden, w1, w2)
     second = grouped_kernel.grouped_bottleneck_backward(dy, x, hidden, w1, w2)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_opcheck(kernel_device):
-    inputs = [t.requires_grad_(True) for t in linear_inputs(2, 3, 20, 24, torch.float32, kernel_device)]
+    inputs = [t.requires_grad_(True) for t in linear_inputs(2, 3, 20, 24, MATRIX_DTYPE, kernel_device)]
     torch.library.opcheck(torch.ops.fastprompt.grouped_linear, tuple(inputs))
-    inputs = [t.requires_grad_(True) for t in bottleneck_inputs(2, 3, 20, 17, 24, torch.float32, kernel_device)]
+    inputs = [t.requires_grad_(True) for t in bottleneck_inputs(2, 3, 20, 17, 24, MATRIX_DTYPE, kernel_device)]
     torch.library.opcheck(torch.ops.fastprompt.grouped_bottleneck_mlp, tuple(inputs))
 
 

@@ -2,8 +2,9 @@
 
 Rule (DESIGN.md §4): the kernel's max error against float64 is at most twice the error of the
 same computation in plain PyTorch at the test dtype, plus a small atol. On CPU the kernels run
-under the Triton interpreter in fp32; the GPU class repeats the checks in bf16 (and with
-fp32 weights) and times the kernels against PyTorch.
+under the Triton interpreter in fp32, on a GPU compiled in bf16, fp16 and fp32 (kernel_targets);
+the GPU class repeats the checks at ViT-B/16 shapes (and with fp32 weights) and times the
+kernels against PyTorch.
 """
 
 import importlib
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 from fastprompt.kernels import layer_norm as ln_kernel
 from fastprompt.ops.layer_norm import layer_norm
 from kernel_numerics import ATOL, assert_within_torch_error, OpRecorder
+from kernel_targets import MATRIX_DTYPE, MATRIX_DTYPES, dtype_params
+
+DTYPES = dtype_params(MATRIX_DTYPES)
 
 
 def reference(x, weight, bias, eps, residual=None, compute=torch.float32):
@@ -82,25 +86,28 @@ def check_forward_backward(shape, dtype, device, weight_dtype=None, train_params
 SHAPES = [(1, 768), (3, 200), (77, 512), (2, 3, 97)]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_and_input_gradient_frozen_weights(shape, kernel_device, poison):
-    check_forward_backward(shape, torch.float32, kernel_device)
+def test_forward_and_input_gradient_frozen_weights(shape, dtype, kernel_device, poison):
+    check_forward_backward(shape, dtype, kernel_device)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(199, 768), (5, 1000)], ids=lambda s: "x".join(map(str, s)))
-def test_trainable_weight_and_bias_gradients(shape, kernel_device, poison):
-    check_forward_backward(shape, torch.float32, kernel_device, train_params=True)
+def test_trainable_weight_and_bias_gradients(shape, dtype, kernel_device, poison):
+    check_forward_backward(shape, dtype, kernel_device, train_params=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "shape, train_params", [((206, 768), False), ((3, 200), True)], ids=["206x768-frozen", "3x200-trainable"]
 )
-def test_fused_residual_add(shape, train_params, kernel_device, poison):
-    check_forward_backward(shape, torch.float32, kernel_device, train_params=train_params, residual=True)
+def test_fused_residual_add(shape, train_params, dtype, kernel_device, poison):
+    check_forward_backward(shape, dtype, kernel_device, train_params=train_params, residual=True)
 
 
 def test_frozen_weights_never_run_the_parameter_gradient_kernel(kernel_device):
-    x, weight, bias = make_inputs((6, 200), torch.float32, kernel_device)
+    x, weight, bias = make_inputs((6, 200), MATRIX_DTYPE, kernel_device)
     x.requires_grad_(True)
     y = layer_norm(x, weight, bias)
     with OpRecorder() as frozen:
@@ -118,7 +125,7 @@ def test_frozen_weights_never_run_the_parameter_gradient_kernel(kernel_device):
 
 
 def test_parameter_gradients_are_deterministic(kernel_device):
-    x, weight, bias = make_inputs((37, 300), torch.float32, kernel_device)
+    x, weight, bias = make_inputs((37, 300), MATRIX_DTYPE, kernel_device)
     y, _, mean, rstd = ln_kernel.layer_norm_forward(x, weight, bias, 1e-5)
     dy = torch.randn_like(y)
     first = ln_kernel.layer_norm_backward(dy, x, weight, mean, rstd, param_grads=True)
@@ -127,10 +134,12 @@ def test_parameter_gradients_are_deterministic(kernel_device):
         assert torch.equal(a, b)
 
 
-def test_launcher_writes_every_statistic(kernel_device, poison):
-    x, weight, bias = make_inputs((9, 130), torch.float32, kernel_device)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_launcher_writes_every_statistic(dtype, kernel_device, poison):
+    # The statistics are fp32 whatever x's dtype (x's values are exact in float64), so fp32 tolerances hold.
+    x, weight, bias = make_inputs((9, 130), dtype, kernel_device)
     y, s, mean, rstd = ln_kernel.layer_norm_forward(x, weight, bias, 1e-5)
-    assert s is None
+    assert s is None and mean.dtype == rstd.dtype == torch.float32
     torch.testing.assert_close(mean, x.double().mean(-1).float())
     torch.testing.assert_close(rstd, (x.double().var(-1, unbiased=False) + 1e-5).rsqrt().float())
 
@@ -139,7 +148,7 @@ def test_launcher_writes_every_statistic(kernel_device, poison):
     "residual, train_params", [(False, True), (True, False)], ids=["plain-trainable", "residual-frozen"]
 )
 def test_opcheck(residual, train_params, kernel_device):
-    x, weight, bias = make_inputs((2, 3, 40), torch.float32, kernel_device)
+    x, weight, bias = make_inputs((2, 3, 40), MATRIX_DTYPE, kernel_device)
     x.requires_grad_(True)
     weight.requires_grad_(train_params), bias.requires_grad_(train_params)
     if residual:
@@ -150,8 +159,8 @@ def test_opcheck(residual, train_params, kernel_device):
 
 
 def test_opcheck_backward_ops(kernel_device):
-    x, weight, _ = make_inputs((5, 40), torch.float32, kernel_device)
-    mean, rstd = x.mean(-1), (x.var(-1, unbiased=False) + 1e-5).rsqrt()
+    x, weight, _ = make_inputs((5, 40), MATRIX_DTYPE, kernel_device)
+    mean, rstd = x.float().mean(-1), (x.float().var(-1, unbiased=False) + 1e-5).rsqrt()  # fp32 statistics
     dy, d_sum = torch.randn_like(x), torch.randn_like(x)
     for op in (torch.ops.fastprompt.layer_norm_backward, torch.ops.fastprompt.layer_norm_backward_params):
         torch.library.opcheck(op, (dy, x, weight, mean, rstd, d_sum))
