@@ -16,8 +16,22 @@ Three layers:
   math attention saving the probabilities). Checked against `saved_tensor_bytes`, which counts what autograd
   really saved (torch.autograd.graph.saved_tensors_hooks, no CUDA needed).
 - `predict_peak_memory`: saved activations + weights + trainable parameters, their gradients and optimizer state
-  + run-long caches + inputs + a workspace term for the largest layer's backward temporaries. The workspace is an
-  estimate, not an exact count: the benchmark records predicted next to measured peaks so it can be calibrated.
+  + run-long caches + inputs + a workspace term for the largest layer's backward temporaries + cuBLAS's workspaces,
+  or, when larger, the first step's one-off forward of the frozen text (constant text features, frozen teachers).
+  The layer workspace is an estimate, not an exact count; the rest are counts. Checked against the peaks measured
+  on an H200 (tests/test_memory.py): 30 of 32 cases within 8 %; VPT's eager contender is 11 % low at B = 4 and
+  23 % low at B = 32, where 0.86 GiB of its step remain unexplained.
+
+What the measured peaks taught (H200, commit e536e88, bench/results/nvidia-h200-2026-11-27.json):
+- `torch.cuda.max_memory_allocated` counts cuBLAS's workspaces: PyTorch allocates one per (cuBLAS handle, stream)
+  from the caching allocator and keeps it for the life of the process, 32 MiB each on Hopper. Handles are per
+  thread, and backward runs on autograd's own device thread, so a step on one stream holds two. A TrainStep with a
+  CUDA graph warms up on a fresh side stream per warm-up step and captures on a third, so one graphed case holds
+  six and every later case of the same process adds four (its two new side streams): the benchmark's fastprompt
+  cases at B = 4 ran last in their process and carried up to 1.1 GiB of them, which was the "-55 %".
+- A method without text prompts (VPT) computes its text features once, in the first step, by a no-grad pass over
+  every class; its cache keeps those features and, on the reference text path, the layer-1 input embeddings
+  (C x 77 x d). That first pass, not the training step, is the eager contender's peak at B = 4.
 
 `structural_model(method, classnames, backbone)` builds a PromptedCLIP with uninitialised weights in about a
 second (no random init of 150 M parameters): enough for the arithmetic, useless for computing.
@@ -26,6 +40,8 @@ second (no random init of 150 M parameters): enough for the arithmetic, useless 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +49,12 @@ import torch
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATS = 8  # LayerNorm saves fp32 mean and rstd per row
+MiB = 2**20
+# PyTorch's default cuBLAS workspace per (handle, stream) when CUBLAS_WORKSPACE_CONFIG is unset (aten's
+# CublasHandlePool): ":4096:8" = 32 MiB on compute capability 9.x, cuBLAS's recommendation for Hopper, and
+# ":4096:2:16:8" = 8 MiB + 128 KiB on other GPUs. cuBLASLt GEMMs use the same workspace (PyTorch unifies them).
+BLAS_WORKSPACE_HOPPER = 32 * MiB
+BLAS_WORKSPACE_OTHER = 2 * 4096 * 1024 + 8 * 16 * 1024
 OPTIMIZER_STATE = {"sgd": 1, "sgd-plain": 0, "adamw": 2}  # fp32 tensors per trainable parameter
 GiB = 2**30
 
@@ -59,21 +81,32 @@ class StepOptions:
     cache_frozen_layers: bool = True  # packed text: layers below the first prompted one computed once per run
     frozen_weight_ops: bool = False  # Triton LayerNorm/MLP that save only their inputs (CUDA)
     patched: bool = True  # fastprompt blocks (no dense mask); False: open_clip's own blocks
-    attention: str = "sdpa"  # backend: 'sdpa' | 'triton' | 'xformers' | 'eager' (math: saves probabilities)
+    attention: str = "sdpa"  # dense attention backend: 'sdpa' | 'triton' | 'xformers' | 'eager' (saves probabilities)
+    prefix_attention: str | None = None  # packed text's prefix-varlen attention backend; None: as `attention`
     recompute: bool = False  # checkpoint each trained block (saves its input only, recomputes in backward)
     weights_dtype: torch.dtype = torch.bfloat16  # frozen CLIP weights
     amp_dtype: torch.dtype | None = torch.bfloat16  # autocast dtype; None = compute in the weights' dtype
     optimizer: str = "sgd"  # 'sgd' (momentum), 'sgd-plain', 'adamw'
     accumulate: int = 1  # micro-batches per step (TrainStep(accumulate=...)): autograd keeps one micro-batch
+    # cuBLAS workspaces alive at the peak: one per (thread, CUDA stream) pair that has run a GEMM in this process
+    # (`train_step_blas_workspaces`); 0 on CPU. Each is `blas_workspace_size` bytes (`blas_workspace_bytes`).
+    blas_workspaces: int = 0
+    blas_workspace_size: int = BLAS_WORKSPACE_HOPPER
 
     def __post_init__(self):
         if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise ValueError(f"accumulate must be an int >= 1, got {self.accumulate!r}")
+        for name in ("blas_workspaces", "blas_workspace_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         object.__setattr__(self, "weights_dtype", _dtype(self.weights_dtype))
         if self.amp_dtype is not None:
             object.__setattr__(self, "amp_dtype", _dtype(self.amp_dtype))
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.prefix_attention is not None and self.prefix_attention not in ATTENTION:
+            raise ValueError(f"prefix_attention must be one of {ATTENTION} or None, got {self.prefix_attention!r}")
         if self.optimizer not in OPTIMIZER_STATE:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE)}, got {self.optimizer!r}")
         if self.packed_text and self.full_context:
@@ -82,32 +115,79 @@ class StepOptions:
             raise ValueError("packed text runs on a fastprompt-patched CLIP (patched=True)")
 
     @property
+    def packed_attention(self) -> str:
+        """The backend of the packed text's prefix-varlen attention."""
+        return self.prefix_attention or self.attention
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         return self.amp_dtype or self.weights_dtype
 
 
+def blas_workspace_bytes(device: str | torch.device = "cuda") -> int:
+    """Bytes of one cuBLAS workspace on `device` (0 off CUDA): CUBLAS_WORKSPACE_CONFIG's ':KiB:count' pairs when
+    set, else PyTorch's default for the GPU's compute capability; Hopper's 32 MiB when no GPU can be asked."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config:
+        pairs = re.findall(r":(\d+):(\d+)", config)
+        if pairs:
+            return sum(int(kib) * 1024 * int(count) for kib, count in pairs)
+    if not torch.cuda.is_available():
+        return BLAS_WORKSPACE_HOPPER
+    major, _ = torch.cuda.get_device_capability(device)
+    return BLAS_WORKSPACE_HOPPER if major == 9 else BLAS_WORKSPACE_OTHER
+
+
+def train_step_blas_workspaces(cuda_graph: bool, warmup_steps: int = 3) -> int:
+    """cuBLAS workspaces a fastprompt.training.TrainStep leaves alive in a process that ran no GEMM before: on every
+    stream it runs on, one for the calling thread's handle (forward) and one for autograd's device thread
+    (backward). With a CUDA graph it warms up on a fresh side stream per warm-up step and captures on one more;
+    without, it runs on the current stream. Workspaces outlive their step: a process running several models (the
+    benchmark) holds the sum."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+    return 2 * (warmup_steps + 1 if cuda_graph else 1)
+
+
 def options_for(patched: bool = True, truncate_text: bool = True, device: str | torch.device = "cuda",
                 amp_dtype: torch.dtype | None = torch.bfloat16, weights_dtype: torch.dtype | None = None,
-                optimizer: str = "sgd", recompute: bool = False) -> StepOptions:
+                optimizer: str = "sgd", recompute: bool = False, blas_workspaces: int | None = None) -> StepOptions:
     """The options a model built this way runs with, without building it (what `options_for_model` reads from a
-    built one): `patched` = fastprompt.fast.patch with its default backend (Triton LayerNorm/MLP and attention on
-    CUDA, PyTorch ops + SDPA elsewhere) and packed text; unpatched = open_clip's blocks with one text row per class,
+    built one): `patched` = fastprompt.fast.patch with its default backend (on CUDA Triton LayerNorm/MLP and
+    attention as auto's measured order picks it: SDPA for dense attention, Triton for the packed text; PyTorch
+    ops + SDPA elsewhere) and packed text; unpatched = open_clip's blocks with one text row per class,
     cut after the longest EOT (`truncate_text`) or padded to the full context. Frozen weights in `weights_dtype`
-    (default: the autocast dtype, fp32 without autocast)."""
+    (default: the autocast dtype, fp32 without autocast). `blas_workspaces`: see StepOptions; default on CUDA the
+    two of a step on one stream (`train_step_blas_workspaces` counts a graphed TrainStep's)."""
     cuda = torch.device(device).type == "cuda"
     weights = weights_dtype or amp_dtype or torch.float32
-    common = dict(weights_dtype=weights, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute)
+    common = dict(weights_dtype=weights, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute,
+                  **_blas(device, blas_workspaces))
     if not patched:
         return StepOptions(packed_text=False, full_context=not truncate_text, cache_frozen_layers=False,
                            frozen_weight_ops=False, patched=False, attention="sdpa", **common)
+    from .ops import backends
+
+    device_type = torch.device(device).type
+    dense, packed = (backends.get_backend_order(op, device_type)[0] for op in backends.OPS)
     return StepOptions(packed_text=True, full_context=False, cache_frozen_layers=True, frozen_weight_ops=cuda,
-                       patched=True, attention="triton" if cuda else "sdpa", **common)
+                       patched=True, attention=dense, prefix_attention=packed, **common)
+
+
+def _blas(device, workspaces: int | None) -> dict:
+    size = blas_workspace_bytes(device)
+    if workspaces is None:
+        workspaces = train_step_blas_workspaces(cuda_graph=False) if size else 0
+    return dict(blas_workspaces=workspaces, blas_workspace_size=size)
 
 
 def options_for_model(model, amp_dtype: torch.dtype | None = None, optimizer: str = "sgd",
-                      recompute: bool = False) -> StepOptions:
+                      recompute: bool = False, blas_workspaces: int | None = None) -> StepOptions:
     """The options a built PromptedCLIP actually runs with: patched or not (and with which kernels), its text
-    path, its frozen weights' dtype."""
+    path, its frozen weights' dtype, the cuBLAS workspaces of its device (see `options_for`)."""
     from .ops import backends
 
     clip = model.clip
@@ -115,19 +195,23 @@ def options_for_model(model, amp_dtype: torch.dtype | None = None, optimizer: st
     from .fast import fast_path
 
     report = fast_path(clip)
-    common = dict(weights_dtype=weight.dtype, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute)
+    common = dict(weights_dtype=weight.dtype, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute,
+                  **_blas(weight.device, blas_workspaces))
     if report is None:
         return StepOptions(packed_text=False, full_context=not model.truncate_text, cache_frozen_layers=False,
                            frozen_weight_ops=False, patched=False, attention="sdpa", **common)
-    attention = report.kernels.attention
-    if attention == "auto":
-        request = backends.AttentionRequest("prefix_varlen_attention", weight.device, amp_dtype or weight.dtype,
-                                            model.info.text.head_dim, True)
-        attention = backends.select_backend(request, "auto")
+    def chosen(op: str, head_dim: int, causal: bool) -> str:
+        if report.kernels.attention != "auto":
+            return report.kernels.attention
+        request = backends.AttentionRequest(op, weight.device, amp_dtype or weight.dtype, head_dim, causal)
+        return backends.select_backend(request, "auto")
+
     packed = model.uses_packed_text()
     return StepOptions(packed_text=packed, full_context=not packed and not model.truncate_text,
                        cache_frozen_layers=packed, frozen_weight_ops=report.kernels.norm_mlp == "triton",
-                       patched=True, attention=attention, **common)
+                       patched=True, attention=chosen("attention", model.info.vision.head_dim, False),
+                       prefix_attention=chosen("prefix_varlen_attention", model.info.text.head_dim, True),
+                       **common)
 
 
 # --- geometry ----------------------------------------------------------------------------------------------
@@ -194,6 +278,12 @@ class StepGeometry:
     image_bytes: int  # one fp32 input batch
     embed_dim: int
     constant_text_rows: int = 0  # text features computed once per run (no text prompts; frozen teachers)
+    # The text tower's one no-grad forward per run (first step): its token rows, the layer-1 input embedding rows
+    # the constant-text cache keeps (reference text path), and whether it runs inside the loss (frozen teachers,
+    # while the step's saved activations are alive) rather than before the forward (constant text features).
+    frozen_text_rows: int = 0
+    frozen_text_embed_rows: int = 0
+    frozen_text_in_loss: bool = False
 
     def pass_named(self, name: str) -> Pass | None:
         return next((p for p in self.passes if p.name == name), None)
@@ -308,6 +398,7 @@ def step_geometry(model, batch: int, options: StepOptions | None = None) -> Step
     height, width = model.info.image_size
     classes = len(model.prompts.classnames)
     constant = classes if not model.method.text_sources else 0
+    frozen_rows, embed_rows, in_loss = _frozen_text(model, options)
     return StepGeometry(
         batch=batch,
         classes=classes,
@@ -317,7 +408,26 @@ def step_geometry(model, batch: int, options: StepOptions | None = None) -> Step
         image_bytes=batch * 3 * height * width * 4,
         embed_dim=model.info.embed_dim,
         constant_text_rows=constant,
+        frozen_text_rows=frozen_rows,
+        frozen_text_embed_rows=embed_rows,
+        frozen_text_in_loss=in_loss,
     )
+
+
+def _frozen_text(model, options: StepOptions) -> tuple[int, int, bool]:
+    """(rows, kept embedding rows, inside the loss) of the text tower's no-grad forward a run computes once."""
+    method, prompts = model.method, model.prompts
+    classes = len(prompts.classnames)
+    if not method.text_sources:  # constant text features: PromptedCLIP's cache, built by the first forward
+        if options.packed_text:
+            return prompts.prefix_len + int((prompts.lengths - prompts.prefix_len).sum()), 0, False
+        length = model.info.context_length if options.full_context else prompts.max_length
+        return classes * length, classes * length, False
+    teacher = (method.name == "mmrl" and getattr(method, "reg_weight", 0)) or method.name == "promptsrc"
+    if teacher:  # PromptedCLIP.frozen_text_features: clip.encode_text, cut after the EOT when patched
+        length = prompts.max_length if options.patched else model.info.context_length
+        return classes * length, 0, True
+    return 0, 0, False
 
 
 # --- what a layer saves for backward -----------------------------------------------------------------------
@@ -357,13 +467,13 @@ def _layer_constant_bytes(p: Pass, o: StepOptions, layer: LayerWork) -> int:
 def _packed_attention_bytes(p: Pass, o: StepOptions, work: PackedWork) -> int:
     d, h = p.width, p.heads
     c = _BYTES[o.compute_dtype]
-    if o.attention in ("triton", "xformers"):
+    if o.packed_attention in ("triton", "xformers"):
         return work.tokens * (d * c + 4 * h)  # varlen kernel: output + log-sum-exp
     # SDPA/eager on padded sequences: padded q and output, per-sequence [prefix; suffix] keys and values,
     # boolean mask, fp32 log-sum-exp (probabilities for eager) and the token index.
     s, n, pre = work.sequences, work.max_len, work.prefix_len
     padded = s * n * d * c * 2 + 2 * s * (pre + n) * d * c + s * n * (pre + n) + 8 * work.tokens
-    padded += s * n * (h * (pre + n) * c if o.attention == "eager" else 4 * h)
+    padded += s * n * (h * (pre + n) * c if o.packed_attention == "eager" else 4 * h)
     return padded
 
 
@@ -397,6 +507,24 @@ def _decoder_layer_bytes(p: Pass, layer: LayerWork, o: StepOptions) -> int:
     count, _, keys = layer.cross
     per_key = ln + 3 * e * c  # LayerNorm of the image tokens, k/v projection input, k and v
     return int(rows * per_row + count * keys * per_key)
+
+
+def _frozen_text_row_bytes(info, o: StepOptions) -> int:
+    """Bytes per token row alive at the peak of a no-grad text layer (its MLP): the layer's input, still held by
+    the caller's loop variable until the block returns, and the residual after attention (weights' dtype, fp32 when
+    autocast adds bf16 branches to fp32 weights' stream: the weights' dtype either way); the LayerNorm output, held
+    by the caller's expression during the MLP (fp32 under autocast on open_clip's blocks, whose LayerNorm autocast
+    runs in fp32; the compute dtype on fastprompt's) and its cast to the compute dtype; the MLP hidden and its
+    activation (QuickGELU: x * sigmoid(1.702 x) keeps one more), or one activated hidden from the fused Triton MLP."""
+    d, m = info.width, info.mlp_hidden
+    c, r = _BYTES[o.compute_dtype], _BYTES[o.weights_dtype]
+    ln = 4 if o.amp_dtype is not None and not o.patched else c
+    cast = c if ln != c else 0
+    if o.frozen_weight_ops:
+        act = c * m
+    else:
+        act = (3 if info.gelu == "quick_gelu" else 2) * c * m
+    return 2 * r * d + ln * d + cast * d + act
 
 
 def _head_bytes(g: StepGeometry, o: StepOptions) -> int:
@@ -473,10 +601,22 @@ def predict_peak_memory(model, batch: int, options: StepOptions | None = None) -
         2 + OPTIMIZER_STATE[o.optimizer])
     text = g.pass_named("text")
     cached = (text.cached_rows * text.width * c) if text else 0
-    parts["run-long caches"] = cached + g.constant_text_rows * g.embed_dim * c
+    # The constant-text cache: the features, and on the reference text path the layer-1 input embeddings
+    # (C x L x d, in the weights' dtype: open_clip's cast dtype) that PromptedCLIP.encode_text returns with them.
+    embeds = g.frozen_text_embed_rows * model.info.text.width * _BYTES[o.weights_dtype]
+    parts["run-long caches"] = cached + g.constant_text_rows * g.embed_dim * c + embeds
     per_image = g.image_bytes // g.batch if g.batch else 0
     parts["inputs"] = (per_image + 8) * batch
     parts["workspace (estimate)"] = _workspace_bytes(g, o)
+    # Allocated by PyTorch for the life of the process, counted by torch.cuda.max_memory_allocated.
+    parts["cuBLAS workspaces"] = o.blas_workspaces * o.blas_workspace_size
+    step = sum(parts.values())
+    if g.frozen_text_rows:
+        # The first step's no-grad text pass: before the forward (nothing saved yet) or inside the loss (all saved
+        # activations alive); no backward temporaries either way. Counted where it exceeds the step's own peak.
+        alive = step - parts["workspace (estimate)"] - (0 if g.frozen_text_in_loss else saved_total)
+        once = alive + g.frozen_text_rows * _frozen_text_row_bytes(model.info.text, o)
+        parts["first step's frozen text pass, above the step"] = max(0, once - step)
     return MemoryEstimate(sum(parts.values()), parts, o, batch, saved_total, _model=model)
 
 
@@ -520,8 +660,9 @@ def suggest(model, batch: int, budget_bytes: int, options: StepOptions | None = 
         o = dataclasses.replace(o, weights_dtype=o.amp_dtype)
         steps.append((f"frozen weights in {str(o.amp_dtype).replace('torch.', '')}", o))
     if cuda and not o.frozen_weight_ops:
-        o = dataclasses.replace(o, frozen_weight_ops=True, attention="triton")
-        steps.append(("Triton frozen-weight LayerNorm/MLP + attention (CUDA)", o))
+        # auto's CUDA choices (measured): SDPA for dense attention, the Triton varlen kernel for the packed text.
+        o = dataclasses.replace(o, frozen_weight_ops=True, attention="sdpa", prefix_attention="triton")
+        steps.append(("Triton frozen-weight LayerNorm/MLP + packed-text attention (CUDA)", o))
     if not o.recompute:
         o = dataclasses.replace(o, recompute=True)
         steps.append(("block recompute (fastprompt.memory.enable_block_recompute)", o))

@@ -146,15 +146,25 @@ class StepTotals:
         return self.loss_sum / self.images if self.images else float("nan")
 
 
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # device index -> the warm-up side stream
+
+
 def _side_stream(device: torch.device):
-    """A context running work on a fresh side stream that joins back to the current one (CUDA only)."""
+    """A context running work on the warm-up side stream that joins back to the current one (CUDA only).
+
+    One side stream per device for the whole process, not a fresh one per warm-up step: cuBLAS keeps a workspace
+    (32 MiB on Hopper, two with the backward thread) for every stream that ran a matrix multiply, for the life of
+    the process, so a fresh stream per warm-up step leaked 64 MiB each (found from the H200 peaks, memory.py)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def run():
         current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        side = _SIDE_STREAMS.get(index)
+        if side is None:
+            side = _SIDE_STREAMS[index] = torch.cuda.Stream(index)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             yield

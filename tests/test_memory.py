@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import json
+import warnings
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -21,6 +25,7 @@ from fastprompt.memory import (
     saved_tensor_bytes,
     step_geometry,
     structural_model,
+    train_step_blas_workspaces,
 )
 from fastprompt.fast import patch
 
@@ -63,6 +68,108 @@ def test_eager_vision_per_image_is_performance_md_figure():
     d, h, n, layers = 768, 12, 199, 12
     expected = (13 * d + h * n) * 2 * n * layers + 2 * (2 * d + 8) * n * layers
     assert vision == expected and (13 * d + h * n) * 2 * n * layers == pytest.approx(59e6, rel=0.01)
+
+
+# --- against the peaks measured on a GPU ----------------------------------------------------------------------
+H200_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "nvidia-h200-2026-11-27.json"
+# kit/run.sh (shared/gpu/kit) ran the suite as four pytest processes: the MaPLe B = 32 eager + fastprompt stage,
+# the compiled stage, the other methods at B = 32, every method at B = 4. The JSON keeps each process's run order.
+H200_PROCESSES = {("imagenet-b32", "maple", "eager"): "maple b32", ("imagenet-b32", "maple", "fastprompt"):
+                  "maple b32", ("imagenet-b32", "maple", "compiled"): "compiled"}
+
+
+def _h200_cases():
+    """(record, cuBLAS workspaces alive during it) in run order. Workspaces live as long as the process: eager and
+    compiled steps run on the default stream (forward thread + autograd's thread); each fastprompt case's TrainStep
+    warms up on a fresh side stream per warm-up step (bench's build_contender: 2, then and now) and captures on the
+    process's one capture stream, each used by both threads."""
+    from bench.contenders import build_contender
+
+    warmup = inspect.signature(build_contender).parameters["warmup_steps"].default
+    pairs: dict[str, set] = {}
+    for record in json.loads(H200_RESULTS.read_text())["results"]:
+        key = (record["workload"], record["method"], record["contender"])
+        held = pairs.setdefault(H200_PROCESSES.get(key, record["workload"]), set())
+        if record["status"] != "ran":
+            continue
+        if record["contender"] == "fastprompt":
+            sides = sum(1 for stream, _ in held if stream.startswith("side"))
+            streams = [f"side {sides // 2 + i}" for i in range(warmup)] + ["capture"]
+        else:
+            streams = ["default"]
+        held |= {(stream, thread) for stream in streams for thread in ("forward", "autograd")}
+        yield record, len(held)
+
+
+def test_prediction_is_within_15_percent_of_every_measured_h200_peak():
+    """bench/results/nvidia-h200-2026-11-27.json: 32 train steps with a measured peak (torch.cuda.max_memory_allocated
+    from a reset before the warm-up steps), measured at commit e536e88 on an H200 (torch 2.11, bf16 autocast).
+    The peaks are facts; code changes since then may move them (a new run replaces the file). Predicted here with
+    each contender's options and the cuBLAS workspaces its process held. One case stays outside 15 %: VPT's eager
+    contender at B = 32 (fp32 open_clip, 77-token constant text) peaks 0.86 GiB above the prediction, and no term
+    found explains it (its B = 4 case, whose peak is the first step's frozen text pass, is within 12 %); it is held
+    to 25 % so that a change there still shows."""
+    from bench.contenders import contender_options
+    from bench.workloads import WORKLOADS
+
+    models, errors = {}, {}
+    for record, workspaces in _h200_cases():
+        measured = record["peak_allocated_bytes"]
+        workload = WORKLOADS[record["workload"]]
+        key = (record["method"], record["workload"])
+        if key not in models:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ImageNet's duplicate class names
+                models[key] = structural_model(record["method"], workload.classnames(), workload.backbone)
+        options = dataclasses.replace(contender_options(record["contender"]), blas_workspaces=workspaces,
+                                      blas_workspace_size=32 * 2**20)
+        predicted = predict_peak_memory(models[key], workload.batch, options).total_bytes
+        errors[(record["workload"], record["method"], record["contender"])] = predicted / measured - 1
+    assert len(errors) == 32
+    known = {("imagenet-b32", "vpt_deep", "eager"): 0.25}
+    outside = {case: round(err, 3) for case, err in errors.items() if abs(err) > known.get(case, 0.15)}
+    assert not outside, outside
+
+
+def test_train_step_workspaces_by_hand():
+    """A graphed TrainStep with 3 warm-up steps runs on 4 streams (3 fresh side streams, 1 capture stream), each
+    with a forward and an autograd thread; an eager one on one stream."""
+    assert train_step_blas_workspaces(cuda_graph=True, warmup_steps=3) == 8
+    assert train_step_blas_workspaces(cuda_graph=False) == 2
+    assert options_for(patched=True, device="cuda").blas_workspaces == 2
+    assert options_for(patched=True, device="cpu").blas_workspaces == 0
+    model = structural_model("coop", NAMES, backbone="tiny")
+    eager = predict_peak_memory(model, 2, StepOptions(blas_workspaces=2, blas_workspace_size=32 * 2**20))
+    assert eager.parts["cuBLAS workspaces"] == 64 * 2**20
+
+
+def test_blas_workspace_size_follows_cublas_workspace_config(monkeypatch):
+    """CUBLAS_WORKSPACE_CONFIG is ':KiB:count' pairs (cuBLAS's format): ':4096:8' is 8 x 4 MiB = 32 MiB, PyTorch's
+    ':4096:2:16:8' is 2 x 4 MiB + 8 x 16 KiB; no workspace off CUDA."""
+    from fastprompt.memory import blas_workspace_bytes
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert blas_workspace_bytes("cuda") == 32 * 2**20
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
+    assert blas_workspace_bytes("cuda:0") == 8 * 2**20 + 128 * 2**10
+    assert blas_workspace_bytes("cpu") == 0
+
+
+def test_vpt_constant_text_cache_and_its_first_pass_by_hand():
+    """VPT on the reference text path: the cache keeps the layer-1 embeddings (C x 77 x 512 fp32) beside the
+    features, and its one no-grad pass over C x 77 rows holds per row at the MLP: the layer input (held by the
+    loop) and the mid-layer residual (2 x 4d fp32), the fp32 LayerNorm output (4d) and its bf16 cast (2d), the bf16
+    hidden and GELU output (2 x 2m)."""
+    model = structural_model("vpt_deep", IMAGENET)
+    options = StepOptions(packed_text=False, full_context=True, cache_frozen_layers=False, patched=False,
+                          weights_dtype=torch.float32, amp_dtype=torch.bfloat16)
+    estimate = predict_peak_memory(model, 4, options)
+    d, m, rows = 512, 2048, 1000 * 77
+    assert estimate.parts["run-long caches"] == rows * d * 4 + 1000 * 512 * 2
+    without_pass = sum(v for k, v in estimate.parts.items() if not k.startswith("first step"))
+    saved = sum(v for k, v in estimate.parts.items() if k.startswith("saved"))
+    pass_peak = without_pass - saved - estimate.parts["workspace (estimate)"] + rows * (8 * d + 4 * d + 2 * d + 4 * m)
+    assert estimate.total_bytes == max(without_pass, pass_peak) and pass_peak > without_pass
 
 
 def test_packed_text_counts_the_shared_prefix_once():
@@ -186,7 +293,7 @@ def test_suggest_names_the_option_that_fits():
     reference = dict(patched=False, truncate_text=False, weights_dtype=torch.float32)  # open_clip, 77 tokens
     eager = predict_for("maple", IMAGENET, 32, **reference)
     hand = StepOptions(packed_text=False, full_context=True, cache_frozen_layers=False, patched=False,
-                       weights_dtype=torch.float32, amp_dtype=torch.bfloat16)
+                       weights_dtype=torch.float32, amp_dtype=torch.bfloat16, blas_workspaces=2)
     assert eager.options == hand and eager.total_bytes == predict_peak_memory(model, 32, hand).total_bytes
     recompute = predict_for("maple", IMAGENET, 32, recompute=True, optimizer="adamw", **reference)
     # Recompute keeps each block's input: 77,000 tokens x 12 layers x d = 512 in the fp32 residual stream.
@@ -241,6 +348,10 @@ def test_options_and_arguments_are_checked():
         options_for(weights_dtype="fp8")
     with pytest.raises(ValueError, match="accumulate must be an int >= 1"):
         StepOptions(accumulate=0)
+    with pytest.raises(ValueError, match="blas_workspaces must be an int >= 0"):
+        StepOptions(blas_workspaces=-1)
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 1"):
+        train_step_blas_workspaces(True, warmup_steps=0)
     model = structural_model("coop", NAMES, backbone="tiny")
     with pytest.raises(ValueError, match="batch must be a positive int"):
         predict_peak_memory(model, 0)

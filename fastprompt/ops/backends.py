@@ -15,8 +15,20 @@ this device) into sentences, the xformers dispatch pattern. ``backend="auto"`` t
 backend in the device's order with no reasons, except that it never picks the Triton interpreter
 (auto on CPU is sdpa). ``explain_backend`` returns the choice together with every backend's
 reasons; an explicitly requested backend that cannot run raises ``BackendNotSupportedError``
-with its reasons. The order is a setting (``set_backend_order``) so that it can follow
-measurements: the defaults put the fused kernels first on CUDA.
+with its reasons.
+
+The CUDA order of each op comes from timings kept below (``MEASUREMENTS``: device, date, commit,
+source file), not from a guess: the measured backends ranked by forward+backward time summed over
+the op's measured shapes (a training step runs both directions; the forward-only ranking picks
+the same winner at every measured shape), then the backends that were not measured (xformers did
+not load on the measuring machine), then ``eager`` always last (it keeps the L x L probabilities,
+so its memory grows with the square of the sequence; its speed is not what ranks it). On the
+H200 this gives SDPA first for dense attention (vision and VAIPL shapes) and fastprompt's Triton
+kernel first for the packed prefix-varlen text. The measured shapes of each op agree on the
+winner, so one order per op serves every shape (a test keeps that true when timings change).
+On CPU the order is ``sdpa, eager`` (the Triton interpreter is for tests, never auto's choice).
+``set_backend_order`` overrides an order (diagnosis runs); ``explain_backend`` quotes the
+measurement behind auto's choice.
 """
 
 from __future__ import annotations
@@ -29,8 +41,105 @@ import torch
 
 OPS = ("attention", "prefix_varlen_attention")
 BACKENDS = ("triton", "xformers", "sdpa", "eager")
-_DEFAULT_ORDER = {"cuda": ("triton", "xformers", "sdpa", "eager"), "cpu": ("sdpa", "eager")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements that set auto's order
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One backend at one shape of one op: median microseconds (triton.testing.do_bench)."""
+
+    op: str
+    shape: str
+    backend: str
+    forward_us: float
+    forward_backward_us: float
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Timings of every backend that ran, taken on one device at one commit."""
+
+    device: str
+    device_type: str
+    date: str
+    commit: str
+    source: str
+    dtype: torch.dtype
+    timings: tuple[Timing, ...]
+    not_measured: tuple[tuple[str, str], ...] = ()  # (backend, why it has no timing)
+
+    def label(self) -> str:
+        return f"{self.device}, {self.date}, commit {self.commit}, {_dtype_name(self.dtype)} ({self.source})"
+
+
+_VISION = "vision self-attention B=32 L=199 H=12 D=64"  # timing.log's labels
+_VAIPL = "VAIPL cross-attention B=4 C=1000 N=199 H=8 D=64"
+_TEXT = "packed text S=1000 T=4094 P=5 H=8 D=64"  # sequences, tokens, shared prefix length
+# tests/kernels/test_attention_gpu.py -k timing on the H200 run of shared/gpu/2026-11-27 (timing.log).
+H200_2026_11_27 = Measurement(
+    device="NVIDIA H200", device_type="cuda", date="2026-11-27", commit="e536e88",
+    source="shared/gpu/2026-11-27/timing.log", dtype=torch.bfloat16,
+    timings=(
+        Timing("attention", _VISION, "triton", 77.0, 834.0),
+        Timing("attention", _VISION, "sdpa", 29.3, 440.6),
+        Timing("attention", _VISION, "eager", 298.7, 1036.4),
+        Timing("attention", _VAIPL, "triton", 281.6, 932.2),
+        Timing("attention", _VAIPL, "sdpa", 84.2, 457.9),
+        Timing("attention", _VAIPL, "eager", 112.4, 719.7),
+        Timing("prefix_varlen_attention", _TEXT, "triton", 141.2, 1314.4),
+        Timing("prefix_varlen_attention", _TEXT, "sdpa", 515.1, 1523.3),
+        Timing("prefix_varlen_attention", _TEXT, "eager", 1100.3, 2070.9),
+    ),
+    not_measured=(("xformers", "xformers 0.0.35 did not load on torch 2.11.0+cu130 (the wheel reports a build "
+                               "for torch 2.10.0 with CUDA 12.8)"),),
+)
+MEASUREMENTS = (H200_2026_11_27,)  # newest first per device type
+
+
+def measurement_for(device_type: str) -> Measurement | None:
+    """The measurement auto's order on ``device_type`` follows (None: no timings for it)."""
+    return next((m for m in MEASUREMENTS if m.device_type == device_type), None)
+
+
+def measured_order(op: str, measurement: Measurement) -> tuple[str, ...]:
+    """``op``'s backends ranked by ``measurement``: measured ones by forward+backward time summed over the op's
+    shapes, then the unmeasured ones in BACKENDS order, eager last."""
+    totals: dict[str, float] = {}
+    for t in measurement.timings:
+        if t.op == op and t.backend != "eager":
+            totals[t.backend] = totals.get(t.backend, 0.0) + t.forward_backward_us
+    ranked = sorted(totals, key=totals.__getitem__)
+    rest = [name for name in BACKENDS if name not in ranked and name != "eager"]
+    return (*ranked, *rest, "eager")
+
+
+def measurement_note(op: str, measurement: Measurement) -> str:
+    """Why auto's order for ``op`` is what it is: every backend's timings, per measured shape."""
+    shapes = dict.fromkeys(t.shape for t in measurement.timings if t.op == op)
+    parts = []
+    for shape in shapes:
+        row = ", ".join(f"{t.backend} {t.forward_us:g}/{t.forward_backward_us:g}"
+                        for t in measurement.timings if t.op == op and t.shape == shape)
+        parts.append(f"{shape}: {row}")
+    missing = "; ".join(f"{name} not measured: {why}" for name, why in measurement.not_measured)
+    return (f"auto's order for {op} ({', '.join(measured_order(op, measurement))}) follows the timings on "
+            f"{measurement.label()}, microseconds forward/forward+backward: " + "; ".join(parts)
+            + (f"; {missing}" if missing else ""))
+
+
+_CPU_ORDER = ("sdpa", "eager")  # Triton on CPU is the interpreter, which auto never picks
 _FALLBACK_ORDER = ("sdpa", "eager")  # device types without an entry of their own
+
+
+def _default_order(op: str, device_type: str) -> tuple[str, ...]:
+    measurement = measurement_for(device_type)
+    if measurement is not None:
+        return measured_order(op, measurement)
+    return _CPU_ORDER if device_type == "cpu" else _FALLBACK_ORDER
 
 
 class BackendNotSupportedError(NotImplementedError):
@@ -66,6 +175,7 @@ class BackendChoice:
     requested: str
     chosen: str | None
     considered: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
+    why_order: str = ""  # for auto: where the order it followed comes from (a measurement, or a setting)
 
     def __str__(self) -> str:
         lines = [f"{self.request.describe()}: backend={self.requested!r} -> "
@@ -75,6 +185,8 @@ class BackendChoice:
                 lines.append(f"  {name}: can run")
             for reason in reasons:
                 lines.append(f"  {name}: {reason}")
+        if self.why_order:
+            lines.append(f"  why this order: {self.why_order}")
         return "\n".join(lines)
 
 
@@ -311,7 +423,18 @@ def get_backend_order(op: str, device_type: str) -> tuple[str, ...]:
     """The order ``auto`` tries backends in for ``op`` on ``device_type``."""
     if op not in OPS:
         raise ValueError(f"unknown attention op {op!r}; known: {', '.join(OPS)}")
-    return _order.get((op, device_type), _DEFAULT_ORDER.get(device_type, _FALLBACK_ORDER))
+    return _order.get((op, device_type)) or _default_order(op, device_type)
+
+
+def order_reason(op: str, device_type: str) -> str:
+    """Where auto's order for ``op`` on ``device_type`` comes from, in a sentence."""
+    if (op, device_type) in _order:
+        return "set by set_backend_order"
+    measurement = measurement_for(device_type)
+    if measurement is not None:
+        return measurement_note(op, measurement)
+    return ("no timings for this device type: sdpa, then eager (the Triton interpreter is for tests)"
+            if device_type == "cpu" else "no timings for this device type: sdpa, then eager")
 
 
 def set_backend_order(order, *, op: str | None = None, device_type: str = "cuda") -> None:
@@ -349,7 +472,8 @@ def _choose(request: AttentionRequest, backend: str) -> BackendChoice:
         if not reasons:
             chosen = name
             break
-    return BackendChoice(request, "auto", chosen, tuple(considered))
+    return BackendChoice(request, "auto", chosen, tuple(considered),
+                         order_reason(request.op, request.device.type))
 
 
 def explain_backend(op: str, *, device, dtype: torch.dtype, head_dim: int, causal: bool = False,
@@ -359,6 +483,7 @@ def explain_backend(op: str, *, device, dtype: torch.dtype, head_dim: int, causa
     >>> print(explain_backend("attention", device="cpu", dtype=torch.float32, head_dim=64))
     attention on cpu in torch.float32 with head_dim 64: backend='auto' -> sdpa
       sdpa: can run
+      why this order: no timings for this device type: sdpa, then eager (the Triton interpreter is for tests)
     """
     if backend != "auto":
         get_backend(backend)
