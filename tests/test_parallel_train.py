@@ -343,3 +343,32 @@ def test_class_sharded_text_trains_like_the_unsharded_run(two_ranks):
         assert report["sharded_cocoop"]["code"] == 2
     assert "shard_text:" in reports[0]["sharded_cocoop"]["err"] and "cocoop" in reports[0]["sharded_cocoop"]["err"]
     assert not (out / "runs" / "sharded_cocoop").exists()
+
+
+def _one_rank_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = _cli("train", *RUN_ARGS, f"output_dir={os.path.join(out, 'torchrun-1')}")
+    with open(os.path.join(out, "one.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+def test_a_one_process_torchrun_run_is_the_plain_run(tmp_path):
+    """Launched as torchrun --nproc_per_node 1 would (its environment, a process group of one), a run is
+    bit-identical to the plain run: same loaders, same draws, same steps."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    mp.spawn(_one_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["code"] == 0, one["err"]
+    torch.set_num_threads(1)
+    plain = _cli("train", *RUN_ARGS, f"output_dir={tmp_path / 'plain'}")
+    assert plain["code"] == 0, plain["err"]
+    a = load_file(tmp_path / "torchrun-1" / "seed1" / "checkpoint.safetensors")
+    b = load_file(tmp_path / "plain" / "seed1" / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    results = [json.loads((tmp_path / name / "seed1" / "results.json").read_text()) for name in ("torchrun-1", "plain")]
+    assert [h["loss"] for h in results[0]["history"]] == [h["loss"] for h in results[1]["history"]]
+    assert results[0]["targets"] == results[1]["targets"]
+    assert json.loads((tmp_path / "torchrun-1" / "run.json").read_text())["processes"] == 1

@@ -4,6 +4,8 @@
 #   bash bench/device/run.sh A      # ~6 min: GPU tests of the engine, evaluation, cache and eager op path;
 #                                   #   host vs GPU time; MaPLe train steps (eager, tuned, fastprompt); inference
 #   bash bench/device/run.sh B      # ~6 min: runner epochs, the other methods' train steps and inference
+#   bash bench/device/run.sh C      # ~7 min: the kernel tests compiled in bf16/fp16, the GPU test tier of the
+#                                   #   methods and the runner, a one-process torchrun run against the plain run
 # Writes logs and results under $OUT (the device tool brings them back); commit bench/results/*.json from there.
 set -u
 PART=${1:-A}
@@ -46,4 +48,9 @@ if [ "$PART" = B ]; then
   bench train-rest 150 test_bench_train_step.py imagenet-b32 coop,cocoop,vpt_deep,mpl,mudpt,mmrl,mcpl eager,fastprompt
   bench inference-rest 100 test_bench_inference.py imagenet-b100 cocoop,vpt_deep,mpl,mudpt eager,fastprompt
   TAILN=6 stage image-tower 60 python3 bench/device/image_tower.py maple 100
+fi
+if [ "$PART" = C ]; then
+  TAILN=25 stage kernel-tests 200 python3 -m pytest -q -p no:cacheprovider -x -rfE tests/kernels
+  TAILN=25 stage gpu-tier 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests --ignore=tests/kernels
+  TAILN=4 stage torchrun-one 90 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
 fi
