@@ -1,6 +1,8 @@
 """MMRL's loss against METHODS.md §3.7 computed here, and the paper's ablations (Tab. 4, Tab. 9) as options that
 change what is computed. Float64 on the tiny CLIP; frozen features come from open_clip's own encoders."""
 
+import copy
+
 import open_clip
 import pytest
 import torch
@@ -157,9 +159,11 @@ def test_inference_strategies(tiny_clip64, inference, base_fused, novel_fused):
     model = build(tiny_clip64, inference=inference)
     out = model(images64(2))
     z_c = out.logits["main"]
-    fused = 0.7 * z_c + 0.3 * rep_logits(out, model.method.proj_rep).float()
+    z_r = rep_logits(out, model.method.proj_rep).float()
+    # The paper's fusion (the default): p = 0.7 softmax(z_c) + 0.3 softmax(z_r), returned as log p.
+    fused = torch.log(0.7 * z_c.softmax(-1) + 0.3 * z_r.softmax(-1))
     for mode, is_fused in (("base", base_fused), ("novel", novel_fused)):
-        torch.testing.assert_close(model.predict(out, mode), fused if is_fused else z_c, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(model.predict(out, mode).float(), fused if is_fused else z_c, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +172,7 @@ def test_inference_strategies(tiny_clip64, inference, base_fused, novel_fused):
         ({"towers": "image"}, "towers must be one of"),
         ({"space": "text_to_vision", "towers": "vision"}, "needs towers='both'"),
         ({"regularizer": "kl"}, "regularizer must be one of"),
-        ({"inference": "class", "fusion": "probs"}, "fusion='probs' needs"),
+        ({"fusion": "mean"}, "fusion must be one of"),
     ],
 )
 def test_bad_options_name_the_problem(tiny_clip, options, message):
@@ -180,3 +184,23 @@ def test_ablation_options_listed_with_mmrl_defaults():
     options = fastprompt.method_options("mmrl")
     assert {k: options[k] for k in ("towers", "space", "regularizer", "inference")} == {
         "towers": "both", "space": "shared", "regularizer": "cosine", "inference": "decoupled"}
+
+
+@pytest.mark.parametrize("alpha", [0.7, 1.0, 0.0])
+def test_fusion_probs_is_the_papers_mixture_and_logits_the_released_codes(tiny_clip64, alpha):
+    """'probs' (default): softmax of the prediction is alpha p(y|f_c) + (1 - alpha) p(y|f_r), the paper's equation;
+    'logits': alpha z_c + (1 - alpha) z_r, the released code's."""
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    for fusion in ("probs", "logits"):
+        torch.manual_seed(1)
+        model = fastprompt.build("mmrl", copy.deepcopy(tiny_clip64), NAMES, alpha=alpha, fusion=fusion).double()
+        with torch.no_grad():
+            out = model(images)
+        z_c, z_r = out.logits["main"].double(), out.logits["rep"].double()
+        got = model.predict(out, "base").double()
+        if fusion == "probs":
+            torch.testing.assert_close(got.softmax(-1), alpha * z_c.softmax(-1) + (1 - alpha) * z_r.softmax(-1))
+        else:
+            torch.testing.assert_close(got, alpha * z_c + (1 - alpha) * z_r)
+    assert fastprompt.method_options("mmrl")["fusion"] == "probs"

@@ -16,11 +16,16 @@ The paper's ablations (Sec. 4.6, Tab. 4; Appendix E, Tab. 9; METHODS §6.5) are 
   directions), averaged over all elements (torch's l1_loss / mse_loss): per image and per class, like L_cos.
 * `inference`: 'decoupled' (fuse on base classes, z_c on novel ones); 'class' is "w/o DS1" ("relies only on
   class features"), 'fused' is "w/o DS2" ("using both features for novel class evaluation").
-* `fusion` (unchanged here): 'logits' fuses alpha*z_c + (1-alpha)*z_r as the released code does; 'probs' is the
-  paper's "p(y=c|x) = alpha p(y=c|f_c) + (1-alpha) p(y=c|f_r)".
+* `fusion`: 'probs' (default) is the paper's "p(y=c|x) = alpha p(y=c|f_c) + (1-alpha) p(y=c|f_r)", returned as
+  log-probabilities, log(alpha softmax(z_c) + (1-alpha) softmax(z_r)): a softmax of them is the paper's mixture,
+  their argmax its prediction, and a cross-entropy over them its loss, so every consumer of prediction logits
+  (evaluation, `predict`, the CLI) reads them unchanged. 'logits' fuses alpha*z_c + (1-alpha)*z_r as the released
+  code does (METHODS §9: "Argmax can differ"). The paper by default, the code's variant as an option.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -46,12 +51,12 @@ def _check_choices(**options) -> None:
             raise ValueError(f"MMRL option {name} must be one of {_CHOICES[name]}, got {value!r}")
     if options["space"] == "text_to_vision" and options["towers"] != "both":
         raise ValueError("MMRL space='text_to_vision' maps text tokens into the vision tower: it needs towers='both'")
-    two_heads = options["towers"] != "text" and options["inference"] == "decoupled"
-    if options["fusion"] == "probs" and not two_heads:
-        # Predictors read fusion='probs' as "base-class predictions are already probabilities": only true when the
-        # base prediction is the fused one and the novel one is z_c.
-        raise ValueError("MMRL fusion='probs' needs the decoupled two-head prediction (towers with vision tokens,"
-                         " inference='decoupled')")
+
+
+def _log_mixture(alpha: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(alpha softmax(a) + (1 - alpha) softmax(b)) over the last dim, in log space (no underflow)."""
+    parts = [t.float().log_softmax(-1) + math.log(w) for t, w in ((a, alpha), (b, 1 - alpha)) if w > 0]
+    return parts[0] if len(parts) == 1 else torch.logaddexp(*parts)
 
 
 def _regularizer(kind: str, features: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
@@ -83,7 +88,7 @@ class MMRL(PromptMethod):
         alpha: float = 0.7,
         reg_weight: float = 0.5,
         template: str = "a photo of a {}.",
-        fusion: str = "logits",
+        fusion: str = "probs",
         towers: str = "both",
         space: str = "shared",
         regularizer: str = "cosine",
@@ -159,5 +164,5 @@ class MMRL(PromptMethod):
         if not fuse:
             return out.logits["main"]
         if self.fusion == "probs":
-            return self.alpha * out.logits["main"].softmax(-1) + (1 - self.alpha) * out.logits["rep"].softmax(-1)
+            return _log_mixture(self.alpha, out.logits["main"], out.logits["rep"])
         return self.alpha * out.logits["main"] + (1 - self.alpha) * out.logits["rep"]

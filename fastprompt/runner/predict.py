@@ -105,8 +105,6 @@ class Predictor:
         amp = self.amp_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = self.model.predict(self.model(x), self.mode).float()
-        if self.mode == "base" and getattr(self.model.method, "fusion", "logits") == "probs":
-            return logits.cpu()  # MMRL's paper fusion already mixes probabilities
         return logits.softmax(-1).cpu()
 
 
