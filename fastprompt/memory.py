@@ -141,15 +141,14 @@ def blas_workspace_bytes(device: str | torch.device = "cuda") -> int:
     return BLAS_WORKSPACE_HOPPER if major == 9 else BLAS_WORKSPACE_OTHER
 
 
-def train_step_blas_workspaces(cuda_graph: bool, warmup_steps: int = 3) -> int:
+def train_step_blas_workspaces(cuda_graph: bool) -> int:
     """cuBLAS workspaces a fastprompt.training.TrainStep leaves alive in a process that ran no GEMM before: on every
     stream it runs on, one for the calling thread's handle (forward) and one for autograd's device thread
-    (backward). With a CUDA graph it warms up on a fresh side stream per warm-up step and captures on one more;
-    without, it runs on the current stream. Workspaces outlive their step: a process running several models (the
-    benchmark) holds the sum."""
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
-    return 2 * (warmup_steps + 1 if cuda_graph else 1)
+    (backward). With a CUDA graph it warms up on the process's one side stream and captures on torch's capture
+    stream (two streams); without, it runs on the current stream. Workspaces outlive their step, but later steps
+    and later TrainSteps reuse the same streams. (Until commit ca41d7a each warm-up step took a fresh side stream,
+    two more workspaces each: the H200 peaks of 2026-11-27 were measured then, see tests/test_memory.py.)"""
+    return 2 * (2 if cuda_graph else 1)
 
 
 def options_for(patched: bool = True, truncate_text: bool = True, device: str | torch.device = "cuda",
@@ -749,3 +748,21 @@ def structural_model(method: str, classnames, backbone: str = "ViT-B-16", **opti
     with torch.no_grad():
         clip.token_embedding.weight.zero_()  # the prompt initialisation reads it
     return build(method, clip, list(classnames), **options)
+
+
+def memory_line(model, batch: int, options: StepOptions, budget_bytes: int) -> str:
+    """One line for a run's log: the predicted peak of a step against `budget_bytes` (the GPU's memory), and, when it
+    does not fit, the fewest micro-batches (`accumulate=k`, same update) that do, or that nothing does."""
+    estimate = predict_peak_memory(model, batch, options)
+    head = f"predicted peak {estimate.total_bytes / GiB:.2f} GiB of {budget_bytes / GiB:.1f} GiB"
+    if estimate.total_bytes <= budget_bytes:
+        return head
+    for accumulate in range(options.accumulate + 1, batch + 1):
+        if -(-batch // accumulate) == -(-batch // (accumulate - 1)):
+            continue  # the same largest micro-batch: no less memory
+        trial = dataclasses.replace(options, accumulate=accumulate)
+        if predict_peak_memory(model, batch, trial).total_bytes <= budget_bytes:
+            return (f"{head}: likely out of memory; accumulate={accumulate} (micro-batches of "
+                    f"{-(-batch // accumulate)} images, the same update) is predicted to fit")
+    return f"{head}: likely out of memory even with one image per micro-batch; lower the batch or the class count"
+

@@ -132,9 +132,9 @@ def test_prediction_is_within_15_percent_of_every_measured_h200_peak():
 
 
 def test_train_step_workspaces_by_hand():
-    """A graphed TrainStep with 3 warm-up steps runs on 4 streams (3 fresh side streams, 1 capture stream), each
-    with a forward and an autograd thread; an eager one on one stream."""
-    assert train_step_blas_workspaces(cuda_graph=True, warmup_steps=3) == 8
+    """A graphed TrainStep runs on 2 streams (the process's warm-up side stream and the capture stream), each with a
+    forward and an autograd thread; an eager one on one stream."""
+    assert train_step_blas_workspaces(cuda_graph=True) == 4  # the side stream and the capture stream
     assert train_step_blas_workspaces(cuda_graph=False) == 2
     assert options_for(patched=True, device="cuda").blas_workspaces == 2
     assert options_for(patched=True, device="cpu").blas_workspaces == 0
@@ -350,10 +350,30 @@ def test_options_and_arguments_are_checked():
         StepOptions(accumulate=0)
     with pytest.raises(ValueError, match="blas_workspaces must be an int >= 0"):
         StepOptions(blas_workspaces=-1)
-    with pytest.raises(ValueError, match="warmup_steps must be an int >= 1"):
-        train_step_blas_workspaces(True, warmup_steps=0)
     model = structural_model("coop", NAMES, backbone="tiny")
     with pytest.raises(ValueError, match="batch must be a positive int"):
         predict_peak_memory(model, 0)
     with pytest.raises(ValueError, match="unknown backbone"):
         structural_model("coop", NAMES, backbone="ViT-Z-99")
+
+
+def test_memory_line_names_the_accumulation_that_fits():
+    """The runner's up-front line on a GPU: the peak against the GPU's memory; over it, the fewest micro-batches
+    predicted to fit (checked here against the predictor with one micro-batch fewer), or that nothing fits."""
+    from fastprompt.memory import memory_line
+
+    model = structural_model("maple", IMAGENET)
+    options = options_for(patched=True, device="cuda")
+    peak = predict_peak_memory(model, 32, options).total_bytes
+    assert memory_line(model, 32, options, 2 * peak) == f"predicted peak {peak / 2**30:.2f} GiB of " \
+        f"{2 * peak / 2**30:.1f} GiB"
+    # Accumulation shrinks what scales with the micro-batch; the text pass does not: a budget between the two ends.
+    smallest = predict_peak_memory(model, 32, dataclasses.replace(options, accumulate=32)).total_bytes
+    budget = (smallest + peak) // 2
+    line = memory_line(model, 32, options, budget)
+    assert "likely out of memory; accumulate=" in line
+    k = int(line.split("accumulate=")[1].split()[0])
+    assert predict_peak_memory(model, 32, dataclasses.replace(options, accumulate=k)).total_bytes <= budget
+    fewer = max(m for m in range(1, k) if -(-32 // m) > -(-32 // k))
+    assert predict_peak_memory(model, 32, dataclasses.replace(options, accumulate=fewer)).total_bytes > budget
+    assert "even with one image per micro-batch" in memory_line(model, 32, options, 2**20)

@@ -144,6 +144,16 @@ class SeedTrainer:
         self.image_size, self.echo = image_size, echo
         self.workers = worker_count(config, device)
 
+    def _memory_line(self, model) -> str:
+        """The predicted peak of this run's step on this GPU (fastprompt.memory), per process under torchrun."""
+        from ..memory import memory_line, options_for_model, train_step_blas_workspaces
+
+        options = options_for_model(model, self.num.amp_dtype, self.config.optimizer,
+                                    blas_workspaces=train_step_blas_workspaces(cuda_graph=True))
+        options = dataclasses.replace(options, accumulate=self.config.accumulate)
+        _, total = torch.cuda.mem_get_info(self.device)
+        return memory_line(model, self.config.batch_size // data_parallel.world_size(), options, total)
+
     # --- evaluation -----------------------------------------------------------------------------------
     def evaluate_targets(self, model, targets: list[Target]) -> list[dict]:
         config, records = self.config, []
@@ -218,6 +228,8 @@ class SeedTrainer:
             sync = data_parallel.GradientMean() if data_parallel.world_size() > 1 else None
             step = TrainStep(model, optimizer, amp_dtype=self.num.amp_dtype, accumulate=self.config.accumulate,
                              grad_sync=sync)
+            if device.type == "cuda":  # before the first step: an out-of-memory run says so, with the way out
+                self.echo(f"seed {seed}: {self._memory_line(model)}")
             loader = self._loader(train, generator)
 
             def progress_for_epoch(epoch):

@@ -38,3 +38,22 @@ def test_accumulated_run_trains_the_same_weights(tmp_path):
 def test_bad_accumulate_values_are_refused(value, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(overrides={**ARGS, "accumulate": value})
+
+
+def test_the_runner_memory_line_reads_the_run(monkeypatch, tiny_clip):
+    """SeedTrainer._memory_line (printed before the first step on a GPU) predicts this run's step: its batch, its
+    accumulation, its optimizer; the GPU's total memory read from torch.cuda.mem_get_info (faked here)."""
+    import fastprompt
+    from fastprompt.memory import memory_line, options_for_model, train_step_blas_workspaces
+    from fastprompt.runner.engine import SeedTrainer, numerics
+
+    config = resolve_config(overrides={**ARGS, "accumulate": "2", "optimizer": "adamw"}).config
+    model = fastprompt.build("maple", tiny_clip, ["a", "b", "c", "d"])
+    trainer = SeedTrainer(config, tiny_clip, torch.device("cpu"), numerics("fp32", torch.device("cpu")), 32,
+                          echo=lambda line: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 2**40))
+    options = options_for_model(model, None, "adamw", blas_workspaces=train_step_blas_workspaces(cuda_graph=True))
+    import dataclasses
+
+    expected = memory_line(model, 4, dataclasses.replace(options, accumulate=2), 2**40)
+    assert trainer._memory_line(model) == expected and expected.endswith("of 1024.0 GiB")
