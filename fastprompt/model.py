@@ -137,6 +137,8 @@ class PromptedCLIP(nn.Module):
         self._key_dicts = None
         self._packed = None
         self._device_copies = {}
+        # The longest prompt, read from the host here once per class set: a step slices with it and reads nothing.
+        self._max_length = self.prompts.max_length
 
     def _on(self, name: str, device) -> torch.Tensor:
         """A class-prompt tensor (tokens, eot, lengths) on `device`, copied once: no host-to-device copy per
@@ -233,8 +235,13 @@ class PromptedCLIP(nn.Module):
         batch = x.shape[0]
         start = 1 if sched.site == "head" else x.shape[1]
         seg = 0
+        # On a patched CLIP each block's MLP branch stays pending and is added fused into the next block's first
+        # LayerNorm (fastprompt.fast.blocks.block_forward_pending); a splice needs the finished sum first.
+        path, pending = fast_path(self.clip), None
         for layer, edit in enumerate(sched.edits, start=1):
             if edit.add or edit.drop:
+                if pending is not None:
+                    x, pending = x + pending.to(x.dtype), None
                 # One split rather than two slices: its backward is one cat, a slice's a zero fill and a copy.
                 keep, _, rest = x.split([start + seg - edit.drop, edit.drop, x.shape[1] - start - seg], dim=1)
                 parts = [keep]
@@ -250,7 +257,12 @@ class PromptedCLIP(nn.Module):
                 # First-layer prompts pass through ln_pre with the patches (MaPLe/IVLP semantics).
                 x = visual.ln_pre(x)
             self._record("vision", layer, x.shape[1])
-            x = bb.run_block(visual.transformer, layer - 1, x, None)
+            if path is not None:
+                x, pending = path.vision_block(visual.transformer, layer - 1, x, pending)
+            else:
+                x = bb.run_block(visual.transformer, layer - 1, x, None)
+        if pending is not None:
+            x = x + pending.to(x.dtype)
         pooled, normed = bb.vision_head(self.clip, x)
         return pooled, normed, (start, seg)
 
@@ -288,7 +300,7 @@ class PromptedCLIP(nn.Module):
         dev = clip.positional_embedding.device
         cast = bb.compute_dtype(clip)
         classes = len(self.prompts.classnames)
-        length = self.prompts.max_length if self.truncate_text else self.info.context_length
+        length = self._max_length if self.truncate_text else self.info.context_length
         ids = self._on("tokens", dev)[:, :length]
         emb = clip.token_embedding(ids).to(cast)  # [C, L, d]
         x = emb.repeat(images, 1, 1) if images > 1 else emb
@@ -349,7 +361,7 @@ class PromptedCLIP(nn.Module):
         first = tokens_by_layer.get(1)
         if first is not None and self.method.text_schedule.mode == "replace" and first[1] == "shared":
             return self.class_input_embeds(first[0])
-        ids = self._on("tokens", self.clip.positional_embedding.device)[:, : self.prompts.max_length]
+        ids = self._on("tokens", self.clip.positional_embedding.device)[:, : self._max_length]
         return self.clip.token_embedding(ids)
 
     def _causal_mask(self, length: int, device, dtype) -> torch.Tensor:
@@ -434,7 +446,7 @@ class PromptedCLIP(nn.Module):
         """Layer-1 text input embeddings [C, L, d] of the class prompts with `slots` [n, d] in the learnable
         positions (no positional embedding): what VAIPL pools its queries from."""
         dev = self.clip.positional_embedding.device
-        ids = self._on("tokens", dev)[:, : self.prompts.max_length]
+        ids = self._on("tokens", dev)[:, : self._max_length]
         emb = self.clip.token_embedding(ids)
         n = self.method.text_slots
         rows = slots.to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)

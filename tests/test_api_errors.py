@@ -195,7 +195,9 @@ def test_patched_clip_pickles_and_torch_saves():
     images = torch.randn(2, 3, 32, 32)
     never_patched = create_clip("tiny", seed=4)
     patched = fastprompt.patch(create_clip("tiny", seed=4))
-    _outputs(patched, images)  # fills each text block's mask cache: it must not travel
+    _outputs(patched, images)
+    # A text block called with open_clip's mask caches whether it is causal: that cache must not travel.
+    patched.transformer.resblocks[0](torch.randn(2, 77, 64), attn_mask=patched.attn_mask)
     assert "_fastprompt_mask_cache" in patched.transformer.resblocks[0].__dict__
 
     buffer = io.BytesIO()

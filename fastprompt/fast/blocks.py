@@ -109,7 +109,20 @@ def dense_attention(q, k, v, causal: bool, kernels: BlockKernels) -> torch.Tenso
 
 def block_forward(block, x: torch.Tensor, causal: bool, kernels: BlockKernels) -> torch.Tensor:
     """x + attn(LN1 x); then + MLP(LN2 .), for a dense [B, L, D] sequence (LayerScale honoured)."""
-    q, k, v = qkv(block, layer_norm(x, block.ln_1, kernels))
+    x, branch = block_forward_pending(block, x, None, causal, kernels)
+    return x + branch.to(x.dtype)
+
+
+def block_forward_pending(block, x: torch.Tensor, pending: torch.Tensor | None, causal: bool,
+                          kernels: BlockKernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block whose input is x + pending (pending: the previous block's MLP branch, not added yet, or None).
+    That add runs fused into LN1 (add_layer_norm), saving a launch forward and the gradient accumulation's launch
+    backward per block. Returns (x + attention branch, this block's MLP branch, not added)."""
+    if pending is None:
+        h = layer_norm(x, block.ln_1, kernels)
+    else:
+        x, h = add_layer_norm(x, pending, block.ln_1, kernels)
+    q, k, v = qkv(block, h)
     o = dense_attention(q, k, v, causal, kernels)
     x, h = add_layer_norm(x, block.ls_1(attention_out(block, o)), block.ln_2, kernels)
-    return x + block.ls_2(mlp(block, h, kernels)).to(x.dtype)
+    return x, block.ls_2(mlp(block, h, kernels))

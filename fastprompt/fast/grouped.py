@@ -5,8 +5,11 @@ is a Linear-ReLU-Linear per layer; MuDPT and MMRL do the same with per-layer or 
 time that is 9-17 tiny launches each way per step, which dominates at batch 4. `GroupedMaps` finds every
 `Coupled` source whose mapping is an nn.Linear (or a Linear-ReLU-Linear) of one shape, stacks their inputs
 and weights, runs the grouped op once, and leaves each result in the forward's memo, where
-`Coupled.forward` picks it up. Weights are stacked per step (a copy of a few MB), so gradients reach
-each layer's own parameters through the ordinary autograd of `torch.stack`.
+`Coupled.forward` picks it up. Weights are stacked per forward (a copy of a few MB), so gradients reach
+each layer's own parameters through the ordinary autograd of `torch.stack`. Stacking once per parameter
+version would save nothing in training (every optimizer step makes a new version, and each forward needs
+its own autograd graph of the stack to route gradients; 2 of MaPLe's ~430 launches per step), and in
+evaluation the inference cache already keeps the grouped results while the parameters are unchanged.
 """
 
 from __future__ import annotations

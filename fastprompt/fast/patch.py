@@ -6,7 +6,11 @@ What it does to the instance (and nothing else: no open_clip module globals chan
   chosen attention backend without a dense mask (causal when open_clip passes its causal mask), and the
   frozen-weight MLP; any other mask falls back to the original forward, exactly;
 - `encode_text` becomes an instance attribute (a callable) that cuts the 77-token rows after the last EOT
-  (exact, see fastprompt.model) before running the same modules;
+  (exact, see fastprompt.model) before running the same modules; while the CLIP's `attn_mask` buffer is the
+  causal mask (its values read at patch time and again only when the buffer changes) the blocks run as causal
+  without a mask to inspect, each block's residual add fused into the next block's first LayerNorm;
+- the vision tower's Transformer gets an instance `forward` that runs its blocks the same way (residual adds
+  fused into the next LayerNorm) when no mask is given, so `encode_image` gains too;
 - a `FastPath` object kept on the model (`fastprompt.fast.fast_path(model)`, also `model.fastprompt_patch`)
   records what was patched, with which kernels, and why; the general model asks it, and nothing else, how
   to run the fast path.
@@ -22,9 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import backbone as bb
-from .blocks import BlockKernels, block_forward
+from .blocks import BlockKernels, block_forward, block_forward_pending
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,19 @@ class FastPath:
     kernels: BlockKernels = field(default_factory=BlockKernels)
     reasons: list[str] = field(default_factory=list)
     encode_text: bool = False
+    # (address, version, shape, dtype, device) of the text tower's mask buffer when it was last found causal: the
+    # patched encode_text then runs its blocks as causal without reading the mask's values in a step (reading
+    # them is a host sync on a GPU, and impossible while tracing with fake tensors).
+    causal_mask_key: tuple | None = field(default=None, repr=False)
+
+    def text_mask_is_causal(self, mask: torch.Tensor | None) -> bool:
+        """Whether `mask` (a CLIP's `attn_mask` buffer) is the causal mask, its values read once per version."""
+        if mask is None:
+            return False
+        key = _mask_key(mask)
+        if key != self.causal_mask_key:
+            self.causal_mask_key = key if _is_causal_mask(mask) else None
+        return self.causal_mask_key is not None
 
     def __str__(self) -> str:
         towers = ", ".join(f"{n} {t} blocks" for t, n in self.blocks.items())
@@ -51,6 +69,14 @@ class FastPath:
     def groups_coupling_maps(self) -> bool:
         """Run every prompted layer's coupling map in one grouped launch (worth it with the Triton kernels)."""
         return self.kernels.norm_mlp == "triton"
+
+    def vision_block(self, tower, index: int, x: torch.Tensor, pending: torch.Tensor | None):
+        """Block `index` of the patched vision tower on x + pending, the residual add left pending across blocks
+        (fastprompt.fast.blocks.block_forward_pending); open_clip's grad_checkpointing flag honoured."""
+        block = tower.resblocks[index]
+        if tower.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block_forward_pending, block, x, pending, False, self.kernels, use_reentrant=False)
+        return block_forward_pending(block, x, pending, False, self.kernels)
 
     def text_encoder(self, model):
         """The packed text tower for a PromptedCLIP built on this CLIP (fastprompt.fast.packed_text)."""
@@ -69,6 +95,10 @@ def _is_causal_mask(mask: torch.Tensor) -> bool:
     return bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
 
 
+def _mask_key(mask: torch.Tensor) -> tuple:
+    return (mask.data_ptr(), mask._version, tuple(mask.shape), mask.dtype, mask.device)
+
+
 class FastResidualAttentionBlock:
     """Mixed into a subclass of the block's own class at patch time (see `_fast_class`)."""
 
@@ -76,7 +106,7 @@ class FastResidualAttentionBlock:
         if attn_mask is None:
             causal = False
         else:
-            key = (attn_mask.data_ptr(), tuple(attn_mask.shape), attn_mask._version, attn_mask.dtype)
+            key = _mask_key(attn_mask)
             cache = self.__dict__.setdefault("_fastprompt_mask_cache", {})
             if key not in cache:
                 cache.clear()
@@ -111,6 +141,31 @@ def _rebuild_fast_block(original: type):
     return cls.__new__(cls)
 
 
+class _FastVisionTransformer:
+    """`forward` of a patched vision tower's Transformer, stored on the instance (so clip.encode_image, the frozen
+    image features methods read, and zero-shot use gain too): with no mask, each block's MLP branch is added fused
+    into the next block's first LayerNorm (block_forward_pending); with a mask, open_clip's own loop."""
+
+    def __init__(self, tower: nn.Module):
+        self.__self__ = tower
+
+    def __call__(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None):
+        tower = self.__self__
+        if attn_mask is not None:
+            return type(tower).forward(tower, x, attn_mask=attn_mask)
+        pending = None
+        for block in tower.resblocks:
+            if tower.grad_checkpointing:  # as open_clip's loop: checkpointed whether or not gradients are on
+                x, pending = checkpoint(block_forward_pending, block, x, pending, False, block._fastprompt_kernels,
+                                        use_reentrant=False)
+            else:
+                x, pending = block_forward_pending(block, x, pending, False, block._fastprompt_kernels)
+        return x + pending.to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"<fastprompt patched forward of {type(self.__self__).__name__} at {id(self.__self__):#x}>"
+
+
 class _FastEncodeText:
     """`encode_text` of a patched CLIP, stored on the instance. A callable object rather than a bound method: a
     bound method pickles as getattr(model, name), which on load would find CLIP.encode_text, the unpatched one."""
@@ -134,7 +189,20 @@ def _fast_encode_text(self, text: torch.Tensor, normalize: bool = False):
     text = text[:, :length]
     cast = self.transformer.get_cast_dtype()
     x = self.token_embedding(text).to(cast) + self.positional_embedding[:length].to(cast)
-    x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+    path = fast_path(self)
+    if path is not None and path.text_mask_is_causal(self.attn_mask):
+        # The buffer is the causal mask (checked once per version): the blocks run causal without a mask to inspect.
+        # Each block's MLP branch is added fused into the next block's first LayerNorm (block_forward_pending).
+        tower, pending = self.transformer, None
+        for block in tower.resblocks:
+            if tower.grad_checkpointing and torch.is_grad_enabled():
+                x, pending = checkpoint(block_forward_pending, block, x, pending, True, path.kernels,
+                                        use_reentrant=False)
+            else:
+                x, pending = block_forward_pending(block, x, pending, True, path.kernels)
+        x = x + pending.to(x.dtype)
+    else:
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
     x = self.ln_final(x)
     from open_clip.transformer import text_global_pool
 
@@ -194,7 +262,8 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.
       (causal when open_clip passes its causal mask) and the frozen-weight MLP; any other mask falls back
       to the original forward, exactly;
     - `encode_text` cuts the 77-token rows after the last EOT (exact: causal mask + EOT pooling) before
-      running the same modules, so zero-shot use gains too;
+      running the same modules, so zero-shot use gains too; it and the vision tower's Transformer (an
+      instance `forward`) add each block's residual inside the next block's first LayerNorm;
     - a `FastPath` kept on the model (`model.fastprompt_patch`, `fastprompt.fast.fast_path(model)`) records
       what was patched, with which kernels, and why. A PromptedCLIP built on a patched model asks it how to
       run: the packed text path (the shared prompt prefix once, the class suffixes in one varlen stream)
@@ -222,11 +291,13 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.
             blk.__class__ = _fast_class(original)
             blk.__dict__["_fastprompt_kernels"] = kernels
         report.blocks[tower_name] = len(tower.resblocks)
+    model.visual.transformer.forward = _FastVisionTransformer(model.visual.transformer)
     if info.text_pool == "argmax":
         model.encode_text = _FastEncodeText(model)
         report.encode_text = True
     else:
         report.reasons.append(f"encode_text kept: pooling {info.text_pool!r} is not argmax")
+    report.text_mask_is_causal(getattr(model, "attn_mask", None))  # read once here, outside any step
     model.__dict__["fastprompt_patch"] = report
     (logger.info if not verbose else print)(str(report))
     return model
@@ -263,5 +334,6 @@ def unpatch(model: nn.Module) -> nn.Module:
                 blk.__dict__.pop("_fastprompt_kernels", None)
                 blk.__dict__.pop("_fastprompt_mask_cache", None)
     model.__dict__.pop("encode_text", None)
+    model.visual.transformer.__dict__.pop("forward", None)
     model.__dict__.pop("fastprompt_patch", None)
     return model
