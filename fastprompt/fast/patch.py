@@ -270,7 +270,8 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.
       and, with the Triton kernels, every layer's coupling map in one grouped launch.
 
     backend: 'auto' (Triton kernels for LayerNorm/MLP on CUDA, PyTorch ops elsewhere; attention from the
-    first backend that can run it: triton, xformers, sdpa, eager on CUDA; sdpa, eager on CPU), 'triton',
+    first backend that can run it in the measured order of fastprompt.ops.backends: on CUDA sdpa first for dense
+    attention and triton first for the packed text; sdpa, eager on CPU), 'triton',
     'xformers', 'sdpa' or 'eager'. An explicitly requested backend that cannot run raises an error saying
     why; `fastprompt info` shows what each op runs on, per device.
     verbose: print the FastPath report (otherwise it is logged at INFO level).

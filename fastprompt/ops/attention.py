@@ -2,7 +2,8 @@
 
 Layout [batch, seq, heads, head_dim] (dense) and [tokens, heads, head_dim] (packed). Softmax
 scale defaults to 1/sqrt(head_dim). Two public functions, each dispatched to a backend
-(``fastprompt.ops.backends``: triton, xformers, sdpa, eager; ``backend="auto"`` picks):
+(``fastprompt.ops.backends``: triton, xformers, sdpa, eager; ``backend="auto"`` picks in the order measured
+per op and device there):
 
 * ``attention(q, k, v, causal=False, scale=None, backend="auto")``
 * ``prefix_varlen_attention(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v,
