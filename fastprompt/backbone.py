@@ -111,8 +111,17 @@ def inspect_clip(model: nn.Module) -> BackboneInfo:
         if not hasattr(model, attr):
             raise UnsupportedModelError(f"model ({cls}) has no attribute {attr!r}; is it an open_clip CLIP?")
     visual = model.visual
+    if type(visual).__name__ == "ModifiedResNet":
+        raise UnsupportedModelError(
+            "vision tower is a ModifiedResNet (the CNN of open_clip's RN50/RN101/RN50x* CLIPs): fastprompt splices"
+            " prompts between transformer blocks and reads the CLS token, which a CNN tower has neither of; use a"
+            " ViT backbone (e.g. ViT-B-16, ViT-B-32, ViT-L-14)"
+        )
     if type(visual).__name__ != "VisionTransformer":
-        raise UnsupportedModelError(f"vision tower is a {type(visual).__name__}; only VisionTransformer is supported")
+        raise UnsupportedModelError(
+            f"vision tower is a {type(visual).__name__}; only open_clip's VisionTransformer is supported"
+            " (timm and CNN towers have no prompt splice points)"
+        )
     if getattr(visual, "attn_pool", None) is not None:
         raise UnsupportedModelError("vision tower uses attentional pooling (CoCa-style); not supported")
     if visual.pool_type != "tok" or visual.final_ln_after_pool:
@@ -149,6 +158,33 @@ def inspect_clip(model: nn.Module) -> BackboneInfo:
         text_pool=pool,
         eos_id=getattr(model, "text_eos_id", None),
     )
+
+
+def default_tokenizer(info: BackboneInfo):
+    """open_clip's CLIP BPE tokenizer, padding to the model's own text context (77 for most CLIPs, less for
+    some): every CLIP of the supported structure that open_clip ships uses it, except the 'worldwide' configs,
+    whose Hugging Face tokenizer must be passed (open_clip.get_tokenizer(name))."""
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-16", context_length=info.context_length)
+
+
+def check_tokenizer(info: BackboneInfo, tokenizer) -> None:
+    """Refuse a tokenizer that does not fit the model, naming the mismatch. fastprompt pools text at the
+    tokenizer's EOT position, while open_clip's own encode_text (the frozen teachers) pads to the tokenizer's
+    context and pools at the model's eos_id under 'eos' pooling: both must agree with the model."""
+    length = getattr(tokenizer, "context_length", None)
+    if length is not None and length != info.context_length:
+        raise ValueError(
+            f"the tokenizer pads to {length} tokens but the model's text context is {info.context_length};"
+            f" use open_clip.get_tokenizer(<model name>) or leave tokenizer=None"
+        )
+    eot = getattr(tokenizer, "eot_token_id", None)
+    if info.text_pool == "eos" and eot is not None and eot != info.eos_id:
+        raise ValueError(
+            f"the model pools text at eos_id={info.eos_id} (text_pool_type 'eos') but the tokenizer ends prompts"
+            f" with token {eot}; pass the model's own tokenizer (open_clip.get_tokenizer(<model name>))"
+        )
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:

@@ -1,9 +1,10 @@
 """Creating the frozen CLIP: open_clip names and pretrained tags/files, plus fastprompt's tiny configs.
 
 Pretrained weights load through open_clip's factory: a tag (e.g. 'openai') where the machine can reach the
-hub, or a local checkpoint file anywhere. The tiny configs are random-weight models with every structural
-feature of ViT-B/16 (12 layers per tower, causal text with the real tokenizer and 77-token context) at a
-fraction of the width, for tests and the CPU demo.
+hub, or a local checkpoint file anywhere. The tiny configs are random-weight models at a fraction of the width,
+for tests and the CPU demo: 'tiny' and 'small' have every structural feature of ViT-B/16 (12 layers per tower,
+causal text with the real tokenizer and 77-token context); 'tiny-b32', 'tiny-l14' and 'tiny-alt' are shaped
+like the other open_clip CLIP families (see TINY_CONFIGS) for the method x backbone matrix.
 """
 
 from __future__ import annotations
@@ -26,6 +27,32 @@ TINY_CONFIGS = {
         embed_dim=128,
         vision_cfg=dict(image_size=64, layers=12, width=128, patch_size=16, head_width=64),
         text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=12),
+    ),
+    # The other open_clip CLIP families at a fraction of the width, for the method x backbone matrix
+    # (tests/test_backbone_matrix.py). ViT-B/32: half the patch grid of B/16 (7x7 at 224 -> 2x2 here).
+    "tiny-b32": dict(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, layers=12, width=64, patch_size=16, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=12),
+    ),
+    # ViT-L/14: 24 vision layers against 12 text layers, vision wider than text (1024 vs 768), a patch size
+    # that is not a power of two (14 -> 7), and an embed_dim equal to neither width, so a width or depth
+    # taken from the wrong tower fails.
+    "tiny-l14": dict(
+        embed_dim=48,
+        vision_cfg=dict(image_size=28, layers=24, width=128, patch_size=7, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=96, heads=3, layers=12),
+    ),
+    # The structural switches of other open_clip CLIP configs in one model: QuickGELU (OpenAI weights, the
+    # *-quickgelu configs), vision LayerScale (ViT-M-16-alt), no ln_pre (CLIPA), text pooled at an EOS id
+    # ('eos', the worldwide configs; here the CLIP tokenizer's EOT) and a shorter text context.
+    "tiny-alt": dict(
+        embed_dim=64,
+        quick_gelu=True,
+        vision_cfg=dict(image_size=32, layers=12, width=64, patch_size=8, head_width=32, ls_init_value=0.1,
+                        no_ln_pre=True),
+        text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=12, pool_type="eos",
+                      eos_id=49407),
     ),
 }
 

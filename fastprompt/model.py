@@ -55,7 +55,10 @@ def _track_fused_optimizer_steps() -> None:
         _step_hook = register_optimizer_step_post_hook(_bump_fused_versions)
 
 
-def _default_tokenizer():
+def _default_tokenizer(info: bb.BackboneInfo | None = None):
+    """The CLIP tokenizer; padded to `info`'s text context when given (fastprompt.backbone.default_tokenizer)."""
+    if info is not None:
+        return bb.default_tokenizer(info)
     import open_clip
 
     return open_clip.get_tokenizer("ViT-B-16")
@@ -90,7 +93,8 @@ class PromptedCLIP(nn.Module):
         for p in clip.parameters():
             p.requires_grad_(False)
         self.method = method
-        self.tokenizer = tokenizer or _default_tokenizer()
+        self.tokenizer = tokenizer or _default_tokenizer(self.info)
+        bb.check_tokenizer(self.info, self.tokenizer)
         self.truncate_text = truncate_text
         method.text_schedule.check_layers(self.info.text.layers)
         method.vision_schedule.check_layers(self.info.vision.layers)

@@ -148,6 +148,11 @@ def test_mmrl_rep_head_and_decoupled_inference(tiny_clip64):
     rep = out.vision_tokens[:, 1:6].mean(1) @ model.method.proj_rep
     close(out.logits["rep"], cosine_logits(rep, out.text_features, out.logit_scale))
     close(model.predict(out, "novel"), out.logits["main"])
+    # The paper's fusion (default): log(0.7 softmax(z_c) + 0.3 softmax(z_r)); the released code's fuses logits.
+    # (The heads' logits are fp32 here: fp32 rounding between the two ways of writing the mixture.)
+    fused = torch.log(0.7 * out.logits["main"].double().softmax(-1) + 0.3 * out.logits["rep"].double().softmax(-1))
+    torch.testing.assert_close(model.predict(out, "base").double(), fused, rtol=1e-6, atol=1e-6)
+    model.method.fusion = "logits"
     close(model.predict(out, "base"), 0.7 * out.logits["main"] + 0.3 * out.logits["rep"])
 
 

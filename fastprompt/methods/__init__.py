@@ -85,8 +85,9 @@ def build(
     if unknown:
         raise TypeError(f"method {name!r} has no option(s) {unknown}; its options: {sorted(known)}")
     classnames = class_list(classnames)  # checked before any work; a generator is read once, here
-    tokenizer = tokenizer or _default_tokenizer()
-    ctx = BuildContext(clip, inspect_clip(clip), tokenizer)
+    info = inspect_clip(clip)
+    tokenizer = tokenizer or _default_tokenizer(info)
+    ctx = BuildContext(clip, info, tokenizer)
     ctx.num_classes = len(classnames)
     method = cls(ctx, **options)
     device = next(clip.parameters()).device

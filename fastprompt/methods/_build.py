@@ -1,4 +1,10 @@
-"""What a method needs while it builds itself: backbone facts, the tokenizer, word embeddings."""
+"""What a method needs while it builds itself: backbone facts, the tokenizer, word embeddings.
+
+Other backbones: widths and depths always come from `info` (never ViT-B/16's 512 / 768 / 12). Paper depths are
+layer counts on ViT-B/16's 12-layer towers (MaPLe "depth 9", IVLP/VPT 12, MMRL "J = 6"); they are kept as
+given on deeper towers (ViT-L/14's 24 vision layers: the papers give no rule to rescale them) and refused with
+one error naming the option on shallower ones (`check_depth`), never silently clipped.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,18 @@ class BuildContext:
             raise ValueError(f"{text!r} has {len(ids)} tokens, {n} are needed to initialise the prompt")
         weight = self.clip.token_embedding.weight
         return weight[torch.tensor(ids[:n], device=weight.device)].float().cpu()
+
+    def check_depth(self, method: str, option: str, depth, towers=("text", "vision")) -> None:
+        """Prompts in layers 1..`depth` of each of `towers` need that many layers: the paper defaults (MaPLe 9,
+        IVLP 12) count ViT-B/16's 12, so a shallower backbone gets one error naming the option, not a schedule
+        error from inside."""
+        for tower in towers:
+            layers = getattr(self.info, tower).layers
+            if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= layers:
+                raise ValueError(
+                    f"{method} option {option}={depth!r} must be between 1 and the {tower} tower's {layers} layers"
+                    f" (this backbone: {self.info.text.layers} text, {self.info.vision.layers} vision layers)"
+                )
 
 
 def cloned_linears(d_in: int, d_out: int, count: int) -> nn.ModuleList:

@@ -27,6 +27,10 @@ class IVLP(PromptMethod):
         super().__init__(ctx.info)
         info = ctx.info
         if n_text:
+            ctx.check_depth(self.name, "text_depth", text_depth, ("text",))
+        if n_vision:
+            ctx.check_depth(self.name, "vision_depth", vision_depth, ("vision",))
+        if n_text:
             # Layer-1 text context from the init words when it fits them (n <= 4 for "a photo of a").
             words = ctx_init if ctx_init and n_text <= len(ctx.tokenizer.encode(ctx_init)) else None
             self.template, from_words = template_slots(words, n_text)

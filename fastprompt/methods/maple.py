@@ -19,6 +19,7 @@ class MaPLe(PromptMethod):
     def __init__(self, ctx: BuildContext, n_ctx: int = 2, depth: int = 9, ctx_init: str | None = "a photo of a"):
         super().__init__(ctx.info)
         info = ctx.info
+        ctx.check_depth(self.name, "depth", depth)
         self.template, from_words = template_slots(ctx_init, n_ctx)
         self.text_slots = n_ctx
         dt, dv = info.text.width, info.vision.width

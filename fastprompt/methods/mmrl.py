@@ -21,6 +21,12 @@ The paper's ablations (Sec. 4.6, Tab. 4; Appendix E, Tab. 9; METHODS §6.5) are 
   their argmax its prediction, and a cross-entropy over them its loss, so every consumer of prediction logits
   (evaluation, `predict`, the CLI) reads them unchanged. 'logits' fuses alpha*z_c + (1-alpha)*z_r as the released
   code does (METHODS §9: "Argmax can differ"). The paper by default, the code's variant as an option.
+* Towers of unequal depth (ViT-L/14: 24 vision, 12 text layers). The paper uses ViT-B/16 only and integrates the
+  tokens "into the higher layers of the image encoder V and the text encoder W, beginning from the J-th layer"
+  up to each encoder's last layer L. Followed per tower: layers J..L_text and J..L_vision, one map per layer of
+  each (the shared space R feeds both). `first_layer` stays the paper's J = 6 on every backbone (not rescaled to
+  depth: the paper gives no rule for that). 'text_to_vision' pairs text layer l with vision layer l, so it needs
+  equal depths and says so otherwise.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ def _check_choices(**options) -> None:
 
 def _log_mixture(alpha: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """log(alpha softmax(a) + (1 - alpha) softmax(b)) over the last dim, in log space (no underflow)."""
-    parts = [t.float().log_softmax(-1) + math.log(w) for t, w in ((a, alpha), (b, 1 - alpha)) if w > 0]
+    dtype = torch.promote_types(a.dtype, torch.float32)  # at least fp32 (bf16 logits under autocast), fp64 kept
+    parts = [t.to(dtype).log_softmax(-1) + math.log(w) for t, w in ((a, alpha), (b, 1 - alpha)) if w > 0]
     return parts[0] if len(parts) == 1 else torch.logaddexp(*parts)
 
 
@@ -100,33 +107,43 @@ class MMRL(PromptMethod):
         self.template = template
         self.alpha, self.reg_weight, self.fusion = alpha, reg_weight, fusion
         self.towers, self.space, self.regularizer, self.inference = towers, space, regularizer, inference
-        last = info.vision.layers
-        if info.text.layers != last:
-            raise ValueError("MMRL needs towers of equal depth")
-        layers = range(first_layer, last + 1)
-        text, vision = self._sources(layers, n_tokens, rep_dim, info.text.width, info.vision.width)
+        # "beginning from the J-th layer" up to each tower's own last layer L: on towers of unequal depth
+        # (ViT-L/14: 24 vision, 12 text layers) the text and vision ranges differ in length.
+        depths = {"text": info.text.layers, "vision": info.vision.layers}
+        for tower in ("text", "vision"):
+            if towers in ("both", tower) and not (isinstance(first_layer, int) and 1 <= first_layer <= depths[tower]):
+                raise ValueError(f"MMRL option first_layer={first_layer!r} must be between 1 and the {tower} tower's"
+                                 f" {depths[tower]} layers")
+        text_layers = range(first_layer, depths["text"] + 1)
+        vision_layers = range(first_layer, depths["vision"] + 1)
+        if space == "text_to_vision" and depths["text"] != depths["vision"]:
+            raise ValueError(f"MMRL space='text_to_vision' maps each text layer's tokens into the same vision layer; "
+                             f"this backbone has {depths['text']} text and {depths['vision']} vision layers: use "
+                             f"space='shared' or 'separate'")
+        text, vision = self._sources(text_layers, vision_layers, n_tokens, rep_dim, info.text.width, info.vision.width)
         if towers != "vision":
-            self.text_schedule = TowerSchedule.deep("text", last, n_tokens, depth=last, first=first_layer,
-                                                    mode="insert")
+            self.text_schedule = TowerSchedule.deep("text", depths["text"], n_tokens, depth=depths["text"],
+                                                    first=first_layer, mode="insert")
             self.set_sources("text", text)
         if towers != "text":
-            self.vision_schedule = TowerSchedule.deep("vision", last, n_tokens, depth=last, first=first_layer,
-                                                      site="head")
+            self.vision_schedule = TowerSchedule.deep("vision", depths["vision"], n_tokens, depth=depths["vision"],
+                                                      first=first_layer, site="head")
             self.set_sources("vision", vision)
             self.proj_rep = nn.Parameter(torch.randn(info.vision.width, info.embed_dim) * info.vision.width**-0.5)
 
-    def _sources(self, layers, n_tokens: int, rep_dim: int, d_text: int, d_vision: int):
+    def _sources(self, text_layers, vision_layers, n_tokens: int, rep_dim: int, d_text: int, d_vision: int):
         """Per-layer token sources of each tower (built for both; `towers` decides which are used)."""
-        count = len(layers)
         if self.space == "separate":
-            return ({l: FreeTokens(n_tokens, d_text) for l in layers},
-                    {l: FreeTokens(n_tokens, d_vision) for l in layers})
-        if self.space == "text_to_vision":
-            text = {l: FreeTokens(n_tokens, d_text) for l in layers}
-            return text, {l: Coupled(text[l], m) for l, m in zip(layers, cloned_linears(d_text, d_vision, count))}
+            return ({l: FreeTokens(n_tokens, d_text) for l in text_layers},
+                    {l: FreeTokens(n_tokens, d_vision) for l in vision_layers})
+        if self.space == "text_to_vision":  # equal depths (checked in __init__): the ranges are the same
+            text = {l: FreeTokens(n_tokens, d_text) for l in text_layers}
+            maps = cloned_linears(d_text, d_vision, len(vision_layers))
+            return text, {l: Coupled(text[l], m) for l, m in zip(vision_layers, maps)}
         latent = FreeTokens(n_tokens, rep_dim)
-        vision = {l: Coupled(latent, m) for l, m in zip(layers, cloned_linears(rep_dim, d_vision, count))}
-        text = {l: Coupled(latent, m) for l, m in zip(layers, cloned_linears(rep_dim, d_text, count))}
+        vision_maps = cloned_linears(rep_dim, d_vision, len(vision_layers))
+        vision = {l: Coupled(latent, m) for l, m in zip(vision_layers, vision_maps)}
+        text = {l: Coupled(latent, m) for l, m in zip(text_layers, cloned_linears(rep_dim, d_text, len(text_layers)))}
         return text, vision
 
     @property

@@ -63,6 +63,7 @@ class MPL(PromptMethod):
         info = ctx.info
         n_first = n_add if n_first is None else n_first  # None: the paper's "2 for the image encoder" at layer 1 too
         _check_counts(n_ctx, n_add, n_remove, n_first, depth, info.vision.layers)
+        ctx.check_depth(self.name, "depth", depth, ("text",))
         self.template = " ".join(["X"] * n_ctx) + " a photo of a {}."
         self.text_slots = n_ctx
         dt, dv = info.text.width, info.vision.width

@@ -172,6 +172,7 @@ class MuDPT(PromptMethod):
         if maps not in MAPS:
             raise ValueError(f"maps must be one of {', '.join(MAPS)}; got {maps!r}")
         info = ctx.info
+        ctx.check_depth(self.name, "depth", depth)
         dt, dv = info.text.width, info.vision.width
         words = ctx_init.split()
         if n_ctx > len(words):

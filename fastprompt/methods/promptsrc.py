@@ -31,6 +31,7 @@ class PromptSRC(IVLP):
         gpa_mean: float = 15.0,
         gpa_std: float = 1.0,
     ):
+        ctx.check_depth(self.name, "depth", depth)  # named as the user gave it, before IVLP's text_/vision_depth
         super().__init__(ctx, n_text=n_ctx, n_vision=n_ctx, text_depth=depth, vision_depth=depth)
         self.text_weight, self.image_weight, self.kl_weight = text_weight, image_weight, kl_weight
         self.gpa_mean, self.gpa_std = gpa_mean, gpa_std

@@ -96,6 +96,7 @@ class MCPLCLIP(PromptMethod):
         if shared_pms and pms == "none":
             raise ValueError("shared_pms shares the PMS across layers; pms='none' has no PMS to share")
         info = ctx.info
+        ctx.check_depth(self.name, "depth", depth)
         dt, dv, embed = info.text.width, info.vision.width, info.embed_dim
         self.template, from_words = template_slots(ctx_init, n_ctx)
         self.text_slots = n_ctx
