@@ -177,6 +177,33 @@ def _report(args) -> int:
     return 0
 
 
+# --- import-dassl --------------------------------------------------------------------------------------
+# Literal like METHOD_NAMES (no torch import for --help); equals fastprompt.runner.dassl_import.IMPORTABLE.
+DASSL_IMPORTABLE = ("coop", "cocoop", "maple", "ivlp", "vpt_deep", "promptsrc", "mmrl")
+
+
+def _import_dassl(args) -> int:
+    from .backbones import TINY_CONFIGS
+    from .runner.dassl_import import DasslImportError, import_dassl, parse_option, read_classnames
+
+    if args.backbone is None and args.method == "coop":
+        # CoOp saves its context alone, 512 wide for RN50 and ViT-B/16 alike: nothing in the file tells them apart.
+        raise DasslImportError("a CoOp checkpoint does not show which CLIP it was trained on: name it with"
+                               " --backbone (e.g. ViT-B-16; an RN50 run's context has the same shape)")
+    backbone = args.backbone or "ViT-B-16"
+    pretrained = args.pretrained
+    if pretrained is None:
+        pretrained = None if backbone in TINY_CONFIGS else "openai"  # the official repos all train on OpenAI CLIP
+    elif pretrained.lower() == "none":
+        pretrained = None
+    options = dict(parse_option(item) for item in args.option or [])
+    record = import_dassl(args.path, args.method, read_classnames(args.classnames), args.output,
+                          backbone=backbone, pretrained=pretrained, options=options)
+    print(f"imported {args.method} from {record['file']} (epoch {record['epoch']}): {len(record['mapping'])}"
+          f" tensors into {os.path.abspath(args.output)}")
+    return 0
+
+
 def _bench(args, extra) -> int:
     import subprocess
 
@@ -270,6 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", help="write the Markdown table here")
     report.add_argument("--csv", help="write the CSV table here")
     report.set_defaults(func=_report)
+
+    dassl = sub.add_parser(
+        "import-dassl", help="convert a checkpoint of the papers' Dassl code into a fastprompt checkpoint",
+        description="Convert output/.../model.pth.tar-N (or model-best.pth.tar) of the official CoOp, CoCoOp,"
+                    " MaPLe, IVLP, VPT, PromptSRC or MMRL trainer into a checkpoint folder that `fastprompt eval"
+                    " --checkpoint` and fastprompt.runner.Predictor load. Read with torch.load(weights_only=True).",
+    )
+    dassl.add_argument("path", help="the Dassl checkpoint file")
+    dassl.add_argument("--method", required=True, choices=DASSL_IMPORTABLE)
+    dassl.add_argument("--classnames", required=True,
+                       help="text file, one class name per line, in the training label order")
+    dassl.add_argument("--output", required=True, help="new checkpoint folder")
+    dassl.add_argument("--backbone", help="open_clip name the run used (default ViT-B-16; required for coop)")
+    dassl.add_argument("--pretrained", help="weights recorded for eval (default openai; none = random)")
+    dassl.add_argument("--option", action="append",
+                       help="key=value method option the file does not hold, e.g. ctx_init=\"a photo of a\""
+                            " or template=\"{} texture.\" (repeatable)")
+    dassl.set_defaults(func=_import_dassl)
 
     bench = sub.add_parser(
         "bench", help="run the benchmark suite (pytest bench/); extra arguments go to pytest",
