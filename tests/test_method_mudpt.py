@@ -192,3 +192,19 @@ def test_fewshot_preset_uses_the_papers_depth_12(dataset):
     assert preset("mudpt", "fewshot", dataset, 16)[1]["depth"] == 12
     for protocol in ("b2n", "xd", "dg"):
         assert preset("mudpt", protocol, dataset, 16)[1]["depth"] == 9
+
+
+@pytest.mark.parametrize("maps,calls", [("shared", 2), ("per_layer", 24)])
+def test_a_shared_injection_runs_all_layers_in_one_batched_call(tiny_clip, monkeypatch, maps, calls):
+    """maps='shared': the 12 layers' pairs come from one batched attention per direction (2 calls per forward, not
+    24), computing what the per-layer calls compute (the reference test above holds for both)."""
+    from fastprompt.methods.mudpt import CrossAttention
+
+    seen = []
+    original = CrossAttention.forward
+    monkeypatch.setattr(CrossAttention, "forward", lambda self, q, c: seen.append(tuple(q.shape)) or original(self, q, c))
+    model = fastprompt.build("mudpt", tiny_clip, NAMES, maps=maps)
+    model(torch.randn(2, 3, 32, 32))
+    assert len(seen) == calls
+    if maps == "shared":
+        assert all(shape[0] == 12 for shape in seen)  # [layers, n, d]

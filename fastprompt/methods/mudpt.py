@@ -90,14 +90,15 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(d_query, d_query)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, -1)).transpose(0, 1)  # [tokens, d] -> [heads, tokens, d / heads]
+        # [..., tokens, d] -> [..., heads, tokens, d / heads]; leading dims (layers) batch through unchanged.
+        return x.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
 
     def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q = self._split_heads(self.query(query))
         k = self._split_heads(self.key(context))
         v = self._split_heads(self.value(context))
         mixed = F.scaled_dot_product_attention(q, k, v)
-        return self.out(mixed.transpose(0, 1).flatten(-2))
+        return self.out(mixed.transpose(-3, -2).flatten(-2))
 
 
 class CrossModalInjection(nn.Module):
@@ -114,15 +115,22 @@ class CrossModalInjection(nn.Module):
 
 class CrossModalLayer(nn.Module):
     """One layer's prompts of both towers through the injection. Both towers read the pair; it is computed once
-    per forward and kept in the forward's memo (the vision pass and the text pass share one SourceContext)."""
+    per forward and kept in the forward's memo (the vision pass and the text pass share one SourceContext).
+
+    With one injection shared by every layer (maps='shared'), the layers of a `SharedInjectionBatch` are computed
+    together: one batched attention per direction for all J layers instead of J small ones (the same arithmetic;
+    ~100 fewer kernel launches per forward at J = 12)."""
 
     def __init__(self, text: TokenSource, vision: TokenSource, injection: CrossModalInjection):
         super().__init__()
         self.text = text
         self.vision = vision
         self.injection = injection
+        self.__dict__["batch"] = None  # a SharedInjectionBatch (not a submodule: it holds no parameters of its own)
 
     def pair(self, ctx: SourceContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch is not None:
+            return self.batch.pair(self, ctx)
         key = ("mudpt_cross_modal", id(self))
         if ctx is not None and key in ctx.memo:
             return ctx.memo[key]
@@ -130,6 +138,28 @@ class CrossModalLayer(nn.Module):
         if ctx is not None:
             ctx.memo[key] = result
         return result
+
+
+class SharedInjectionBatch:
+    """Every layer's cross-modal pair from one shared injection, computed in one batched call per forward."""
+
+    def __init__(self, layers: list[CrossModalLayer]):
+        self.layers = layers
+        for layer in layers:
+            layer.__dict__["batch"] = self
+
+    def pair(self, layer: CrossModalLayer, ctx: SourceContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("mudpt_cross_modal_all", id(self))
+        pairs = ctx.memo.get(key) if ctx is not None else None
+        if pairs is None:
+            text = torch.stack([l.text(ctx) for l in self.layers])  # [J, n, d_text]
+            vision = torch.stack([l.vision(ctx) for l in self.layers])  # [J, n, d_vision]
+            text_out, vision_out = self.layers[0].injection(text, vision)
+            # unbind, not indexing: its backward is one stack, an index's a zero fill and a copy per layer.
+            pairs = {id(l): pair for l, pair in zip(self.layers, zip(text_out.unbind(0), vision_out.unbind(0)))}
+            if ctx is not None:
+                ctx.memo[key] = pairs
+        return pairs[id(layer)]
 
 
 class CrossModalPrompts(TokenSource):
@@ -203,9 +233,12 @@ class MuDPT(PromptMethod):
     @staticmethod
     def _cross_modal(t: dict, v: dict, injections: list) -> tuple[dict, dict]:
         """Eq. 7 at every layer: T_l + T~_l and V_l + V~_l."""
-        text, vision = {}, {}
+        text, vision, layers = {}, {}, []
         for l in t:
             layer = CrossModalLayer(t[l], v[l], injections[l - 1])
+            layers.append(layer)
             text[l] = Sum(t[l], CrossModalPrompts(layer, "text"))
             vision[l] = Sum(v[l], CrossModalPrompts(layer, "vision"))
+        if all(layer.injection is injections[0] for layer in layers):
+            SharedInjectionBatch(layers)
         return text, vision
