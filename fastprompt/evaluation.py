@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .training import _side_stream
+from .training import _side_stream, note_capture_failure, note_no_graph
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +193,7 @@ class EvalStep:
             try:
                 self._capture(images, labels)
             except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
-                self._graph, self._graph_failed = None, True
-                self.graph_reason = f"CUDA graph capture failed: {type(error).__name__}: {error}"
-                if self.cuda_graph is True:
-                    raise RuntimeError(self.graph_reason) from error
-                logger.warning("EvalStep: %s; running eagerly", self.graph_reason)
-                torch.cuda.synchronize(images.device)  # surfaces a broken context here, not later
+                note_capture_failure(self, error, images.device, logger)
                 return self._body(images, labels)
             self._signature = signature
         static_images, static_labels, static_logits = self._static
@@ -209,13 +204,7 @@ class EvalStep:
         return static_logits.clone()
 
     def _eager(self, reason: str, images, labels, permanent: bool = True) -> torch.Tensor:
-        if self.cuda_graph is True:
-            raise RuntimeError(f"cuda_graph=True but {reason}")
-        if permanent:
-            self.graph_reason = reason
-        if reason not in self._logged:
-            self._logged.add(reason)
-            logger.info("EvalStep: no CUDA graph: %s", reason)
+        note_no_graph(self, reason, logger, permanent)
         return self._body(images, labels)
 
     def _capture(self, images, labels) -> None:

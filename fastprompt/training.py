@@ -173,6 +173,29 @@ def _side_stream(device: torch.device):
     return run()
 
 
+def note_no_graph(step, reason: str, log: logging.Logger, permanent: bool = True) -> None:
+    """The bookkeeping of a TrainStep or EvalStep that runs a batch without its CUDA graph: an error under
+    cuda_graph=True, the reason kept in `graph_reason` when it lasts, logged once per reason."""
+    if step.cuda_graph is True:
+        raise RuntimeError(f"cuda_graph=True but {reason}")
+    if permanent:
+        step.graph_reason = reason
+    if reason not in step._logged:
+        step._logged.add(reason)
+        log.info("%s: no CUDA graph: %s", type(step).__name__, reason)
+
+
+def note_capture_failure(step, error: Exception, device: torch.device, log: logging.Logger) -> None:
+    """A failed capture: every later batch of `step` runs eagerly (raised instead under cuda_graph=True)."""
+    step._graph, step._graph_failed = None, True
+    step.graph_reason = f"CUDA graph capture failed: {type(error).__name__}: {error}"
+    if step.cuda_graph is True:
+        raise RuntimeError(step.graph_reason) from error
+    log.warning("%s: %s; running eagerly", type(step).__name__, step.graph_reason)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # surfaces a broken context here, not later
+
+
 def _graph_problem(images: torch.Tensor) -> str | None:
     """Why this batch cannot use a CUDA graph (None when it can)."""
     if images.device.type != "cuda":
@@ -309,14 +332,7 @@ class TrainStep:
             try:
                 self._capture(images, labels)
             except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
-                self._graph = None
-                self._graph_failed = True
-                self.graph_reason = f"CUDA graph capture failed: {type(error).__name__}: {error}"
-                if self.cuda_graph is True:
-                    raise RuntimeError(self.graph_reason) from error
-                logger.warning("TrainStep: %s; running eagerly", self.graph_reason)
-                if images.device.type == "cuda":
-                    torch.cuda.synchronize(images.device)  # surfaces a broken context here, not later
+                note_capture_failure(self, error, images.device, logger)
                 return self._run_step(images, labels)
             self._signature = signature
             self.graph_reason = None
@@ -368,13 +384,7 @@ class TrainStep:
         return (self._compiled or self._eager_step)(images, labels)
 
     def _no_graph(self, reason: str, images, labels, permanent: bool = True):
-        if self.cuda_graph is True:
-            raise RuntimeError(f"cuda_graph=True but {reason}")
-        if permanent:
-            self.graph_reason = reason
-        if reason not in self._logged:
-            self._logged.add(reason)
-            logger.info("TrainStep: no CUDA graph: %s", reason)
+        note_no_graph(self, reason, logger, permanent)
         return self._run_step(images, labels)
 
     # --- non-finite steps and totals ------------------------------------------------------------------
