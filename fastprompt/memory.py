@@ -645,6 +645,31 @@ class Suggestion:
         return "\n".join(lines)
 
 
+def _largest(upper: int, fits) -> int:
+    """The largest n in 1..upper with fits(n), 0 if none; `fits` must hold below any n where it holds (predicted
+    memory grows with the batch and with the micro-batch)."""
+    best, lo, hi = 0, 1, upper
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def fewest_micro_batches(model, batch: int, options: StepOptions, budget_bytes: int) -> int | None:
+    """The fewest micro-batches (`accumulate`) with which a step of `batch` images under `options` is predicted to
+    fit in `budget_bytes`, or None when not even one image per micro-batch fits: the largest micro-batch size m
+    that fits gives accumulate = ceil(batch / m)."""
+    def fits(micro: int) -> bool:
+        trial = dataclasses.replace(options, accumulate=-(-batch // micro))
+        return predict_peak_memory(model, batch, trial).total_bytes <= budget_bytes
+
+    micro = _largest(batch, fits)
+    return -(-batch // micro) if micro else None
+
+
 def suggest(model, batch: int, budget_bytes: int, options: StepOptions | None = None, cuda: bool = True) -> Suggestion:
     """Which option makes the step fit in `budget_bytes`: cumulative changes in order of cost (packed text and
     caching are exact and free; Triton's input-only saving needs CUDA; recompute costs a forward), then gradient
@@ -672,23 +697,10 @@ def suggest(model, batch: int, budget_bytes: int, options: StepOptions | None = 
         if total <= budget_bytes:
             advice = "fits as configured" if what == "as configured" else f"fits with: {what}"
             return Suggestion(budget_bytes, True, advice, tried, opts, batch)
-    def largest(fits_with) -> int:  # predicted memory grows with the (micro-)batch
-        best, lo, hi = 0, 1, batch - 1
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if fits_with(mid):
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        return best
-
-    def accumulated(micro: int) -> StepOptions:
-        return dataclasses.replace(o, accumulate=-(-batch // micro))
-
-    micro = largest(lambda m: predict_peak_memory(model, batch, accumulated(m)).total_bytes <= budget_bytes)
-    smaller = largest(lambda b: predict_peak_memory(model, b, o).total_bytes <= budget_bytes) or None
-    if micro:
-        opts = accumulated(micro)
+    accumulate = fewest_micro_batches(model, batch, o, budget_bytes)
+    smaller = _largest(batch - 1, lambda b: predict_peak_memory(model, b, o).total_bytes <= budget_bytes) or None
+    if accumulate is not None:
+        opts = dataclasses.replace(o, accumulate=accumulate)
         tried.append((f"gradient accumulation {opts.accumulate}", predict_peak_memory(model, batch, opts).total_bytes))
         advice = (f"fits with every option above and gradient accumulation {opts.accumulate} (micro-batches of "
                   f"<= {-(-batch // opts.accumulate)} images; the update equals batch {batch}'s)")
@@ -757,12 +769,9 @@ def memory_line(model, batch: int, options: StepOptions, budget_bytes: int) -> s
     head = f"predicted peak {estimate.total_bytes / GiB:.2f} GiB of {budget_bytes / GiB:.1f} GiB"
     if estimate.total_bytes <= budget_bytes:
         return head
-    for accumulate in range(options.accumulate + 1, batch + 1):
-        if -(-batch // accumulate) == -(-batch // (accumulate - 1)):
-            continue  # the same largest micro-batch: no less memory
-        trial = dataclasses.replace(options, accumulate=accumulate)
-        if predict_peak_memory(model, batch, trial).total_bytes <= budget_bytes:
-            return (f"{head}: likely out of memory; accumulate={accumulate} (micro-batches of "
-                    f"{-(-batch // accumulate)} images, the same update) is predicted to fit")
+    accumulate = fewest_micro_batches(model, batch, options, budget_bytes)
+    if accumulate is not None:
+        return (f"{head}: likely out of memory; accumulate={accumulate} (micro-batches of "
+                f"{-(-batch // accumulate)} images, the same update) is predicted to fit")
     return f"{head}: likely out of memory even with one image per micro-batch; lower the batch or the class count"
 
