@@ -1,8 +1,7 @@
 """MCPL-CLIP's options (fastprompt/methods/mcpl): each does what its docstring says, checked against plain-torch
-computations from METHODS.md §3.9 (helpers in test_reference_vaipl.py), and the patched fast path equals the
-eager path for each. Float64 on the tiny CLIP."""
-
-import copy
+computations from METHODS.md §3.9 (helpers in test_reference_vaipl.py). Float64 on the tiny CLIP. The patched fast
+path against the eager path for each option is in tests/test_patch.py, the grouped PMS launch in
+tests/test_grouped_maps.py."""
 
 import open_clip
 import pytest
@@ -19,7 +18,6 @@ from test_reference_vaipl import (
 )
 
 import fastprompt
-from fastprompt.fast import patch
 
 NAMES = ["red circle", "blue square", "green triangle", "yellow star", "purple cross"]
 
@@ -174,64 +172,3 @@ def test_shared_pms_is_one_map_for_every_layer_and_predicts_fewer_parameter_byte
 def test_bad_options_name_the_problem(tiny_clip, options, message):
     with pytest.raises(ValueError, match=message):
         fastprompt.build("mcpl", tiny_clip, NAMES, **options)
-
-
-FAST_CASES = [
-    dict(sa_to_text=False),
-    dict(free_visual_prompts=True),
-    dict(per_class_decoding=True),
-    dict(pms="none"),
-    dict(fusion="cmpp"),
-    dict(fusion="cmpp", cmpp_mean="all_classes"),
-    dict(shared_pms=True),
-    dict(sa_scope="joint"),
-]
-
-
-@pytest.mark.parametrize("options", FAST_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_patched_fast_path_equals_the_eager_path(tiny_clip64, options):
-    """Patched blocks + packed text against the unpatched reference text path: logits and every gradient."""
-    images, labels = images64(), torch.tensor([0, 3])
-    torch.manual_seed(0)
-    ref = fastprompt.build("mcpl", copy.deepcopy(tiny_clip64), NAMES, text_path="reference", **options).double()
-    clip = copy.deepcopy(tiny_clip64)
-    patch(clip, backend="sdpa")
-    fast = fastprompt.build("mcpl", clip, NAMES, **options).double()
-    assert fast.uses_packed_text()
-    fast.method.load_state_dict(ref.method.state_dict())
-    results = []
-    for model in (ref, fast):
-        x = images.clone().requires_grad_(True)
-        out = model(x)
-        loss, _ = model.loss(out, labels)
-        loss.backward()
-        results.append((out.logits["main"], x.grad, {n: p.grad for n, p in model.method.named_parameters()}))
-    (l1, x1, g1), (l2, x2, g2) = results
-    close(l2, l1, tol=1e-9)
-    close(x2, x1, tol=1e-9)
-    assert g1.keys() == g2.keys()
-    for name in g1:
-        assert g1[name] is not None, name  # every trainable part is reached
-        close(g2[name], g1[name], tol=1e-9)
-
-
-@pytest.mark.parametrize("options", [dict(shared_pms=True), dict(free_visual_prompts=True)],
-                         ids=lambda o: ",".join(o))
-def test_grouped_pms_launch_equals_the_per_layer_maps(tiny_clip, options):
-    """The nine PMS maps in one grouped launch (one shared map stacked nine times, or maps under a free block's
-    sum): same loss and gradients as mapping layer by layer. Triton interpreter on CPU."""
-    torch.manual_seed(0)
-    per_layer = fastprompt.build("mcpl", tiny_clip, NAMES[:3], **options)
-    grouped = fastprompt.build("mcpl", tiny_clip, NAMES[:3], **options)
-    grouped.method.load_state_dict(per_layer.method.state_dict())
-    grouped.use_grouped_maps = True
-    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
-    losses = []
-    for model in (per_layer, grouped):
-        loss, _ = model.loss(model(images), labels)
-        loss.backward()
-        losses.append(loss)
-    assert [(k[0], len(v)) for k, v in grouped._grouped.groups.items()] == [("bottleneck", 9)]
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(per_layer.method.named_parameters(), grouped.method.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)

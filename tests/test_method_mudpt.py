@@ -1,15 +1,13 @@
 """MuDPT (METHODS.md §3.6, the paper's Sec. II-B): the cross-modal Injection Model against a hand-written
 reference, the coupling of the two towers it creates, the parameter counts of shared and per-layer maps from
-their arithmetic, the options and their errors, the fast paths, and the few-shot preset depth."""
-
-import copy
+their arithmetic, the options and their errors, and the few-shot preset depth. The patched fast path of each
+injection is in tests/test_patch.py, the grouped linear maps in tests/test_grouped_maps.py."""
 
 import open_clip
 import pytest
 import torch
 
 import fastprompt
-from fastprompt.fast import patch
 from fastprompt.runner.presets import preset
 from fastprompt.sources import SourceContext
 
@@ -142,42 +140,6 @@ def test_options_are_listed_and_bad_values_name_the_choices(tiny_clip):
         fastprompt.build("mudpt", tiny_clip, NAMES, injection="attention")
     with pytest.raises(ValueError, match="shared, per_layer; got 'layer'"):
         fastprompt.build("mudpt", tiny_clip, NAMES, maps="layer")
-
-
-@pytest.mark.parametrize("options", [{"maps": "per_layer"}, {"injection": "self_attention", "maps": "per_layer"}],
-                         ids=str)
-def test_patched_model_equals_the_reference_path(tiny_clip64, options):
-    """The default is covered by tests/test_patch.py; the other variants here (fused blocks, packed text)."""
-    reference_clip, fast_clip = copy.deepcopy(tiny_clip64), copy.deepcopy(tiny_clip64)
-    ref = fastprompt.build("mudpt", reference_clip, NAMES, text_path="reference", **options).double()
-    patch(fast_clip, backend="sdpa")
-    fast = fastprompt.build("mudpt", fast_clip, NAMES, **options).double()
-    fast.method.load_state_dict(ref.method.state_dict())
-    images, labels = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2])
-    for model in (ref, fast):
-        model.loss(model(images), labels)[0].backward()
-    torch.testing.assert_close(fast(images).logits["main"], ref(images).logits["main"], rtol=1e-9, atol=1e-9)
-    for (name, a), b in zip(ref.method.named_parameters(), fast.method.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-9, msg=name)
-
-
-@pytest.mark.parametrize("maps", ["shared", "per_layer"])
-def test_grouped_linear_maps_equal_per_layer_maps(tiny_clip, maps):
-    """injection='linear': E_0 and the 11 + 11 deep couplings run as one grouped launch (tiny: one width)."""
-    plain = fastprompt.build("mudpt", tiny_clip, NAMES, injection="linear", maps=maps)
-    grouped = fastprompt.build("mudpt", tiny_clip, NAMES, injection="linear", maps=maps)
-    grouped.method.load_state_dict(plain.method.state_dict())
-    grouped.use_grouped_maps = True
-    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
-    losses = []
-    for model in (plain, grouped):
-        loss, _ = model.loss(model(images), labels)
-        loss.backward()
-        losses.append(loss)
-    assert [(k[0], len(v)) for k, v in grouped._grouped.groups.items()] == [("linear", 23)]
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(plain.method.named_parameters(), grouped.method.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_cross_attention_has_no_grouped_couplings(tiny_clip):

@@ -97,7 +97,12 @@ def test_a_mask_that_is_not_causal_falls_back_exactly(clip64):
 METHOD_CASES = [(name, {}) for name in sorted(fastprompt.METHODS)] + [
     ("coop", {"class_specific": True}),
     ("mcpl", {"integration": "input"}),
-]
+] + [("mcpl", options) for options in (  # MCPL-CLIP's options (tests/test_method_mcpl.py says what each means)
+    {"sa_to_text": False}, {"free_visual_prompts": True}, {"per_class_decoding": True}, {"pms": "none"},
+    {"fusion": "cmpp"}, {"fusion": "cmpp", "cmpp_mean": "all_classes"}, {"shared_pms": True}, {"sa_scope": "joint"},
+)] + [("mudpt", options) for options in (  # the injections other than the default cross-attention
+    {"maps": "per_layer"}, {"injection": "self_attention", "maps": "per_layer"}, {"injection": "linear"},
+)] + [("mpl", {"n_first": 1}), ("mmrl", {"space": "separate"}), ("mmrl", {"towers": "vision"})]
 
 
 @pytest.mark.parametrize("name,options", METHOD_CASES, ids=lambda v: str(v))
@@ -128,7 +133,9 @@ def test_every_method_on_the_patched_model_equals_the_reference(clip64, name, op
     for head in o1.logits:
         torch.testing.assert_close(o2.logits[head], o1.logits[head], **tol)
     torch.testing.assert_close(x2, x1, **tol)
+    assert g1.keys() == g2.keys()
     for pname in g1:
+        assert g1[pname] is not None, pname  # every trainable part is reached
         torch.testing.assert_close(g2[pname], g1[pname], **tol)
 
 
