@@ -18,6 +18,7 @@ killed, and every command that reads it says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -253,10 +254,8 @@ def _new_run_folder(run_dir: str) -> run_lock.RunLock:
         if held is not None:
             held.release()
         if created:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(run_dir)  # only if still empty: never remove what another process wrote
-            except OSError:
-                pass
         raise
     return held
 
@@ -350,10 +349,8 @@ def _fail_if_nothing_trained(seed: int, seed_dir: str, result: dict) -> None:
     if not skipped or any(int(epoch.get("images") or 0) for epoch in history):
         return
     for name in ("results.json", ckpt.MANIFEST, ckpt.TENSORS):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(seed_dir, name))
-        except FileNotFoundError:
-            pass
     from ..training import NonFiniteLossError
 
     raise NonFiniteLossError(
