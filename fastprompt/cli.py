@@ -183,22 +183,14 @@ DASSL_IMPORTABLE = ("coop", "cocoop", "maple", "ivlp", "vpt_deep", "promptsrc", 
 
 
 def _import_dassl(args) -> int:
-    from .backbones import TINY_CONFIGS
-    from .runner.dassl_import import DasslImportError, import_dassl, parse_option, read_classnames
+    from .runner.dassl_import import import_dassl, parse_option, read_classnames
 
-    if args.backbone is None and args.method == "coop":
-        # CoOp saves its context alone, 512 wide for RN50 and ViT-B/16 alike: nothing in the file tells them apart.
-        raise DasslImportError("a CoOp checkpoint does not show which CLIP it was trained on: name it with"
-                               " --backbone (e.g. ViT-B-16; an RN50 run's context has the same shape)")
-    backbone = args.backbone or "ViT-B-16"
-    pretrained = args.pretrained
-    if pretrained is None:
-        pretrained = None if backbone in TINY_CONFIGS else "openai"  # the official repos all train on OpenAI CLIP
-    elif pretrained.lower() == "none":
+    pretrained = args.pretrained or "auto"
+    if pretrained.lower() == "none":
         pretrained = None
     options = dict(parse_option(item) for item in args.option or [])
     record = import_dassl(args.path, args.method, read_classnames(args.classnames), args.output,
-                          backbone=backbone, pretrained=pretrained, options=options)
+                          backbone=args.backbone, pretrained=pretrained, options=options)
     print(f"imported {args.method} from {record['file']} (epoch {record['epoch']}): {len(record['mapping'])}"
           f" tensors into {os.path.abspath(args.output)}")
     return 0

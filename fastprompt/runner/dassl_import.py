@@ -357,16 +357,28 @@ def _run_config(method: str, options: dict, backbone: str, pretrained: str | Non
     return config.to_dict()
 
 
-def import_dassl(path: str, method: str, classnames, output: str, backbone: str = "ViT-B-16",
-                 pretrained: str | None = "openai", options: dict | None = None) -> dict:
+def import_dassl(path: str, method: str, classnames, output: str, backbone: str | None = None,
+                 pretrained: str | None = "auto", options: dict | None = None) -> dict:
     """Convert the Dassl checkpoint at `path` (trained by `method`'s official trainer) into a fastprompt
     checkpoint folder `output`; returns its manifest's imported_from entry. `output` must not exist yet or be
-    an empty folder; nothing is left there when the import fails."""
+    an empty folder; nothing is left there when the import fails.
+
+    backbone: the open_clip name the run used (None: ViT-B-16, except CoOp, whose file does not show it).
+    pretrained: the weights recorded for evaluation ('auto': openai, as every official repo trains on OpenAI's
+    CLIP, or none for a fastprompt tiny config)."""
     import fastprompt
 
     from ..backbone import inspect_clip
-    from ..backbones import create_clip
+    from ..backbones import TINY_CONFIGS, create_clip
 
+    if backbone is None:
+        if method == "coop":
+            # CoOp saves its context alone, 512 wide for RN50 and ViT-B/16 alike: nothing in the file tells them apart.
+            raise DasslImportError("a CoOp checkpoint does not show which CLIP it was trained on: name it (--backbone, backbone= in"
+                                   " Python; e.g. ViT-B-16; an RN50 run's context has the same shape)")
+        backbone = "ViT-B-16"
+    if pretrained == "auto":
+        pretrained = None if backbone in TINY_CONFIGS else "openai"
     if method not in _LAYOUTS:
         raise DasslImportError(f"no Dassl importer for method {method!r}; importable: {', '.join(IMPORTABLE)}")
     output = os.path.abspath(os.path.expanduser(output))
