@@ -374,8 +374,9 @@ def import_dassl(path: str, method: str, classnames, output: str, backbone: str 
     if backbone is None:
         if method == "coop":
             # CoOp saves its context alone, 512 wide for RN50 and ViT-B/16 alike: nothing in the file tells them apart.
-            raise DasslImportError("a CoOp checkpoint does not show which CLIP it was trained on: name it (--backbone, backbone= in"
-                                   " Python; e.g. ViT-B-16; an RN50 run's context has the same shape)")
+            raise DasslImportError("a CoOp checkpoint does not show which CLIP it was trained on: name it"
+                                   " (--backbone, backbone= in Python; e.g. ViT-B-16; an RN50 run's context has"
+                                   " the same shape)")
         backbone = "ViT-B-16"
     if pretrained == "auto":
         pretrained = None if backbone in TINY_CONFIGS else "openai"
