@@ -2,7 +2,7 @@
 
     fastprompt train --method maple --protocol b2n --dataset eurosat --root /data seeds=1,2,3 [--dry-run]
     fastprompt train ... --resume latest          continue the run in the same output folder
-    fastprompt eval --run runs/maple-b2n-eurosat-16shot     re-evaluate its checkpoints (never trains)
+    fastprompt eval runs/maple-b2n-eurosat-16shot           re-evaluate its checkpoints (never trains; or --run DIR)
     fastprompt report runs/*-b2n-* --markdown table.md --csv table.csv
     fastprompt prepare eurosat --root /data [--download]
     fastprompt bench | demo | info
@@ -130,11 +130,12 @@ def _eval(args, extra) -> int:
     from .parallel import data_parallel
     from .runner.run import checkpoints_of_run, evaluate_checkpoints, join_torchrun, run_name, stored_config
 
+    values, extra = _eval_run_folder(args, extra)
     if bool(args.run) == bool(args.checkpoint):
-        raise ConfigError("give exactly one of --run DIR or --checkpoint PATH")
+        raise ConfigError("give exactly one of --run DIR (or DIR alone) or --checkpoint PATH")
     if args.dataset is None and (args.subset != "all" or args.mode is not None):
         raise ConfigError("--subset and --mode apply to --dataset; without it the run's own targets are evaluated")
-    overrides = _overrides(argparse.Namespace(overrides=args.overrides), extra)
+    overrides = _overrides(argparse.Namespace(overrides=values), extra)
     if args.output:
         _check_output_path(args.output, "--output", folder=False)
     join_torchrun(str(overrides.get("device", "auto")))  # under torchrun every rank evaluates its shard
@@ -157,6 +158,30 @@ def _eval(args, extra) -> int:
         atomic_write_json(args.output, {"evaluations": outputs})
         print(f"wrote {args.output}")
     return 0
+
+
+def _eval_run_folder(args, extra: list[str]) -> tuple[list[str], list[str]]:
+    """Move the positional run folder (`fastprompt eval runs/x`) into args.run; return the key=value words and the
+    rest of `extra`. A positional run exists because torchrun's own parser takes `--run` for its `--run-path`.
+    argparse puts the first positional word in RUN even when it is a key=value, and positionals after an option
+    in `extra`: the run folder is the one word, wherever it landed, without '=' (a path holding '=' needs --run)."""
+    from .runner.config import ConfigError
+
+    def bare(word: str) -> bool:
+        return "=" not in word and not word.startswith("-")
+
+    positional = ([args.run_folder] if args.run_folder is not None else []) + list(args.overrides or [])
+    folders = [word for word in positional + list(extra) if bare(word)]
+    if len(folders) > 1:
+        raise ConfigError(f"eval takes one run folder, got {len(folders)}: {' '.join(folders)}")
+    if folders and args.run:
+        raise ConfigError(f"two run folders, {folders[0]} and --run {args.run}: give one (config values are"
+                          " written key=value)")
+    if folders and args.checkpoint:
+        raise ConfigError(f"give a run folder ({folders[0]}) or --checkpoint PATH, not both")
+    if folders:
+        args.run = folders[0]
+    return [word for word in positional if not bare(word)], [word for word in extra if not bare(word)]
 
 
 def _report(args) -> int:
@@ -274,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train, takes_extra=True)
 
     evaluate = sub.add_parser("eval", help="evaluate saved checkpoints (never trains)")
-    evaluate.add_argument("--run", help="a run folder: evaluate every seed on its own targets")
+    evaluate.add_argument("run_folder", nargs="?", metavar="RUN",
+                          help="a run folder: evaluate every seed on its own targets (the same as --run RUN)")
+    evaluate.add_argument("--run", help="a run folder, as RUN (under torchrun write RUN: torchrun reads --run"
+                               " as its own --run-path)")
     evaluate.add_argument("--checkpoint", action="append", help="a checkpoint folder or checkpoint.json (repeatable)")
     evaluate.add_argument("--dataset", help="evaluate on this dataset's test split instead: "
                           + ", ".join(DATASET_NAMES))

@@ -55,6 +55,9 @@ class PromptMethod(nn.Module):
     text_slots = 0
     #: Whether heads read EncoderOutputs.text_input_embeds (MCPL's VAIPL queries); the packed path skips it otherwise.
     uses_text_input_embeds = False
+    #: {option: allowed values} of the string options with a fixed set of values. The constructor checks them;
+    #: the runner checks a config against the same table before any data is read (read-only: do not mutate).
+    option_choices: dict[str, tuple] = {}
 
     def __init__(self, info: BackboneInfo):
         super().__init__()

@@ -85,6 +85,7 @@ class MMRL(PromptMethod):
     (towers, space, regularizer, inference) are described in the module docstring."""
 
     name = "mmrl"
+    option_choices = _CHOICES
 
     def __init__(
         self,

@@ -184,6 +184,7 @@ def _one_or_copies(module: nn.Module, count: int, per_layer: bool) -> list[nn.Mo
 
 class MuDPT(PromptMethod):
     name = "mudpt"
+    option_choices = {"injection": INJECTIONS, "maps": MAPS}
 
     def __init__(
         self,

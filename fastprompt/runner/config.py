@@ -396,8 +396,16 @@ _OPTION_RANGES = {
 
 
 def check_method_options(method: str, options: dict) -> None:
-    """Every numeric method option finite, and in range where the option has one (n_ctx >= 1, ...)."""
+    """Every numeric method option finite, and in range where the option has one (n_ctx >= 1, ...); every option
+    with a fixed set of values one of them (the method's own `option_choices`, which its constructor checks only
+    when the model is built, after the data is read)."""
+    from ..methods import method_class
+
+    choices = method_class(method).option_choices
     for name, value in options.items():
+        if name in choices and value not in choices[name]:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, choices[name]))}, got {value!r}"
+                              f" (an option of method {method})")
         if value is None or isinstance(value, bool) or not isinstance(value, int | float):
             continue
         low, high = _OPTION_RANGES.get(name, (None, None))

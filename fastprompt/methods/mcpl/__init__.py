@@ -59,6 +59,13 @@ from .vaipl import (
 class MCPLCLIP(PromptMethod):
     name = "mcpl"
     uses_text_input_embeds = True
+    option_choices = {
+        "sa_scope": ("layer", "joint"),
+        "integration": ("post", "input"),
+        "fusion": ("vaipl", "cmpp"),
+        "pms": PMS_CHOICES,
+        "cmpp_mean": ("per_class", "all_classes"),
+    }
 
     def __init__(
         self,
@@ -78,15 +85,11 @@ class MCPLCLIP(PromptMethod):
         shared_pms: bool = False,
     ):
         super().__init__(ctx.info)
-        for name, value, allowed in (
-            ("sa_scope", sa_scope, ("layer", "joint")),
-            ("integration", integration, ("post", "input")),
-            ("fusion", fusion, ("vaipl", "cmpp")),
-            ("pms", pms, PMS_CHOICES),
-            ("cmpp_mean", cmpp_mean, ("per_class", "all_classes")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        chosen = {"sa_scope": sa_scope, "integration": integration, "fusion": fusion, "pms": pms,
+                  "cmpp_mean": cmpp_mean}
+        for name, value in chosen.items():
+            if value not in self.option_choices[name]:
+                raise ValueError(f"{name} must be one of {list(self.option_choices[name])}, got {value!r}")
         if integration == "input" and fusion != "vaipl":
             raise ValueError("integration='input' applies to VAIPL only")
         if per_class_decoding and fusion != "vaipl":
