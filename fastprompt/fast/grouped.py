@@ -1,7 +1,8 @@
 """All prompted layers' coupling maps in one launch (DESIGN.md §3.5).
 
 MaPLe and MPL map each layer's text prompt into the vision tower with a Linear of its own; MCPL-CLIP's PMS
-is a Linear-ReLU-Linear per layer; MuDPT and MMRL do the same with per-layer or shared maps. Run one at a
+is a Linear-ReLU-Linear per layer, fed by one prompt self-attention block S applied to each layer's tokens
+(a module with a `batched` forward: all layers in one pass); MuDPT and MMRL map with per-layer or shared maps. Run one at a
 time that is 9-17 tiny launches each way per step, which dominates at batch 4. `GroupedMaps` finds every
 `Coupled` source whose mapping is an nn.Linear (or a Linear-ReLU-Linear) of one shape, stacks their inputs
 and weights, runs the grouped op once, and leaves each result in the forward's memo, where
@@ -19,6 +20,10 @@ import torch.nn as nn
 
 
 def _kind(mapping: nn.Module):
+    if callable(getattr(mapping, "batched", None)):
+        # One module applied to several layers' tokens (MCPL's shared prompt self-attention S): its own batched
+        # forward over a leading layer axis, no weights to stack.
+        return ("batched", id(mapping))
     if isinstance(mapping, nn.Linear) and mapping.bias is not None:
         return ("linear", mapping.in_features, mapping.out_features)
     if (
@@ -34,6 +39,18 @@ def _kind(mapping: nn.Module):
     return None
 
 
+def _nesting(coupling) -> int:
+    """How many coupled sources lie below this one (0: its input is plain tokens)."""
+    from ..sources import Coupled, _children
+
+    below, stack = 0, list(_children(coupling))
+    while stack:
+        src = stack.pop()
+        below += isinstance(src, Coupled)
+        stack.extend(_children(src))
+    return below
+
+
 class GroupedMaps:
     def __init__(self, couplings):
         """`couplings`: the model's coupled sources whose input is shared by every image and class (see
@@ -45,7 +62,10 @@ class GroupedMaps:
             if kind is not None:
                 groups.setdefault(kind, []).append(src)
         # A group of one gains nothing; distinct mappings only (MuDPT shares one map across layers: still fine).
-        self.groups = {k: v for k, v in groups.items() if len(v) > 1}
+        # Groups whose members feed other groups' inputs run first (MCPL: S, then the PMS that maps S's output),
+        # so each input is read from the memo rather than computed one layer at a time.
+        groups = {k: v for k, v in groups.items() if len(v) > 1}
+        self.groups = dict(sorted(groups.items(), key=lambda item: max(_nesting(m) for m in item[1])))
 
     def __bool__(self) -> bool:
         return bool(self.groups)
@@ -64,7 +84,9 @@ class GroupedMaps:
                 group = [members[i] for i in indices]
                 x = torch.stack([inputs[i] for i in indices])
                 dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-                if kind[0] == "linear":
+                if kind[0] == "batched":
+                    out = group[0].mapping.batched(x)
+                elif kind[0] == "linear":
                     w = torch.stack([m.mapping.weight for m in group]).to(dtype)
                     b = torch.stack([m.mapping.bias for m in group]).to(dtype)
                     out = grouped_linear(x.to(dtype), w, b)

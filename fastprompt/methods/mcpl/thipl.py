@@ -61,6 +61,11 @@ class PromptSelfAttention(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.block(tokens.unsqueeze(0)).squeeze(0)
 
+    def batched(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[k, n, d] -> [k, n, d]: k token sets (one per layer) at once, each attending only within itself: what
+        `forward` gives each set, in one pass instead of k (fastprompt.fast.grouped)."""
+        return self.block(tokens)
+
 
 class AttendedPrompts(Coupled):
     """S(P_l), computed once per forward even when both towers read it (`sa_to_text`: the text slots and the
