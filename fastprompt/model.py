@@ -243,7 +243,15 @@ class PromptedCLIP(nn.Module):
         # LayerNorm (fastprompt.fast.blocks.block_forward_pending); a splice needs the finished sum first.
         path, pending = fast_path(self.clip), None
         for layer, edit in enumerate(sched.edits, start=1):
-            if edit.add or edit.drop:
+            splice = None
+            if pending is not None and edit.add == edit.drop > 0 and path.fuses_splices:
+                # Prompts replacing as many tokens: spliced inside the next block's first LayerNorm kernel, with
+                # the pending add (no finished sum, no cat, one pass backward).
+                new, scope = tokens[layer]
+                new = new.to(x.dtype)
+                new = new.unsqueeze(0).expand(batch, -1, -1) if scope == "shared" else new
+                splice = (new, x.shape[1], start + seg - edit.drop)
+            elif edit.add or edit.drop:
                 if pending is not None:
                     x, pending = x + pending.to(x.dtype), None
                 # One split rather than two slices: its backward is one cat, a slice's a zero fill and a copy.
@@ -262,7 +270,7 @@ class PromptedCLIP(nn.Module):
                 x = visual.ln_pre(x)
             self._record("vision", layer, x.shape[1])
             if path is not None:
-                x, pending = path.vision_block(visual.transformer, layer - 1, x, pending)
+                x, pending = path.vision_block(visual.transformer, layer - 1, x, pending, splice)
             else:
                 x = bb.run_block(visual.transformer, layer - 1, x, None)
         if pending is not None:

@@ -53,23 +53,26 @@ from .attention import (
 
 
 @triton.jit
-def _prefix_block_groups(SEQ_IDS, PREFIX_INDEX, offs_t, t_ok, has_prefix_index):
-    """Sequence id, prefix id per row (0 without an index), and the range of prefix ids present
-    in the block."""
+def _prefix_block_groups(SEQ_IDS, PREFIX_INDEX, offs_t, t_ok, has_prefix_index, prefix_seqs):
+    """Sequence id, prefix id per row (0 without an index; -1 for the rows of the first
+    ``prefix_seqs`` sequences, which are prefixes themselves and attend to none), and the range
+    of prefix ids present in the block (empty when no row has a prefix)."""
     sid = tl.load(SEQ_IDS + offs_t, mask=t_ok, other=0)
-    grp = tl.load(PREFIX_INDEX + sid, mask=t_ok & (has_prefix_index != 0), other=0)
-    g_lo = tl.min(tl.where(t_ok, grp, 2147483647), 0)
-    g_hi = tl.max(tl.where(t_ok, grp, -1), 0)
+    has = t_ok & (sid >= prefix_seqs)
+    grp = tl.load(PREFIX_INDEX + (sid - prefix_seqs), mask=has & (has_prefix_index != 0), other=0)
+    grp = tl.where(has, grp, -1)
+    g_lo = tl.min(tl.where(has, grp, 2147483647), 0)
+    g_hi = tl.max(tl.where(has, grp, -1), 0)
     return sid, grp, g_lo, g_hi
 
 
-@triton.jit(do_not_specialize=["has_prefix_index"])
+@triton.jit(do_not_specialize=["has_prefix_index", "prefix_seqs"])
 def _prefix_fwd_kernel(
     Q, K, V, PK, PV, OUT, LSE2, SEQ_IDS, CU_SEQLENS, PREFIX_INDEX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,  # q/k/v: [T, H, D]
     stride_pkg, stride_pkp, stride_pkh, stride_pvg, stride_pvp, stride_pvh,  # pk/pv: [G, P, H, D]
     stride_ot, stride_oh,  # o: [T, H, D]; lse2: [H, T] fp32
-    T, P, qk_scale_log2, has_prefix_index,  # has_prefix_index: 0 (all use prefix 0) or 1
+    T, P, qk_scale_log2, has_prefix_index, prefix_seqs,  # has_prefix_index: 0 (all use prefix 0) or 1
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -84,7 +87,8 @@ def _prefix_fwd_kernel(
     rows = offs_t.to(tl.int64)
     q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-    sid, grp, g_lo, g_hi = _prefix_block_groups(SEQ_IDS, PREFIX_INDEX, offs_t, t_ok, has_prefix_index)
+    sid, grp, g_lo, g_hi = _prefix_block_groups(SEQ_IDS, PREFIX_INDEX, offs_t, t_ok, has_prefix_index,
+                                                  prefix_seqs)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -128,13 +132,13 @@ def _prefix_fwd_kernel(
     tl.store(LSE2 + h * T + rows, lse2, mask=t_ok)
 
 
-@triton.jit(do_not_specialize=["has_prefix_index"])
+@triton.jit(do_not_specialize=["has_prefix_index", "prefix_seqs"])
 def _prefix_bwd_dq_kernel(
     Q, K, V, PK, PV, DO, LSE2, DELTA, DQ, SEQ_IDS, CU_SEQLENS, PREFIX_INDEX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pkg, stride_pkp, stride_pkh, stride_pvg, stride_pvp, stride_pvh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
-    T, P, qk_scale_log2, scale, has_prefix_index,
+    T, P, qk_scale_log2, scale, has_prefix_index, prefix_seqs,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -152,7 +156,8 @@ def _prefix_bwd_dq_kernel(
     do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=row_mask, other=0.0)
     lse2 = tl.load(LSE2 + h * T + rows, mask=t_ok, other=0.0)
     delta = tl.load(DELTA + h * T + rows, mask=t_ok, other=0.0)
-    sid, grp, g_lo, g_hi = _prefix_block_groups(SEQ_IDS, PREFIX_INDEX, offs_t, t_ok, has_prefix_index)
+    sid, grp, g_lo, g_hi = _prefix_block_groups(SEQ_IDS, PREFIX_INDEX, offs_t, t_ok, has_prefix_index,
+                                                  prefix_seqs)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for g in range(g_lo, g_hi + 1):
@@ -240,12 +245,13 @@ def _prefix_bwd_dkdv_suffix_kernel(
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit(do_not_specialize=["permuted"])
+@triton.jit(do_not_specialize=["permuted", "row0", "lse_row"])
 def _prefix_bwd_partial_kernel(
     Q, PK, PV, DO, LSE2, DELTA, PART_DK, PART_DV, TOKEN_ORDER, CHUNK_START, CHUNK_GROUP,
     stride_qt, stride_qh, stride_pkg, stride_pkp, stride_pkh, stride_pvg, stride_pvp, stride_pvh,
     stride_dot, stride_doh,  # partials: [n_chunks, H, P, D] fp32 contiguous
-    T, H, P, qk_scale_log2, permuted,  # permuted: 1 if TOKEN_ORDER maps positions to tokens
+    H, P, qk_scale_log2, permuted,  # permuted: 1 if TOKEN_ORDER maps positions to tokens
+    row0, lse_row,  # query token t is row row0 + t of q, do and of lse2/delta [H, lse_row]
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Stage 1 of prefix dK/dV: the contribution of one chunk of queries (positions
@@ -272,13 +278,13 @@ def _prefix_bwd_partial_kernel(
         pos = m0 + offs_m
         m_ok = pos < end
         tok = tl.load(TOKEN_ORDER + pos, mask=m_ok & (permuted != 0), other=0)
-        tok = tl.where(permuted != 0, tok, pos).to(tl.int64)
+        tok = tl.where(permuted != 0, tok, pos).to(tl.int64) + row0
         qt = tl.load(Q + tok[None, :] * stride_qt + h * stride_qh + offs_d[:, None],
                      mask=m_ok[None, :] & d_ok[:, None], other=0.0)
         do = tl.load(DO + tok[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        lse2 = tl.load(LSE2 + h * T + tok, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + h * T + tok, mask=m_ok, other=0.0)
+        lse2 = tl.load(LSE2 + h * lse_row + tok, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + h * lse_row + tok, mask=m_ok, other=0.0)
         st = tl.dot(pk, qt) * qk_scale_log2  # [P, M]
         pt = tl.where(p_ok[:, None] & m_ok[None, :], tl.math.exp2(st - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do)
@@ -289,14 +295,16 @@ def _prefix_bwd_partial_kernel(
     tl.store(PART_DV + out_off, dv, mask=pmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["accumulate"])
 def _prefix_bwd_reduce_kernel(
-    PART_DK, PART_DV, CHUNK_OFFSETS, DPK, DPV,  # dpk, dpv: [G, P, H, D] contiguous
-    H, P, scale,
+    PART_DK, PART_DV, CHUNK_OFFSETS, DPK, DPV,  # dpk, dpv: [G, P, H, D], one layout, head_dim stride 1
+    stride_dpg, stride_dpp, stride_dph,
+    H, P, scale, accumulate,  # accumulate: 1 adds to what dpk/dpv hold (the prefix rows' own gradient)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK_TILE: tl.constexpr,
 ):
     """Stage 2: prefix g's gradient = its chunks' partials, summed CHUNK_TILE chunks at a time
-    (independent loads in flight) in chunk order: the same inputs give the same bits."""
+    (independent loads in flight) in chunk order: the same inputs give the same bits. With
+    ``accumulate`` the sum is added in fp32 to the gradient already there and rounded once."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     pid_p = tl.program_id(2)
@@ -314,8 +322,12 @@ def _prefix_bwd_reduce_kernel(
         mask = (c < c_hi)[:, None, None] & pmask[None, :, :]
         dk += tl.sum(tl.load(PART_DK + off, mask=mask, other=0.0), 0)
         dv += tl.sum(tl.load(PART_DV + off, mask=mask, other=0.0), 0)
-    out_off = ((g * P + offs_p[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
-    tl.store(DPK + out_off, (dk * scale).to(DPK.dtype.element_ty), mask=pmask)
+    out_off = g * stride_dpg + offs_p[:, None].to(tl.int64) * stride_dpp + h * stride_dph + offs_d[None, :]
+    dk = dk * scale
+    if accumulate != 0:
+        dk += tl.load(DPK + out_off, mask=pmask, other=0.0).to(tl.float32)
+        dv += tl.load(DPV + out_off, mask=pmask, other=0.0).to(tl.float32)
+    tl.store(DPK + out_off, dk.to(DPK.dtype.element_ty), mask=pmask)
     tl.store(DPV + out_off, dv.to(DPV.dtype.element_ty), mask=pmask)
 
 
@@ -430,6 +442,19 @@ def _check_prefix(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index) -> None
                          f"{cu_seqlens.numel() - 1} sequences")
 
 
+def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse2, seq_ids, cu_seqlens, prefix_index, prefix_seqs, scale):
+    T, H, D = q.shape
+    bm, bn, warps, stages = prefix_config("fwd", D)
+    _prefix_fwd_kernel[(triton.cdiv(T, bm), H)](
+        q, k, v, prefix_k, prefix_v, out, lse2, seq_ids, cu_seqlens,
+        prefix_index if prefix_index is not None else seq_ids,  # not read without an index
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *prefix_k.stride()[:3], *prefix_v.stride()[:3],
+        *out.stride()[:2], T, prefix_k.shape[1], qk_scale_log2(scale), int(prefix_index is not None), prefix_seqs,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=BLOCK_P,
+        num_warps=warps, num_stages=stages,
+    )
+
+
 def prefix_attention_forward(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, *, scale):
     """Returns out [T, H, D] (contiguous, q's dtype) and lse2 [H, T] fp32 (base 2).
 
@@ -442,16 +467,8 @@ def prefix_attention_forward(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_ind
     lse2 = torch.empty((H, T), dtype=torch.float32, device=q.device)
     if T == 0 or H == 0:
         return out, lse2
-    seq_ids = sequence_ids(cu_seqlens, T)
-    bm, bn, warps, stages = prefix_config("fwd", D)
-    _prefix_fwd_kernel[(triton.cdiv(T, bm), H)](
-        q, k, v, prefix_k, prefix_v, out, lse2, seq_ids, cu_seqlens,
-        prefix_index if prefix_index is not None else seq_ids,  # not read without an index
-        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *prefix_k.stride()[:3], *prefix_v.stride()[:3],
-        *out.stride()[:2], T, prefix_k.shape[1], qk_scale_log2(scale), int(prefix_index is not None),
-        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=BLOCK_P,
-        num_warps=warps, num_stages=stages,
-    )
+    _launch_forward(q, k, v, prefix_k, prefix_v, out, lse2, sequence_ids(cu_seqlens, T), cu_seqlens, prefix_index,
+                    0, scale)
     return out, lse2
 
 
@@ -496,41 +513,32 @@ def prefix_grad_plan(cu_seqlens: torch.Tensor, prefix_index: torch.Tensor | None
     return token_order, chunk_start, chunk_group, chunk_offsets
 
 
-def prefix_attention_backward(grad_out, q, k, v, out, lse2, cu_seqlens, prefix_k, prefix_v,
-                              prefix_index, *, scale):
-    """Returns dq, dk, dv [T, H, D] and d_prefix_k, d_prefix_v [G, P, H, D] (inputs' dtype)."""
-    _check_prefix(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index)
+def _check_backward_args(grad_out, q, out, lse2, rows: int) -> None:
     check_same_dtype_device(q=q, grad_out=grad_out, out=out)
-    if grad_out.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must have "
-                         f"q's shape {tuple(q.shape)}")
-    T, H, D = q.shape
-    G, P = prefix_k.shape[:2]
-    if lse2.shape != (H, T) or lse2.dtype != torch.float32 or not lse2.is_contiguous():
-        raise ValueError(f"lse2 must be a contiguous fp32 [H, T] = {(H, T)} tensor, got "
+    if grad_out.shape != out.shape or out.shape != (rows, *q.shape[1:]):
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must both be "
+                         f"[{rows}, {q.shape[1]}, {q.shape[2]}]")
+    H = q.shape[1]
+    if lse2.shape != (H, rows) or lse2.dtype != torch.float32 or not lse2.is_contiguous():
+        raise ValueError(f"lse2 must be a contiguous fp32 [H, T] = {(H, rows)} tensor, got "
                          f"{tuple(lse2.shape)} {lse2.dtype}")
-    dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    dv = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    dpk = torch.empty((G, P, H, D), dtype=q.dtype, device=q.device)
-    dpv = torch.empty((G, P, H, D), dtype=q.dtype, device=q.device)
-    if T == 0 or H == 0:
-        return dq, dk, dv, dpk.zero_(), dpv.zero_()
-    seq_ids = sequence_ids(cu_seqlens, T)
-    # [T, H, D] is batch 1 of the dense layout: delta comes out [1, H, T].
-    delta = row_dot(out, grad_out, H, T, (0, *out.stride()[:2]), (0, *grad_out.stride()[:2])).view(H, T)
+
+
+def _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, lse2, delta, dq, dk, dv, seq_ids, cu_seqlens,
+                    prefix_index, prefix_seqs, scale):
+    """dQ (prefix and own keys) and the own-sequence dK/dV of every token: the rows of a prefix sequence
+    (prefix_seqs > 0) get here the gradient of their own causal attention, not yet what later sequences add."""
+    T, H, D = q.shape
+    P = prefix_k.shape[1]
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D))
     scale2 = qk_scale_log2(scale)
-    has_index = int(prefix_index is not None)
-    index_arg = prefix_index if prefix_index is not None else seq_ids  # not read without an index
     suffix_strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
-    prefix_strides = (*prefix_k.stride()[:3], *prefix_v.stride()[:3])
-
     bm, bn, warps, stages = prefix_config("dq", D)
     _prefix_bwd_dq_kernel[(triton.cdiv(T, bm), H)](
-        q, k, v, prefix_k, prefix_v, grad_out, lse2, delta, dq, seq_ids, cu_seqlens, index_arg,
-        *suffix_strides, *prefix_strides, *grad_out.stride()[:2], *dq.stride()[:2],
-        T, P, scale2, scale, has_index,
+        q, k, v, prefix_k, prefix_v, grad_out, lse2, delta, dq, seq_ids, cu_seqlens,
+        prefix_index if prefix_index is not None else seq_ids,  # not read without an index
+        *suffix_strides, *prefix_k.stride()[:3], *prefix_v.stride()[:3], *grad_out.stride()[:2], *dq.stride()[:2],
+        T, P, scale2, scale, int(prefix_index is not None), prefix_seqs,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=BLOCK_P, num_warps=warps, num_stages=stages, **meta,
     )
     bm, bn, warps, stages = prefix_config("dkdv", D)
@@ -539,15 +547,21 @@ def prefix_attention_backward(grad_out, q, k, v, out, lse2, cu_seqlens, prefix_k
         *suffix_strides, *grad_out.stride()[:2], *dk.stride()[:2], T, scale2, scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
     )
-    if P == 0:
-        return dq, dk, dv, dpk, dpv
 
+
+def _launch_prefix_gradient(grad_out, q, prefix_k, prefix_v, lse2, delta, dpk, dpv, cu_seqlens, prefix_index,
+                            *, row0: int, tokens: int, accumulate: bool, scale):
+    """What the `tokens` queries at rows row0.. (their sequences described by cu_seqlens/prefix_index) give the
+    prefix keys and values, written to dpk/dpv [G, P, H, D] (added to what they hold with `accumulate`)."""
+    H, D = q.shape[1:]
+    G, P = prefix_k.shape[:2]
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D))
     bm, _, warps, stages = prefix_config("partial", D)
     p_blocks = triton.cdiv(P, BLOCK_P)
-    chunk_blocks = max(1, triton.cdiv(triton.cdiv(T, bm) * H * p_blocks, TARGET_PARTIAL_PROGRAMS))
+    chunk_blocks = max(1, triton.cdiv(triton.cdiv(tokens, bm) * H * p_blocks, TARGET_PARTIAL_PROGRAMS))
     token_order, chunk_start, chunk_group, chunk_offsets = _memo(
-        "prefix_grad_plan", (cu_seqlens, prefix_index), (G, T, chunk_blocks * bm),
-        lambda: prefix_grad_plan(cu_seqlens, prefix_index, G, T, chunk_blocks * bm))
+        "prefix_grad_plan", (cu_seqlens, prefix_index), (G, tokens, chunk_blocks * bm),
+        lambda: prefix_grad_plan(cu_seqlens, prefix_index, G, tokens, chunk_blocks * bm))
     n_chunks = chunk_group.numel()
     part_dk = torch.empty((n_chunks, H, P, D), dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
@@ -555,15 +569,135 @@ def prefix_attention_backward(grad_out, q, k, v, out, lse2, cu_seqlens, prefix_k
         q, prefix_k, prefix_v, grad_out, lse2, delta, part_dk, part_dv,
         token_order if token_order is not None else chunk_start,  # not read when not permuted
         chunk_start, chunk_group,
-        *q.stride()[:2], *prefix_strides, *grad_out.stride()[:2], T, H, P, scale2,
-        int(token_order is not None),
+        *q.stride()[:2], *prefix_k.stride()[:3], *prefix_v.stride()[:3], *grad_out.stride()[:2],
+        H, P, qk_scale_log2(scale), int(token_order is not None), row0, lse2.shape[1],
         BLOCK_M=bm, BLOCK_P=BLOCK_P, num_warps=warps, num_stages=stages, **meta,
     )
+    if dpk.stride() != dpv.stride():
+        raise ValueError("the prefix gradients dpk and dpv must share one layout")
     _prefix_bwd_reduce_kernel[(G, H, p_blocks)](
-        part_dk, part_dv, chunk_offsets, dpk, dpv, H, P, scale,
+        part_dk, part_dv, chunk_offsets, dpk, dpv, *dpk.stride()[:3], H, P, scale, int(accumulate),
         BLOCK_P=BLOCK_P, CHUNK_TILE=REDUCE_CHUNK_TILE, num_warps=REDUCE_NUM_WARPS, **meta,
     )
+
+
+def prefix_attention_backward(grad_out, q, k, v, out, lse2, cu_seqlens, prefix_k, prefix_v,
+                              prefix_index, *, scale):
+    """Returns dq, dk, dv [T, H, D] and d_prefix_k, d_prefix_v [G, P, H, D] (inputs' dtype)."""
+    _check_prefix(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index)
+    T, H, D = q.shape
+    _check_backward_args(grad_out, q, out, lse2, T)
+    G, P = prefix_k.shape[:2]
+    dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    dpk = torch.empty((G, P, H, D), dtype=q.dtype, device=q.device)
+    dpv = torch.empty((G, P, H, D), dtype=q.dtype, device=q.device)
+    if T == 0 or H == 0:
+        return dq, dk, dv, dpk.zero_(), dpv.zero_()
+    # [T, H, D] is batch 1 of the dense layout: delta comes out [1, H, T].
+    delta = row_dot(out, grad_out, H, T, (0, *out.stride()[:2]), (0, *grad_out.stride()[:2])).view(H, T)
+    _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, lse2, delta, dq, dk, dv, sequence_ids(cu_seqlens, T),
+                    cu_seqlens, prefix_index, 0, scale)
+    if P > 0:
+        _launch_prefix_gradient(grad_out, q, prefix_k, prefix_v, lse2, delta, dpk, dpv, cu_seqlens, prefix_index,
+                                row0=0, tokens=T, accumulate=False, scale=scale)
     return dq, dk, dv, dpk, dpv
+
+
+# ----------------------------------------------------------------------------------------------
+# The text tower's whole stream: the prefixes' own attention and the suffixes' in one problem
+# ----------------------------------------------------------------------------------------------
+# The packed text stream is [G * P + T] rows: G prefixes of P rows each, then the T suffix tokens. A prefix row
+# attends causally within its prefix; a suffix token attends to its prefix and causally within its sequence.
+# Both are one varlen problem over the stream: the G prefixes are its first G sequences (with no prefix of their
+# own, `prefix_seqs`), the suffix sequences follow, and the prefix keys are rows of the stream's own k and v.
+# q, k, v come as one [N, 3, H, D] tensor (the in-projection's output, no copy) and the backward writes one
+# [N, 3, H, D] gradient: no split of the stream, no separate prefix attention, no sum of the prefix keys' two
+# gradients and no stack of dq, dk, dv. The prefix rows' key gradient from the later tokens is reduced
+# deterministically as in the standalone op, then added to their own in fp32 (one rounding).
+
+
+def _check_stream(qkv, cu_seqlens, prefix_index, groups: int, prefix_len: int) -> int:
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be [rows, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
+    if qkv.stride(-1) != 1:
+        raise ValueError("qkv must have unit stride in head_dim")
+    check_head_dim_and_dtype("qkv", qkv)
+    if groups < 1 or prefix_len < 0:
+        raise ValueError(f"need groups >= 1 and prefix_len >= 0, got {groups} and {prefix_len}")
+    tokens = qkv.shape[0] - groups * prefix_len
+    if tokens < 0:
+        raise ValueError(f"qkv has {qkv.shape[0]} rows, fewer than the {groups} x {prefix_len} prefix rows")
+    if groups * prefix_len * qkv.stride(0) >= 2**31:
+        raise ValueError(f"{groups} prefixes of {prefix_len} rows span {groups * prefix_len * qkv.stride(0)} "
+                         "elements; the kernels index prefixes with 32-bit offsets (fewer than 2**31 supported)")
+    for name, t in (("cu_seqlens", cu_seqlens), ("prefix_index", prefix_index)):
+        if t is None:
+            continue
+        if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous() or t.device != qkv.device:
+            raise ValueError(f"{name} must be a contiguous 1-D int32 tensor on {qkv.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+    if prefix_index is not None and prefix_index.numel() != cu_seqlens.numel() - 1:
+        raise ValueError(f"prefix_index has {prefix_index.numel()} entries but cu_seqlens describes "
+                         f"{cu_seqlens.numel() - 1} sequences")
+    return tokens
+
+
+def stream_cu_seqlens(cu_seqlens: torch.Tensor, groups: int, prefix_len: int) -> torch.Tensor:
+    """int32 [G + S + 1]: the stream's sequence offsets, the G prefixes first (device ops, no synchronisation)."""
+    def compute():
+        prefix = torch.arange(0, groups * prefix_len, prefix_len, dtype=torch.int32, device=cu_seqlens.device)
+        return torch.cat([prefix, cu_seqlens + groups * prefix_len])
+
+    if prefix_len == 0:
+        return cu_seqlens
+    return _memo("stream_cu_seqlens", (cu_seqlens,), (groups, prefix_len), compute)
+
+
+def _stream_views(qkv, groups: int, prefix_len: int):
+    q, k, v = qkv.unbind(1)
+    rows = groups * prefix_len
+    return q, k, v, k[:rows].unflatten(0, (groups, prefix_len)), v[:rows].unflatten(0, (groups, prefix_len))
+
+
+def stream_attention_forward(qkv, cu_seqlens, prefix_index, groups: int, prefix_len: int, *, scale):
+    """out [N, H, D] and lse2 [H, N] fp32 of the stream qkv [N = G * P + T, 3, H, D]; cu_seqlens [S + 1] and
+    prefix_index [S] (or None: every sequence uses prefix 0) describe the T suffix tokens."""
+    _check_stream(qkv, cu_seqlens, prefix_index, groups, prefix_len)
+    N, _, H, D = qkv.shape
+    out = torch.empty((N, H, D), dtype=qkv.dtype, device=qkv.device)
+    lse2 = torch.empty((H, N), dtype=torch.float32, device=qkv.device)
+    if N == 0 or H == 0:
+        return out, lse2
+    cu = stream_cu_seqlens(cu_seqlens, groups, prefix_len)
+    q, k, v, pk, pv = _stream_views(qkv, groups, prefix_len)
+    _launch_forward(q, k, v, pk, pv, out, lse2, sequence_ids(cu, N), cu, prefix_index,
+                    groups if prefix_len else 0, scale)
+    return out, lse2
+
+
+def stream_attention_backward(grad_out, qkv, out, lse2, cu_seqlens, prefix_index, groups: int, prefix_len: int,
+                              *, scale):
+    """d(qkv) [N, 3, H, D] for ``stream_attention_forward``."""
+    tokens = _check_stream(qkv, cu_seqlens, prefix_index, groups, prefix_len)
+    N, _, H, D = qkv.shape
+    q, k, v, pk, pv = _stream_views(qkv, groups, prefix_len)
+    _check_backward_args(grad_out, q, out, lse2, N)
+    dqkv = torch.empty((N, 3, H, D), dtype=qkv.dtype, device=qkv.device)
+    if N == 0 or H == 0:
+        return dqkv.zero_()
+    dq, dk, dv, dpk, dpv = _stream_views(dqkv, groups, prefix_len)
+    delta = row_dot(out, grad_out, H, N, (0, *out.stride()[:2]), (0, *grad_out.stride()[:2])).view(H, N)
+    cu = stream_cu_seqlens(cu_seqlens, groups, prefix_len)
+    _launch_dq_dkdv(grad_out, q, k, v, pk, pv, lse2, delta, dq, dk, dv, sequence_ids(cu, N), cu, prefix_index,
+                    groups if prefix_len else 0, scale)
+    if prefix_len > 0 and tokens > 0:
+        _launch_prefix_gradient(grad_out, q, pk, pv, lse2, delta, dpk, dpv, cu_seqlens, prefix_index,
+                                row0=groups * prefix_len, tokens=tokens, accumulate=True, scale=scale)
+    return dqkv
 
 
 # ----------------------------------------------------------------------------------------------

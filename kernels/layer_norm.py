@@ -47,24 +47,39 @@ def layer_norm_fwd_kernel(
     sum_ptr,  # [rows, d] x + residual in x's dtype (written only when has_residual)
     mean_ptr,  # [rows] fp32
     rstd_ptr,  # [rows] fp32
+    new_ptr,  # splice rows, x's dtype (read only when splice_len > 0)
     d,
     stride_x,
     stride_res,
     stride_y,
     stride_sum,
+    stride_new_group,  # 0: one set of splice rows shared by every group
+    stride_new_row,
     eps,
     has_residual,
+    splice_rows,  # rows [0, splice_rows) are groups of splice_period rows ...
+    splice_period,
+    splice_start,  # ... whose rows [splice_start, splice_start + splice_len) come from new_ptr
+    splice_len,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.cast(tl.program_id(0), tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < d
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if has_residual:
-        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
-        # Round the sum to the I/O dtype first: the residual stream PyTorch carries is rounded.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    pos = row % splice_period
+    spliced = (splice_len > 0) & (row < splice_rows) & (pos >= splice_start) & (pos < splice_start + splice_len)
+    if spliced:
+        # A spliced row: the prompt token replaces the stream's row (x + residual is not formed).
+        src = new_ptr + (row // splice_period) * stride_new_group + (pos - splice_start) * stride_new_row
+        x = tl.load(src + cols, mask=mask, other=0.0)
         tl.store(sum_ptr + row * stride_sum + cols, x, mask=mask)
+    else:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if has_residual:
+            r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+            # Round the sum to the I/O dtype first: the residual stream PyTorch carries is rounded.
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            tl.store(sum_ptr + row * stride_sum + cols, x, mask=mask)
     xf = x.to(tl.float32)
     mean = tl.sum(xf, axis=0) / d
     centered = tl.where(mask, xf - mean, 0.0)
@@ -89,6 +104,7 @@ def layer_norm_bwd_kernel(
     dx_ptr,  # [rows, d] output, x's dtype
     dw_part_ptr,  # [programs, d] fp32 partial dW (written when param_grads)
     db_part_ptr,  # [programs, d] fp32 partial dB (written when param_grads)
+    dnew_ptr,  # [groups, splice_len, d] gradient of the splice rows (written when splice_len > 0)
     rows,
     d,
     stride_dy,
@@ -97,6 +113,10 @@ def layer_norm_bwd_kernel(
     stride_dx,
     has_dsum,
     param_grads,
+    splice_rows,  # as in the forward: spliced rows send their gradient to dnew and none to dx
+    splice_period,
+    splice_start,
+    splice_len,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -120,6 +140,13 @@ def layer_norm_bwd_kernel(
         dx = (wdy - (xhat * c1 + c2)) * rstd
         if has_dsum:
             dx += tl.load(dsum_ptr + row * stride_dsum + cols, mask=mask, other=0.0).to(tl.float32)
+        pos = row % splice_period
+        spliced = (splice_len > 0) & (row < splice_rows) & (pos >= splice_start) & (pos < splice_start + splice_len)
+        if spliced:
+            group = row // splice_period
+            dnew = dnew_ptr + ((group * splice_len + pos - splice_start) * d)
+            tl.store(dnew + cols, dx.to(dnew_ptr.dtype.element_ty), mask=mask)
+            dx = tl.zeros((BLOCK_D,), dtype=tl.float32)
         tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if param_grads:
             dw_acc += dy * xhat
@@ -195,10 +222,27 @@ def check_forward_args(x, weight, bias, residual=None) -> None:
     _check_same_device(tensors)
 
 
-def layer_norm_forward(x, weight, bias, eps: float, residual=None):
+def check_splice(x, new, period: int, start: int) -> None:
+    """A splice: new [groups, n, d] (its group stride may be 0: one set shared by every group) replaces rows
+    [start, start + n) of each of the first `groups` groups of `period` rows of x [rows, d]."""
+    if new.dim() != 3 or new.shape[2] != x.shape[1]:
+        raise ValueError(f"layer_norm: splice rows must be [groups, n, {x.shape[1]}], got {list(new.shape)}")
+    if new.dtype != x.dtype or new.device != x.device:
+        raise ValueError(f"layer_norm: splice rows must be {x.dtype} on {x.device}, got {new.dtype} on {new.device}")
+    if new.stride(2) != 1 and new.shape[2] > 1:
+        raise ValueError("layer_norm: the last dimension of the splice rows must be contiguous (stride 1)")
+    groups, n = new.shape[:2]
+    if period < 1 or start < 0 or start + n > period or groups * period > x.shape[0]:
+        raise ValueError(f"layer_norm: a splice of {n} rows at {start} in {groups} groups of {period} rows does not "
+                         f"fit x's {x.shape[0]} rows")
+
+
+def layer_norm_forward(x, weight, bias, eps: float, residual=None, splice=None):
     """LayerNorm of the rows of x (or of x + residual).
 
-    Returns (y, s, mean, rstd): y in x's dtype, s = x + residual (None without a residual),
+    ``splice = (new, period, start)``: rows [start, start + n) of each of the first ``new.shape[0]`` groups of
+    ``period`` rows are ``new`` instead of x + residual (a prompt splice fused into the add; needs a residual).
+    Returns (y, s, mean, rstd): y in x's dtype, s = x + residual, spliced (None without a residual),
     mean and rstd as fp32 [rows].
     """
     check_forward_args(x, weight, bias, residual)
@@ -208,15 +252,25 @@ def layer_norm_forward(x, weight, bias, eps: float, residual=None):
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     s = torch.empty_like(x) if residual is not None else None
+    if splice is not None:
+        if residual is None:
+            raise ValueError("layer_norm: a splice needs a residual (it replaces rows of x + residual)")
+        new, period, start = splice
+        check_splice(x, new, period, start)
+        groups, n = new.shape[:2]
+        splice_args = (new.stride(0) if groups > 1 else 0, new.stride(1), groups * period, period, start, n)
+    else:
+        new, splice_args = x, (0, 0, 0, 1, 0, 0)
     if rows == 0:
         return y, s, mean, rstd
     block, num_warps = layer_norm_config(d)
     res = residual if residual is not None else x
     sum_out = s if s is not None else y
+    stride_new_group, stride_new_row, *splice_rows = splice_args
     layer_norm_fwd_kernel[(rows,)](
-        x, res, weight, bias, y, sum_out, mean, rstd,
-        d, x.stride(0), res.stride(0), y.stride(0), sum_out.stride(0), float(eps),
-        int(residual is not None),
+        x, res, weight, bias, y, sum_out, mean, rstd, new,
+        d, x.stride(0), res.stride(0), y.stride(0), sum_out.stride(0), stride_new_group, stride_new_row,
+        float(eps), int(residual is not None), *splice_rows,
         BLOCK_D=block, num_warps=num_warps,
     )  # fmt: skip
     return y, s, mean, rstd
@@ -229,11 +283,13 @@ def _backward_programs(device: torch.device, rows: int) -> int:
     return max(1, min(rows, 8))
 
 
-def layer_norm_backward(dy, x, weight, mean, rstd, d_sum=None, param_grads: bool = False):
+def layer_norm_backward(dy, x, weight, mean, rstd, d_sum=None, param_grads: bool = False, splice=None):
     """Gradients of y = LayerNorm(x) (x being x + residual in the fused form).
 
     d_sum is the gradient reaching x directly (the residual stream); it is added to dx.
-    Returns (dx, dw, db); dw and db are None unless param_grads, else fp32 [d].
+    ``splice = (groups, n, period, start)`` as in the forward: the spliced rows' gradient goes to dnew
+    [groups, n, d] and dx is zero there.
+    Returns (dx, dw, db), or (dx, dw, db, dnew) with a splice; dw and db are None unless param_grads, else fp32 [d].
     """
     if x.dim() != 2:
         raise ValueError(f"layer_norm: the launcher takes x as [rows, d], got shape {list(x.shape)}")
@@ -253,6 +309,15 @@ def layer_norm_backward(dy, x, weight, mean, rstd, d_sum=None, param_grads: bool
     _require_kernel_device(x.device)
 
     dx = torch.empty_like(x)
+    if splice is not None:
+        groups, n, period, start = splice
+        if period < 1 or start < 0 or start + n > period or groups * period > rows:
+            raise ValueError(f"layer_norm: a splice of {n} rows at {start} in {groups} groups of {period} rows does "
+                             f"not fit {rows} rows")
+        dnew = torch.empty((groups, n, d), device=x.device, dtype=x.dtype)
+        splice_args = (groups * period, period, start, n)
+    else:
+        dnew, splice_args = dx, (0, 1, 0, 0)
     programs = _backward_programs(x.device, rows)
     if param_grads:
         dw_part = torch.empty((programs, d), device=x.device, dtype=torch.float32)
@@ -263,16 +328,18 @@ def layer_norm_backward(dy, x, weight, mean, rstd, d_sum=None, param_grads: bool
         block, num_warps = layer_norm_config(d)
         dsum = d_sum if d_sum is not None else dy
         layer_norm_bwd_kernel[(programs,)](
-            dy, x, weight, mean, rstd, dsum, dx, dw_part, db_part,
+            dy, x, weight, mean, rstd, dsum, dx, dw_part, db_part, dnew,
             rows, d, dy.stride(0), x.stride(0), dsum.stride(0), dx.stride(0),
-            int(d_sum is not None), int(param_grads),
+            int(d_sum is not None), int(param_grads), *splice_args,
             BLOCK_D=block, num_warps=num_warps,
         )  # fmt: skip
     if not param_grads:
-        return dx, None, None
-    if rows == 0:
-        return dx, torch.zeros(d, device=x.device), torch.zeros(d, device=x.device)
-    return dx, dw_part.sum(0), db_part.sum(0)
+        grads = (dx, None, None)
+    elif rows == 0:
+        grads = (dx, torch.zeros(d, device=x.device), torch.zeros(d, device=x.device))
+    else:
+        grads = (dx, dw_part.sum(0), db_part.sum(0))
+    return grads if splice is None else (*grads, dnew)
 
 
 def _aot_specs():
@@ -288,18 +355,23 @@ def _aot_specs():
                 fwd = {
                     "x_ptr": f"*{x}", "res_ptr": f"*{x}", "w_ptr": f"*{w}", "b_ptr": f"*{w}",
                     "y_ptr": f"*{x}", "sum_ptr": f"*{x}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                    "d": "i32", "stride_x": "i32", "stride_res": "i32", "stride_y": "i32",
-                    "stride_sum": "i32", "eps": "fp32", "has_residual": "i32",
+                    "new_ptr": f"*{x}", "d": "i32", "stride_x": "i32", "stride_res": "i32", "stride_y": "i32",
+                    "stride_sum": "i32", "stride_new_group": "i32", "stride_new_row": "i32", "eps": "fp32",
+                    "has_residual": "i32", "splice_rows": "i32", "splice_period": "i32", "splice_start": "i32",
+                    "splice_len": "i32",
                 }  # fmt: skip
                 bwd = {
                     "dy_ptr": f"*{x}", "x_ptr": f"*{x}", "w_ptr": f"*{w}", "mean_ptr": "*fp32",
                     "rstd_ptr": "*fp32", "dsum_ptr": f"*{x}", "dx_ptr": f"*{x}", "dw_part_ptr": "*fp32",
-                    "db_part_ptr": "*fp32", "rows": "i32", "d": "i32", "stride_dy": "i32",
+                    "db_part_ptr": "*fp32", "dnew_ptr": f"*{x}", "rows": "i32", "d": "i32", "stride_dy": "i32",
                     "stride_x": "i32", "stride_dsum": "i32", "stride_dx": "i32", "has_dsum": "i32",
-                    "param_grads": "i32",
+                    "param_grads": "i32", "splice_rows": "i32", "splice_period": "i32", "splice_start": "i32",
+                    "splice_len": "i32",
                 }  # fmt: skip
                 for kind, fn, sig in (("fwd", layer_norm_fwd_kernel, fwd), ("bwd", layer_norm_bwd_kernel, bwd)):
-                    aligned = tuple(a for a in sig if a.endswith("_ptr") or a.startswith("stride") or a == "d")
+                    # The splice's strides may be 0 (one shared set) and its row counts anything: not aligned.
+                    aligned = tuple(a for a in sig if a.endswith("_ptr") or (a.startswith("stride") and "new" not in a)
+                                    or a == "d")
                     specs.append(
                         AotSpec(
                             name=f"layer_norm_{kind}[x={x},w={w},BLOCK_D={block}]",

@@ -69,6 +69,24 @@ def test_triton_kernel_path_with_prompt_groups_equals_the_reference():
         torch.testing.assert_close(g2[pname], g1[pname], rtol=1e-3, atol=1e-5, msg=pname)
 
 
+@pytest.mark.parametrize("name,recompute", [("maple", True), ("vpt_deep", False), ("mcpl", False), ("mpl", False)])
+def test_triton_kernel_path_with_deep_prompt_splices_equals_the_reference(name, recompute):
+    """Deep prompts entering each block inside its first LayerNorm kernel (the splice fused with the pending
+    residual add, tested on its own in tests/kernels/test_layer_norm.py): MaPLe in both towers under block recompute
+    (the splice crosses the recompute boundary), VPT in the vision tower, MCPL with its coupled prompts, MPL (adds
+    and removes tokens: its splices change the length and keep the separate path); fp32 against the eager
+    reference. Interpreted Triton is slow: one case per kind of splice."""
+    ref, fast = _pair(name, "triton", create_clip("small"))
+    for model in (ref, fast):
+        model.clip.transformer.grad_checkpointing = model.clip.visual.transformer.grad_checkpointing = recompute
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    (o1, x1, g1), (o2, x2, g2) = _step(ref, images, labels), _step(fast, images, labels)
+    torch.testing.assert_close(o2.logits["main"], o1.logits["main"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x2, x1, rtol=1e-3, atol=1e-6)
+    for pname in g1:
+        torch.testing.assert_close(g2[pname], g1[pname], rtol=1e-3, atol=1e-5, msg=pname)
+
+
 def test_patched_encode_text_reads_no_mask_values_and_follows_an_edited_mask():
     clip = create_clip("tiny").double()
     reference = copy.deepcopy(clip)
@@ -97,8 +115,8 @@ class _Forward(TorchDispatchMode):
 def test_triton_path_towers_dispatch_one_add_and_no_stream_rebuild_per_block():
     """CoOp on the Triton path (12 + 12 blocks, text prompts at layer 1 only, none in vision). Vision: one add for
     the positional embedding and one to finish the last block; the other eleven residual adds run inside the
-    LayerNorm kernels. Text: one cat to splice layer 1's context and one per block to join the prefix and suffix
-    attention outputs; the stream is never rebuilt between blocks."""
+    LayerNorm kernels. Text: one cat to splice layer 1's context; each block's attention is one op over the whole
+    stream (the prefix's own and the suffixes'), so the stream is never split, joined or rebuilt between blocks."""
     clip = create_clip("small")
     patch(clip, backend="triton")
     model = fastprompt.build("coop", clip, NAMES)
@@ -115,5 +133,27 @@ def test_triton_path_towers_dispatch_one_add_and_no_stream_rebuild_per_block():
             clip.encode_image(images)
     assert vision.ops["aten::add"] == 2 and vision.ops["aten::cat"] == 1  # the class token joins the patches
     assert frozen.ops["aten::add"] == 2
-    assert text.ops["aten::cat"] == 1 + 12
+    assert text.ops["aten::cat"] == 1
+    assert text.ops["fastprompt::prefix_stream_attention_fwd"] == 12 and text.ops["fastprompt::attention_fwd"] == 0
     assert text.ops["aten::add"] == 2  # layer 1's context gets its positions; the last block is finished
+
+
+def test_maple_deep_prompts_enter_both_towers_without_a_cat_or_an_add():
+    """MaPLe on the Triton path: each of the layers 2..9 replaces its prompt tokens inside LN1's kernel in both
+    towers (`fastprompt::layer_norm_residual_splice`), so the towers dispatch only the cats and adds of layer 1
+    (which has no pending branch: the embeddings) and of the last block."""
+    clip = create_clip("small")
+    patch(clip, backend="triton")
+    model = fastprompt.build("maple", clip, NAMES)
+    model.packed_text()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.encode_text()
+        vision, text = _Forward(), _Forward()
+        with vision:
+            model.encode_image(torch.randn(2, 3, 64, 64))
+        with text:
+            model.encode_text()
+    for tower in (vision, text):
+        assert tower.ops["fastprompt::layer_norm_residual_splice"] == 8
+    assert vision.ops["aten::cat"] == 2 and vision.ops["aten::add"] == 2  # class token + layer 1's prompts
+    assert text.ops["aten::cat"] == 1 and text.ops["aten::add"] == 2

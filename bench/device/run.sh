@@ -4,8 +4,10 @@
 #   bash bench/device/run.sh A      # ~6 min: GPU tests of the engine, evaluation, cache and eager op path;
 #                                   #   host vs GPU time; MaPLe train steps (eager, tuned, fastprompt); inference
 #   bash bench/device/run.sh B      # ~6 min: runner epochs, the other methods' train steps and inference
-#   bash bench/device/run.sh C      # ~7 min: the kernel tests compiled in bf16/fp16, the GPU test tier of the
-#                                   #   methods and the runner, a one-process torchrun run against the plain run
+#   bash bench/device/run.sh C      # ~8 min: the kernel tests compiled in bf16/fp16, the GPU test tier of the
+#                                   #   methods and the runner, a one-process torchrun run against the plain run,
+#                                   #   the fused text attention and LayerNorm splice against what they replace,
+#                                   #   the frozen MLP's fc1 GEMM: Triton epilogue vs cuBLAS (issue 9 item 2)
 # Writes logs and results under $OUT (the device tool brings them back); commit bench/results/*.json from there.
 set -u
 PART=${1:-A}
@@ -50,7 +52,9 @@ if [ "$PART" = B ]; then
   TAILN=6 stage image-tower 60 python3 bench/device/image_tower.py maple 100
 fi
 if [ "$PART" = C ]; then
-  TAILN=25 stage kernel-tests 200 python3 -m pytest -q -p no:cacheprovider -x -rfE tests/kernels
+  TAILN=25 stage kernel-tests 170 python3 -m pytest -q -p no:cacheprovider -x -rfE tests/kernels
   TAILN=25 stage gpu-tier 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests --ignore=tests/kernels
   TAILN=4 stage torchrun-one 90 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
+  TAILN=4 stage glue-ops 60 python3 bench/device/glue_ops.py
+  TAILN=4 stage gemm-shapes 40 python3 bench/device/gemm_shapes.py
 fi

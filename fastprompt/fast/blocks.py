@@ -44,17 +44,35 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, kernels: BlockKernels)
     return out.to(x.dtype)
 
 
+def fuses_splices(kernels: BlockKernels) -> bool:
+    """Whether a prompt splice that replaces as many rows as it removes can run inside the next block's first
+    LayerNorm (add_layer_norm's `splice`): with the Triton kernels."""
+    return kernels.norm_mlp == "triton"
+
+
 def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm,
-                   kernels: BlockKernels) -> tuple[torch.Tensor, torch.Tensor]:
+                   kernels: BlockKernels, splice=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + branch, LayerNorm(x + branch)): the residual add and the next LayerNorm. With the Triton kernels one
     fused pass (the sum is rounded to x's dtype exactly as the separate add rounds it), which also saves the add's
-    launch forward and the gradient's accumulation launch backward."""
+    launch forward and the gradient's accumulation launch backward.
+
+    `splice = (new, period, start)` (Triton kernels only, see fuses_splices): rows [start, start + n) of each of the
+    first G groups of `period` rows of the sum are new [G, n, d] instead, in the same pass: a deep prompt entering
+    the block without a separate add, cat and their backward."""
     branch = branch.to(x.dtype)
     if kernels.norm_mlp == "triton":
         from ..ops.layer_norm import layer_norm as triton_layer_norm
+        from ..ops.layer_norm import layer_norm_spliced
 
+        if splice is not None:
+            new, period, start = splice
+            normed, summed = layer_norm_spliced(branch, x, new.to(x.dtype), norm.weight, norm.bias, norm.eps,
+                                                period, start)
+            return summed, normed
         normed, summed = triton_layer_norm(branch, norm.weight, norm.bias, norm.eps, residual=x)
         return summed, normed
+    if splice is not None:
+        raise ValueError("a splice fused into the LayerNorm needs the Triton kernels")
     x = x + branch
     return x, layer_norm(x, norm, kernels)
 
@@ -75,13 +93,12 @@ def qkv(block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return _heads(linear(h, (attn.in_proj_weight, attn.in_proj_bias)), attn.num_heads)
 
 
-def qkv_split(block, h: torch.Tensor, rows: int):
-    """qkv of a [N, D] stream as two triples, rows [:rows] and [rows:]. One `split` instead of six slices: its
-    backward is one cat, where each slice's backward is a zero fill, a copy and an add."""
+def qkv_rows(block, h: torch.Tensor) -> torch.Tensor:
+    """One GEMM for q, k, v of a [N, D] stream, viewed [N, 3, H, hd] (no copy): the packed text attention takes it
+    whole and gives back one gradient."""
     attn = block.attn
     out = linear(h, (attn.in_proj_weight, attn.in_proj_bias))
-    first, rest = out.split([rows, out.shape[0] - rows])
-    return _heads(first, attn.num_heads), _heads(rest, attn.num_heads)
+    return out.unflatten(-1, (3, attn.num_heads, out.shape[-1] // (3 * attn.num_heads)))
 
 
 def attention_out(block, o: torch.Tensor) -> torch.Tensor:
@@ -114,14 +131,17 @@ def block_forward(block, x: torch.Tensor, causal: bool, kernels: BlockKernels) -
 
 
 def block_forward_pending(block, x: torch.Tensor, pending: torch.Tensor | None, causal: bool,
-                          kernels: BlockKernels) -> tuple[torch.Tensor, torch.Tensor]:
+                          kernels: BlockKernels, splice=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One block whose input is x + pending (pending: the previous block's MLP branch, not added yet, or None).
     That add runs fused into LN1 (add_layer_norm), saving a launch forward and the gradient accumulation's launch
-    backward per block. Returns (x + attention branch, this block's MLP branch, not added)."""
+    backward per block; so does a prompt splice of the input (`splice`, see add_layer_norm; needs a pending
+    branch). Returns (x + attention branch, this block's MLP branch, not added)."""
     if pending is None:
+        if splice is not None:
+            raise ValueError("a splice fused into LN1 needs a pending branch")
         h = layer_norm(x, block.ln_1, kernels)
     else:
-        x, h = add_layer_norm(x, pending, block.ln_1, kernels)
+        x, h = add_layer_norm(x, pending, block.ln_1, kernels, splice)
     q, k, v = qkv(block, h)
     o = dense_attention(q, k, v, causal, kernels)
     x, h = add_layer_norm(x, block.ls_1(attention_out(block, o)), block.ln_2, kernels)

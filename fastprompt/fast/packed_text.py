@@ -23,8 +23,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .. import backbone as bb
-from ..ops.attention import prefix_varlen_attention
-from .blocks import BlockKernels, add_layer_norm, attention_out, dense_attention, layer_norm, mlp, qkv_split
+from ..ops.attention import prefix_stream_attention
+from .blocks import BlockKernels, add_layer_norm, attention_out, fuses_splices, layer_norm, mlp, qkv_rows
 
 _SCOPE_RANK = {"shared": 0, "class": 1, "image": 2, "pair": 3}
 
@@ -104,30 +104,28 @@ class PackedText:
     # The tower runs on one stream [G*P + T, d]: every group's prefix rows, then every suffix row. It stays one
     # tensor from layer to layer (a cat per layer to join the halves and a split to part them again would cost a
     # launch forward and one backward per layer), and a splice rebuilds only around the rows it edits.
-    def _block(self, block, stream, pending, groups, split, cu, prefix_index):
+    def _block(self, block, stream, pending, groups, split, cu, prefix_index, splice=None):
         """One block. `pending` is the previous block's MLP branch not yet added to `stream` (None when added):
         the add runs fused into this block's first LayerNorm, saving its launch forward and the gradient
-        accumulation's launch backward. Returns (stream, this block's MLP branch, not added)."""
+        accumulation's launch backward; so does a splice of the prefix rows (`splice`, see
+        fastprompt.fast.blocks.add_layer_norm). Returns (stream, this block's MLP branch, not added)."""
         kernels = self.kernels
         if pending is None:
             h = layer_norm(stream, block.ln_1, kernels)
         else:
-            stream, h = add_layer_norm(stream, pending, block.ln_1, kernels)
-        (qp, kp, vp), (q, k, v) = qkv_split(block, h, split)
-        qp, kp, vp = (t.unflatten(0, (groups, split // groups)) for t in (qp, kp, vp))
-        out_prefix = dense_attention(qp, kp, vp, True, kernels)
-        out_suffix = prefix_varlen_attention(q, k, v, cu, self.max_suffix, kp, vp, prefix_index,
-                                             backend=kernels.attention)
-        o = torch.cat([out_prefix.flatten(0, 1), out_suffix])
+            stream, h = add_layer_norm(stream, pending, block.ln_1, kernels, splice)
+        # The prefixes' own causal attention and the suffixes' attention to them are one op on the stream.
+        o = prefix_stream_attention(qkv_rows(block, h), cu, self.max_suffix, groups, split // groups, prefix_index,
+                                    backend=kernels.attention)
         stream, h = add_layer_norm(stream, block.ls_1(attention_out(block, o)), block.ln_2, kernels)
         return stream, block.ls_2(mlp(block, h, kernels))
 
-    def _run(self, block, stream, pending, groups, split, cu, prefix_index):
+    def _run(self, block, stream, pending, groups, split, cu, prefix_index, splice=None):
         if self.model.clip.transformer.grad_checkpointing and torch.is_grad_enabled():
             # Block recompute (open_clip's flag): keep only the block's inputs, recompute it in backward.
-            return checkpoint(self._block, block, stream, pending, groups, split, cu, prefix_index,
+            return checkpoint(self._block, block, stream, pending, groups, split, cu, prefix_index, splice,
                               use_reentrant=False)
-        return self._block(block, stream, pending, groups, split, cu, prefix_index)
+        return self._block(block, stream, pending, groups, split, cu, prefix_index, splice)
 
     # --- the tower ------------------------------------------------------------------------------------
     def _splice(self, stream, groups, plen, at, drop, new):
@@ -178,10 +176,17 @@ class PackedText:
         pending = None
         for layer in range(first, sched.layers + 1):
             edit = sched.edits[layer - 1]
-            if edit.add or edit.drop:
+            fill = layer == 1 and not insert  # layer 1 of replace mode fills the template's placeholder slots
+            splice = None
+            if pending is not None and not fill and edit.add == edit.drop > 0 and fuses_splices(self.kernels):
+                # Prompts replacing as many prefix rows: spliced inside the next block's first LayerNorm kernel,
+                # with the pending add (no finished stream, no cat, one pass backward).
+                new, scope = tokens_by_layer[layer]
+                new = self._to_groups(new.to(cast), scope, kind, images)
+                splice = (new, plen, 1 + seg - edit.drop)
+            elif edit.add or edit.drop:
                 if pending is not None:  # the splice needs the finished stream
                     stream, pending = stream + pending.to(stream.dtype), None
-                fill = layer == 1 and not insert  # layer 1 of replace mode fills the template's placeholder slots
                 drop = seg if fill else edit.drop
                 new = None
                 if edit.add:
@@ -194,7 +199,7 @@ class PackedText:
                 seg += edit.add - drop
             model._record("text", layer, plen + self.max_suffix)
             block = clip.transformer.resblocks[layer - 1]
-            stream, pending = self._run(block, stream, pending, groups, groups * plen, cu, prefix_index)
+            stream, pending = self._run(block, stream, pending, groups, groups * plen, cu, prefix_index, splice)
         stream = stream + pending.to(stream.dtype) if pending is not None else stream
         return bb.text_head_rows(clip, stream[self._pool(device, images, groups * plen)])
 

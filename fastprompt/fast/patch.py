@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import backbone as bb
-from .blocks import BlockKernels, block_forward, block_forward_pending
+from .blocks import BlockKernels, block_forward, block_forward_pending, fuses_splices
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,20 @@ class FastPath:
         """Run every prompted layer's coupling map in one grouped launch (worth it with the Triton kernels)."""
         return self.kernels.norm_mlp == "triton"
 
-    def vision_block(self, tower, index: int, x: torch.Tensor, pending: torch.Tensor | None):
-        """Block `index` of the patched vision tower on x + pending, the residual add left pending across blocks
+    def vision_block(self, tower, index: int, x: torch.Tensor, pending: torch.Tensor | None, splice=None):
+        """Block `index` of the patched vision tower on x + pending (with `splice`'s rows replaced, see
+        fastprompt.fast.blocks.add_layer_norm), the residual add left pending across blocks
         (fastprompt.fast.blocks.block_forward_pending); open_clip's grad_checkpointing flag honoured."""
         block = tower.resblocks[index]
         if tower.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block_forward_pending, block, x, pending, False, self.kernels, use_reentrant=False)
-        return block_forward_pending(block, x, pending, False, self.kernels)
+            return checkpoint(block_forward_pending, block, x, pending, False, self.kernels, splice,
+                              use_reentrant=False)
+        return block_forward_pending(block, x, pending, False, self.kernels, splice)
+
+    @property
+    def fuses_splices(self) -> bool:
+        """Prompt splices that replace as many rows as they remove run inside the next LayerNorm kernel."""
+        return fuses_splices(self.kernels)
 
     def text_encoder(self, model):
         """The packed text tower for a PromptedCLIP built on this CLIP (fastprompt.fast.packed_text)."""

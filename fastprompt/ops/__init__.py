@@ -1,6 +1,6 @@
 """fastprompt's kernels as torch ops, and the attention backend dispatcher.
 
-    from fastprompt.ops.attention import attention, prefix_varlen_attention
+    from fastprompt.ops.attention import attention, prefix_varlen_attention, prefix_stream_attention
     from fastprompt.ops.layer_norm import layer_norm
     from fastprompt.ops.mlp import linear_act, frozen_mlp
     from fastprompt.ops.grouped_mlp import grouped_linear, grouped_bottleneck_mlp

@@ -8,9 +8,13 @@ per op and device there):
 * ``attention(q, k, v, causal=False, scale=None, backend="auto")``
 * ``prefix_varlen_attention(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v,
   prefix_index=None, scale=None, backend="auto")``
+* ``prefix_stream_attention(qkv, cu_seqlens, max_seqlen, groups, prefix_len, prefix_index=None,
+  scale=None, backend="auto")``: the packed text stream's whole attention (the prefixes' own causal
+  attention and the suffixes') from one [rows, 3, heads, head_dim] qkv, one op on the triton path
 
 The Triton path is registered with torch.library (``fastprompt::attention_fwd`` / ``_bwd`` and
-``fastprompt::prefix_varlen_attention_fwd`` / ``_bwd``, see ``_library``) with fake
+``fastprompt::prefix_varlen_attention_fwd`` / ``_bwd``, ``fastprompt::prefix_stream_attention_fwd`` /
+``_bwd``, see ``_library``) with fake
 implementations and an autograd formula, so it works under torch.compile and passes
 ``torch.library.opcheck``. Unlike the other op modules this one imports the kernels lazily: the
 sdpa/eager/xformers backends must keep working where triton is absent (the triton backend then
@@ -158,9 +162,67 @@ def _prefix_backward(ctx, grad_out, _grad_lse2):
 
 
 _prefix_fwd.register_autograd(_prefix_backward, setup_context=_prefix_setup_context)
+
+
+def _stream_fwd_impl(qkv: Tensor, cu_seqlens: Tensor, prefix_index: Tensor | None, groups: int, prefix_len: int,
+                     scale: float) -> tuple[Tensor, Tensor]:
+    from fastprompt.kernels.attention_prefix import stream_attention_forward
+
+    return stream_attention_forward(qkv, cu_seqlens, prefix_index, groups, prefix_len, scale=scale)
+
+
+_stream_fwd = define_op("prefix_stream_attention_fwd")(_stream_fwd_impl)
+
+
+@_stream_fwd.register_fake
+def _(qkv, cu_seqlens, prefix_index, groups, prefix_len, scale):
+    from fastprompt.kernels.attention_prefix import _check_stream
+
+    _check_stream(qkv, cu_seqlens, prefix_index, groups, prefix_len)
+    N, _, H, D = qkv.shape
+    return qkv.new_empty((N, H, D)), qkv.new_empty((H, N), dtype=torch.float32)
+
+
+def _stream_bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, cu_seqlens: Tensor,
+                     prefix_index: Tensor | None, groups: int, prefix_len: int, scale: float) -> Tensor:
+    from fastprompt.kernels.attention_prefix import stream_attention_backward
+
+    return stream_attention_backward(grad_out, qkv, out, lse2, cu_seqlens, prefix_index, groups, prefix_len,
+                                     scale=scale)
+
+
+_stream_bwd = define_op("prefix_stream_attention_bwd")(_stream_bwd_impl)
+
+
+@_stream_bwd.register_fake
+def _(grad_out, qkv, out, lse2, cu_seqlens, prefix_index, groups, prefix_len, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _stream_setup_context(ctx, inputs, output):
+    qkv, cu_seqlens, prefix_index, groups, prefix_len, scale = inputs
+    out, lse2 = output
+    ctx.save_for_backward(qkv, out, lse2, cu_seqlens, prefix_index)
+    ctx.groups, ctx.prefix_len, ctx.scale = groups, prefix_len, scale
+    _no_zero_gradients(ctx, lse2)
+
+
+def _stream_backward(ctx, grad_out, _grad_lse2):
+    if grad_out is None:
+        return (None,) * 6
+    qkv, out, lse2, cu_seqlens, prefix_index = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    backward = _stream_bwd_impl if direct_call_ok(grad_out) else _stream_bwd  # see _library
+    dqkv = backward(grad_out, qkv, out, lse2, cu_seqlens, prefix_index, ctx.groups, ctx.prefix_len, ctx.scale)
+    return dqkv, None, None, None, None, None
+
+
+_stream_fwd.register_autograd(_stream_backward, setup_context=_stream_setup_context)
 _AttentionEager = eager_function("attention_fwd", _attention_fwd_impl, _attention_setup_context, _attention_backward)
 _PrefixEager = eager_function("prefix_varlen_attention_fwd", _prefix_fwd_impl, _prefix_setup_context,
                               _prefix_backward)
+_StreamEager = eager_function("prefix_stream_attention_fwd", _stream_fwd_impl, _stream_setup_context,
+                              _stream_backward)
 
 
 def _triton_attention(q, k, v, causal, scale):
@@ -172,6 +234,11 @@ def _triton_attention(q, k, v, causal, scale):
 def _triton_prefix(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, prefix_index, scale):
     op = _PrefixEager.apply if direct_call_ok(q) else _prefix_fwd
     return op(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, scale)[0]
+
+
+def _triton_stream(qkv, cu_seqlens, groups, prefix_len, prefix_index, scale):
+    op = _StreamEager.apply if direct_call_ok(qkv) else _stream_fwd
+    return op(qkv, cu_seqlens, prefix_index, groups, prefix_len, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,3 +665,61 @@ def prefix_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
     q, k, v, prefix_k, prefix_v = (_last_dim_contiguous(t) for t in (q, k, v, prefix_k, prefix_v))
     return _PREFIX_IMPLS[name](q, k, v, cu_seqlens.contiguous(), int(max_seqlen), prefix_k, prefix_v,
                                None if prefix_index is None else prefix_index.contiguous(), scale)
+
+
+def prefix_stream_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, groups: int, prefix_len: int,
+                            prefix_index: Tensor | None = None, scale: float | None = None,
+                            backend: str = "auto") -> Tensor:
+    """The attention of a whole packed text stream: G prefixes of P rows, then the packed suffixes, in one call.
+
+    The stream's rows are ``[prefix 0 | ... | prefix G-1 | suffix tokens]`` (N = G * P + T rows). A prefix row
+    attends causally within its prefix; suffix token i of sequence s attends to every row of prefix
+    ``prefix_index[s]`` and causally to its own sequence, exactly as
+    ``prefix_varlen_attention(q_suffix, k_suffix, v_suffix, ..., prefix_k, prefix_v, prefix_index)`` with the
+    prefixes' keys and values taken from the stream.
+
+    Args:
+        qkv: [N, 3, heads, head_dim], q, k and v of every row (the in-projection's output viewed, no copy).
+        cu_seqlens: int32 [S + 1] over the T suffix tokens (0 first, T last, strictly increasing).
+        max_seqlen: an upper bound on the suffix lengths (a Python int: no host sync).
+        groups, prefix_len: G >= 1 prefixes of P >= 0 rows at the top of the stream.
+        prefix_index: int32 [S] in [0, G), each sequence's prefix; None: all use prefix 0.
+        scale: softmax scale, default 1/sqrt(head_dim).
+        backend: "auto", "triton", "xformers", "sdpa" or "eager" (chosen as for prefix_varlen_attention).
+
+    Returns:
+        out [N, heads, head_dim]. On the triton backend one op forward and one backward whose gradient is one
+        [N, 3, heads, head_dim] tensor (no split, stack or sum of partial gradients); the other backends run the
+        prefixes' causal attention and ``prefix_varlen_attention`` and join the outputs.
+    """
+    if not isinstance(qkv, Tensor) or not qkv.is_floating_point():
+        raise TypeError(f"qkv must be a floating-point torch.Tensor, got {getattr(qkv, 'dtype', type(qkv).__name__)}")
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be [rows, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
+    for name, value in (("groups", groups), ("prefix_len", prefix_len)):
+        if isinstance(value, (bool, Tensor)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if groups < 1 or prefix_len < 0:
+        raise ValueError(f"need groups >= 1 and prefix_len >= 0, got groups={groups}, prefix_len={prefix_len}")
+    rows = groups * prefix_len
+    if qkv.shape[0] < rows:
+        raise ValueError(f"qkv has {qkv.shape[0]} rows, fewer than the {groups} x {prefix_len} prefix rows")
+    prefix, suffix = qkv.split([rows, qkv.shape[0] - rows])
+    q, k, v = suffix.unbind(1)
+    prefix_k, prefix_v = (t.unflatten(0, (groups, prefix_len)) for t in prefix.unbind(1)[1:])
+    _check_prefix_shapes(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, prefix_index)
+    scale = _default_scale(scale, qkv.shape[-1])
+    if _values_checkable(cu_seqlens):
+        _validate_packing(cu_seqlens, prefix_index, q.shape[0], max_seqlen, groups)
+    name = _select("prefix_varlen_attention", qkv.device, qkv.dtype, qkv.shape[-1], True, backend)
+    if name == "triton":
+        index = None if prefix_index is None else prefix_index.contiguous()
+        return _triton_stream(_last_dim_contiguous(qkv), cu_seqlens.contiguous(), int(groups), int(prefix_len),
+                              index, scale)
+    out_suffix = prefix_varlen_attention(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, prefix_index,
+                                         scale=scale, backend=name)
+    if rows == 0:
+        return out_suffix
+    qp, kp, vp = (t.unflatten(0, (groups, prefix_len)) for t in prefix.unbind(1))
+    out_prefix = attention(qp, kp, vp, causal=True, scale=scale, backend=backend)
+    return torch.cat([out_prefix.flatten(0, 1), out_suffix])

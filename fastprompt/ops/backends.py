@@ -24,7 +24,9 @@ the same winner at every measured shape), then the backends that were not measur
 not load on the measuring machine), then ``eager`` always last (it keeps the L x L probabilities,
 so its memory grows with the square of the sequence; its speed is not what ranks it). On the
 H200 this gives SDPA first for dense attention (vision and VAIPL shapes) and fastprompt's Triton
-kernel first for the packed prefix-varlen text. The measured shapes of each op agree on the
+kernel first for the packed prefix-varlen text (``prefix_stream_attention``, the text tower's whole-stream form,
+follows the prefix-varlen order: one fused Triton op when Triton is chosen, the prefixes' dense attention plus
+the prefix-varlen op otherwise; it was measured as the two-op sequence). The measured shapes of each op agree on the
 winner, so one order per op serves every shape (a test keeps that true when timings change).
 On CPU the order is ``sdpa, eager`` (the Triton interpreter is for tests, never auto's choice).
 ``set_backend_order`` overrides an order (diagnosis runs); ``explain_backend`` quotes the

@@ -9,9 +9,13 @@ Backward: dx always; dW/dB only when weight/bias require grad (a frozen CLIP nev
 them, and then the parameter-gradient kernel does not run). The forward saves x (or x + r,
 which is returned anyway) plus fp32 mean and rstd per row.
 
-Registered ops: ``fastprompt::layer_norm``, ``fastprompt::layer_norm_residual`` (forward,
-with autograd) and ``fastprompt::layer_norm_backward``,
-``fastprompt::layer_norm_backward_params`` (used by the autograd formulas).
+``layer_norm_spliced(x, r, new, weight, bias, eps, period, start)`` also replaces the rows of a prompt
+splice in x + r by ``new`` before normalising (MaPLe-style deep prompts entering a block).
+
+Registered ops: ``fastprompt::layer_norm``, ``fastprompt::layer_norm_residual``,
+``fastprompt::layer_norm_residual_splice`` (forward, with autograd) and ``fastprompt::layer_norm_backward``,
+``fastprompt::layer_norm_backward_params``, ``fastprompt::layer_norm_splice_backward`` (used by the autograd
+formulas).
 """
 
 from __future__ import annotations
@@ -77,6 +81,46 @@ def _(x, residual, weight, bias, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
+def _layer_norm_residual_splice_impl(
+    x: torch.Tensor, residual: torch.Tensor, new: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    period: int, start: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    _check_nd(x, residual)
+    y, s, mean, rstd = _kernel.layer_norm_forward(_rows(x), weight, bias, eps, residual=_rows(residual),
+                                                  splice=(new, period, start))
+    return y.view(x.shape), s.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+_layer_norm_residual_splice = define_op("layer_norm_residual_splice")(_layer_norm_residual_splice_impl)
+
+
+@_layer_norm_residual_splice.register_fake
+def _(x, residual, new, weight, bias, eps, period, start):
+    _check_nd(x, residual)
+    _kernel.check_forward_args(_rows(x), weight, bias, _rows(residual))
+    _kernel.check_splice(_rows(x), new, period, start)
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+def _layer_norm_splice_backward_impl(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    d_sum: Optional[torch.Tensor], groups: int, length: int, period: int, start: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    dsum = None if d_sum is None else _rows(d_sum)
+    dx, _, _, dnew = _kernel.layer_norm_backward(_rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1),
+                                                 dsum, splice=(groups, length, period, start))
+    return dx.view(x.shape), dnew
+
+
+_layer_norm_splice_backward = define_op("layer_norm_splice_backward")(_layer_norm_splice_backward_impl)
+
+
+@_layer_norm_splice_backward.register_fake
+def _(dy, x, weight, mean, rstd, d_sum, groups, length, period, start):
+    return x.new_empty(x.shape), x.new_empty((groups, length, x.shape[-1]))
+
+
 def _layer_norm_backward_impl(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     d_sum: Optional[torch.Tensor],
@@ -113,9 +157,10 @@ def _(dy, x, weight, mean, rstd, d_sum):
     return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _input_gradients(ctx, dy, normalised, d_sum):
-    """(dx, dweight or None, dbias or None) for the saved forward."""
-    weight, mean, rstd = ctx.saved_tensors[1:]
+def _input_gradients(ctx, dy, d_sum):
+    """(dx, dweight or None, dbias or None) for the saved forward. ctx.saved_tensors is read once: under
+    torch.utils.checkpoint (open_clip's grad_checkpointing) a second read is an error."""
+    normalised, weight, mean, rstd = ctx.saved_tensors
     want_weight, want_bias = ctx.needs_input_grad[ctx.weight_index], ctx.needs_input_grad[ctx.weight_index + 1]
     direct = direct_call_ok(dy)  # eager backward: the implementations, not the dispatcher (see _library)
     if want_weight or want_bias:
@@ -139,7 +184,7 @@ def _setup_layer_norm(ctx, inputs, output):
 def _backward_layer_norm(ctx, dy, _dmean, _drstd):
     if dy is None:  # the output reached the loss by no path
         return None, None, None, None
-    dx, dw, db = _input_gradients(ctx, dy.contiguous(), ctx.saved_tensors[0], None)
+    dx, dw, db = _input_gradients(ctx, dy.contiguous(), None)
     return (dx if ctx.needs_input_grad[0] else None), dw, db, None
 
 
@@ -158,9 +203,36 @@ def _backward_layer_norm_residual(ctx, dy, d_sum, _dmean, _drstd):
         dx = d_sum
         return (dx if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None), None, None, None
     d_sum = None if d_sum is None else d_sum.contiguous()
-    dx, dw, db = _input_gradients(ctx, dy.contiguous(), ctx.saved_tensors[0], d_sum)
+    dx, dw, db = _input_gradients(ctx, dy.contiguous(), d_sum)
     # d(x + r)/dx = d(x + r)/dr = identity: both inputs receive the same gradient.
     return (dx if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None), dw, db, None
+
+
+def _setup_layer_norm_residual_splice(ctx, inputs, output):
+    _, _, new, weight, _, _, period, start = inputs
+    _, summed, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # see _setup_layer_norm
+    ctx.save_for_backward(summed, weight, mean, rstd)
+    ctx.splice = (new.shape[0], new.shape[1], period, start)
+
+
+def _backward_layer_norm_residual_splice(ctx, dy, d_sum, _dmean, _drstd):
+    # The frozen towers' LayerNorms (the only ones spliced into) train no weight: the input gradients only.
+    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        raise NotImplementedError("layer_norm with a splice computes no weight or bias gradient")
+    summed, weight, mean, rstd = ctx.saved_tensors
+    if dy is None and d_sum is None:
+        return (None,) * 8
+    if dy is None:
+        dy = torch.zeros_like(summed)
+    d_sum = None if d_sum is None else d_sum.contiguous()
+    backward = (_layer_norm_splice_backward_impl if direct_call_ok(dy)
+                else torch.ops.fastprompt.layer_norm_splice_backward)
+    dx, dnew = backward(dy.contiguous(), summed, weight, mean, rstd, d_sum, *ctx.splice)
+    # Rows off the splice: d(x + r)/dx = d(x + r)/dr = identity; spliced rows pass their gradient to `new`.
+    return ((dx if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None),
+            (dnew if ctx.needs_input_grad[2] else None), None, None, None, None, None)
 
 
 _layer_norm.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
@@ -168,6 +240,12 @@ _layer_norm_residual.register_autograd(_backward_layer_norm_residual, setup_cont
 _LayerNormEager = eager_function("layer_norm", _layer_norm_impl, _setup_layer_norm, _backward_layer_norm)
 _LayerNormResidualEager = eager_function(
     "layer_norm_residual", _layer_norm_residual_impl, _setup_layer_norm_residual, _backward_layer_norm_residual
+)
+_layer_norm_residual_splice.register_autograd(_backward_layer_norm_residual_splice,
+                                             setup_context=_setup_layer_norm_residual_splice)
+_LayerNormResidualSpliceEager = eager_function(
+    "layer_norm_residual_splice", _layer_norm_residual_splice_impl, _setup_layer_norm_residual_splice,
+    _backward_layer_norm_residual_splice,
 )
 
 
@@ -196,4 +274,16 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
         return torch.ops.fastprompt.layer_norm(x, weight, bias, float(eps))[0]
     op = _LayerNormResidualEager.apply if direct else torch.ops.fastprompt.layer_norm_residual
     y, summed, _, _ = op(x, residual, weight, bias, float(eps))
+    return y, summed
+
+
+def layer_norm_spliced(x, residual, new, weight, bias, eps: float, period: int, start: int):
+    """``(LayerNorm(s), s)`` where s is x + residual with a prompt splice fused in: rows [start, start + n) of each
+    of the first G groups of ``period`` rows (x viewed as [rows, d]) are ``new`` [G, n, d] instead of x + residual.
+    One pass instead of an add, a cat and the LayerNorm; its backward is one pass too (the spliced rows' gradient
+    goes to ``new``, none to x and residual). ``new`` may be an expanded view (one set shared by all groups).
+    Weight and bias get no gradient (the frozen towers' LayerNorms)."""
+    direct = direct_call_ok(x)
+    op = _LayerNormResidualSpliceEager.apply if direct else torch.ops.fastprompt.layer_norm_residual_splice
+    y, summed, _, _ = op(x, residual, new, weight, bias, float(eps), int(period), int(start))
     return y, summed

@@ -106,6 +106,90 @@ def test_fused_residual_add(shape, train_params, dtype, kernel_device, poison):
     check_forward_backward(shape, dtype, kernel_device, train_params=train_params, residual=True)
 
 
+# --- a prompt splice fused into the residual add (fastprompt.ops.layer_norm.layer_norm_spliced) -------------------
+
+
+def spliced_reference(x, residual, new, weight, bias, period, start, compute=torch.float32):
+    """The unfused computation: x + residual, then rows [start, start + n) of each of the first G groups of
+    `period` rows replaced by new [G, n, d] with a cat, then LayerNorm. Returns (y, the spliced sum)."""
+    d = x.shape[-1]
+    rows = (x + residual).reshape(-1, d)
+    groups, n = new.shape[:2]
+    head = rows[: groups * period].view(groups, period, d)
+    head = torch.cat([head[:, :start], new, head[:, start + n :]], 1).reshape(-1, d)
+    s = torch.cat([head, rows[groups * period :]]).view(x.shape)
+    y = F.layer_norm(s.to(compute), (d,), weight.to(compute), bias.to(compute), 1e-5).to(x.dtype)
+    return y, s
+
+
+# (x shape, groups, period, start, n, one shared set): the vision tower's [B, L, d] with per-image prompts or one
+# set for all images; the packed text stream's [G * P + T, d] with prefix groups and suffix rows below them.
+SPLICES = {
+    "vision_per_image": ((3, 13, 200), 3, 13, 1, 4, False),
+    "vision_shared": ((3, 13, 200), 3, 13, 1, 4, True),
+    "text_one_group": ((40, 512), 1, 9, 1, 2, False),
+    "text_groups_shared": ((40, 768), 3, 7, 2, 3, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(SPLICES))
+def test_splice_fused_into_the_residual_add(case, dtype, kernel_device, poison):
+    from fastprompt.ops.layer_norm import layer_norm_spliced
+
+    shape, groups, period, start, n, shared = SPLICES[case]
+    d = shape[-1]
+    x, weight, bias = make_inputs(shape, dtype, kernel_device)
+    residual = torch.randn(shape, device=kernel_device).to(dtype)
+    new = torch.randn(1 if shared else groups, n, d, device=kernel_device).to(dtype)
+    dy, d_sum = torch.randn(shape, device=kernel_device), torch.randn(shape, device=kernel_device)
+
+    def run(fn, cast, compute=None):
+        leaves = [t.detach().to(cast).requires_grad_(True) for t in (x, residual, new)]
+        rows = leaves[2].expand(groups, -1, -1) if shared else leaves[2]
+        extra = {} if compute is None else {"compute": compute}
+        y, s = fn(leaves[0], leaves[1], rows, weight.to(cast), bias.to(cast), period, start, **extra)
+        torch.autograd.backward([y, s], [dy.to(cast), d_sum.to(cast)])
+        return {"y": y.detach(), "sum": s.detach(), "dx": leaves[0].grad, "dresidual": leaves[1].grad,
+                "dnew": leaves[2].grad}
+
+    got = run(lambda *a: layer_norm_spliced(*a[:5], 1e-5, *a[5:]), dtype)
+    low = run(spliced_reference, dtype)
+    ref = run(spliced_reference, torch.float64, compute=torch.float64)
+    for name in got:
+        assert got[name].dtype == dtype
+        assert_within_torch_error(f"{case} {name} {dtype}", got[name], ref[name], low[name], dtype)
+    # spliced rows send nothing to the stream they replaced
+    flat = got["dx"].reshape(-1, d)[: groups * period].view(groups, period, d)
+    assert not flat[:, start : start + n].any()
+
+
+def test_splice_opcheck(kernel_device):
+    x, weight, bias = make_inputs((2, 6, 40), MATRIX_DTYPE, kernel_device)
+    r, new = torch.randn_like(x), torch.randn(2, 2, 40, device=kernel_device).to(x.dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, r, new)]
+    torch.library.opcheck(torch.ops.fastprompt.layer_norm_residual_splice, (*leaves, weight, bias, 1e-5, 6, 1))
+    mean, rstd = x.float().mean(-1), (x.float().var(-1, unbiased=False) + 1e-5).rsqrt()
+    for d_sum in (torch.randn_like(x), None):
+        torch.library.opcheck(torch.ops.fastprompt.layer_norm_splice_backward,
+                              (torch.randn_like(x), x, weight, mean, rstd, d_sum, 2, 2, 6, 1))
+
+
+def test_splice_errors_name_the_problem(kernel_device):
+    from fastprompt.ops.layer_norm import layer_norm_spliced
+
+    x, weight, bias = make_inputs((2, 6, 40), torch.float32, kernel_device)
+    r = torch.randn_like(x)
+    for new, period, start, text in [
+        (torch.randn(2, 2, 41, device=kernel_device), 6, 1, "splice rows must be \\[groups, n, 40\\]"),
+        (torch.randn(2, 2, 40, device=kernel_device), 6, 5, "does not fit"),
+        (torch.randn(3, 2, 40, device=kernel_device), 6, 1, "does not fit"),
+        (torch.randn(2, 2, 40, device=kernel_device).double(), 6, 1, "splice rows must be torch.float32"),
+    ]:
+        with pytest.raises(ValueError, match=text):
+            layer_norm_spliced(x, r, new, weight, bias, 1e-5, period, start)
+
+
 def test_frozen_weights_never_run_the_parameter_gradient_kernel(kernel_device):
     x, weight, bias = make_inputs((6, 200), MATRIX_DTYPE, kernel_device)
     x.requires_grad_(True)

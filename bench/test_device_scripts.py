@@ -1,0 +1,31 @@
+"""The GPU session's scripts (bench/device/) stay runnable: each has a CPU smoke mode that CI runs, so a lent GPU's
+few minutes are not lost to a script that rotted since it was written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_glue_ops_smoke_times_both_fusions_against_what_they_replace():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "bench/device/glue_ops.py", "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["case"] for r in records] == ["text_stream_attention", "vision_splice_layer_norm"]
+    for record in records:
+        assert record["fused_ms_plain"] > 0 and record["composed_ms_plain"] > 0
+
+
+def test_gemm_shapes_smoke_times_every_plan():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "bench/device/gemm_shapes.py", "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = [json.loads(line) for line in done.stdout.splitlines()]
+    for plan in ("triton", "cublas+act", "cublas", "triton_grad", "cublas+act_grad"):
+        assert record[f"{plan}_ms"] > 0 and record[f"{plan}_tflops"] >= 0
