@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.getcwd())
+from bench.device.timing import conditions, graphed_ms_per_call, ms_per_call  # noqa: E402
 
 SHAPES = {"vision_fc1": (32 * 199, 768, 3072), "text_fc1": (4170, 512, 2048)}
 
@@ -37,30 +37,6 @@ def _quick_gelu(x):
 def _quick_gelu_grad(pre, dh):
     s = torch.sigmoid(1.702 * pre)
     return dh * (s + 1.702 * pre * s * (1 - s))
-
-
-def _gpu_ms(fn, device, n: int) -> float:
-    """Mean ms per call: a CUDA graph replay on a GPU (no host time), plain calls on CPU (smoke only)."""
-    if device.type == "cuda":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        fn = graph.replay
-    for _ in range(3):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e3
 
 
 def main(argv=None) -> int:
@@ -92,11 +68,10 @@ def main(argv=None) -> int:
         flops = 2 * rows * k * hidden
         record = {"shape": name, "rows": rows, "k": k, "n": hidden}
         for plan, fn in plans.items():
-            ms = _gpu_ms(fn, device, n)
+            ms = graphed_ms_per_call(fn, device, n) if device.type == "cuda" else ms_per_call(fn, device, n)
             record[f"{plan}_ms"] = round(ms, 4)
             record[f"{plan}_tflops"] = round(flops / ms / 1e9, 1)
-        record.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
-                      torch=torch.__version__, dtype=str(dtype).removeprefix("torch."))
+        record.update(conditions(device, dtype))
         print(json.dumps(record), flush=True)
     return 0
 

@@ -20,38 +20,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.getcwd())
-
-
-def _timed(fn, device, n: int) -> float:
-    for _ in range(2):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e3
-
-
-def _graphed(fn, device, n: int) -> float | None:
-    if device.type != "cuda":
-        return None
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return _timed(graph.replay, device, n)
+from bench.device.timing import conditions, graphed_ms_per_call, ms_per_call  # noqa: E402
 
 
 def _text_case(device, dtype, smoke: bool):
@@ -127,11 +100,10 @@ def main(argv=None) -> int:
     for make in (_text_case, _vision_case):
         record, fused, composed = make(device, dtype, smoke)
         for label, fn in (("fused", fused), ("composed", composed)):
-            record[f"{label}_ms_plain"] = round(_timed(fn, device, n), 4)
-            graphed = _graphed(fn, device, n)
+            record[f"{label}_ms_plain"] = round(ms_per_call(fn, device, n), 4)
+            graphed = graphed_ms_per_call(fn, device, n)
             record[f"{label}_ms_graphed"] = None if graphed is None else round(graphed, 4)
-        record.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
-                      torch=torch.__version__, dtype=str(dtype).removeprefix("torch."))
+        record.update(conditions(device, dtype))
         print(json.dumps(record), flush=True)
     return 0
 
