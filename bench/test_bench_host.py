@@ -10,6 +10,10 @@ bench/results/host-<device>-<date>.json. The full proxy (7 steps, op counts at C
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,10 +79,6 @@ def test_kernel_path_ops_are_counted_without_running_a_kernel():
     """bench/kernel_path.py: the Triton path's ops per step under fake tensors, in a process of its own (the patch
     takes backend='triton' on a CPU only under TRITON_INTERPRET=1, which this suite does not set). The counts must
     not grow with the class set: everything per class is packed into the same launches."""
-    import json
-    import os
-    import subprocess
-    import sys
 
     def run(classes):
         env = dict(os.environ, TRITON_INTERPRET="1")
@@ -104,3 +104,14 @@ def test_kernel_path_ops_are_counted_without_running_a_kernel():
         # dropped pieces of the prompt splices (one per prompted layer at most).
         assert ops.get("aten::zeros", 0) <= 18
         assert more[method]["kernel_path_ops_per_step"] == record["kernel_path_ops_per_step"]
+
+
+def test_kernel_path_host_time_runs_the_real_wrappers_without_kernels():
+    """bench/kernel_host.py: a MaPLe step on the Triton kernel path with every launch stubbed, timed (CI keeps the
+    proxy runnable; its figures are in bench/results/host-kernel-path-cpu.json)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "bench.kernel_host", "maple", "10", "2"], capture_output=True,
+                          text=True, env=env, cwd=str(Path(__file__).resolve().parent.parent), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.splitlines()[-1])
+    assert record["method"] == "maple" and 0 < record["host_ms_min"] <= record["host_ms_per_step"]

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 INTERPRETER_DTYPES = (torch.float32,)  # the interpreter has no bf16; fp32 is what CPU tests use
 SUPPORTED_DTYPES = GPU_DTYPES + INTERPRETER_DTYPES
@@ -264,7 +266,7 @@ def _dense_bwd_dq_kernel(
 
 
 def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim. Sequence lengths
@@ -360,7 +362,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     if LQ == 0 or B * H == 0:
         return out, lse2
     bm, bn, warps, stages = dense_config("fwd", D)
-    _dense_fwd_kernel[(B * H, triton.cdiv(LQ, bm))](
+    _dense_fwd_kernel[(B * H, cdiv(LQ, bm))](
         q, k, v, out, lse2,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -380,7 +382,7 @@ def row_dot(out: torch.Tensor, grad_out: torch.Tensor, heads: int, rows: int, st
     if rows == 0 or batch * heads == 0:
         return delta
     D = out.shape[-1]
-    row_dot_kernel[(batch * heads, triton.cdiv(rows, ROW_DOT_BLOCK_M))](
+    row_dot_kernel[(batch * heads, cdiv(rows, ROW_DOT_BLOCK_M))](
         out, grad_out, delta, *strides_o, *strides_do, heads, rows,
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=ROW_DOT_BLOCK_M, num_warps=4,
     )
@@ -412,12 +414,12 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     args = (H, LQ, LK, qk_scale_log2(scale), scale, int(causal))
 
     bm, bn, warps, stages = dense_config("dkdv", D)
-    _dense_bwd_dkdv_kernel[(B * H, triton.cdiv(LK, bn))](
+    _dense_bwd_dkdv_kernel[(B * H, cdiv(LK, bn))](
         q, k, v, grad_out, lse2, delta, dk, dv, *strides, *dk.stride()[:3], *args,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
     )
     bm, bn, warps, stages = dense_config("dq", D)
-    _dense_bwd_dq_kernel[(B * H, triton.cdiv(LQ, bm))](
+    _dense_bwd_dq_kernel[(B * H, cdiv(LQ, bm))](
         q, k, v, grad_out, lse2, delta, dq, *strides, *dq.stride()[:3], *args,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
     )

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
 from .attention import (
     block_d,
     check_head_dim_and_dtype,
@@ -445,7 +446,7 @@ def _check_prefix(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index) -> None
 def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse2, seq_ids, cu_seqlens, prefix_index, prefix_seqs, scale):
     T, H, D = q.shape
     bm, bn, warps, stages = prefix_config("fwd", D)
-    _prefix_fwd_kernel[(triton.cdiv(T, bm), H)](
+    _prefix_fwd_kernel[(cdiv(T, bm), H)](
         q, k, v, prefix_k, prefix_v, out, lse2, seq_ids, cu_seqlens,
         prefix_index if prefix_index is not None else seq_ids,  # not read without an index
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *prefix_k.stride()[:3], *prefix_v.stride()[:3],
@@ -534,7 +535,7 @@ def _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, lse2, delta, dq, dk, 
     scale2 = qk_scale_log2(scale)
     suffix_strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
     bm, bn, warps, stages = prefix_config("dq", D)
-    _prefix_bwd_dq_kernel[(triton.cdiv(T, bm), H)](
+    _prefix_bwd_dq_kernel[(cdiv(T, bm), H)](
         q, k, v, prefix_k, prefix_v, grad_out, lse2, delta, dq, seq_ids, cu_seqlens,
         prefix_index if prefix_index is not None else seq_ids,  # not read without an index
         *suffix_strides, *prefix_k.stride()[:3], *prefix_v.stride()[:3], *grad_out.stride()[:2], *dq.stride()[:2],
@@ -542,7 +543,7 @@ def _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, lse2, delta, dq, dk, 
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=BLOCK_P, num_warps=warps, num_stages=stages, **meta,
     )
     bm, bn, warps, stages = prefix_config("dkdv", D)
-    _prefix_bwd_dkdv_suffix_kernel[(triton.cdiv(T, bn), H)](
+    _prefix_bwd_dkdv_suffix_kernel[(cdiv(T, bn), H)](
         q, k, v, grad_out, lse2, delta, dk, dv, seq_ids, cu_seqlens,
         *suffix_strides, *grad_out.stride()[:2], *dk.stride()[:2], T, scale2, scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
@@ -557,8 +558,8 @@ def _launch_prefix_gradient(grad_out, q, prefix_k, prefix_v, lse2, delta, dpk, d
     G, P = prefix_k.shape[:2]
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D))
     bm, _, warps, stages = prefix_config("partial", D)
-    p_blocks = triton.cdiv(P, BLOCK_P)
-    chunk_blocks = max(1, triton.cdiv(triton.cdiv(tokens, bm) * H * p_blocks, TARGET_PARTIAL_PROGRAMS))
+    p_blocks = cdiv(P, BLOCK_P)
+    chunk_blocks = max(1, cdiv(cdiv(tokens, bm) * H * p_blocks, TARGET_PARTIAL_PROGRAMS))
     token_order, chunk_start, chunk_group, chunk_offsets = _memo(
         "prefix_grad_plan", (cu_seqlens, prefix_index), (G, tokens, chunk_blocks * bm),
         lambda: prefix_grad_plan(cu_seqlens, prefix_index, G, tokens, chunk_blocks * bm))

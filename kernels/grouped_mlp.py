@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 from fastprompt.kernels.linear_act import check_same_device, require_kernel_device
 
 BLOCK_ROWS = 16
@@ -391,7 +393,7 @@ def grouped_linear_forward(x, weight, bias):
     dout = weight.shape[1]
     y = torch.empty((groups, n, dout), device=x.device, dtype=x.dtype)
     cfg = grouped_config(x.dtype)
-    grid = (groups, triton.cdiv(dout, cfg["BLOCK_C"]), triton.cdiv(n, cfg["BLOCK_M"]))
+    grid = (groups, cdiv(dout, cfg["BLOCK_C"]), cdiv(n, cfg["BLOCK_M"]))
     grouped_linear_fwd_kernel[grid](
         x, weight, bias, y, n, din, dout,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_C"],
@@ -410,7 +412,7 @@ def grouped_linear_backward(dy, x, weight):
     dw = torch.empty_like(weight)
     db = torch.empty((groups, dout), device=x.device, dtype=x.dtype)
     cfg = grouped_config(x.dtype)
-    grid = (groups, triton.cdiv(din, cfg["BLOCK_C"]))
+    grid = (groups, cdiv(din, cfg["BLOCK_C"]))
     grouped_linear_bwd_kernel[grid](
         dy, x, weight, dx, dw, db, n, din, dout,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_OUT=cfg["BLOCK_C"], BLOCK_IN=cfg["BLOCK_C"],

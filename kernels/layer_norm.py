@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import next_power_of_2
+
 # Widest supported row: CLIP towers go up to 1664 (ViT-bigG); each power-of-two block up to
 # here is one more kernel variant to compile and check ahead of time.
 MAX_WIDTH = 2048
@@ -158,7 +160,7 @@ def layer_norm_bwd_kernel(
 
 def layer_norm_config(d: int) -> tuple[int, int]:
     """(BLOCK_D, num_warps) the launchers use for rows of width d."""
-    block = max(_MIN_BLOCK, triton.next_power_of_2(d))
+    block = max(_MIN_BLOCK, next_power_of_2(d))
     num_warps = 4 if block <= 1024 else 8
     return block, num_warps
 
@@ -346,7 +348,7 @@ def _aot_specs():
     from fastprompt.kernels.aot import TRITON_DTYPE, AotSpec
 
     specs = []
-    blocks = [_MIN_BLOCK << i for i in range((triton.next_power_of_2(MAX_WIDTH) // _MIN_BLOCK).bit_length())]
+    blocks = [_MIN_BLOCK << i for i in range((next_power_of_2(MAX_WIDTH) // _MIN_BLOCK).bit_length())]
     for x_dtype in _SUPPORTED_DTYPES:
         x = TRITON_DTYPE[x_dtype]
         for w in sorted({x, "fp32"}):

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "quick_gelu": 4}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -224,7 +226,7 @@ def _launch(x, weight, bias, activation: str, grad):
     if m == 0 or n == 0:
         return out
     cfg = linear_act_config(x.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     g = grad if grad is not None else out
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
     linear_act_kernel[grid](

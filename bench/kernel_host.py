@@ -1,0 +1,80 @@
+"""Host time of the GPU kernel path's training step, measured on a CPU: the host-overhead proxy that runs real code.
+
+bench/kernel_path.py counts the ops a GPU step dispatches; this times the Python and dispatcher work behind them. The
+model is patched with the Triton kernels (allowed on a CPU under TRITON_INTERPRET=1) and every Triton launch is made a
+no-op, so a training step (forward, loss, backward, the guarded fused optimizer step) runs all of fastprompt's
+wrappers, launchers, autograd Functions and aten ops for real, and no kernel. The backbone has ViT-B/16's depth (12 +
+12 blocks, 77-token causal text, the real tokenizer and 1,000 ImageNet names) at width 64 with one head of 64, so the
+aten arithmetic that remains is small beside the host work. What it cannot see: the GPU launcher's own cost per
+Triton launch (a C call here stubbed away) and the GPU's time; bench/device/host_gpu.py measures those on a GPU.
+
+    python -m bench.kernel_host maple,coop [classes] [batch]     # a JSON line per method: median host ms per step
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+BACKBONE = "kernel-host-proxy"
+CONFIG = dict(
+    embed_dim=64,
+    vision_cfg=dict(image_size=32, layers=12, width=64, patch_size=8, head_width=64, mlp_ratio=1),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=12, mlp_ratio=1),
+)
+
+
+def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int = 15, warmup: int = 3) -> dict:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("run with TRITON_INTERPRET=1: patch(backend='triton') is refused on a CPU otherwise")
+    import triton.runtime.interpreter as interpreter
+
+    import fastprompt
+    from fastprompt.backbones import TINY_CONFIGS, create_clip
+    from fastprompt.training import TrainStep, make_optimizer
+
+    from .host import classnames
+
+    interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None  # every launch: no kernel runs
+    TINY_CONFIGS.setdefault(BACKBONE, CONFIG)
+    clip = create_clip(BACKBONE, precision="fp32", device="cpu")
+    fastprompt.patch(clip, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ImageNet's duplicate class names
+        model = fastprompt.build(method, clip, classnames(classes))
+    model.train()
+    step = TrainStep(model, make_optimizer(model.trainable_parameters(), "sgd", lr=2e-3))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *model.info.image_size, generator=generator)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    for _ in range(warmup):
+        step(images, labels)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(images, labels)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"method": method, "classes": classes, "batch": batch, "backbone": BACKBONE,
+            "host_ms_per_step": round(statistics.median(times), 2), "host_ms_min": round(min(times), 2),
+            "steps": steps, "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    methods = argv[0].split(",") if argv else ["maple"]
+    classes = int(argv[1]) if len(argv) > 1 else 100
+    batch = int(argv[2]) if len(argv) > 2 else 2
+    torch.set_num_threads(1)
+    for method in methods:
+        print(json.dumps(host_ms_per_step(method, classes, batch)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
