@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The device-side checks and measurements of the product path, for a session lent a GPU. Run from the repo root
 # on the GPU machine (torch + triton there; open_clip carried as wheels in .whl/, see ../shared/gpu/kit/prep.sh):
+#   bash bench/device/run.sh Q      # ~8 min, when only one call fits: MaPLe's no-graph wall vs GPU time (issue 8),
+#                                   #   its train step against eager and tuned (issues 8, 9), inference at batch 100
+#                                   #   (issue 8), the glue fusions and the GEMM question (issue 9), one-GPU torchrun
+#                                   #   against the plain run (issue 12)
 #   bash bench/device/run.sh A      # ~6 min: GPU tests of the engine, evaluation, cache and eager op path;
 #                                   #   host vs GPU time; MaPLe train steps (eager, tuned, fastprompt); inference
 #   bash bench/device/run.sh B      # ~6 min: runner epochs, the other methods' train steps and inference
@@ -38,6 +42,14 @@ finish() {
 trap finish EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [ "$PART" = Q ]; then  # one call, each open issue's headline figure (a lent session has ~12 usable minutes)
+  TAILN=6 stage host-gpu 75 python3 bench/device/host_gpu.py maple imagenet-b32
+  bench train-maple 150 test_bench_train_step.py imagenet-b32 maple eager,tuned,fastprompt
+  bench inference 100 test_bench_inference.py imagenet-b100 maple eager,fastprompt
+  TAILN=4 stage glue-ops 50 python3 bench/device/glue_ops.py
+  TAILN=4 stage gemm-shapes 35 python3 bench/device/gemm_shapes.py
+  TAILN=4 stage torchrun-one 80 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
+fi
 if [ "$PART" = A ]; then
   TAILN=25 stage gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_training_engine.py \
     tests/test_evaluation.py tests/test_text_cache.py tests/kernels/test_eager_call_path.py
