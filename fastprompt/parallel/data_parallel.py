@@ -329,8 +329,8 @@ class ShardedDeviceBatches:
     def __iter__(self):
         data = self.data
         for keys in self.batches:
-            images = [_seeded(seed, data.augment, data.images[index]) for index, seed in keys]
-            yield torch.stack(images), data.labels[[index for index, _ in keys]]
+            crops = [_seeded(seed, data.crop, data.images[index]) for index, seed in keys]
+            yield data.normalise(torch.stack(crops)), data.labels[[index for index, _ in keys]]
 
 
 def shard(dataset):

@@ -67,14 +67,28 @@ class DeviceAugmentedSet:
     def nbytes(self) -> int:
         return sum(t.numel() for t in self.images)
 
-    def augment(self, image: torch.Tensor) -> torch.Tensor:
-        """One image: the PIL path's crop, resize, flip and normalisation on a uint8 CHW tensor."""
+    def crop(self, image: torch.Tensor) -> torch.Tensor:
+        """One image's random resized crop and flip, still uint8 CHW (the PIL path's draws, in its order)."""
         top, left, height, width = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
         size = [self.image_size, self.image_size]
         crop = F.resized_crop(image, top, left, height, width, size, InterpolationMode.BICUBIC, antialias=True)
         if torch.rand(1) < 0.5:
             crop = F.hflip(crop)
-        return (crop.float() / 255 - self.mean) / self.std
+        return crop
+
+    def normalise(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 3, H, W] -> CLIP-normalised float32, elementwise (a batch at once: three launches per batch
+        rather than three per image)."""
+        return (crops.float() / 255 - self.mean) / self.std
+
+    def augment(self, image: torch.Tensor) -> torch.Tensor:
+        """One image: the PIL path's crop, resize, flip and normalisation on a uint8 CHW tensor."""
+        return self.normalise(self.crop(image))
+
+    def batch(self, indices) -> torch.Tensor:
+        """The augmented images at `indices`, [B, 3, size, size] float32: each image's crop in order, then one
+        normalisation of the stacked uint8 crops (bit-identical to stacking `augment` of each)."""
+        return self.normalise(torch.stack([self.crop(self.images[i]) for i in indices]))
 
     def batches(self, batch_size: int, generator: torch.Generator):
         """Shuffled batches (the last incomplete one dropped, as the DataLoader path does)."""
@@ -92,5 +106,4 @@ class _Batches:
         order = torch.randperm(len(self.data), generator=self.generator).tolist()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            images = torch.stack([self.data.augment(self.data.images[i]) for i in index])
-            yield images, self.data.labels[index]
+            yield self.data.batch(index), self.data.labels[index]
