@@ -129,12 +129,24 @@ class CrossModalLayer(nn.Module):
         self.__dict__["batch"] = None  # a SharedInjectionBatch (not a submodule: it holds no parameters of its own)
 
     def pair(self, ctx: SourceContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T~_l, V~_l)."""
         if self.batch is not None:
-            return self.batch.pair(self, ctx)
+            return self.batch.pair(self, ctx)[0]
+        return self._single(ctx)[0]
+
+    def prompts(self, ctx: SourceContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T_l + T~_l, V_l + V~_l): Eq. 7, what the towers read."""
+        if self.batch is not None:
+            return self.batch.pair(self, ctx)[1]
+        return self._single(ctx)[1]
+
+    def _single(self, ctx):
         key = ("mudpt_cross_modal", id(self))
         if ctx is not None and key in ctx.memo:
             return ctx.memo[key]
-        result = self.injection(self.text(ctx), self.vision(ctx))
+        text, vision = self.text(ctx), self.vision(ctx)
+        injected = self.injection(text, vision)
+        result = (injected, (text + injected[0], vision + injected[1]))
         if ctx is not None:
             ctx.memo[key] = result
         return result
@@ -148,7 +160,10 @@ class SharedInjectionBatch:
         for layer in layers:
             layer.__dict__["batch"] = self
 
-    def pair(self, layer: CrossModalLayer, ctx: SourceContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, layer: CrossModalLayer, ctx: SourceContext | None):
+        """((T~_l, V~_l), (T_l + T~_l, V_l + V~_l)) of `layer`, every layer's computed in one go per forward: the
+        injection batched over layers, and Eq. 7's sums as one add per tower (bit-identical to per-layer adds; the
+        free tokens' two gradients also meet once per tower, at the stack, instead of once per layer)."""
         key = ("mudpt_cross_modal_all", id(self))
         pairs = ctx.memo.get(key) if ctx is not None else None
         if pairs is None:
@@ -156,7 +171,8 @@ class SharedInjectionBatch:
             vision = torch.stack([l.vision(ctx) for l in self.layers])  # [J, n, d_vision]
             text_out, vision_out = self.layers[0].injection(text, vision)
             # unbind, not indexing: its backward is one stack, an index's a zero fill and a copy per layer.
-            pairs = {id(l): pair for l, pair in zip(self.layers, zip(text_out.unbind(0), vision_out.unbind(0)))}
+            parts = [t.unbind(0) for t in (text_out, vision_out, text + text_out, vision + vision_out)]
+            pairs = {id(l): ((t_out, v_out), (t_sum, v_sum)) for l, t_out, v_out, t_sum, v_sum in zip(self.layers, *parts)}
             if ctx is not None:
                 ctx.memo[key] = pairs
         return pairs[id(layer)]
@@ -175,6 +191,15 @@ class CrossModalPrompts(TokenSource):
 
     def forward(self, ctx: SourceContext) -> torch.Tensor:
         return self.layer.pair(ctx)[self.index]
+
+
+class CrossModalSum(Sum):
+    """Eq. 7, T_l + T~_l (or V_l + V~_l): the Sum of the layer's free tokens and its CrossModalPrompts (the same
+    modules, so checkpoints keep their names), its value taken from the layer's computation, where with a shared
+    injection every layer's sum is one add per tower."""
+
+    def forward(self, ctx: SourceContext) -> torch.Tensor:
+        return self.second.layer.prompts(ctx)[self.second.index]
 
 
 def _one_or_copies(module: nn.Module, count: int, per_layer: bool) -> list[nn.Module]:
@@ -238,8 +263,8 @@ class MuDPT(PromptMethod):
         for l in t:
             layer = CrossModalLayer(t[l], v[l], injections[l - 1])
             layers.append(layer)
-            text[l] = Sum(t[l], CrossModalPrompts(layer, "text"))
-            vision[l] = Sum(v[l], CrossModalPrompts(layer, "vision"))
+            text[l] = CrossModalSum(t[l], CrossModalPrompts(layer, "text"))
+            vision[l] = CrossModalSum(v[l], CrossModalPrompts(layer, "vision"))
         if all(layer.injection is injections[0] for layer in layers):
             SharedInjectionBatch(layers)
         return text, vision
