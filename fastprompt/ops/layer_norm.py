@@ -105,20 +105,25 @@ def _(x, residual, new, weight, bias, eps, period, start):
 
 def _layer_norm_splice_backward_impl(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    d_sum: Optional[torch.Tensor], groups: int, length: int, period: int, start: int,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    d_sum: Optional[torch.Tensor], groups: int, length: int, period: int, start: int, param_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx, dnew, dweight, dbias); dweight and dbias are empty unless param_grads."""
     dsum = None if d_sum is None else _rows(d_sum)
-    dx, _, _, dnew = _kernel.layer_norm_backward(_rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1),
-                                                 dsum, splice=(groups, length, period, start))
-    return dx.view(x.shape), dnew
+    dx, dw, db, dnew = _kernel.layer_norm_backward(_rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1),
+                                                   dsum, param_grads=param_grads, splice=(groups, length, period, start))
+    if not param_grads:
+        dw, db = weight.new_empty(0), weight.new_empty(0)
+    return dx.view(x.shape), dnew, dw.to(weight.dtype), db.to(weight.dtype)
 
 
 _layer_norm_splice_backward = define_op("layer_norm_splice_backward")(_layer_norm_splice_backward_impl)
 
 
 @_layer_norm_splice_backward.register_fake
-def _(dy, x, weight, mean, rstd, d_sum, groups, length, period, start):
-    return x.new_empty(x.shape), x.new_empty((groups, length, x.shape[-1]))
+def _(dy, x, weight, mean, rstd, d_sum, groups, length, period, start, param_grads):
+    params = weight.shape if param_grads else (0,)
+    return x.new_empty(x.shape), x.new_empty((groups, length, x.shape[-1])), weight.new_empty(params), \
+        weight.new_empty(params)
 
 
 def _layer_norm_backward_impl(
@@ -218,9 +223,7 @@ def _setup_layer_norm_residual_splice(ctx, inputs, output):
 
 
 def _backward_layer_norm_residual_splice(ctx, dy, d_sum, _dmean, _drstd):
-    # The frozen towers' LayerNorms (the only ones spliced into) train no weight: the input gradients only.
-    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-        raise NotImplementedError("layer_norm with a splice computes no weight or bias gradient")
+    want_weight, want_bias = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     summed, weight, mean, rstd = ctx.saved_tensors
     if dy is None and d_sum is None:
         return (None,) * 8
@@ -229,10 +232,12 @@ def _backward_layer_norm_residual_splice(ctx, dy, d_sum, _dmean, _drstd):
     d_sum = None if d_sum is None else d_sum.contiguous()
     backward = (_layer_norm_splice_backward_impl if direct_call_ok(dy)
                 else torch.ops.fastprompt.layer_norm_splice_backward)
-    dx, dnew = backward(dy.contiguous(), summed, weight, mean, rstd, d_sum, *ctx.splice)
+    dx, dnew, dw, db = backward(dy.contiguous(), summed, weight, mean, rstd, d_sum, *ctx.splice,
+                                want_weight or want_bias)
     # Rows off the splice: d(x + r)/dx = d(x + r)/dr = identity; spliced rows pass their gradient to `new`.
     return ((dx if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None),
-            (dnew if ctx.needs_input_grad[2] else None), None, None, None, None, None)
+            (dnew if ctx.needs_input_grad[2] else None), (dw if want_weight else None), (db if want_bias else None),
+            None, None, None)
 
 
 _layer_norm.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
@@ -282,7 +287,7 @@ def layer_norm_spliced(x, residual, new, weight, bias, eps: float, period: int, 
     of the first G groups of ``period`` rows (x viewed as [rows, d]) are ``new`` [G, n, d] instead of x + residual.
     One pass instead of an add, a cat and the LayerNorm; its backward is one pass too (the spliced rows' gradient
     goes to ``new``, none to x and residual). ``new`` may be an expanded view (one set shared by all groups).
-    Weight and bias get no gradient (the frozen towers' LayerNorms)."""
+    Weight and bias get their gradients when they require them (the frozen towers' never do)."""
     direct = direct_call_ok(x)
     op = _LayerNormResidualSpliceEager.apply if direct else torch.ops.fastprompt.layer_norm_residual_splice
     y, summed, _, _ = op(x, residual, new, weight, bias, float(eps), int(period), int(start))

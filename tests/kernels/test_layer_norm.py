@@ -133,8 +133,8 @@ SPLICES = {
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", list(SPLICES))
-def test_splice_fused_into_the_residual_add(case, dtype, kernel_device, poison):
+@pytest.mark.parametrize("case, train_params", [(case, False) for case in SPLICES] + [("vision_per_image", True)])
+def test_splice_fused_into_the_residual_add(case, train_params, dtype, kernel_device, poison):
     from fastprompt.ops.layer_norm import layer_norm_spliced
 
     shape, groups, period, start, n, shared = SPLICES[case]
@@ -146,12 +146,16 @@ def test_splice_fused_into_the_residual_add(case, dtype, kernel_device, poison):
 
     def run(fn, cast, compute=None):
         leaves = [t.detach().to(cast).requires_grad_(True) for t in (x, residual, new)]
+        params = [t.detach().to(cast).requires_grad_(train_params) for t in (weight, bias)]
         rows = leaves[2].expand(groups, -1, -1) if shared else leaves[2]
         extra = {} if compute is None else {"compute": compute}
-        y, s = fn(leaves[0], leaves[1], rows, weight.to(cast), bias.to(cast), period, start, **extra)
+        y, s = fn(leaves[0], leaves[1], rows, *params, period, start, **extra)
         torch.autograd.backward([y, s], [dy.to(cast), d_sum.to(cast)])
-        return {"y": y.detach(), "sum": s.detach(), "dx": leaves[0].grad, "dresidual": leaves[1].grad,
-                "dnew": leaves[2].grad}
+        found = {"y": y.detach(), "sum": s.detach(), "dx": leaves[0].grad, "dresidual": leaves[1].grad,
+                 "dnew": leaves[2].grad}
+        if train_params:
+            found |= {"dweight": params[0].grad, "dbias": params[1].grad}
+        return found
 
     got = run(lambda *a: layer_norm_spliced(*a[:5], 1e-5, *a[5:]), dtype)
     low = run(spliced_reference, dtype)
@@ -172,7 +176,7 @@ def test_splice_opcheck(kernel_device):
     mean, rstd = x.float().mean(-1), (x.float().var(-1, unbiased=False) + 1e-5).rsqrt()
     for d_sum in (torch.randn_like(x), None):
         torch.library.opcheck(torch.ops.fastprompt.layer_norm_splice_backward,
-                              (torch.randn_like(x), x, weight, mean, rstd, d_sum, 2, 2, 6, 1))
+                              (torch.randn_like(x), x, weight, mean, rstd, d_sum, 2, 2, 6, 1, d_sum is not None))
 
 
 def test_splice_errors_name_the_problem(kernel_device):
