@@ -128,7 +128,11 @@ def time_steps(contender: str, method: str, classes: int, steps: int = 7, warmup
     """Wall seconds of `steps` training steps at the proxy width (after `warmup` untimed ones)."""
     names = classnames(classes)
     _, step = _build(contender, method, names)
-    images, labels = _batch(len(names))
+    return step_seconds(step, *_batch(len(names)), steps, warmup)
+
+
+def step_seconds(step, images, labels, steps: int, warmup: int) -> list[float]:
+    """Wall seconds of each of `steps` calls of step(images, labels), after `warmup` untimed ones."""
     for _ in range(warmup):
         step(images, labels)
     times = []

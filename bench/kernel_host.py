@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -39,7 +38,7 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
     from fastprompt.backbones import TINY_CONFIGS, create_clip
     from fastprompt.training import TrainStep, make_optimizer
 
-    from .host import classnames
+    from .host import classnames, step_seconds
 
     interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None  # every launch: no kernel runs
     TINY_CONFIGS.setdefault(BACKBONE, CONFIG)
@@ -53,13 +52,7 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, *model.info.image_size, generator=generator)
     labels = torch.randint(0, classes, (batch,), generator=generator)
-    for _ in range(warmup):
-        step(images, labels)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step(images, labels)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = [seconds * 1e3 for seconds in step_seconds(step, images, labels, steps, warmup)]
     return {"method": method, "classes": classes, "batch": batch, "backbone": BACKBONE,
             "host_ms_per_step": round(statistics.median(times), 2), "host_ms_min": round(min(times), 2),
             "steps": steps, "threads": torch.get_num_threads()}

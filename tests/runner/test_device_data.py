@@ -94,16 +94,7 @@ def test_a_batch_is_each_images_augmentation_normalised_once():
     """The batch path crops each image (same random draws, same order) and normalises the stacked uint8 crops in
     one pass: bit-identical to stacking `augment` of each image, with the normalisation's launches once per batch
     instead of once per image."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Names(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
+    from bench.host import OpCounter
 
     splits = procedural_splits(num_train_per_class=3, image_size=40, num_classes=2)
     data = DeviceAugmentedSet(splits, 32, (0.08, 1.0), "cpu")
@@ -111,8 +102,8 @@ def test_a_batch_is_each_images_augmentation_normalised_once():
     torch.manual_seed(7)
     per_image = torch.stack([data.augment(data.images[i]) for i in order])
     torch.manual_seed(7)
-    with Names() as ops:
+    with OpCounter() as ops:
         batch = data.batch(order)
     assert torch.equal(batch, per_image)
-    normalisation = [name for name in ops.names if name.split(".")[0] in ("aten::div", "aten::sub")]
-    assert len(normalisation) == 3, normalisation  # / 255, - mean, / std once for the batch
+    normalisation = ops.ops["aten::div"] + ops.ops["aten::sub"]
+    assert normalisation == 3, ops.ops  # / 255, - mean, / std once for the batch
