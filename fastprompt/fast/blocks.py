@@ -130,12 +130,59 @@ def block_forward(block, x: torch.Tensor, causal: bool, kernels: BlockKernels) -
     return x + branch.to(x.dtype)
 
 
+def runs_frozen_halves(block, x: torch.Tensor, pending: torch.Tensor | None, kernels: BlockKernels) -> bool:
+    """Whether the block runs as fastprompt.ops.frozen_block's two autograd nodes around its attention (the same
+    kernels and results as the op-by-op path, less host time): Triton kernels in eager mode, a pending branch,
+    no LayerScale, no weight that wants a gradient, and nothing to cast (x, the GEMM weights and any autocast
+    dtype agree)."""
+    if kernels.norm_mlp != "triton" or pending is None:
+        return False
+    from ..ops._library import direct_call_ok
+
+    attn, mlp_ = block.attn, block.mlp
+    weights = (attn.in_proj_weight, attn.out_proj.weight, mlp_.c_fc.weight, mlp_.c_proj.weight)
+    tensors = weights + (attn.in_proj_bias, attn.out_proj.bias, mlp_.c_fc.bias, mlp_.c_proj.bias,
+                         block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias)
+    return (
+        direct_call_ok(x)
+        and type(block.ls_1) is torch.nn.Identity and type(block.ls_2) is torch.nn.Identity
+        and not (torch.is_grad_enabled() and any(t is None or t.requires_grad for t in tensors))
+        and _compute_dtype(x, weights[0]) == x.dtype
+        and all(t.dtype == x.dtype for t in tensors[:8])
+    )
+
+
+def pre_attention(block, x: torch.Tensor, pending: torch.Tensor, splice=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + pending with `splice` in, its LN1 through the qkv GEMM [..., 3 * width]) as one node (see
+    runs_frozen_halves)."""
+    from ..ops.frozen_block import pre_attention as fused
+
+    attn, ln = block.attn, block.ln_1
+    if splice is not None:
+        splice = (splice[0].to(x.dtype),) + tuple(splice[1:])
+    return fused(x, pending.to(x.dtype), ln.weight, ln.bias, ln.eps, attn.in_proj_weight, attn.in_proj_bias, splice)
+
+
+def post_attention(block, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + out_proj(o), the MLP branch of its LN2, not added) as one node (see runs_frozen_halves); o is
+    [..., heads, head_dim]."""
+    from ..ops.frozen_block import post_attention as fused
+
+    attn, ln, mlp_ = block.attn, block.ln_2, block.mlp
+    return fused(x, o.flatten(-2), attn.out_proj.weight, attn.out_proj.bias, ln.weight, ln.bias, ln.eps,
+                 mlp_.c_fc.weight, mlp_.c_fc.bias, mlp_.c_proj.weight, mlp_.c_proj.bias, _gelu_kind(mlp_.gelu))
+
+
 def block_forward_pending(block, x: torch.Tensor, pending: torch.Tensor | None, causal: bool,
                           kernels: BlockKernels, splice=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One block whose input is x + pending (pending: the previous block's MLP branch, not added yet, or None).
     That add runs fused into LN1 (add_layer_norm), saving a launch forward and the gradient accumulation's launch
     backward per block; so does a prompt splice of the input (`splice`, see add_layer_norm; needs a pending
     branch). Returns (x + attention branch, this block's MLP branch, not added)."""
+    if runs_frozen_halves(block, x, pending, kernels):
+        x, out = pre_attention(block, x, pending, splice)
+        q, k, v = out.unflatten(-1, (3, block.attn.num_heads, -1)).unbind(-3)
+        return post_attention(block, x, dense_attention(q, k, v, causal, kernels))
     if pending is None:
         if splice is not None:
             raise ValueError("a splice fused into LN1 needs a pending branch")

@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import backbone as bb
 from ..ops.attention import prefix_stream_attention
-from .blocks import BlockKernels, add_layer_norm, attention_out, fuses_splices, layer_norm, mlp, qkv_rows
+from .blocks import (BlockKernels, add_layer_norm, attention_out, fuses_splices, layer_norm, mlp, post_attention,
+                     pre_attention, qkv_rows, runs_frozen_halves)
 
 _SCOPE_RANK = {"shared": 0, "class": 1, "image": 2, "pair": 3}
 
@@ -110,6 +111,12 @@ class PackedText:
         accumulation's launch backward; so does a splice of the prefix rows (`splice`, see
         fastprompt.fast.blocks.add_layer_norm). Returns (stream, this block's MLP branch, not added)."""
         kernels = self.kernels
+        if runs_frozen_halves(block, stream, pending, kernels):
+            stream, out = pre_attention(block, stream, pending, splice)
+            heads = block.attn.num_heads
+            o = prefix_stream_attention(out.unflatten(-1, (3, heads, -1)), cu, self.max_suffix, groups,
+                                        split // groups, prefix_index, backend=kernels.attention)
+            return post_attention(block, stream, o)
         if pending is None:
             h = layer_norm(stream, block.ln_1, kernels)
         else:

@@ -1,0 +1,128 @@
+"""A frozen pre-LN block's two halves around its attention, each one autograd node in eager mode.
+
+On the Triton path a block is, op by op: the pending residual add fused into LN1 (with a prompt splice, maybe), the
+qkv GEMM, attention, the output GEMM, the residual add fused into LN2, the frozen MLP. Run one by one that is about
+ten autograd nodes per block (two LayerNorm Functions, two addmm, their views, the MLP Function), each with its
+Python wrapper, its checks and the engine's bookkeeping in backward: host time a step without a CUDA graph pays
+24 times. When none of the block's weights needs a gradient (prompt learning never trains CLIP), everything but the
+attention is two Functions:
+
+    pre_attention:  (x, pending[, new]) -> (s, qkv)     s = x + pending (new spliced in), qkv = LN1(s) W_in^T + b_in
+    post_attention: (s, o)              -> (s2, branch)  s2 = s + o W_out^T + b_out, branch = MLP(LN2(s2))
+
+They call the per-op path's own implementations (the LayerNorm and MLP kernels' launchers, torch.addmm for the
+GEMMs, the same backward formulas) in the same order on the same operands, so outputs and gradients are
+bit-identical to it, and they save what it saves (the LayerNorm sums and statistics, the MLP's input; the frozen
+weights), so memory is unchanged. The attention between the halves is left to its backend, whichever it is.
+
+Eager mode only: traced or compiled (fastprompt.ops._library.direct_call_ok is False) the caller keeps the per-op
+path, whose registered ops are what torch.compile sees as single nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastprompt.ops._library import require_triton
+
+require_triton()
+from fastprompt.ops import layer_norm as _ln  # noqa: E402
+from fastprompt.ops import mlp as _mlp  # noqa: E402
+
+
+def _gemm(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """rows @ weight^T + bias, as F.linear computes it for a 2-D input."""
+    return torch.addmm(bias, rows, weight.t())
+
+
+def _pre_forward(x, pending, new, ln_w, ln_b, eps, in_w, in_b, period, start):
+    """(s, qkv, mean, rstd) of pre_attention."""
+    if new is None:
+        h, s, mean, rstd = _ln._layer_norm_residual_impl(pending, x, ln_w, ln_b, eps)
+    else:
+        h, s, mean, rstd = _ln._layer_norm_residual_splice_impl(pending, x, new, ln_w, ln_b, eps, period, start)
+    qkv = _gemm(h.reshape(-1, h.shape[-1]), in_w, in_b)
+    return s, qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
+
+
+def _post_forward(s, o, out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation):
+    """(s2, branch, LN2's normalised input h, mean, rstd) of post_attention."""
+    attended = _gemm(o.reshape(-1, o.shape[-1]), out_w, out_b).view(s.shape)
+    h, s2, mean, rstd = _ln._layer_norm_residual_impl(attended, s, ln_w, ln_b, eps)
+    return s2, _mlp._frozen_mlp_impl(h, fc_w, fc_b, proj_w, proj_b, activation), h, mean, rstd
+
+
+class _PreAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pending, new, ln_w, ln_b, eps, in_w, in_b, period, start):
+        s, qkv, mean, rstd = _pre_forward(x, pending, new, ln_w, ln_b, eps, in_w, in_b, period, start)
+        if new is not None:
+            ctx.splice = (new.shape[0], new.shape[1], period, start)
+        ctx.spliced = new is not None
+        ctx.save_for_backward(s, ln_w, mean, rstd, in_w)
+        ctx.set_materialize_grads(False)  # an unused output costs no zero gradient
+        return s, qkv
+
+    @staticmethod
+    def backward(ctx, d_s, d_qkv):
+        s, ln_w, mean, rstd, in_w = ctx.saved_tensors
+        d_sum = None if d_s is None else d_s.contiguous()
+        if d_qkv is None:
+            dh = torch.zeros_like(s)
+        else:
+            dh = d_qkv.reshape(-1, d_qkv.shape[-1]).mm(in_w).view(s.shape)
+        dnew = None
+        if ctx.spliced:
+            dx, dnew, _, _ = _ln._layer_norm_splice_backward_impl(dh, s, ln_w, mean, rstd, d_sum, *ctx.splice, False)
+        else:
+            dx = _ln._layer_norm_backward_impl(dh, s, ln_w, mean, rstd, d_sum)
+        # d s / d x = d s / d pending = identity off the splice; the spliced rows' gradient goes to `new`.
+        return dx, dx, dnew, None, None, None, None, None, None, None
+
+
+class _PostAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, o, out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation):
+        s2, branch, h, mean, rstd = _post_forward(s, o, out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b,
+                                                  activation)
+        ctx.save_for_backward(s2, ln_w, mean, rstd, h, fc_w, fc_b, proj_w, out_w)
+        ctx.activation, ctx.o_shape = activation, o.shape
+        ctx.set_materialize_grads(False)
+        return s2, branch
+
+    @staticmethod
+    def backward(ctx, d_s2, d_branch):
+        s2, ln_w, mean, rstd, h, fc_w, fc_b, proj_w, out_w = ctx.saved_tensors
+        d_sum = None if d_s2 is None else d_s2.contiguous()
+        if d_branch is None:
+            dh = torch.zeros_like(h)
+        else:  # the frozen MLP's input gradient (fastprompt.ops.mlp._backward_frozen_mlp)
+            d_pre = _mlp._pre_activation_grad(h, fc_w, fc_b, d_branch @ proj_w, ctx.activation)
+            dh = d_pre @ fc_w
+        ds = _ln._layer_norm_backward_impl(dh.contiguous(), s2, ln_w, mean, rstd, d_sum)
+        do = ds.reshape(-1, ds.shape[-1]).mm(out_w).view(ctx.o_shape)
+        return ds, do, None, None, None, None, None, None, None, None, None, None
+
+
+def _differentiated(*inputs) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
+
+def pre_attention(x, pending, ln_w, ln_b, eps: float, in_w, in_b, splice=None):
+    """(s, qkv): s = x + pending (rows of `splice = (new, period, start)` replaced by new, see
+    fastprompt.ops.layer_norm.layer_norm_spliced), qkv = LayerNorm(s) @ in_w^T + in_b. One autograd node; the
+    weights get no gradient (frozen_block_ok says when this applies)."""
+    new, period, start = (None, 0, 0) if splice is None else splice
+    args = (x, pending, new, ln_w, ln_b, float(eps), in_w, in_b, int(period), int(start))
+    if _differentiated(x, pending, new):
+        return _PreAttention.apply(*args)
+    return _pre_forward(*args)[:2]  # nothing to differentiate (inference): no autograd node at all
+
+
+def post_attention(s, o, out_w, out_b, ln_w, ln_b, eps: float, fc_w, fc_b, proj_w, proj_b, activation: str):
+    """(s2, branch): s2 = s + o @ out_w^T + out_b (o: [..., heads * head_dim] rows of s), branch =
+    proj(act(fc(LayerNorm(s2)))), the MLP branch not yet added. One autograd node; the weights get no gradient."""
+    args = (s, o, out_w, out_b, ln_w, ln_b, float(eps), fc_w, fc_b, proj_w, proj_b, activation)
+    if _differentiated(s, o):
+        return _PostAttention.apply(*args)
+    return _post_forward(*args)[:2]
