@@ -143,6 +143,27 @@ def step_seconds(step, images, labels, steps: int, warmup: int) -> list[float]:
     return times
 
 
+def python_calls(step, images, labels) -> dict:
+    """Python function calls and C function calls made by one call of step(images, labels), counted with
+    sys.setprofile: a host-time measure that, unlike milliseconds on a shared machine, does not vary between runs
+    (each call costs roughly 0.3-1 us of host time; the interpreter's own work per call is what a step without a
+    CUDA graph pays on top of the launches)."""
+    import sys
+
+    counts = {"call": 0, "c_call": 0}
+
+    def count(frame, event, arg):
+        if event in counts:
+            counts[event] += 1
+
+    sys.setprofile(count)
+    try:
+        step(images, labels)
+    finally:
+        sys.setprofile(None)
+    return {"python_calls_per_step": counts["call"], "c_calls_per_step": counts["c_call"]}
+
+
 def host_record(method: str, contender: str, *, steps: int = 7, warmup: int = 2, count_classes: int = COUNT_CLASSES,
                 host_classes: int = HOST_CLASSES) -> dict:
     """One host_overhead record: the suite's record fields (bench/results.py) that apply, plus HOST_FIELDS."""

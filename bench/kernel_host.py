@@ -9,6 +9,10 @@ aten arithmetic that remains is small beside the host work. What it cannot see: 
 Triton launch (a C call here stubbed away) and the GPU's time; bench/device/host_gpu.py measures those on a GPU.
 
     python -m bench.kernel_host maple,coop [classes] [batch]     # a JSON line per method: median host ms per step
+
+Each record also counts the Python and C function calls of one step (bench.host.python_calls): milliseconds on a
+shared 2-core machine vary by up to 40 % between runs, the call counts not at all, so they show a change that the
+times cannot resolve.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
     from fastprompt.backbones import TINY_CONFIGS, create_clip
     from fastprompt.training import TrainStep, make_optimizer
 
-    from .host import classnames, step_seconds
+    from .host import classnames, python_calls, step_seconds
 
     interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None  # every launch: no kernel runs
     TINY_CONFIGS.setdefault(BACKBONE, CONFIG)
@@ -55,7 +59,7 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
     times = [seconds * 1e3 for seconds in step_seconds(step, images, labels, steps, warmup)]
     return {"method": method, "classes": classes, "batch": batch, "backbone": BACKBONE,
             "host_ms_per_step": round(statistics.median(times), 2), "host_ms_min": round(min(times), 2),
-            "steps": steps, "threads": torch.get_num_threads()}
+            "steps": steps, "threads": torch.get_num_threads(), **python_calls(step, images, labels)}
 
 
 def main(argv=None) -> int:

@@ -115,3 +115,18 @@ def test_kernel_path_host_time_runs_the_real_wrappers_without_kernels():
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(done.stdout.splitlines()[-1])
     assert record["method"] == "maple" and 0 < record["host_ms_min"] <= record["host_ms_per_step"]
+    assert 1000 < record["python_calls_per_step"] < 20000 and record["c_calls_per_step"] > 1000
+
+
+def test_python_calls_counts_one_step():
+    """bench.host.python_calls counts the Python functions one step calls, and nothing outside it."""
+    def helper(x):
+        return x + 1
+
+    def step(images, labels):
+        for _ in range(7):
+            helper(images)
+
+    counts = host.python_calls(step, torch.zeros(1), None)
+    assert counts["python_calls_per_step"] == 1 + 7  # the step and seven helper calls
+    assert counts["c_calls_per_step"] >= 1  # range()

@@ -32,6 +32,7 @@ kernels in ``attention_prefix.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -265,6 +266,7 @@ def _dense_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # one or two head dims per model; a cache hit costs no Python call
 def block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 

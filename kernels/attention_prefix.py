@@ -379,15 +379,30 @@ _METADATA_CACHE_SIZE = 64
 
 
 def _memo(kind: str, tensors, extra: tuple, compute):
-    live = [t for t in tensors if t is not None]
-    if any(t.is_inference() for t in live) or torch.compiler.is_compiling():
-        return compute()  # inference tensors carry no version counter
-    key = (kind, extra, *((id(t), t._version) if t is not None else None for t in tensors))
+    # Plain loops, no comprehensions: this runs for every attention call (~5 per block and step).
+    key, cuda = [kind, extra], False
+    for t in tensors:
+        if t is None:
+            key.append(None)
+            continue
+        if t.is_inference():
+            return compute()  # inference tensors carry no version counter
+        key.append((id(t), t._version))
+        cuda = cuda or t.is_cuda
+    if torch.compiler.is_compiling():
+        return compute()
+    key = tuple(key)
     hit = _METADATA_CACHE.get(key)
-    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors) if t is not None):
-        return hit[1]
+    if hit is not None:
+        alive = True
+        for ref, t in zip(hit[0], tensors):
+            if t is not None and ref() is not t:
+                alive = False
+                break
+        if alive:
+            return hit[1]
     value = compute()
-    capturing = any(t.is_cuda for t in live) and torch.cuda.is_current_stream_capturing()
+    capturing = cuda and torch.cuda.is_current_stream_capturing()
     if not capturing:
         if len(_METADATA_CACHE) >= _METADATA_CACHE_SIZE:
             _METADATA_CACHE.pop(next(iter(_METADATA_CACHE)))
@@ -661,7 +676,8 @@ def stream_cu_seqlens(cu_seqlens: torch.Tensor, groups: int, prefix_len: int) ->
 def _stream_views(qkv, groups: int, prefix_len: int):
     q, k, v = qkv.unbind(1)
     rows = groups * prefix_len
-    return q, k, v, k[:rows].unflatten(0, (groups, prefix_len)), v[:rows].unflatten(0, (groups, prefix_len))
+    shape = (groups, prefix_len) + tuple(k.shape[1:])  # view, not unflatten: a Python method per call
+    return q, k, v, k[:rows].view(shape), v[:rows].view(shape)
 
 
 def stream_attention_forward(qkv, cu_seqlens, prefix_index, groups: int, prefix_len: int, *, scale):

@@ -26,6 +26,8 @@ while every constexpr value would double the variants the GPU JIT-compiles at st
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -158,6 +160,7 @@ def layer_norm_bwd_kernel(
         tl.store(db_part_ptr + pid * d + cols, db_acc, mask=mask)
 
 
+@functools.lru_cache(maxsize=None)  # a few widths per model; a cache hit costs no Python call
 def layer_norm_config(d: int) -> tuple[int, int]:
     """(BLOCK_D, num_warps) the launchers use for rows of width d."""
     block = max(_MIN_BLOCK, next_power_of_2(d))
@@ -170,10 +173,14 @@ def _uses_interpreter() -> bool:
 
 
 def _check_same_device(tensors: dict[str, torch.Tensor]) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    if any(dev != first for dev in devices.values()):
-        raise ValueError(f"layer_norm: all tensors must be on one device, got {devices}")
+    # A plain loop: the launchers run this ~100 times per training step, and each comprehension is a Python call.
+    first = None
+    for t in tensors.values():
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            devices = {name: t.device for name, t in tensors.items()}
+            raise ValueError(f"layer_norm: all tensors must be on one device, got {devices}")
 
 
 def _require_kernel_device(device: torch.device) -> None:

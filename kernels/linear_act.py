@@ -161,10 +161,13 @@ def _uses_interpreter() -> bool:
 
 def check_same_device(op: str, tensors: dict) -> None:
     """All tensors on one device."""
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    if any(dev != first for dev in devices.values()):
-        raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
+    first = None
+    for t in tensors.values():  # a plain loop: ~100 calls per training step, each comprehension a Python call
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            devices = {name: t.device for name, t in tensors.items()}
+            raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
 
 
 def require_kernel_device(op: str, device: torch.device) -> None:

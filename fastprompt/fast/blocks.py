@@ -8,6 +8,10 @@ math in PyTorch ops); the attention backend comes from fastprompt.ops.backends (
 
 Under autocast the GEMM inputs are cast to the autocast dtype here, explicitly, because custom ops are
 not autocast-aware; LayerNorm and softmax statistics stay in fp32 either way.
+
+With the Triton kernels in eager mode, a block whose weights are all frozen runs everything but its attention as
+two autograd nodes (fastprompt.ops.frozen_block; runs_frozen_halves says when): the same kernels in the same order,
+less host time per block. Traced or compiled, the op-by-op composition below is what torch.compile sees.
 """
 
 from __future__ import annotations
@@ -130,47 +134,71 @@ def block_forward(block, x: torch.Tensor, causal: bool, kernels: BlockKernels) -
     return x + branch.to(x.dtype)
 
 
-def runs_frozen_halves(block, x: torch.Tensor, pending: torch.Tensor | None, kernels: BlockKernels) -> bool:
-    """Whether the block runs as fastprompt.ops.frozen_block's two autograd nodes around its attention (the same
-    kernels and results as the op-by-op path, less host time): Triton kernels in eager mode, a pending branch,
-    no LayerScale, no weight that wants a gradient, and nothing to cast (x, the GEMM weights and any autocast
-    dtype agree)."""
+def frozen_tensors(block):
+    """The block's weights as fastprompt.ops.frozen_block takes them, read now (no copies): (ln_1 w, b, eps,
+    in_proj w, b, out_proj w, b, ln_2 w, b, eps, c_fc w, b, c_proj w, b, activation). Read through the modules'
+    own dicts: each `module.attr` of a submodule or parameter is a Python call (nn.Module.__getattr__), ~30 per
+    block per step otherwise."""
+    modules = block._modules
+    ln1, ln2, attn, mlp_ = modules["ln_1"], modules["ln_2"], modules["attn"], modules["mlp"]
+    ap, out = attn._parameters, attn._modules["out_proj"]._parameters
+    fc, proj = mlp_._modules["c_fc"]._parameters, mlp_._modules["c_proj"]._parameters
+    l1, l2 = ln1._parameters, ln2._parameters
+    return (l1["weight"], l1["bias"], ln1.eps, ap["in_proj_weight"], ap["in_proj_bias"], out["weight"], out["bias"],
+            l2["weight"], l2["bias"], ln2.eps, fc["weight"], fc["bias"], proj["weight"], proj["bias"],
+            _gelu_kind(mlp_._modules["gelu"]))
+
+
+_TENSOR_SLOTS = (0, 1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13)  # positions of tensors in frozen_tensors' tuple
+_GEMM_SLOTS = (3, 4, 5, 6, 10, 11, 12, 13)  # the GEMM weights and biases: x's dtype, or a cast would be needed
+
+
+def runs_frozen_halves(block, x: torch.Tensor, pending: torch.Tensor | None, kernels: BlockKernels):
+    """The block's frozen_tensors when it runs as fastprompt.ops.frozen_block's two autograd nodes around its
+    attention (the same kernels and results as the op-by-op path, less host time), else None: Triton kernels in
+    eager mode, a pending branch, no LayerScale, no weight that wants a gradient, and nothing to cast (x, the GEMM
+    weights and any autocast dtype agree)."""
     if kernels.norm_mlp != "triton" or pending is None:
-        return False
+        return None
     from ..ops._library import direct_call_ok
 
-    attn, mlp_ = block.attn, block.mlp
-    weights = (attn.in_proj_weight, attn.out_proj.weight, mlp_.c_fc.weight, mlp_.c_proj.weight)
-    tensors = weights + (attn.in_proj_bias, attn.out_proj.bias, mlp_.c_fc.bias, mlp_.c_proj.bias,
-                         block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias)
-    return (
-        direct_call_ok(x)
-        and type(block.ls_1) is torch.nn.Identity and type(block.ls_2) is torch.nn.Identity
-        and not (torch.is_grad_enabled() and any(t is None or t.requires_grad for t in tensors))
-        and _compute_dtype(x, weights[0]) == x.dtype
-        and all(t.dtype == x.dtype for t in tensors[:8])
-    )
+    modules = block._modules
+    if type(modules["ls_1"]) is not torch.nn.Identity or type(modules["ls_2"]) is not torch.nn.Identity:
+        return None
+    if not direct_call_ok(x):
+        return None
+    weights = frozen_tensors(block)
+    dtype, grad = x.dtype, torch.is_grad_enabled()
+    for slot in _TENSOR_SLOTS:
+        t = weights[slot]
+        if t is None or (grad and t.requires_grad):
+            return None
+    for slot in _GEMM_SLOTS:
+        if weights[slot].dtype != dtype:
+            return None
+    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != dtype:
+        return None
+    return weights
 
 
-def pre_attention(block, x: torch.Tensor, pending: torch.Tensor, splice=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + pending with `splice` in, its LN1 through the qkv GEMM [..., 3 * width]) as one node (see
-    runs_frozen_halves)."""
+def pre_attention(weights, x: torch.Tensor, pending: torch.Tensor, splice=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + pending with `splice` in, its LN1 through the qkv GEMM [..., 3 * width]) as one node; `weights` from
+    runs_frozen_halves."""
     from ..ops.frozen_block import pre_attention as fused
 
-    attn, ln = block.attn, block.ln_1
-    if splice is not None:
-        splice = (splice[0].to(x.dtype),) + tuple(splice[1:])
-    return fused(x, pending.to(x.dtype), ln.weight, ln.bias, ln.eps, attn.in_proj_weight, attn.in_proj_bias, splice)
+    dtype = x.dtype
+    if pending.dtype != dtype:
+        pending = pending.to(dtype)
+    if splice is not None and splice[0].dtype != dtype:
+        splice = (splice[0].to(dtype),) + tuple(splice[1:])
+    return fused(weights, x, pending, splice)
 
 
-def post_attention(block, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + out_proj(o), the MLP branch of its LN2, not added) as one node (see runs_frozen_halves); o is
-    [..., heads, head_dim]."""
+def post_attention(weights, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + out_proj(o), the MLP branch of its LN2, not added) as one node; o is [..., heads, head_dim]."""
     from ..ops.frozen_block import post_attention as fused
 
-    attn, ln, mlp_ = block.attn, block.ln_2, block.mlp
-    return fused(x, o.flatten(-2), attn.out_proj.weight, attn.out_proj.bias, ln.weight, ln.bias, ln.eps,
-                 mlp_.c_fc.weight, mlp_.c_fc.bias, mlp_.c_proj.weight, mlp_.c_proj.bias, _gelu_kind(mlp_.gelu))
+    return fused(weights, x, o.flatten(-2))
 
 
 def block_forward_pending(block, x: torch.Tensor, pending: torch.Tensor | None, causal: bool,
@@ -179,10 +207,11 @@ def block_forward_pending(block, x: torch.Tensor, pending: torch.Tensor | None, 
     That add runs fused into LN1 (add_layer_norm), saving a launch forward and the gradient accumulation's launch
     backward per block; so does a prompt splice of the input (`splice`, see add_layer_norm; needs a pending
     branch). Returns (x + attention branch, this block's MLP branch, not added)."""
-    if runs_frozen_halves(block, x, pending, kernels):
-        x, out = pre_attention(block, x, pending, splice)
-        q, k, v = out.unflatten(-1, (3, block.attn.num_heads, -1)).unbind(-3)
-        return post_attention(block, x, dense_attention(q, k, v, causal, kernels))
+    weights = runs_frozen_halves(block, x, pending, kernels)
+    if weights is not None:
+        x, out = pre_attention(weights, x, pending, splice)
+        q, k, v = out.unflatten(-1, (3, block._modules["attn"].num_heads, -1)).unbind(-3)
+        return post_attention(weights, x, dense_attention(q, k, v, causal, kernels))
     if pending is None:
         if splice is not None:
             raise ValueError("a splice fused into LN1 needs a pending branch")

@@ -111,12 +111,13 @@ class PackedText:
         accumulation's launch backward; so does a splice of the prefix rows (`splice`, see
         fastprompt.fast.blocks.add_layer_norm). Returns (stream, this block's MLP branch, not added)."""
         kernels = self.kernels
-        if runs_frozen_halves(block, stream, pending, kernels):
-            stream, out = pre_attention(block, stream, pending, splice)
-            heads = block.attn.num_heads
+        weights = runs_frozen_halves(block, stream, pending, kernels)
+        if weights is not None:
+            stream, out = pre_attention(weights, stream, pending, splice)
+            heads = block._modules["attn"].num_heads
             o = prefix_stream_attention(out.unflatten(-1, (3, heads, -1)), cu, self.max_suffix, groups,
                                         split // groups, prefix_index, backend=kernels.attention)
-            return post_attention(block, stream, o)
+            return post_attention(weights, stream, o)
         if pending is None:
             h = layer_norm(stream, block.ln_1, kernels)
         else:

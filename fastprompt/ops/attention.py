@@ -439,6 +439,19 @@ def _check_dense(q, k, v, causal):
                          f"Lk={k.shape[1]}")
 
 
+def _check_max_seqlen(max_seqlen) -> None:
+    if isinstance(max_seqlen, (bool, Tensor)) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int (an upper bound on sequence length), "
+                         f"got {max_seqlen!r}")
+
+
+def _check_stream_packing(qkv, cu_seqlens, prefix_index, groups: int, prefix_len: int) -> None:
+    """The stream's shapes (the launcher's own check), before _validate_packing reads cu_seqlens' values."""
+    from fastprompt.kernels.attention_prefix import _check_stream
+
+    _check_stream(qkv, cu_seqlens, prefix_index, groups, prefix_len)
+
+
 def _check_prefix_shapes(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, prefix_index):
     _check_common({"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v})
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
@@ -465,9 +478,7 @@ def _check_prefix_shapes(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, pr
     if prefix_index is not None and prefix_index.numel() != cu_seqlens.numel() - 1:
         raise ValueError(f"prefix_index has {prefix_index.numel()} entries for "
                          f"{cu_seqlens.numel() - 1} sequences")
-    if isinstance(max_seqlen, (bool, Tensor)) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 1:
-        raise ValueError(f"max_seqlen must be a positive int (an upper bound on sequence length), "
-                         f"got {max_seqlen!r}")
+    _check_max_seqlen(max_seqlen)
 
 
 class _PackingInfo:
@@ -704,18 +715,27 @@ def prefix_stream_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, gr
     rows = groups * prefix_len
     if qkv.shape[0] < rows:
         raise ValueError(f"qkv has {qkv.shape[0]} rows, fewer than the {groups} x {prefix_len} prefix rows")
+    name = _select("prefix_varlen_attention", qkv.device, qkv.dtype, qkv.shape[-1], True, backend)
+    scale = _default_scale(scale, qkv.shape[-1])
+    if name == "triton":
+        # The launcher checks the stream's shapes, dtypes and devices (kernels.attention_prefix._check_stream); no
+        # views of q, k, v and the prefixes are made here (host time, once per text block and step).
+        _check_max_seqlen(max_seqlen)
+        for what, t in (("cu_seqlens", cu_seqlens), ("prefix_index", prefix_index)):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"{what} must be an int32 tensor, got {type(t).__name__}")
+        index = None if prefix_index is None else prefix_index.contiguous()
+        cu_seqlens = cu_seqlens.contiguous()
+        if _values_checkable(cu_seqlens):
+            _check_stream_packing(qkv, cu_seqlens, index, groups, prefix_len)
+            _validate_packing(cu_seqlens, index, qkv.shape[0] - rows, max_seqlen, groups)
+        return _triton_stream(_last_dim_contiguous(qkv), cu_seqlens, int(groups), int(prefix_len), index, scale)
     prefix, suffix = qkv.split([rows, qkv.shape[0] - rows])
     q, k, v = suffix.unbind(1)
     prefix_k, prefix_v = (t.unflatten(0, (groups, prefix_len)) for t in prefix.unbind(1)[1:])
     _check_prefix_shapes(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, prefix_index)
-    scale = _default_scale(scale, qkv.shape[-1])
     if _values_checkable(cu_seqlens):
         _validate_packing(cu_seqlens, prefix_index, q.shape[0], max_seqlen, groups)
-    name = _select("prefix_varlen_attention", qkv.device, qkv.dtype, qkv.shape[-1], True, backend)
-    if name == "triton":
-        index = None if prefix_index is None else prefix_index.contiguous()
-        return _triton_stream(_last_dim_contiguous(qkv), cu_seqlens.contiguous(), int(groups), int(prefix_len),
-                              index, scale)
     out_suffix = prefix_varlen_attention(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, prefix_index,
                                          scale=scale, backend=name)
     if rows == 0:

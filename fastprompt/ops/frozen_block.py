@@ -35,8 +35,9 @@ def _gemm(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch
     return torch.addmm(bias, rows, weight.t())
 
 
-def _pre_forward(x, pending, new, ln_w, ln_b, eps, in_w, in_b, period, start):
+def _pre_forward(x, pending, new, weights, period, start):
     """(s, qkv, mean, rstd) of pre_attention."""
+    ln_w, ln_b, eps, in_w, in_b = weights[:5]
     if new is None:
         h, s, mean, rstd = _ln._layer_norm_residual_impl(pending, x, ln_w, ln_b, eps)
     else:
@@ -45,84 +46,88 @@ def _pre_forward(x, pending, new, ln_w, ln_b, eps, in_w, in_b, period, start):
     return s, qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
 
 
-def _post_forward(s, o, out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation):
+def _post_forward(s, o, weights):
     """(s2, branch, LN2's normalised input h, mean, rstd) of post_attention."""
+    out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation = weights[5:]
     attended = _gemm(o.reshape(-1, o.shape[-1]), out_w, out_b).view(s.shape)
     h, s2, mean, rstd = _ln._layer_norm_residual_impl(attended, s, ln_w, ln_b, eps)
     return s2, _mlp._frozen_mlp_impl(h, fc_w, fc_b, proj_w, proj_b, activation), h, mean, rstd
 
 
+# The weights travel as one tuple argument, not as separate inputs: nothing differentiates them, and every
+# argument of Function.apply costs host time (autograd inspects each one). They are parameters, alive as long as
+# the model, so the Functions keep references to them on ctx; the activations go through save_for_backward (packed
+# by saved-tensor hooks such as torch.utils.checkpoint's).
 class _PreAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, pending, new, ln_w, ln_b, eps, in_w, in_b, period, start):
-        s, qkv, mean, rstd = _pre_forward(x, pending, new, ln_w, ln_b, eps, in_w, in_b, period, start)
-        if new is not None:
-            ctx.splice = (new.shape[0], new.shape[1], period, start)
-        ctx.spliced = new is not None
-        ctx.save_for_backward(s, ln_w, mean, rstd, in_w)
+    def forward(ctx, x, pending, new, weights, period, start):
+        s, qkv, mean, rstd = _pre_forward(x, pending, new, weights, period, start)
+        ctx.splice = None if new is None else (new.shape[0], new.shape[1], period, start)
+        ctx.weights = weights
+        ctx.save_for_backward(s, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused output costs no zero gradient
         return s, qkv
 
     @staticmethod
     def backward(ctx, d_s, d_qkv):
-        s, ln_w, mean, rstd, in_w = ctx.saved_tensors
+        s, mean, rstd = ctx.saved_tensors
+        ln_w, in_w = ctx.weights[0], ctx.weights[3]
         d_sum = None if d_s is None else d_s.contiguous()
         if d_qkv is None:
             dh = torch.zeros_like(s)
         else:
             dh = d_qkv.reshape(-1, d_qkv.shape[-1]).mm(in_w).view(s.shape)
         dnew = None
-        if ctx.spliced:
+        if ctx.splice is not None:
             dx, dnew, _, _ = _ln._layer_norm_splice_backward_impl(dh, s, ln_w, mean, rstd, d_sum, *ctx.splice, False)
         else:
             dx = _ln._layer_norm_backward_impl(dh, s, ln_w, mean, rstd, d_sum)
         # d s / d x = d s / d pending = identity off the splice; the spliced rows' gradient goes to `new`.
-        return dx, dx, dnew, None, None, None, None, None, None, None
+        return dx, dx, dnew, None, None, None
 
 
 class _PostAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, o, out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation):
-        s2, branch, h, mean, rstd = _post_forward(s, o, out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b,
-                                                  activation)
-        ctx.save_for_backward(s2, ln_w, mean, rstd, h, fc_w, fc_b, proj_w, out_w)
-        ctx.activation, ctx.o_shape = activation, o.shape
+    def forward(ctx, s, o, weights):
+        s2, branch, h, mean, rstd = _post_forward(s, o, weights)
+        ctx.weights, ctx.o_shape = weights, o.shape
+        ctx.save_for_backward(s2, mean, rstd, h)
         ctx.set_materialize_grads(False)
         return s2, branch
 
     @staticmethod
     def backward(ctx, d_s2, d_branch):
-        s2, ln_w, mean, rstd, h, fc_w, fc_b, proj_w, out_w = ctx.saved_tensors
+        s2, mean, rstd, h = ctx.saved_tensors
+        out_w, _, ln_w, _, _, fc_w, fc_b, proj_w, _, activation = ctx.weights[5:]
         d_sum = None if d_s2 is None else d_s2.contiguous()
         if d_branch is None:
             dh = torch.zeros_like(h)
         else:  # the frozen MLP's input gradient (fastprompt.ops.mlp._backward_frozen_mlp)
-            d_pre = _mlp._pre_activation_grad(h, fc_w, fc_b, d_branch @ proj_w, ctx.activation)
+            d_pre = _mlp._pre_activation_grad(h, fc_w, fc_b, d_branch @ proj_w, activation)
             dh = d_pre @ fc_w
         ds = _ln._layer_norm_backward_impl(dh.contiguous(), s2, ln_w, mean, rstd, d_sum)
         do = ds.reshape(-1, ds.shape[-1]).mm(out_w).view(ctx.o_shape)
-        return ds, do, None, None, None, None, None, None, None, None, None, None
+        return ds, do, None
 
 
-def _differentiated(*inputs) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+def _differentiated(a, b, c=None) -> bool:
+    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (c is not None and c.requires_grad))
 
 
-def pre_attention(x, pending, ln_w, ln_b, eps: float, in_w, in_b, splice=None):
+def pre_attention(weights, x, pending, splice=None):
     """(s, qkv): s = x + pending (rows of `splice = (new, period, start)` replaced by new, see
-    fastprompt.ops.layer_norm.layer_norm_spliced), qkv = LayerNorm(s) @ in_w^T + in_b. One autograd node; the
-    weights get no gradient (frozen_block_ok says when this applies)."""
+    fastprompt.ops.layer_norm.layer_norm_spliced), qkv = LayerNorm_1(s) @ in_w^T + in_b. `weights` is
+    fastprompt.fast.blocks.frozen_tensors(block); none of them gets a gradient (runs_frozen_halves says when this
+    applies). One autograd node."""
     new, period, start = (None, 0, 0) if splice is None else splice
-    args = (x, pending, new, ln_w, ln_b, float(eps), in_w, in_b, int(period), int(start))
     if _differentiated(x, pending, new):
-        return _PreAttention.apply(*args)
-    return _pre_forward(*args)[:2]  # nothing to differentiate (inference): no autograd node at all
+        return _PreAttention.apply(x, pending, new, weights, int(period), int(start))
+    return _pre_forward(x, pending, new, weights, int(period), int(start))[:2]  # inference: no node at all
 
 
-def post_attention(s, o, out_w, out_b, ln_w, ln_b, eps: float, fc_w, fc_b, proj_w, proj_b, activation: str):
+def post_attention(weights, s, o):
     """(s2, branch): s2 = s + o @ out_w^T + out_b (o: [..., heads * head_dim] rows of s), branch =
-    proj(act(fc(LayerNorm(s2)))), the MLP branch not yet added. One autograd node; the weights get no gradient."""
-    args = (s, o, out_w, out_b, ln_w, ln_b, float(eps), fc_w, fc_b, proj_w, proj_b, activation)
+    proj(act(fc(LayerNorm_2(s2)))), the MLP branch not yet added. One autograd node; no weight gets a gradient."""
     if _differentiated(s, o):
-        return _PostAttention.apply(*args)
-    return _post_forward(*args)[:2]
+        return _PostAttention.apply(s, o, weights)
+    return _post_forward(s, o, weights)[:2]

@@ -76,7 +76,7 @@ def test_halves_equal_the_block_definition_in_float64(kernel_device, splice, cau
     dtype = MATRIX_DTYPE
     block = _block(kernel_device, dtype)
     x, pending, new = _inputs(kernel_device, dtype, splice)
-    assert runs_frozen_halves(block, x, pending, KERNELS)
+    assert runs_frozen_halves(block, x, pending, KERNELS) is not None
     got = _run(block, x, pending, new, causal)
     inputs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, pending, new)]
     ref = _reference(block, *inputs, causal=causal)
@@ -98,7 +98,7 @@ def test_halves_are_bit_identical_to_the_op_by_op_path(kernel_device, splice, mo
     x, pending, new = _inputs(kernel_device, MATRIX_DTYPE, splice)
     fused = _run(block, x, pending, new)
     fused_grads = _grads(fused, (x, pending, new))
-    monkeypatch.setattr(blocks, "runs_frozen_halves", lambda *args, **kwargs: False)
+    monkeypatch.setattr(blocks, "runs_frozen_halves", lambda *args, **kwargs: None)
     plain = _run(block, x, pending, new)
     plain_grads = _grads(plain, (x, pending, new))
     for a, b in zip(fused + fused_grads, plain + plain_grads):
@@ -123,11 +123,17 @@ def test_stream_layout_and_splice_groups(kernel_device):
 
     calls = []
     real = blocks.runs_frozen_halves
-    packed_text.runs_frozen_halves = lambda *a: calls.append(real(*a)) or calls[-1]
+
+    def counting(*args):
+        weights = real(*args)
+        calls.append(weights is not None)
+        return weights
+
+    packed_text.runs_frozen_halves = counting
     try:
         fused = text_step()
         assert sum(calls) == 11  # every text block but the first, whose input has no pending branch
-        packed_text.runs_frozen_halves = lambda *a: False
+        packed_text.runs_frozen_halves = lambda *a: None
         plain = text_step()
     finally:
         packed_text.runs_frozen_halves = real
@@ -156,7 +162,7 @@ def test_one_node_per_half_and_the_same_saved_memory(kernel_device, monkeypatch)
         return sorted(type(n).__name__ for n in seen), sum(activations.values())
 
     fused_nodes, fused_bytes = nodes_and_saved()
-    monkeypatch.setattr(blocks, "runs_frozen_halves", lambda *args, **kwargs: False)
+    monkeypatch.setattr(blocks, "runs_frozen_halves", lambda *args, **kwargs: None)
     plain_nodes, plain_bytes = nodes_and_saved()
     halves = [n for n in fused_nodes if n.startswith(("_PreAttention", "_PostAttention"))]
     assert halves == ["_PostAttentionBackward", "_PreAttentionBackward"]
@@ -170,20 +176,23 @@ def test_one_node_per_half_and_the_same_saved_memory(kernel_device, monkeypatch)
 def test_conditions_that_keep_the_op_by_op_path(kernel_device):
     block = _block(kernel_device, MATRIX_DTYPE)
     x, pending, _ = _inputs(kernel_device, MATRIX_DTYPE, False)
-    assert runs_frozen_halves(block, x, pending, KERNELS)
-    assert not runs_frozen_halves(block, x, None, KERNELS)  # nothing pending: LN1 alone
-    assert not runs_frozen_halves(block, x, pending, BlockKernels(norm_mlp="torch", attention="sdpa"))
+    assert runs_frozen_halves(block, x, pending, KERNELS) is not None
+    assert None is runs_frozen_halves(block, x, None, KERNELS)  # nothing pending: LN1 alone
+    assert None is runs_frozen_halves(block, x, pending, BlockKernels(norm_mlp="torch", attention="sdpa"))
     block.mlp.c_fc.weight.requires_grad_(True)  # a trained weight needs the path that computes its gradient
-    assert not runs_frozen_halves(block, x, pending, KERNELS)
+    assert None is runs_frozen_halves(block, x, pending, KERNELS)
     with torch.no_grad():  # ... unless nothing is differentiated
-        assert runs_frozen_halves(block, x, pending, KERNELS)
+        assert runs_frozen_halves(block, x, pending, KERNELS) is not None
     block.mlp.c_fc.weight.requires_grad_(False)
     other = torch.float64 if MATRIX_DTYPE == torch.float32 else torch.float32
-    assert not runs_frozen_halves(block, x.to(other), pending.to(other), KERNELS)  # a cast would be needed
+    assert None is runs_frozen_halves(block, x.to(other), pending.to(other), KERNELS)  # a cast would be needed
+    amp = torch.float16 if MATRIX_DTYPE == torch.bfloat16 else torch.bfloat16
+    with torch.autocast(kernel_device, dtype=amp):  # autocast would cast the GEMM inputs
+        assert None is runs_frozen_halves(block, x, pending, KERNELS)
     block.ls_1 = torch.nn.Module()  # LayerScale (or anything but Identity) between attention and the sum
-    assert not runs_frozen_halves(block, x, pending, KERNELS)
+    assert None is runs_frozen_halves(block, x, pending, KERNELS)
     block.ls_1 = torch.nn.Identity()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):  # tracing (compile, export, op counting): the registered ops
-        assert not runs_frozen_halves(block, x, pending, KERNELS)
+        assert None is runs_frozen_halves(block, x, pending, KERNELS)
