@@ -57,7 +57,9 @@ def _post_forward(s, o, weights):
 # The weights travel as one tuple argument, not as separate inputs: nothing differentiates them, and every
 # argument of Function.apply costs host time (autograd inspects each one). They are parameters, alive as long as
 # the model, so the Functions keep references to them on ctx; the activations go through save_for_backward (packed
-# by saved-tensor hooks such as torch.utils.checkpoint's).
+# by saved-tensor hooks such as torch.utils.checkpoint's). What that gives up: autograd's version check on the
+# weights, so an in-place change of a frozen weight between forward and backward (which prompt learning never makes)
+# would not be reported here as it is on the op-by-op path.
 class _PreAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pending, new, weights, period, start):
