@@ -148,8 +148,6 @@ def python_calls(step, images, labels) -> dict:
     sys.setprofile: a host-time measure that, unlike milliseconds on a shared machine, does not vary between runs
     (each call costs roughly 0.3-1 us of host time; the interpreter's own work per call is what a step without a
     CUDA graph pays on top of the launches)."""
-    import sys
-
     counts = {"call": 0, "c_call": 0}
 
     def count(frame, event, arg):

@@ -445,13 +445,6 @@ def _check_max_seqlen(max_seqlen) -> None:
                          f"got {max_seqlen!r}")
 
 
-def _check_stream_packing(qkv, cu_seqlens, prefix_index, groups: int, prefix_len: int) -> None:
-    """The stream's shapes (the launcher's own check), before _validate_packing reads cu_seqlens' values."""
-    from fastprompt.kernels.attention_prefix import _check_stream
-
-    _check_stream(qkv, cu_seqlens, prefix_index, groups, prefix_len)
-
-
 def _check_prefix_shapes(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, prefix_index):
     _check_common({"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v})
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
@@ -512,11 +505,15 @@ def _lookup_packing(key, cu_seqlens, prefix_index):
     return info
 
 
-def _validate_packing(cu_seqlens, prefix_index, total, max_seqlen, num_prefixes) -> _PackingInfo:
+def _validate_packing(cu_seqlens, prefix_index, total, max_seqlen, num_prefixes, check_shapes=None) -> _PackingInfo:
+    """The packing's values checked once per (tensors, versions); `check_shapes()`, when given, runs first on a miss
+    (shapes and dtypes before any value is read), so a cache hit pays for neither."""
     key = _cache_key(cu_seqlens, prefix_index, total, max_seqlen, num_prefixes)
     info = _lookup_packing(key, cu_seqlens, prefix_index)
     if info is not None:
         return info
+    if check_shapes is not None:
+        check_shapes()
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != total:
         raise ValueError(f"cu_seqlens must start at 0 and end at the token count {total}, got "
@@ -727,8 +724,10 @@ def prefix_stream_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, gr
         index = None if prefix_index is None else prefix_index.contiguous()
         cu_seqlens = cu_seqlens.contiguous()
         if _values_checkable(cu_seqlens):
-            _check_stream_packing(qkv, cu_seqlens, index, groups, prefix_len)
-            _validate_packing(cu_seqlens, index, qkv.shape[0] - rows, max_seqlen, groups)
+            from fastprompt.kernels.attention_prefix import _check_stream
+
+            _validate_packing(cu_seqlens, index, qkv.shape[0] - rows, max_seqlen, groups,
+                              check_shapes=lambda: _check_stream(qkv, cu_seqlens, index, groups, prefix_len))
         return _triton_stream(_last_dim_contiguous(qkv), cu_seqlens, int(groups), int(prefix_len), index, scale)
     prefix, suffix = qkv.split([rows, qkv.shape[0] - rows])
     q, k, v = suffix.unbind(1)

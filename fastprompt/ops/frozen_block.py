@@ -10,7 +10,7 @@ attention is two Functions:
     pre_attention:  (x, pending[, new]) -> (s, qkv)     s = x + pending (new spliced in), qkv = LN1(s) W_in^T + b_in
     post_attention: (s, o)              -> (s2, branch)  s2 = s + o W_out^T + b_out, branch = MLP(LN2(s2))
 
-They call the per-op path's own implementations (the LayerNorm and MLP kernels' launchers, torch.addmm for the
+They call the per-op path's own implementations (the LayerNorm and MLP kernels' launchers, F.linear for the
 GEMMs, the same backward formulas) in the same order on the same operands, so outputs and gradients are
 bit-identical to it, and they save what it saves (the LayerNorm sums and statistics, the MLP's input; the frozen
 weights), so memory is unchanged. The attention between the halves is left to its backend, whichever it is.
@@ -22,17 +22,13 @@ path, whose registered ops are what torch.compile sees as single nodes.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastprompt.ops._library import require_triton
 
 require_triton()
 from fastprompt.ops import layer_norm as _ln  # noqa: E402
 from fastprompt.ops import mlp as _mlp  # noqa: E402
-
-
-def _gemm(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """rows @ weight^T + bias, as F.linear computes it for a 2-D input."""
-    return torch.addmm(bias, rows, weight.t())
 
 
 def _pre_forward(x, pending, new, weights, period, start):
@@ -42,14 +38,14 @@ def _pre_forward(x, pending, new, weights, period, start):
         h, s, mean, rstd = _ln._layer_norm_residual_impl(pending, x, ln_w, ln_b, eps)
     else:
         h, s, mean, rstd = _ln._layer_norm_residual_splice_impl(pending, x, new, ln_w, ln_b, eps, period, start)
-    qkv = _gemm(h.reshape(-1, h.shape[-1]), in_w, in_b)
+    qkv = F.linear(h.reshape(-1, h.shape[-1]), in_w, in_b)
     return s, qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
 
 
 def _post_forward(s, o, weights):
     """(s2, branch, LN2's normalised input h, mean, rstd) of post_attention."""
     out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation = weights[5:]
-    attended = _gemm(o.reshape(-1, o.shape[-1]), out_w, out_b).view(s.shape)
+    attended = F.linear(o.reshape(-1, o.shape[-1]), out_w, out_b).view(s.shape)
     h, s2, mean, rstd = _ln._layer_norm_residual_impl(attended, s, ln_w, ln_b, eps)
     return s2, _mlp._frozen_mlp_impl(h, fc_w, fc_b, proj_w, proj_b, activation), h, mean, rstd
 
