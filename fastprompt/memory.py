@@ -19,8 +19,7 @@ Three layers:
   + run-long caches + inputs + a workspace term for the largest layer's backward temporaries + cuBLAS's workspaces,
   or, when larger, the first step's one-off forward of the frozen text (constant text features, frozen teachers).
   The layer workspace is an estimate, not an exact count; the rest are counts. Checked against the peaks measured
-  on an H200 (tests/test_memory.py): 30 of 32 cases within 8 %; VPT's eager contender is 11 % low at B = 4 and
-  23 % low at B = 32, where 0.86 GiB of its step remain unexplained.
+  on an H200 (tests/test_memory.py): all 32 cases within 8.1 %.
 
 What the measured peaks taught (H200, commit e536e88, bench/results/nvidia-h200-2026-11-27.json):
 - `torch.cuda.max_memory_allocated` counts cuBLAS's workspaces: PyTorch allocates one per (cuBLAS handle, stream)
@@ -32,6 +31,10 @@ What the measured peaks taught (H200, commit e536e88, bench/results/nvidia-h200-
 - A method without text prompts (VPT) computes its text features once, in the first step, by a no-grad pass over
   every class; its cache keeps those features and, on the reference text path, the layer-1 input embeddings
   (C x 77 x d). That first pass, not the training step, is the eager contender's peak at B = 4.
+  When that pass runs matters: at the measured commit it ran after the image tower, with the step's saved
+  activations alive (VPT's eager contender peaked 0.86 GiB above the step at B = 32 for it); since f32fb42 the
+  cache is built before the image tower, on nothing saved. `StepGeometry.frozen_text_in_loss` says which, and a
+  test observes it in a real first step.
 
 `structural_model(method, classnames, backbone)` builds a PromptedCLIP with uninitialised weights in about a
 second (no random init of 150 M parameters): enough for the arithmetic, useless for computing.
