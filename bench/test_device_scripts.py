@@ -29,3 +29,14 @@ def test_gemm_shapes_smoke_times_every_plan():
     (record,) = [json.loads(line) for line in done.stdout.splitlines()]
     for plan in ("triton", "cublas+act", "cublas", "triton_grad", "cublas+act_grad"):
         assert record[f"{plan}_ms"] > 0 and record[f"{plan}_tflops"] >= 0
+
+
+def test_host_gpu_smoke_writes_its_records_and_host_profiles(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    done = subprocess.run([sys.executable, "bench/device/host_gpu.py", "coop", "tiny-c4-b8", "--smoke"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = json.loads((tmp_path / "host_gpu.json").read_text())
+    assert record["method"] == "coop" and record["wall_ms_no_graph"] > 0 and record["gpu_ms_graph"] > 0
+    profile = (tmp_path / "host_gpu_profile_coop.txt").read_text()
+    assert "5 no-graph steps under cProfile" in profile and "run_backward" in profile
