@@ -102,8 +102,8 @@ class _PostAttention(torch.autograd.Function):
             dh = torch.zeros_like(h)
         else:  # the frozen MLP's input gradient (fastprompt.ops.mlp._backward_frozen_mlp)
             d_pre = _mlp._pre_activation_grad(h, fc_w, fc_b, d_branch @ proj_w, activation)
-            dh = d_pre @ fc_w
-        ds = _ln._layer_norm_backward_impl(dh.contiguous(), s2, ln_w, mean, rstd, d_sum)
+            dh = d_pre @ fc_w  # a fresh, contiguous result: the LayerNorm backward reads its rows as they are
+        ds = _ln._layer_norm_backward_impl(dh, s2, ln_w, mean, rstd, d_sum)
         do = ds.reshape(-1, ds.shape[-1]).mm(out_w).view(ctx.o_shape)
         return ds, do, None
 
