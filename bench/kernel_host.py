@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import warnings
+from collections import Counter
 
 import torch
 
@@ -44,7 +45,12 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
 
     from .host import classnames, python_calls, step_seconds
 
-    interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None  # every launch: no kernel runs
+    launches: Counter = Counter()
+
+    def count_launch(self, *args, **kwargs):  # every launch: counted, no kernel runs
+        launches[self.fn.__name__] += 1
+
+    interpreter.InterpretedFunction.run = count_launch
     TINY_CONFIGS.setdefault(BACKBONE, CONFIG)
     clip = create_clip(BACKBONE, precision="fp32", device="cpu")
     fastprompt.patch(clip, backend="triton")
@@ -57,9 +63,12 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
     images = torch.randn(batch, 3, *model.info.image_size, generator=generator)
     labels = torch.randint(0, classes, (batch,), generator=generator)
     times = [seconds * 1e3 for seconds in step_seconds(step, images, labels, steps, warmup)]
+    launches.clear()
+    calls = python_calls(step, images, labels)
     return {"method": method, "classes": classes, "batch": batch, "backbone": BACKBONE,
             "host_ms_per_step": round(statistics.median(times), 2), "host_ms_min": round(min(times), 2),
-            "steps": steps, "threads": torch.get_num_threads(), **python_calls(step, images, labels)}
+            "steps": steps, "threads": torch.get_num_threads(), **calls,
+            "triton_launches_per_step": sum(launches.values()), "triton_launches": dict(sorted(launches.items()))}
 
 
 def main(argv=None) -> int:
