@@ -16,7 +16,9 @@ keys are those of the prefixes its rows use: a loop over the prefix ids present 
 (one id when G = 1 or when sequences that share a prefix are adjacent, as CoCoOp packs them).
 
 Backward, deterministic (no atomics):
-* dQ per query block and suffix dK/dV per key block, as in the dense kernels;
+* dQ per query block and suffix dK/dV per key block, as in the dense kernels, except that the dQ kernel
+  also computes the softmax term delta = rowsum(dO * O) of its rows (launched first, it hands delta to the
+  key-gradient kernels: four launches per backward instead of five);
 * prefix dK/dV in two stages: stage 1 gives per-chunk fp32 partials, where a chunk is a run of
   tokens that all use one prefix (tokens taken in prefix order, see ``prefix_grad_plan``);
   stage 2 sums each prefix's chunks in chunk order. Both orders are fixed by the inputs alone,
@@ -45,7 +47,6 @@ from .attention import (
     finish_softmax,
     online_softmax_step,
     qk_scale_log2,
-    row_dot,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -135,14 +136,17 @@ def _prefix_fwd_kernel(
 
 @triton.jit(do_not_specialize=["has_prefix_index", "prefix_seqs"])
 def _prefix_bwd_dq_kernel(
-    Q, K, V, PK, PV, DO, LSE2, DELTA, DQ, SEQ_IDS, CU_SEQLENS, PREFIX_INDEX,
+    Q, K, V, PK, PV, O, DO, LSE2, DELTA, DQ, SEQ_IDS, CU_SEQLENS, PREFIX_INDEX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pkg, stride_pkp, stride_pkh, stride_pvg, stride_pvp, stride_pvh,
-    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     T, P, qk_scale_log2, scale, has_prefix_index, prefix_seqs,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """dQ of BLOCK_M query rows of one head. It also writes those rows' delta = rowsum(dO * O) (fp32) to DELTA
+    [H, T], which the key-gradient kernels launched after it read: each (row, head) belongs to one program, so no
+    separate row-dot launch is needed."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     offs_t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -155,8 +159,10 @@ def _prefix_bwd_dq_kernel(
     row_mask = t_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=row_mask, other=0.0)
+    o = tl.load(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=row_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + h * T + rows, delta, mask=t_ok)
     lse2 = tl.load(LSE2 + h * T + rows, mask=t_ok, other=0.0)
-    delta = tl.load(DELTA + h * T + rows, mask=t_ok, other=0.0)
     sid, grp, g_lo, g_hi = _prefix_block_groups(SEQ_IDS, PREFIX_INDEX, offs_t, t_ok, has_prefix_index,
                                                   prefix_seqs)
 
@@ -540,20 +546,23 @@ def _check_backward_args(grad_out, q, out, lse2, rows: int) -> None:
                          f"{tuple(lse2.shape)} {lse2.dtype}")
 
 
-def _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, lse2, delta, dq, dk, dv, seq_ids, cu_seqlens,
+def _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, out, lse2, dq, dk, dv, seq_ids, cu_seqlens,
                     prefix_index, prefix_seqs, scale):
     """dQ (prefix and own keys) and the own-sequence dK/dV of every token: the rows of a prefix sequence
-    (prefix_seqs > 0) get here the gradient of their own causal attention, not yet what later sequences add."""
+    (prefix_seqs > 0) get here the gradient of their own causal attention, not yet what later sequences add.
+    Returns delta = rowsum(dO * O) [H, T] fp32, written by the dQ kernel, for the prefix-gradient kernels."""
     T, H, D = q.shape
     P = prefix_k.shape[1]
+    delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D))
     scale2 = qk_scale_log2(scale)
     suffix_strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
     bm, bn, warps, stages = prefix_config("dq", D)
     _prefix_bwd_dq_kernel[(cdiv(T, bm), H)](
-        q, k, v, prefix_k, prefix_v, grad_out, lse2, delta, dq, seq_ids, cu_seqlens,
+        q, k, v, prefix_k, prefix_v, out, grad_out, lse2, delta, dq, seq_ids, cu_seqlens,
         prefix_index if prefix_index is not None else seq_ids,  # not read without an index
-        *suffix_strides, *prefix_k.stride()[:3], *prefix_v.stride()[:3], *grad_out.stride()[:2], *dq.stride()[:2],
+        *suffix_strides, *prefix_k.stride()[:3], *prefix_v.stride()[:3], *out.stride()[:2], *grad_out.stride()[:2],
+        *dq.stride()[:2],
         T, P, scale2, scale, int(prefix_index is not None), prefix_seqs,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=BLOCK_P, num_warps=warps, num_stages=stages, **meta,
     )
@@ -563,6 +572,7 @@ def _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, lse2, delta, dq, dk, 
         *suffix_strides, *grad_out.stride()[:2], *dk.stride()[:2], T, scale2, scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
     )
+    return delta
 
 
 def _launch_prefix_gradient(grad_out, q, prefix_k, prefix_v, lse2, delta, dpk, dpv, cu_seqlens, prefix_index,
@@ -611,10 +621,8 @@ def prefix_attention_backward(grad_out, q, k, v, out, lse2, cu_seqlens, prefix_k
     dpv = torch.empty((G, P, H, D), dtype=q.dtype, device=q.device)
     if T == 0 or H == 0:
         return dq, dk, dv, dpk.zero_(), dpv.zero_()
-    # [T, H, D] is batch 1 of the dense layout: delta comes out [1, H, T].
-    delta = row_dot(out, grad_out, H, T, (0, *out.stride()[:2]), (0, *grad_out.stride()[:2])).view(H, T)
-    _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, lse2, delta, dq, dk, dv, sequence_ids(cu_seqlens, T),
-                    cu_seqlens, prefix_index, 0, scale)
+    delta = _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, out, lse2, dq, dk, dv,
+                            sequence_ids(cu_seqlens, T), cu_seqlens, prefix_index, 0, scale)
     if P > 0:
         _launch_prefix_gradient(grad_out, q, prefix_k, prefix_v, lse2, delta, dpk, dpv, cu_seqlens, prefix_index,
                                 row0=0, tokens=T, accumulate=False, scale=scale)
@@ -707,10 +715,9 @@ def stream_attention_backward(grad_out, qkv, out, lse2, cu_seqlens, prefix_index
     if N == 0 or H == 0:
         return dqkv.zero_()
     dq, dk, dv, dpk, dpv = _stream_views(dqkv, groups, prefix_len)
-    delta = row_dot(out, grad_out, H, N, (0, *out.stride()[:2]), (0, *grad_out.stride()[:2])).view(H, N)
     cu = stream_cu_seqlens(cu_seqlens, groups, prefix_len)
-    _launch_dq_dkdv(grad_out, q, k, v, pk, pv, lse2, delta, dq, dk, dv, sequence_ids(cu, N), cu, prefix_index,
-                    groups if prefix_len else 0, scale)
+    delta = _launch_dq_dkdv(grad_out, q, k, v, pk, pv, out, lse2, dq, dk, dv, sequence_ids(cu, N), cu, prefix_index,
+                            groups if prefix_len else 0, scale)
     if prefix_len > 0 and tokens > 0:
         _launch_prefix_gradient(grad_out, q, pk, pv, lse2, delta, dpk, dpv, cu_seqlens, prefix_index,
                                 row0=groups * prefix_len, tokens=tokens, accumulate=True, scale=scale)
