@@ -12,9 +12,9 @@ the softmax statistics (running max, running sum, log-sum-exp) are fp32, and the
 once to the input dtype. The saved statistic is ``lse2 = log2(sum_j exp2(s_ij))`` in base 2,
 [B, H, Lq] fp32; ``lse2 * ln(2)`` is the natural log-sum-exp.
 
-Backward (no atomics, deterministic): a row-wise ``delta = rowsum(dO * O)`` kernel, one kernel
-per key block for dK/dV (loops over query blocks, recomputes P from lse2), one kernel per query
-block for dQ (loops over key blocks). Recomputing P twice costs one extra Q.K^T but keeps every
+Backward (no atomics, deterministic): one kernel per query block for dQ (loops over key blocks),
+which also writes the softmax term ``delta = rowsum(dO * O)`` of its rows, then one kernel per key
+block for dK/dV (loops over query blocks, recomputes P from lse2, reads delta): two launches. Recomputing P twice costs one extra Q.K^T but keeps every
 gradient written by exactly one program.
 
 dtypes: fp16 and bf16 on the GPU (tensor cores, fp32 accumulation); fp32 only under the
@@ -133,29 +133,6 @@ def _dense_fwd_kernel(
     tl.store(LSE2 + (b * H + h) * LQ + offs_m, lse2, mask=m_ok)
 
 
-@triton.jit
-def row_dot_kernel(
-    OUT, DO, DELTA,  # out, do: [B, L, H, D] (head_dim stride 1); delta: [B, H, L] fp32
-    stride_ob, stride_om, stride_oh,
-    stride_dob, stride_dom, stride_doh,
-    H, L,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """delta = rowsum(dO * O) in fp32: the softmax backward term shared by dQ and dK."""
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + (b * H + h) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
-
-
 @triton.jit(do_not_specialize=["causal"])
 def _dense_bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV,  # dk, dv: [B, Lk, H, D] contiguous like k
@@ -212,15 +189,18 @@ def _dense_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["causal"])
 def _dense_bwd_dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ,  # dq: [B, Lq, H, D] contiguous
+    Q, K, V, O, DO, LSE2, DELTA, DQ,  # dq: [B, Lq, H, D] contiguous; delta: [B, H, Lq] fp32, written here
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
     stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqm, stride_dqh,
     H, LQ, LK, qk_scale_log2, scale, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dQ of BLOCK_M query rows of one (batch, head). It also writes those rows' softmax term delta =
+    rowsum(dO * O) in fp32, which the dK/dV kernel launched after it reads (each row belongs to one program)."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -235,9 +215,12 @@ def _dense_bwd_dq_kernel(
                 mask=row_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=row_mask, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=row_mask, other=0.0)
     row_base = (b * H + h) * LQ
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + row_base + offs_m, delta, mask=m_ok)
     lse2 = tl.load(LSE2 + row_base + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -282,7 +265,6 @@ _DENSE_CONFIGS = {
     "dkdv": {64: (32, 64, 4, 2), 128: (32, 32, 4, 2)},
     "dq": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2)},
 }
-ROW_DOT_BLOCK_M = 64
 
 
 def dense_config(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
@@ -376,21 +358,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     return out, lse2
 
 
-def row_dot(out: torch.Tensor, grad_out: torch.Tensor, heads: int, rows: int, strides_o, strides_do) -> torch.Tensor:
-    """delta [B, H, L] fp32 = sum over head_dim of out * grad_out. ``strides_*`` are the (batch,
-    row, head) strides, so [T, H, D] tensors run as batch 1 with a batch stride of 0."""
-    batch = out.numel() // max(1, heads * rows * out.shape[-1])
-    delta = torch.empty((batch, heads, rows), dtype=torch.float32, device=out.device)
-    if rows == 0 or batch * heads == 0:
-        return delta
-    D = out.shape[-1]
-    row_dot_kernel[(batch * heads, cdiv(rows, ROW_DOT_BLOCK_M))](
-        out, grad_out, delta, *strides_o, *strides_do, heads, rows,
-        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=ROW_DOT_BLOCK_M, num_warps=4,
-    )
-    return delta
-
-
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse2: torch.Tensor, *, causal: bool,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -410,19 +377,21 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dv = torch.empty((B, LK, H, D), dtype=v.dtype, device=v.device)
     if LQ == 0 or B * H == 0:
         return dq, dk.zero_(), dv.zero_()
-    delta = row_dot(out, grad_out, H, LQ, out.stride()[:3], grad_out.stride()[:3])
+    delta = torch.empty((B, H, LQ), dtype=torch.float32, device=q.device)
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d(D))
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     args = (H, LQ, LK, qk_scale_log2(scale), scale, int(causal))
 
-    bm, bn, warps, stages = dense_config("dkdv", D)
-    _dense_bwd_dkdv_kernel[(B * H, cdiv(LK, bn))](
-        q, k, v, grad_out, lse2, delta, dk, dv, *strides, *dk.stride()[:3], *args,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
-    )
+    # dQ first: its kernel writes delta, which the dK/dV kernel reads.
     bm, bn, warps, stages = dense_config("dq", D)
     _dense_bwd_dq_kernel[(B * H, cdiv(LQ, bm))](
-        q, k, v, grad_out, lse2, delta, dq, *strides, *dq.stride()[:3], *args,
+        q, k, v, out, grad_out, lse2, delta, dq, *qkv_strides, *out.stride()[:3], *grad_out.stride()[:3],
+        *dq.stride()[:3], *args,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
+    )
+    bm, bn, warps, stages = dense_config("dkdv", D)
+    _dense_bwd_dkdv_kernel[(B * H, cdiv(LK, bn))](
+        q, k, v, grad_out, lse2, delta, dk, dv, *qkv_strides, *grad_out.stride()[:3], *dk.stride()[:3], *args,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
     )
     return dq, dk, dv
@@ -469,7 +438,7 @@ def _aot_specs():
     for dtype in GPU_DTYPES:
         for head_dim in SUPPORTED_HEAD_DIMS:
             base = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim)}
-            variants = [("row_dot", row_dot_kernel, {"BLOCK_M": ROW_DOT_BLOCK_M}, 4, 1, False)]
+            variants = []
             for kernel, fn in (("fwd", _dense_fwd_kernel), ("dkdv", _dense_bwd_dkdv_kernel),
                                ("dq", _dense_bwd_dq_kernel)):
                 bm, bn, warps, stages = dense_config(kernel, head_dim)
