@@ -14,8 +14,8 @@ once to the input dtype. The saved statistic is ``lse2 = log2(sum_j exp2(s_ij))`
 
 Backward (no atomics, deterministic): one kernel per query block for dQ (loops over key blocks),
 which also writes the softmax term ``delta = rowsum(dO * O)`` of its rows, then one kernel per key
-block for dK/dV (loops over query blocks, recomputes P from lse2, reads delta): two launches. Recomputing P twice costs one extra Q.K^T but keeps every
-gradient written by exactly one program.
+block for dK/dV (loops over query blocks, recomputes P from lse2, reads delta): two launches.
+Recomputing P twice costs one extra Q.K^T but keeps every gradient written by exactly one program.
 
 dtypes: fp16 and bf16 on the GPU (tensor cores, fp32 accumulation); fp32 only under the
 Triton interpreter, where the CPU tests run. fp32 on a GPU belongs to sdpa: IEEE fp32 dot
