@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .training import _side_stream, note_capture_failure, note_no_graph
+from .training import _capturing, _side_stream, note_capture_failure, note_no_graph
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class EvalStep:
         entry = self._cache_entry()  # filled by the warm-up; the graph reads its tensors
         torch.cuda.synchronize(images.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with _capturing(graph, images.device):
             static_logits = self._body(static_images, static_labels)
         if self._cache_entry() is not entry:
             raise RuntimeError("the model's cache entry changed during the capture")

@@ -147,11 +147,13 @@ def blas_workspace_bytes(device: str | torch.device = "cuda") -> int:
 def train_step_blas_workspaces(cuda_graph: bool) -> int:
     """cuBLAS workspaces a fastprompt.training.TrainStep leaves alive in a process that ran no GEMM before: on every
     stream it runs on, one for the calling thread's handle (forward) and one for autograd's device thread
-    (backward). With a CUDA graph it warms up on the process's one side stream and captures on torch's capture
-    stream (two streams); without, it runs on the current stream. Workspaces outlive their step, but later steps
-    and later TrainSteps reuse the same streams. (Until commit ca41d7a each warm-up step took a fresh side stream,
-    two more workspaces each: the H200 peaks of 2026-11-27 were measured then, see tests/test_memory.py.)"""
-    return 2 * (2 if cuda_graph else 1)
+    (backward). With a CUDA graph it warms up and captures on the process's one side stream; without, it runs on
+    the current stream: one stream either way. Workspaces outlive their step, but later steps and later TrainSteps
+    reuse the same streams (an eager step beside a graphed one, such as a last partial batch, adds the current
+    stream's two). History: until commit ca41d7a each warm-up step took a fresh side stream, two more workspaces
+    each (the H200 peaks of 2026-11-27 were measured then, see tests/test_memory.py); until this function said one
+    stream, the capture ran on torch.cuda.graph's own stream, two more."""
+    return 2
 
 
 def options_for(patched: bool = True, truncate_text: bool = True, device: str | torch.device = "cuda",

@@ -149,22 +149,34 @@ class StepTotals:
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # device index -> the warm-up side stream
 
 
-def _side_stream(device: torch.device):
-    """A context running work on the warm-up side stream that joins back to the current one (CUDA only).
+def _side_stream_of(device: torch.device) -> "torch.cuda.Stream":
+    """The process's one side stream on a CUDA device: graph warm-ups run on it and graphs are captured on it.
 
-    One side stream per device for the whole process, not a fresh one per warm-up step: cuBLAS keeps a workspace
-    (32 MiB on Hopper, two with the backward thread) for every stream that ran a matrix multiply, for the life of
-    the process, so a fresh stream per warm-up step leaked 64 MiB each (found from the H200 peaks, memory.py)."""
+    One stream for both, for the whole process: cuBLAS keeps a workspace (32 MiB on Hopper, two with the backward
+    thread) for every stream that ran a matrix multiply, for the life of the process. A fresh stream per warm-up
+    step leaked 64 MiB each (found from the H200 peaks, memory.py), and torch.cuda.graph's own capture stream
+    would add 64 MiB more to every graphed process."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    side = _SIDE_STREAMS.get(index)
+    if side is None:
+        side = _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return side
+
+
+def _capturing(graph: "torch.cuda.CUDAGraph", device: torch.device):
+    """torch.cuda.graph capturing `graph` on the side stream its warm-up steps ran on (see _side_stream_of)."""
+    return torch.cuda.graph(graph, stream=_side_stream_of(device))
+
+
+def _side_stream(device: torch.device):
+    """A context running work on the side stream that joins back to the current one (CUDA only)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def run():
         current = torch.cuda.current_stream(device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        side = _SIDE_STREAMS.get(index)
-        if side is None:
-            side = _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+        side = _side_stream_of(device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             yield
@@ -457,7 +469,7 @@ class TrainStep:
         torch.cuda.synchronize(device)
         self.optimizer.zero_grad(set_to_none=True)  # backward then assigns (not accumulates) inside the graph
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with _capturing(graph, device):
             static_loss = self._body(static_images, static_labels)
         self._graph = graph
         self._static = (static_images, static_labels, static_loss)

@@ -292,6 +292,44 @@ def test_adamw_replays_match(fused):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+_WORKSPACES_SCRIPT = """
+import sys, torch
+from fastprompt.training import TrainStep, make_optimizer
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 4)).cuda()
+step = TrainStep(model, make_optimizer(model.parameters(), lr=0.05), warmup_steps=2,
+                 loss_fn=lambda m, x, y: torch.nn.functional.mse_loss(m(x), y), cuda_graph=sys.argv[1] == "graph")
+for _ in range(5):
+    step(torch.randn(32, 64, device="cuda"), torch.randn(32, 4, device="cuda"))
+torch.cuda.synchronize()
+before = torch.cuda.memory_allocated()
+torch._C._cuda_clearCublasWorkspaces()  # what torch's own leak checks do to leave the workspaces out
+print(step.mode, before - torch.cuda.memory_allocated())
+"""
+
+
+@pytest.mark.gpu
+def test_a_graphed_step_holds_the_cublas_workspaces_of_one_stream():
+    """cuBLAS keeps a workspace per (thread, stream) that ran a GEMM, for the life of the process. A graphed
+    TrainStep warms up and captures on one side stream, so a fresh process holds exactly the workspaces of an eager
+    TrainStep on the current stream (forward and autograd threads), as memory.train_step_blas_workspaces says."""
+    import subprocess
+    import sys
+
+    freed = {}
+    for mode in ("graph", "eager"):
+        done = subprocess.run([sys.executable, "-c", _WORKSPACES_SCRIPT, mode], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        ran, nbytes = done.stdout.split()
+        assert ran == ("cuda_graph" if mode == "graph" else "eager")
+        freed[mode] = int(nbytes)
+    from fastprompt.memory import blas_workspace_bytes, train_step_blas_workspaces
+
+    assert freed["graph"] == freed["eager"] > 0
+    assert freed["graph"] == train_step_blas_workspaces(cuda_graph=True) * blas_workspace_bytes("cuda")
+
+
 def test_a_slow_loader_is_reported_as_the_limit():
     import time as _time
 
