@@ -156,9 +156,9 @@ _GEMM_SLOTS = (3, 4, 5, 6, 10, 11, 12, 13)  # the GEMM weights and biases: x's d
 def runs_frozen_halves(block, x: torch.Tensor, pending: torch.Tensor | None, kernels: BlockKernels):
     """The block's frozen_tensors when it runs as fastprompt.ops.frozen_block's two autograd nodes around its
     attention (the same kernels and results as the op-by-op path, less host time), else None: Triton kernels in
-    eager mode, a pending branch, no LayerScale, no weight that wants a gradient, and nothing to cast (x, the GEMM
-    weights and any autocast dtype agree)."""
-    if kernels.norm_mlp != "triton" or pending is None:
+    eager mode, no LayerScale, no weight that wants a gradient, and nothing to cast (x, the GEMM weights and any
+    autocast dtype agree). With or without a pending branch (a tower's first block has none)."""
+    if kernels.norm_mlp != "triton":
         return None
     from ..ops._library import direct_call_ok
 
@@ -181,13 +181,14 @@ def runs_frozen_halves(block, x: torch.Tensor, pending: torch.Tensor | None, ker
     return weights
 
 
-def pre_attention(weights, x: torch.Tensor, pending: torch.Tensor, splice=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pre_attention(weights, x: torch.Tensor, pending: torch.Tensor | None,
+                  splice=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + pending with `splice` in, its LN1 through the qkv GEMM [..., 3 * width]) as one node; `weights` from
-    runs_frozen_halves."""
+    runs_frozen_halves. Without a pending branch: (x, LN1(x) through the GEMM)."""
     from ..ops.frozen_block import pre_attention as fused
 
     dtype = x.dtype
-    if pending.dtype != dtype:
+    if pending is not None and pending.dtype != dtype:
         pending = pending.to(dtype)
     if splice is not None and splice[0].dtype != dtype:
         splice = (splice[0].to(dtype),) + tuple(splice[1:])

@@ -8,6 +8,7 @@ Python wrapper, its checks and the engine's bookkeeping in backward: host time a
 attention is two Functions:
 
     pre_attention:  (x, pending[, new]) -> (s, qkv)     s = x + pending (new spliced in), qkv = LN1(s) W_in^T + b_in
+                    (x, None)           -> (x, qkv)     a tower's first block: no branch pending, qkv = LN1(x) ...
     post_attention: (s, o)              -> (s2, branch)  s2 = s + o W_out^T + b_out, branch = MLP(LN2(s2))
 
 They call the per-op path's own implementations (the LayerNorm and MLP kernels' launchers, F.linear for the
@@ -40,6 +41,14 @@ def _pre_forward(x, pending, new, weights, period, start):
         h, s, mean, rstd = _ln._layer_norm_residual_splice_impl(pending, x, new, ln_w, ln_b, eps, period, start)
     qkv = F.linear(h.reshape(-1, h.shape[-1]), in_w, in_b)
     return s, qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
+
+
+def _first_forward(x, weights):
+    """(qkv, mean, rstd) of pre_attention without a pending branch."""
+    ln_w, ln_b, eps, in_w, in_b = weights[:5]
+    h, mean, rstd = _ln._layer_norm_impl(x, ln_w, ln_b, eps)
+    qkv = F.linear(h.reshape(-1, h.shape[-1]), in_w, in_b)
+    return qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
 
 
 def _post_forward(s, o, weights):
@@ -84,6 +93,28 @@ class _PreAttention(torch.autograd.Function):
         return dx, dx, dnew, None, None, None
 
 
+class _FirstPreAttention(torch.autograd.Function):
+    """pre_attention of a tower's first block: LN1 of the input itself, which stays the residual (the caller keeps
+    x; returning it from here would make autograd wrap it in a view)."""
+
+    @staticmethod
+    def forward(ctx, x, weights):
+        qkv, mean, rstd = _first_forward(x, weights)
+        ctx.weights = weights
+        ctx.save_for_backward(x, mean, rstd)
+        ctx.set_materialize_grads(False)
+        return qkv
+
+    @staticmethod
+    def backward(ctx, d_qkv):
+        if d_qkv is None:
+            return None, None
+        x, mean, rstd = ctx.saved_tensors
+        ln_w, in_w = ctx.weights[0], ctx.weights[3]
+        dh = d_qkv.reshape(-1, d_qkv.shape[-1]).mm(in_w).view(x.shape)
+        return _ln._layer_norm_backward_impl(dh, x, ln_w, mean, rstd, None), None
+
+
 class _PostAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, o, weights):
@@ -116,7 +147,13 @@ def pre_attention(weights, x, pending, splice=None):
     """(s, qkv): s = x + pending (rows of `splice = (new, period, start)` replaced by new, see
     fastprompt.ops.layer_norm.layer_norm_spliced), qkv = LayerNorm_1(s) @ in_w^T + in_b. `weights` is
     fastprompt.fast.blocks.frozen_tensors(block); none of them gets a gradient (runs_frozen_halves says when this
-    applies). One autograd node."""
+    applies). One autograd node. pending None (a tower's first block): s is x itself, qkv = LayerNorm_1(x) ..."""
+    if pending is None:  # a tower's first block
+        if splice is not None:
+            raise ValueError("pre_attention: a splice needs a pending branch (it replaces rows of x + pending)")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x, _FirstPreAttention.apply(x, weights)
+        return x, _first_forward(x, weights)[0]
     new, period, start = (None, 0, 0) if splice is None else splice
     if _differentiated(x, pending, new):
         return _PreAttention.apply(x, pending, new, weights, int(period), int(start))

@@ -31,12 +31,13 @@ def _block(device, dtype):
     return block
 
 
-def _inputs(device, dtype, splice: bool, rows=(2, 9)):
+def _inputs(device, dtype, splice, rows=(2, 9)):
+    """(x, pending, new): splice False/True, or "first" (a tower's first block: nothing pending, no splice)."""
     g = torch.Generator().manual_seed(0)
     B, L = rows
     x, pending = (torch.randn(B, L, 64, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
-    new = torch.randn(B, 3, 64, generator=g).to(device, dtype).requires_grad_() if splice else None
-    return x, pending, new
+    new = torch.randn(B, 3, 64, generator=g).to(device, dtype).requires_grad_() if splice is True else None
+    return x, (None if splice == "first" else pending), new
 
 
 def _run(block, x, pending, new, causal=False):
@@ -53,9 +54,9 @@ def _grads(outputs, inputs, seed=1):
 
 def _reference(block, x, pending, new, causal=False, dtype=torch.float64):
     """The block from its definition in plain PyTorch at `dtype`: s = x + pending (rows 2..4 of each sequence
-    replaced by `new`), s + attn(LN1 s), then the MLP branch of LN2."""
-    x, pending = x.to(dtype), pending.to(dtype)
-    s = x + pending
+    replaced by `new`; s = x without a pending branch), s + attn(LN1 s), then the MLP branch of LN2."""
+    x = x.to(dtype)
+    s = x if pending is None else x + pending.to(dtype)
     if new is not None:
         s = torch.cat([s[:, :2], new.to(dtype), s[:, 5:]], dim=1)
     p = {n: t.to(dtype) for n, t in block.named_parameters()}
@@ -70,7 +71,7 @@ def _reference(block, x, pending, new, causal=False, dtype=torch.float64):
     return s, branch
 
 
-@pytest.mark.parametrize("splice", [False, True], ids=["residual", "splice"])
+@pytest.mark.parametrize("splice", [False, True, "first"], ids=["residual", "splice", "first"])
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
 def test_halves_equal_the_block_definition_in_float64(kernel_device, splice, causal):
     dtype = MATRIX_DTYPE
@@ -86,13 +87,15 @@ def test_halves_equal_the_block_definition_in_float64(kernel_device, splice, cau
         assert_within_torch_error(name, a.detach(), r.detach(), t.to(dtype), dtype)
     grads = _grads(got, (x, pending, new))
     ref_grads = _grads(ref, inputs)
-    for name, a, r in zip(("dx", "dpending", "dnew"), grads, ref_grads):
+    names = [n for n, t in zip(("dx", "dpending", "dnew"), (x, pending, new)) if t is not None]
+    assert len(grads) == len(ref_grads) == len(names)
+    for name, a, r in zip(names, grads, ref_grads):
         scale = r.abs().max().item()
         torch.testing.assert_close(a.double(), r, rtol=0, atol=(2e-5 if dtype == torch.float32 else 3e-2) * scale,
                                    msg=name)
 
 
-@pytest.mark.parametrize("splice", [False, True], ids=["residual", "splice"])
+@pytest.mark.parametrize("splice", [False, True, "first"], ids=["residual", "splice", "first"])
 def test_halves_are_bit_identical_to_the_op_by_op_path(kernel_device, splice, monkeypatch):
     block = _block(kernel_device, MATRIX_DTYPE)
     x, pending, new = _inputs(kernel_device, MATRIX_DTYPE, splice)
@@ -132,7 +135,7 @@ def test_stream_layout_and_splice_groups(kernel_device):
     packed_text.runs_frozen_halves = counting
     try:
         fused = text_step()
-        assert sum(calls) == 11  # every text block but the first, whose input has no pending branch
+        assert calls == [True] * 12  # every text block, the first one (no pending branch) included
         packed_text.runs_frozen_halves = lambda *a: None
         plain = text_step()
     finally:
@@ -142,9 +145,10 @@ def test_stream_layout_and_splice_groups(kernel_device):
         assert torch.equal(a, b)
 
 
-def test_one_node_per_half_and_the_same_saved_memory(kernel_device, monkeypatch):
+@pytest.mark.parametrize("first", [False, True], ids=["pending", "first"])
+def test_one_node_per_half_and_the_same_saved_memory(kernel_device, monkeypatch, first):
     block = _block(kernel_device, MATRIX_DTYPE)
-    x, pending, _ = _inputs(kernel_device, MATRIX_DTYPE, False)
+    x, pending, _ = _inputs(kernel_device, MATRIX_DTYPE, "first" if first else False)
 
     def nodes_and_saved():
         saved = []
@@ -164,8 +168,9 @@ def test_one_node_per_half_and_the_same_saved_memory(kernel_device, monkeypatch)
     fused_nodes, fused_bytes = nodes_and_saved()
     monkeypatch.setattr(blocks, "runs_frozen_halves", lambda *args, **kwargs: None)
     plain_nodes, plain_bytes = nodes_and_saved()
-    halves = [n for n in fused_nodes if n.startswith(("_PreAttention", "_PostAttention"))]
-    assert halves == ["_PostAttentionBackward", "_PreAttentionBackward"]
+    halves = [n for n in fused_nodes if n.startswith(("_PreAttention", "_FirstPreAttention", "_PostAttention"))]
+    pre = "_FirstPreAttentionBackward" if first else "_PreAttentionBackward"
+    assert halves == sorted(["_PostAttentionBackward", pre])
     replaced = ("Addmm", "Eager_layer_norm", "Eager_frozen_mlp")
     assert not [n for n in fused_nodes if n.startswith(replaced)]
     assert len([n for n in plain_nodes if n.startswith(replaced)]) == 5  # 2 LayerNorms, 2 GEMMs, the MLP
@@ -177,7 +182,7 @@ def test_conditions_that_keep_the_op_by_op_path(kernel_device):
     block = _block(kernel_device, MATRIX_DTYPE)
     x, pending, _ = _inputs(kernel_device, MATRIX_DTYPE, False)
     assert runs_frozen_halves(block, x, pending, KERNELS) is not None
-    assert None is runs_frozen_halves(block, x, None, KERNELS)  # nothing pending: LN1 alone
+    assert runs_frozen_halves(block, x, None, KERNELS) is not None  # nothing pending (a first block): LN1 of x
     assert None is runs_frozen_halves(block, x, pending, BlockKernels(norm_mlp="torch", attention="sdpa"))
     block.mlp.c_fc.weight.requires_grad_(True)  # a trained weight needs the path that computes its gradient
     assert None is runs_frozen_halves(block, x, pending, KERNELS)
