@@ -38,9 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._host import cdiv, check_same_device
 
-from fastprompt.kernels.linear_act import check_same_device, require_kernel_device
+from fastprompt.kernels.linear_act import require_kernel_device
 
 BLOCK_ROWS = 16
 MAX_BOTTLENECK_TOKENS = 16

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import next_power_of_2
+from ._host import check_same_device, next_power_of_2
 
 # Widest supported row: CLIP towers go up to 1664 (ViT-bigG); each power-of-two block up to
 # here is one more kernel variant to compile and check ahead of time.
@@ -172,17 +172,6 @@ def _uses_interpreter() -> bool:
     return not isinstance(layer_norm_fwd_kernel, triton.runtime.JITFunction)
 
 
-def _check_same_device(tensors: dict[str, torch.Tensor]) -> None:
-    # A plain loop: the launchers run this ~100 times per training step, and each comprehension is a Python call.
-    first = None
-    for t in tensors.values():
-        if first is None:
-            first = t.device
-        elif t.device != first:
-            devices = {name: t.device for name, t in tensors.items()}
-            raise ValueError(f"layer_norm: all tensors must be on one device, got {devices}")
-
-
 def _require_kernel_device(device: torch.device) -> None:
     if device.type == "cuda" or (device.type == "cpu" and _uses_interpreter()):
         return
@@ -228,7 +217,7 @@ def check_forward_args(x, weight, bias, residual=None) -> None:
     if residual is not None:
         _check_rows("residual", residual, (rows, d), x.dtype)
         tensors["residual"] = residual
-    _check_same_device(tensors)
+    check_same_device("layer_norm", tensors)
 
 
 def check_splice(x, new, period: int, start: int) -> None:
@@ -314,7 +303,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, d_sum=None, param_grads: bool
     if d_sum is not None:
         _check_rows("d_sum", d_sum, (rows, d), x.dtype)
         tensors["d_sum"] = d_sum
-    _check_same_device(tensors)
+    check_same_device("layer_norm", tensors)
     _require_kernel_device(x.device)
 
     dx = torch.empty_like(x)

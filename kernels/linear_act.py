@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._host import cdiv, check_same_device
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "quick_gelu": 4}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -157,17 +157,6 @@ def linear_act_config(dtype: torch.dtype) -> dict:
 
 def _uses_interpreter() -> bool:
     return not isinstance(linear_act_kernel, triton.runtime.JITFunction)
-
-
-def check_same_device(op: str, tensors: dict) -> None:
-    """All tensors on one device."""
-    first = None
-    for t in tensors.values():  # a plain loop: ~100 calls per training step, each comprehension a Python call
-        if first is None:
-            first = t.device
-        elif t.device != first:
-            devices = {name: t.device for name, t in tensors.items()}
-            raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
 
 
 def require_kernel_device(op: str, device: torch.device) -> None:

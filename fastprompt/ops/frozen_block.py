@@ -51,6 +51,11 @@ def _first_forward(x, weights):
     return qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
 
 
+def _qkv_input_grad(d_qkv, in_w, shape):
+    """The qkv GEMM's input gradient d_qkv @ W_in, on [rows, 3 * width] as the op-by-op path computes it."""
+    return d_qkv.reshape(-1, d_qkv.shape[-1]).mm(in_w).view(shape)
+
+
 def _post_forward(s, o, weights):
     """(s2, branch, LN2's normalised input h, mean, rstd) of post_attention."""
     out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation = weights[5:]
@@ -80,10 +85,7 @@ class _PreAttention(torch.autograd.Function):
         s, mean, rstd = ctx.saved_tensors
         ln_w, in_w = ctx.weights[0], ctx.weights[3]
         d_sum = None if d_s is None else d_s.contiguous()
-        if d_qkv is None:
-            dh = torch.zeros_like(s)
-        else:
-            dh = d_qkv.reshape(-1, d_qkv.shape[-1]).mm(in_w).view(s.shape)
+        dh = torch.zeros_like(s) if d_qkv is None else _qkv_input_grad(d_qkv, in_w, s.shape)
         dnew = None
         if ctx.splice is not None:
             dx, dnew, _, _ = _ln._layer_norm_splice_backward_impl(dh, s, ln_w, mean, rstd, d_sum, *ctx.splice, False)
@@ -111,7 +113,7 @@ class _FirstPreAttention(torch.autograd.Function):
             return None, None
         x, mean, rstd = ctx.saved_tensors
         ln_w, in_w = ctx.weights[0], ctx.weights[3]
-        dh = d_qkv.reshape(-1, d_qkv.shape[-1]).mm(in_w).view(x.shape)
+        dh = _qkv_input_grad(d_qkv, in_w, x.shape)
         return _ln._layer_norm_backward_impl(dh, x, ln_w, mean, rstd, None), None
 
 
@@ -139,8 +141,9 @@ class _PostAttention(torch.autograd.Function):
         return ds, do, None
 
 
-def _differentiated(a, b, c=None) -> bool:
-    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (c is not None and c.requires_grad))
+def _differentiated(a, b=None, c=None) -> bool:
+    return torch.is_grad_enabled() and (a.requires_grad or (b is not None and b.requires_grad)
+                                        or (c is not None and c.requires_grad))
 
 
 def pre_attention(weights, x, pending, splice=None):
@@ -151,7 +154,7 @@ def pre_attention(weights, x, pending, splice=None):
     if pending is None:  # a tower's first block
         if splice is not None:
             raise ValueError("pre_attention: a splice needs a pending branch (it replaces rows of x + pending)")
-        if torch.is_grad_enabled() and x.requires_grad:
+        if _differentiated(x):
             return x, _FirstPreAttention.apply(x, weights)
         return x, _first_forward(x, weights)[0]
     new, period, start = (None, 0, 0) if splice is None else splice
