@@ -11,8 +11,8 @@ the autograd engine, aten ops, our wrappers. cProfile slows Python calls, so rea
 import cProfile
 import io
 import json
-import pstats
 import os
+import pstats
 import statistics
 import sys
 import time
