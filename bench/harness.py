@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from fastprompt.fast import fast_path
 from fastprompt.memory import StepOptions, options_for_model, predict_peak_memory, step_geometry
 from fastprompt.training import train_epoch
 
@@ -206,7 +207,19 @@ def _build(record, workload, method, contender, settings):
     options = options_for_model(model, settings.amp_dtype, optimizer="sgd")
     estimate = predict_peak_memory(model, workload.batch, options)
     record.update(predicted_peak_bytes=estimate.total_bytes, predicted_saved_bytes=estimate.saved_bytes)
+    record["kernels"] = _kernel_plan(model)
     return model, step, options
+
+
+def _kernel_plan(model) -> dict | None:
+    """The fast path's kernel choice of a contender's model (None: not patched), so a record says which plan made
+    its figure (e.g. the frozen MLP's first GEMM, fastprompt.ops.gemm_plan)."""
+    path = fast_path(model.clip)
+    if path is None:
+        return None
+    kernels = path.kernels
+    return {"norm_mlp": kernels.norm_mlp, "attention": kernels.attention,
+            "mlp_gemm": kernels.mlp_gemm if kernels.norm_mlp == "triton" else None}
 
 
 def _train_step(record, workload, method, contender, settings, benchmark) -> dict:
@@ -298,6 +311,7 @@ def _inference(record, workload, method, contender, settings, benchmark) -> dict
     images = torch.randn(workload.batch, 3, height, width, device=device, generator=generator)
     logits = _timed(record, lambda: logits_of(images), settings, workload.batch, benchmark)  # what evaluation reads
     record["train_step_mode"] = mode or step.mode_name
+    record["kernels"] = _kernel_plan(model)
     _peak_fields(record, device)
     if not torch.isfinite(logits[-1]).all():
         record["reason"] = "non-finite logits"

@@ -121,9 +121,16 @@ def test_kernel_path_host_time_runs_the_real_wrappers_without_kernels():
     # (which also writes the softmax's row-dot) and dk/dv; per text block the stream attention's forward and its
     # backward (dq with the row-dot, suffix dk/dv, the prefix keys' partial sums and their reduction); the
     # coupling functions of all layers as one grouped GEMM each way.
+    # The MLP's fc1 launches are the plan's a CUDA device takes (fastprompt.ops.gemm_plan): the Triton GEMM, or
+    # cuBLAS (no Triton launch) with the activation pass.
+    from fastprompt.ops import gemm_plan
+
+    plan = gemm_plan.default_plan("cuda")
+    assert record["mlp_gemm"] == plan
+    fc1_kernel = "activation_kernel" if plan == "cublas" else "linear_act_kernel"
     blocks, layers = 24, 12
     assert record["triton_launches"] == {
-        "layer_norm_fwd_kernel": 2 * blocks, "layer_norm_bwd_kernel": 2 * blocks, "linear_act_kernel": 2 * blocks,
+        "layer_norm_fwd_kernel": 2 * blocks, "layer_norm_bwd_kernel": 2 * blocks, fc1_kernel: 2 * blocks,
         "_dense_fwd_kernel": layers, "_dense_bwd_dq_kernel": layers, "_dense_bwd_dkdv_kernel": layers,
         "_prefix_fwd_kernel": layers, "_prefix_bwd_dq_kernel": layers, "_prefix_bwd_dkdv_suffix_kernel": layers,
         "_prefix_bwd_partial_kernel": layers, "_prefix_bwd_reduce_kernel": layers,

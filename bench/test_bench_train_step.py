@@ -23,3 +23,11 @@ def test_train_step(case, settings, results, benchmark):
     assert record["step_ms_median"] > 0 and record["images_per_s"] > 0
     if contender == "fastprompt" and settings.device.type != "cuda":
         assert record["train_step_mode"] == "eager" and "CUDA" in record["cuda_graph_reason"]
+    # The record names the kernel plan behind its figure: patched contenders only (on a CPU auto patches onto
+    # PyTorch ops, so no first-GEMM plan applies); on CUDA the MLP's first GEMM is gemm_plan's.
+    patched = record["kernels"]
+    assert (patched is None) == (contender in ("eager", "tuned", "compiled"))
+    if patched is not None and settings.device.type == "cuda":
+        from fastprompt.ops import gemm_plan
+
+        assert patched["mlp_gemm"] == gemm_plan.default_plan("cuda")

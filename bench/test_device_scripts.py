@@ -27,8 +27,10 @@ def test_gemm_shapes_smoke_times_every_plan():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (record,) = [json.loads(line) for line in done.stdout.splitlines()]
-    for plan in ("triton", "cublas+act", "cublas", "triton_grad", "cublas+act_grad"):
+    for plan in ("triton", "cublas_plan", "cublas+act", "cublas", "triton_grad", "cublas_plan_grad",
+                 "cublas+act_grad"):
         assert record[f"{plan}_ms"] > 0 and record[f"{plan}_tflops"] >= 0
+    assert record["faster_plan"] in ("triton", "cublas")
 
 
 def test_host_gpu_smoke_writes_its_records_and_host_profiles(tmp_path):

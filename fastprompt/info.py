@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from fastprompt.ops import backends
+from fastprompt.ops import backends, gemm_plan
 
 
 def _package_version(dist: str) -> str | None:
@@ -95,8 +95,7 @@ def _op_plan(device: str, dtype: torch.dtype, attention_rows: list[dict]) -> lis
     plan = [
         ("LayerNorm", "triton" if triton else "pytorch",
          "fp32 statistics, input gradient only for frozen weights" if triton else why),
-        ("MLP", "triton" if triton else "pytorch",
-         "GEMM with fused bias + activation, hidden recomputed in backward" if triton else why),
+        ("MLP", _mlp_runs_on(device) if triton else "pytorch", _mlp_why(device) if triton else why),
         ("coupling maps", "triton, grouped" if triton else "pytorch, one Linear per layer",
          "every prompted layer's map in one launch each way" if triton
          else "the grouped launch is a Triton kernel, used on CUDA devices only" if not on_cuda
@@ -115,6 +114,16 @@ def _op_plan(device: str, dtype: torch.dtype, attention_rows: list[dict]) -> lis
     dtype_name = str(dtype).replace("torch.", "")
     return [{"device": device, "dtype": dtype_name, "op": op, "runs_on": runs_on, "why": why}
             for op, runs_on, why in plan]
+
+
+def _mlp_runs_on(device: str) -> str:
+    plan = gemm_plan.default_plan(device.split(":")[0])
+    return "triton" if plan == "triton" else "cublas fc1 + triton activation"
+
+
+def _mlp_why(device: str) -> str:
+    _, why = gemm_plan.resolve("auto", device.split(":")[0])
+    return f"frozen MLP saving only its input, hidden recomputed in backward; {why}"
 
 
 def format_info(report: dict) -> str:

@@ -156,15 +156,19 @@ def test_packed_text_computes_fewer_tokens_and_caches_layers_below_the_first_pro
     assert int(packed.cu_seqlens[-1]) == int((model.prompts.lengths - 5).sum())
 
 
-def test_triton_kernel_path_equals_the_reference():
-    """The whole fused path with fastprompt's Triton kernels (LayerNorm, frozen MLP, dense and prefix-varlen
-    attention, grouped couplings; the interpreter on CPU): MaPLe on a head-dim-64 model, fp32."""
+@pytest.mark.parametrize("mlp_gemm", ["triton", "cublas"])
+def test_triton_kernel_path_equals_the_reference(mlp_gemm):
+    """The whole fused path with fastprompt's Triton kernels (LayerNorm, frozen MLP on either first-GEMM plan,
+    dense and prefix-varlen attention, grouped couplings; the interpreter on CPU): MaPLe on a head-dim-64 model,
+    fp32."""
     clip = create_clip("small")
     reference_clip = copy.deepcopy(clip)
     torch.manual_seed(0)
     ref = fastprompt.build("maple", reference_clip, NAMES[:3], text_path="reference")
-    patch(clip, backend="triton")
+    patch(clip, backend="triton", mlp_gemm=mlp_gemm)
     assert clip.fastprompt_patch.kernels.norm_mlp == "triton"
+    assert clip.fastprompt_patch.kernels.mlp_gemm == mlp_gemm
+    assert f"first GEMM: {mlp_gemm}" in str(clip.fastprompt_patch)
     fast = fastprompt.build("maple", clip, NAMES[:3])
     fast.method.load_state_dict(ref.method.state_dict())
     assert fast.grouped_maps() is not None
@@ -178,3 +182,22 @@ def test_triton_kernel_path_equals_the_reference():
     torch.testing.assert_close(losses[1][0].logits["main"], losses[0][0].logits["main"], rtol=1e-4, atol=1e-4)
     for (pname, a), b in zip(ref.method.named_parameters(), fast.method.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=pname)
+
+
+def test_mlp_gemm_follows_the_measurement_of_the_device_type_and_refuses_unknown_plans(clip64):
+    """'auto' takes the plan measured on the device type (fastprompt.ops.gemm_plan): the CUDA entry's, and
+    'triton' where nothing was measured (a CPU under the interpreter); the report names the evidence."""
+    from fastprompt.ops import gemm_plan
+
+    cuda = gemm_plan.measurement_for("cuda")
+    assert cuda is not None and cuda.plan in gemm_plan.PLANS
+    plan, why = gemm_plan.resolve("auto", "cuda")
+    assert plan == cuda.plan and cuda.device in why and cuda.commit in why and cuda.date in why
+    assert gemm_plan.resolve("auto", "cpu")[0] == "triton"
+    assert gemm_plan.resolve("cublas", "cpu") == ("cublas", "MLP first GEMM: cublas (requested)")
+    with pytest.raises(ValueError, match="mlp_gemm must be 'auto', 'triton' or 'cublas', got 'cutlass'"):
+        patch(clip64, backend="sdpa", mlp_gemm="cutlass")
+    assert not is_patched(clip64)
+    patch(clip64, backend="sdpa", mlp_gemm="cublas")  # PyTorch ops for the MLP: the plan has nothing to choose
+    assert clip64.fastprompt_patch.kernels.norm_mlp == "torch"
+    assert "first GEMM" not in str(clip64.fastprompt_patch)

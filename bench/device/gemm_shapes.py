@@ -1,16 +1,18 @@
-"""Issue 9 item 2 on the GPU: which GEMM runs the frozen MLP's first layer fastest at the step's shapes.
+"""Issue 9 item 2 on the GPU: which GEMM plan runs the frozen MLP's first layer fastest at the step's shapes.
 
-The frozen CLIP MLP is fc1 + QuickGELU + fc2 per block; fastprompt runs fc1 + bias + activation as one Triton GEMM
-(`linear_act`, also recomputed in backward by `linear_act_grad`) and fc2 with cuBLAS (`addmm`). This times, at the
-ImageNet step's rows (vision: B = 32 images of 199 tokens at width 768; text: MaPLe's 4,170 packed tokens at 512),
-forward fc1 + activation as
-  * triton      fastprompt's linear_act (bias and QuickGELU in the epilogue),
-  * cublas+act  torch.addmm (cuBLAS, bias fused) then QuickGELU as PyTorch ops,
+The frozen CLIP MLP is fc1 + QuickGELU + fc2 per block; fastprompt.ops.mlp runs fc1 + bias + activation on one of
+two plans (`gemm`, chosen per device type by fastprompt.ops.gemm_plan) and fc2 with cuBLAS (`addmm`). This times,
+at the ImageNet step's rows (vision: B = 32 images of 199 tokens at width 768; text: MaPLe's 4,170 packed tokens
+at 512), the forward fc1 + activation as
+  * triton      the product's "triton" plan: fastprompt's linear_act GEMM, bias and QuickGELU in its epilogue,
+  * cublas_plan the product's "cublas" plan: torch.addmm (cuBLAS, bias fused), then the in-place Triton activation,
+  * cublas+act  torch.addmm then QuickGELU as PyTorch ops (three elementwise kernels: what not to do),
   * cublas      torch.addmm alone (the GEMM without the activation: a floor for any cuBLAS-based plan),
   * cublaslt    torch._addmm_activation(..., use_gelu=True) (cuBLASLt's GELU epilogue; tanh GELU, not QuickGELU,
                 so a speed reference for an epilogue, not a replacement),
-and the backward recompute (linear_act_grad) against addmm + the activation's derivative in PyTorch ops. Each as a
-CUDA graph replay (GPU time), in TFLOP/s of the GEMM. From the repo root on the GPU machine:
+and the backward recompute of each (`<plan>_grad`: the pre-activation's gradient g * act'(x W^T + b)). Each as a
+CUDA graph replay (GPU time), in TFLOP/s of the GEMM; `faster_plan` names the product plan with the lower forward +
+backward time, what fastprompt.ops.gemm_plan's entry for the device should say. From the repo root on the GPU:
 
     python bench/device/gemm_shapes.py            # one JSON line per shape
     python bench/device/gemm_shapes.py --smoke    # tiny shapes on CPU under TRITON_INTERPRET=1 (CI)
@@ -44,8 +46,7 @@ def main(argv=None) -> int:
     smoke = "--smoke" in argv
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    from fastprompt.ops.mlp import _pre_activation_grad as linear_act_grad
-    from fastprompt.ops.mlp import linear_act
+    from fastprompt.ops.mlp import _fc_activation, _pre_activation_grad
 
     if smoke:
         device, dtype, n, shapes = torch.device("cpu"), torch.float32, 1, {"tiny_fc1": (40, 64, 128)}
@@ -57,10 +58,12 @@ def main(argv=None) -> int:
         b = torch.randn(hidden, device=device, dtype=dtype)
         dh = torch.randn(rows, hidden, device=device, dtype=dtype)
         plans = {
-            "triton": lambda: linear_act(x, w, b, "quick_gelu"),
+            "triton": lambda: _fc_activation(x, w, b, "quick_gelu", "triton"),
+            "cublas_plan": lambda: _fc_activation(x, w, b, "quick_gelu", "cublas"),
             "cublas+act": lambda: _quick_gelu(torch.addmm(b, x, w.t())),
             "cublas": lambda: torch.addmm(b, x, w.t()),
-            "triton_grad": lambda: linear_act_grad(x, w, b, dh, "quick_gelu"),
+            "triton_grad": lambda: _pre_activation_grad(x, w, b, dh, "quick_gelu", "triton"),
+            "cublas_plan_grad": lambda: _pre_activation_grad(x, w, b, dh, "quick_gelu", "cublas"),
             "cublas+act_grad": lambda: _quick_gelu_grad(torch.addmm(b, x, w.t()), dh),
         }
         if device.type == "cuda":
@@ -71,6 +74,9 @@ def main(argv=None) -> int:
             ms = graphed_ms_per_call(fn, device, n) if device.type == "cuda" else ms_per_call(fn, device, n)
             record[f"{plan}_ms"] = round(ms, 4)
             record[f"{plan}_tflops"] = round(flops / ms / 1e9, 1)
+        totals = {plan: record[f"{key}_ms"] + record[f"{key}_grad_ms"]
+                  for plan, key in (("triton", "triton"), ("cublas", "cublas_plan"))}
+        record["faster_plan"] = min(totals, key=totals.__getitem__)
         record.update(conditions(device, dtype))
         print(json.dumps(record), flush=True)
     return 0

@@ -28,6 +28,7 @@ from ..backbone import _gelu_kind
 class BlockKernels:
     norm_mlp: str = "torch"  # 'triton' | 'torch'
     attention: str = "auto"  # fastprompt.ops.backends name or 'auto'
+    mlp_gemm: str = "triton"  # the frozen MLP's first GEMM with the Triton kernels: 'triton' | 'cublas' (ops.mlp)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -118,7 +119,7 @@ def mlp(block, h: torch.Tensor, kernels: BlockKernels) -> torch.Tensor:
 
         dtype = _compute_dtype(h, fc.weight)
         cast = [t.to(dtype) for t in (h, fc.weight, fc.bias, proj.weight, proj.bias)]
-        return frozen_mlp(*cast, activation=act)
+        return frozen_mlp(*cast, activation=act, gemm=kernels.mlp_gemm)
     return linear(block.mlp.gelu(linear(h, fc)), proj)
 
 
@@ -134,9 +135,10 @@ def block_forward(block, x: torch.Tensor, causal: bool, kernels: BlockKernels) -
     return x + branch.to(x.dtype)
 
 
-def frozen_tensors(block):
+def frozen_tensors(block, mlp_gemm: str = "triton"):
     """The block's weights as fastprompt.ops.frozen_block takes them, read now (no copies): (ln_1 w, b, eps,
-    in_proj w, b, out_proj w, b, ln_2 w, b, eps, c_fc w, b, c_proj w, b, activation). Read through the modules'
+    in_proj w, b, out_proj w, b, ln_2 w, b, eps, c_fc w, b, c_proj w, b, activation, the MLP's GEMM plan
+    `mlp_gemm`). Read through the modules'
     own dicts: each `module.attr` of a submodule or parameter is a Python call (nn.Module.__getattr__), ~30 per
     block per step otherwise."""
     modules = block._modules
@@ -146,7 +148,7 @@ def frozen_tensors(block):
     l1, l2 = ln1._parameters, ln2._parameters
     return (l1["weight"], l1["bias"], ln1.eps, ap["in_proj_weight"], ap["in_proj_bias"], out["weight"], out["bias"],
             l2["weight"], l2["bias"], ln2.eps, fc["weight"], fc["bias"], proj["weight"], proj["bias"],
-            _gelu_kind(mlp_._modules["gelu"]))
+            _gelu_kind(mlp_._modules["gelu"]), mlp_gemm)
 
 
 _TENSOR_SLOTS = (0, 1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13)  # positions of tensors in frozen_tensors' tuple
@@ -167,7 +169,7 @@ def runs_frozen_halves(block, x: torch.Tensor, pending: torch.Tensor | None, ker
         return None
     if not direct_call_ok(x):
         return None
-    weights = frozen_tensors(block)
+    weights = frozen_tensors(block, kernels.mlp_gemm)
     dtype, grad = x.dtype, torch.is_grad_enabled()
     for slot in _TENSOR_SLOTS:
         t = weights[slot]

@@ -60,7 +60,9 @@ class FastPath:
 
     def __str__(self) -> str:
         towers = ", ".join(f"{n} {t} blocks" for t, n in self.blocks.items())
-        lines = [f"fastprompt.patch: {towers}; LayerNorm/MLP: {self.kernels.norm_mlp}; attention: "
+        mlp = self.kernels.norm_mlp + (f" (first GEMM: {self.kernels.mlp_gemm})" if self.kernels.norm_mlp == "triton"
+                                       else "")
+        lines = [f"fastprompt.patch: {towers}; LayerNorm/MLP: {mlp}; attention: "
                  f"{self.kernels.attention}; encode_text truncated after the last EOT: {self.encode_text}"]
         lines += [f"  - {r}" for r in self.reasons]
         return "\n".join(lines)
@@ -218,8 +220,8 @@ def _fast_encode_text(self, text: torch.Tensor, normalize: bool = False):
     return nn.functional.normalize(x, dim=-1) if normalize else x
 
 
-def _resolve_kernels(model: nn.Module, backend: str, info) -> tuple[BlockKernels, list[str]]:
-    from ..ops import backends
+def _resolve_kernels(model: nn.Module, backend: str, info, mlp_gemm: str = "auto") -> tuple[BlockKernels, list[str]]:
+    from ..ops import backends, gemm_plan
 
     device = next(model.parameters()).device
     reasons = []
@@ -245,6 +247,12 @@ def _resolve_kernels(model: nn.Module, backend: str, info) -> tuple[BlockKernels
                     "backend='triton' requested on a CPU model: Triton kernels run on CUDA GPUs (or on CPU only"
                     " under TRITON_INTERPRET=1, for tests); use backend='auto' or 'sdpa'"
                 )
+    gemm = "triton"
+    if norm_mlp == "triton":
+        gemm, why = gemm_plan.resolve(mlp_gemm, device.type)
+        reasons.append(why)
+    elif mlp_gemm not in ("auto", *gemm_plan.PLANS):
+        gemm_plan.resolve(mlp_gemm, device.type)  # the same error for a bad value on every path
     # The attention backend must be able to serve both towers' head dims at the model's dtype.
     dtype = bb.compute_dtype(model)
     for name, tower, causal in (("vision", info.vision, False), ("text", info.text, True)):
@@ -253,10 +261,10 @@ def _resolve_kernels(model: nn.Module, backend: str, info) -> tuple[BlockKernels
         if choice.chosen is None:
             raise RuntimeError(f"cannot patch the {name} tower's attention: {choice}")
         reasons.append(f"{name} attention: {str(choice).splitlines()[0]}")
-    return BlockKernels(norm_mlp=norm_mlp, attention=attention), reasons
+    return BlockKernels(norm_mlp=norm_mlp, attention=attention, mlp_gemm=gemm), reasons
 
 
-def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.Module:
+def patch(model: nn.Module, backend: str = "auto", verbose: bool = False, mlp_gemm: str = "auto") -> nn.Module:
     """Patch `model` (an open_clip CLIP) in place onto fastprompt's kernels and return it; exact, reversible.
 
     The explanation is here rather than only in the module docstring: `help(fastprompt.patch)` shows this
@@ -282,6 +290,9 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.
     'xformers', 'sdpa' or 'eager'. An explicitly requested backend that cannot run raises an error saying
     why; `fastprompt info` shows what each op runs on, per device.
     verbose: print the FastPath report (otherwise it is logged at INFO level).
+    mlp_gemm: with the Triton kernels, the frozen MLP's first GEMM: 'triton' (bias and activation in a Triton
+    GEMM's epilogue), 'cublas' (torch.addmm, then the activation in place) or 'auto' (the plan measured faster on
+    this device type, fastprompt.ops.gemm_plan; 'triton' where nothing was measured).
 
     `fastprompt.unpatch(model)` restores the original classes and methods (outputs are then bit-identical
     to a never-patched model). Patching twice only updates the kernel choice. Scripted models,
@@ -289,7 +300,7 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.
     anything is changed.
     """
     info = bb.inspect_clip(model)  # raises before any change
-    kernels, reasons = _resolve_kernels(model, backend, info)
+    kernels, reasons = _resolve_kernels(model, backend, info, mlp_gemm)
     report = FastPath(kernels=kernels, reasons=reasons)
     for tower_name, tower in (("vision", model.visual.transformer), ("text", model.transformer)):
         for blk in tower.resblocks:

@@ -58,10 +58,10 @@ def _qkv_input_grad(d_qkv, in_w, shape):
 
 def _post_forward(s, o, weights):
     """(s2, branch, LN2's normalised input h, mean, rstd) of post_attention."""
-    out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation = weights[5:]
+    out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation, gemm = weights[5:]
     attended = F.linear(o.reshape(-1, o.shape[-1]), out_w, out_b).view(s.shape)
     h, s2, mean, rstd = _ln._layer_norm_residual_impl(attended, s, ln_w, ln_b, eps)
-    return s2, _mlp._frozen_mlp_impl(h, fc_w, fc_b, proj_w, proj_b, activation), h, mean, rstd
+    return s2, _mlp._frozen_mlp_impl(h, fc_w, fc_b, proj_w, proj_b, activation, gemm), h, mean, rstd
 
 
 # The weights travel as one tuple argument, not as separate inputs: nothing differentiates them, and every
@@ -129,12 +129,12 @@ class _PostAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_s2, d_branch):
         s2, mean, rstd, h = ctx.saved_tensors
-        out_w, _, ln_w, _, _, fc_w, fc_b, proj_w, _, activation = ctx.weights[5:]
+        out_w, _, ln_w, _, _, fc_w, fc_b, proj_w, _, activation, gemm = ctx.weights[5:]
         d_sum = None if d_s2 is None else d_s2.contiguous()
         if d_branch is None:
             dh = torch.zeros_like(h)
         else:  # the frozen MLP's input gradient (fastprompt.ops.mlp._backward_frozen_mlp)
-            d_pre = _mlp._pre_activation_grad(h, fc_w, fc_b, d_branch @ proj_w, activation)
+            d_pre = _mlp._pre_activation_grad(h, fc_w, fc_b, d_branch @ proj_w, activation, gemm)
             dh = d_pre @ fc_w  # a fresh, contiguous result: the LayerNorm backward reads its rows as they are
         ds = _ln._layer_norm_backward_impl(dh, s2, ln_w, mean, rstd, d_sum)
         do = ds.reshape(-1, ds.shape[-1]).mm(out_w).view(ctx.o_shape)

@@ -15,6 +15,15 @@ requires grad, ``frozen_mlp`` falls back to the autograd composition
 ``F.linear(linear_act(x, fc_w, fc_b, activation), proj_w, proj_b)``, which computes them (and
 keeps the hidden for proj_w's gradient, as any trained Linear must).
 
+The frozen MLP's first GEMM runs on one of two plans (``gemm``): "triton", the GEMM above with the
+bias and activation (or the gradient's product) in its epilogue; "cublas", ``torch.addmm`` (cuBLAS,
+bias fused) followed by one in-place elementwise pass for the activation or the gradient's product
+(fastprompt.kernels.activation). Both keep only x between forward and backward. They differ in
+rounding the way eager PyTorch differs from a fused epilogue: "cublas" rounds the pre-activation to
+x's dtype before the activation, as F.linear + activation does; "triton" applies it to the fp32
+accumulator. Which plan is faster is a matter of the GPU and the shapes
+(fastprompt.ops.backends.mlp_gemm_order says what was measured).
+
 Registered ops: ``fastprompt::linear_act``, ``fastprompt::frozen_mlp`` (with autograd) and
 ``fastprompt::linear_act_grad`` (the recompute GEMM).
 """
@@ -27,9 +36,23 @@ import torch.nn.functional as F
 from fastprompt.ops._library import define_op, direct_call_ok, eager_function, require_triton
 
 require_triton()
+from fastprompt.kernels import activation as _activation  # noqa: E402
 from fastprompt.kernels import linear_act as _kernel  # noqa: E402
 
 ACTIVATIONS = tuple(_kernel.ACTIVATIONS)
+GEMMS = ("triton", "cublas")  # the first layer's GEMM plan (see the module docstring)
+
+
+def _check_gemm(gemm: str) -> None:
+    if gemm not in GEMMS:
+        raise ValueError(f"frozen_mlp: gemm must be one of {GEMMS}, got {gemm!r}")
+
+
+def _fc_activation(x2d, weight, bias, activation: str, gemm: str):
+    """act(x2d @ weight^T + bias) as [rows, N] on the chosen plan; x2d from _rows, weight and bias contiguous."""
+    if gemm == "cublas":
+        return _activation.activation_(torch.addmm(bias, x2d, weight.t()), activation)
+    return _kernel.linear_act_forward(x2d, weight, bias, activation)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -53,9 +76,15 @@ def _(x, weight, bias, activation):
 
 
 def _linear_act_grad_impl(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, activation: str
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, activation: str,
+    gemm: str = "triton",
 ) -> torch.Tensor:
-    out = _kernel.linear_act_grad(_rows(x), weight.contiguous(), bias.contiguous(), _rows(grad), activation)
+    x2d, g2d, weight, bias = _rows(x), _rows(grad), weight.contiguous(), bias.contiguous()
+    if gemm == "cublas":  # the recomputed pre-activation becomes the gradient, in place
+        _kernel.check_linear_act_args(x2d, weight, bias, activation, g2d)
+        out = _activation.activation_grad_(torch.addmm(bias, x2d, weight.t()), g2d.contiguous(), activation)
+    else:
+        out = _kernel.linear_act_grad(x2d, weight, bias, g2d, activation)
     return out.view(grad.shape)
 
 
@@ -63,18 +92,19 @@ _linear_act_grad = define_op("linear_act_grad")(_linear_act_grad_impl)
 
 
 @_linear_act_grad.register_fake
-def _(x, weight, bias, grad, activation):
+def _(x, weight, bias, grad, activation, gemm="triton"):
+    _check_gemm(gemm)
     _kernel.check_linear_act_args(_rows(x), weight, bias, activation, _rows(grad))
     return grad.new_empty(grad.shape)
 
 
-def _pre_activation_grad(x, weight, bias, grad, activation):
+def _pre_activation_grad(x, weight, bias, grad, activation, gemm="triton"):
     if activation == "none":  # act' = 1: the upstream gradient is the answer, no GEMM needed
         return grad
     grad = grad.contiguous()
     if direct_call_ok(grad):  # eager backward: the implementation, not the dispatcher (see _library)
-        return _linear_act_grad_impl(x, weight, bias, grad, activation)
-    return torch.ops.fastprompt.linear_act_grad(x, weight, bias, grad, activation)
+        return _linear_act_grad_impl(x, weight, bias, grad, activation, gemm)
+    return torch.ops.fastprompt.linear_act_grad(x, weight, bias, grad, activation, gemm)
 
 
 def _setup_linear_act(ctx, inputs, output):
@@ -99,7 +129,8 @@ def _backward_linear_act(ctx, dy):
 _linear_act.register_autograd(_backward_linear_act, setup_context=_setup_linear_act)
 
 
-def _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation):
+def _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation, gemm):
+    _check_gemm(gemm)
     rows = _rows(x)
     _kernel.check_linear_act_args(rows, fc_w, fc_b, activation)
     hidden = fc_w.shape[0]
@@ -114,10 +145,11 @@ def _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation):
 
 
 def _frozen_mlp_impl(
-    x: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor, activation: str
+    x: torch.Tensor, fc_w: torch.Tensor, fc_b: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
+    activation: str, gemm: str = "triton",
 ) -> torch.Tensor:
-    _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation)
-    hidden = _kernel.linear_act_forward(_rows(x), fc_w.contiguous(), fc_b.contiguous(), activation)
+    _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation, gemm)
+    hidden = _fc_activation(_rows(x), fc_w.contiguous(), fc_b.contiguous(), activation, gemm)
     out = torch.addmm(proj_b, hidden, proj_w.t())
     return out.view(*x.shape[:-1], proj_w.shape[0])
 
@@ -126,15 +158,15 @@ _frozen_mlp = define_op("frozen_mlp")(_frozen_mlp_impl)
 
 
 @_frozen_mlp.register_fake
-def _(x, fc_w, fc_b, proj_w, proj_b, activation):
-    _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation)
+def _(x, fc_w, fc_b, proj_w, proj_b, activation, gemm="triton"):
+    _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation, gemm)
     return x.new_empty((*x.shape[:-1], proj_w.shape[0]))
 
 
 def _setup_frozen_mlp(ctx, inputs, output):
-    x, fc_w, fc_b, proj_w, _, activation = inputs
+    x, fc_w, fc_b, proj_w, _, activation, gemm = inputs
     ctx.save_for_backward(x, fc_w, fc_b, proj_w)  # x only: no hidden, no pre-activation
-    ctx.activation = activation
+    ctx.activation, ctx.gemm = activation, gemm
 
 
 def _backward_frozen_mlp(ctx, dy):
@@ -145,8 +177,8 @@ def _backward_frozen_mlp(ctx, dy):
         )
     x, fc_w, fc_b, proj_w = ctx.saved_tensors
     dh = dy @ proj_w
-    d_pre = _pre_activation_grad(x, fc_w, fc_b, dh, ctx.activation)
-    return d_pre @ fc_w, None, None, None, None, None
+    d_pre = _pre_activation_grad(x, fc_w, fc_b, dh, ctx.activation, ctx.gemm)
+    return d_pre @ fc_w, None, None, None, None, None, None
 
 
 _frozen_mlp.register_autograd(_backward_frozen_mlp, setup_context=_setup_frozen_mlp)
@@ -172,7 +204,7 @@ def linear_act(x, weight, bias, activation: str = "gelu"):
     return torch.ops.fastprompt.linear_act(x, weight, bias, activation)
 
 
-def frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, activation: str = "gelu"):
+def frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, activation: str = "gelu", gemm: str = "triton"):
     """proj(act(fc(x))) for a frozen MLP: saves only x, computes only input gradients.
 
     Equivalent PyTorch: ``F.linear(act(F.linear(x, fc_w, fc_b)), proj_w, proj_b)``.
@@ -181,6 +213,8 @@ def frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, activation: str = "gelu"):
         x: [..., d] float32/float16/bfloat16 on CUDA (or CPU under TRITON_INTERPRET=1).
         fc_w: [h, d], fc_b: [h], proj_w: [dout, h], proj_b: [dout], all of x's dtype.
         activation: one of "gelu", "gelu_tanh", "quick_gelu", "relu", "none".
+        gemm: the first layer's plan, "triton" (activation in the GEMM's epilogue) or "cublas"
+            (torch.addmm, then the activation in place); see the module docstring.
 
     If any weight or bias requires grad (and grad mode is on), this computes the same result
     through ``linear_act`` + ``F.linear`` with ordinary autograd, so the weights get their
@@ -190,7 +224,8 @@ def frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, activation: str = "gelu"):
         ValueError: wrong shapes, dtypes, devices or an unknown activation.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (fc_w, fc_b, proj_w, proj_b)):
+        _check_gemm(gemm)  # trained weights: linear_act's autograd computes their gradients, whichever the plan
         return F.linear(linear_act(x, fc_w, fc_b, activation), proj_w, proj_b)
     if direct_call_ok(x):  # eager: skip the dispatcher; traced or compiled: the registered op (see _library)
-        return _FrozenMlpEager.apply(x, fc_w, fc_b, proj_w, proj_b, activation)
-    return torch.ops.fastprompt.frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, activation)
+        return _FrozenMlpEager.apply(x, fc_w, fc_b, proj_w, proj_b, activation, gemm)
+    return torch.ops.fastprompt.frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, activation, gemm)

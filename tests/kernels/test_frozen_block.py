@@ -22,6 +22,7 @@ from kernel_numerics import assert_within_torch_error  # noqa: E402
 from kernel_targets import MATRIX_DTYPE  # noqa: E402
 
 KERNELS = BlockKernels(norm_mlp="triton", attention="sdpa")  # the halves are Triton; attention is any backend
+GEMMS = ("triton", "cublas")  # the MLP's first GEMM (fastprompt.ops.mlp): both plans run inside the halves
 
 
 def _block(device, dtype):
@@ -40,9 +41,9 @@ def _inputs(device, dtype, splice, rows=(2, 9)):
     return x, (None if splice == "first" else pending), new
 
 
-def _run(block, x, pending, new, causal=False):
+def _run(block, x, pending, new, causal=False, kernels=KERNELS):
     splice = None if new is None else (new, x.shape[1], 2)  # rows 2..4 of each sequence are the new prompt
-    s, branch = block_forward_pending(block, x, pending, causal, KERNELS, splice)
+    s, branch = block_forward_pending(block, x, pending, causal, kernels, splice)
     return s, branch
 
 
@@ -71,14 +72,16 @@ def _reference(block, x, pending, new, causal=False, dtype=torch.float64):
     return s, branch
 
 
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("splice", [False, True, "first"], ids=["residual", "splice", "first"])
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
-def test_halves_equal_the_block_definition_in_float64(kernel_device, splice, causal):
+def test_halves_equal_the_block_definition_in_float64(kernel_device, splice, causal, gemm):
     dtype = MATRIX_DTYPE
+    kernels = BlockKernels(norm_mlp="triton", attention="sdpa", mlp_gemm=gemm)
     block = _block(kernel_device, dtype)
     x, pending, new = _inputs(kernel_device, dtype, splice)
-    assert runs_frozen_halves(block, x, pending, KERNELS) is not None
-    got = _run(block, x, pending, new, causal)
+    assert runs_frozen_halves(block, x, pending, kernels) is not None
+    got = _run(block, x, pending, new, causal, kernels)
     inputs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, pending, new)]
     ref = _reference(block, *inputs, causal=causal)
     ref_torch = _reference(block, *(t.detach() if t is not None else None for t in (x, pending, new)),
@@ -95,27 +98,31 @@ def test_halves_equal_the_block_definition_in_float64(kernel_device, splice, cau
                                    msg=name)
 
 
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("splice", [False, True, "first"], ids=["residual", "splice", "first"])
-def test_halves_are_bit_identical_to_the_op_by_op_path(kernel_device, splice, monkeypatch):
+def test_halves_are_bit_identical_to_the_op_by_op_path(kernel_device, splice, gemm, monkeypatch):
+    kernels = BlockKernels(norm_mlp="triton", attention="sdpa", mlp_gemm=gemm)
     block = _block(kernel_device, MATRIX_DTYPE)
     x, pending, new = _inputs(kernel_device, MATRIX_DTYPE, splice)
-    fused = _run(block, x, pending, new)
+    fused = _run(block, x, pending, new, kernels=kernels)
     fused_grads = _grads(fused, (x, pending, new))
     monkeypatch.setattr(blocks, "runs_frozen_halves", lambda *args, **kwargs: None)
-    plain = _run(block, x, pending, new)
+    plain = _run(block, x, pending, new, kernels=kernels)
     plain_grads = _grads(plain, (x, pending, new))
     for a, b in zip(fused + fused_grads, plain + plain_grads):
         assert torch.equal(a, b)
 
 
-def test_stream_layout_and_splice_groups(kernel_device):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_stream_layout_and_splice_groups(kernel_device, gemm):
     """The halves on the packed text layout ([rows, d], a splice per prefix group) through PackedText's block: a
     small CLIP's MaPLe text tower, fused against op by op, loss and prompt gradients bit-identical."""
     import fastprompt
     from fastprompt.fast import packed_text
 
     clip = create_clip("small").to(kernel_device, MATRIX_DTYPE)  # head_dim 64, which the Triton attention serves
-    fastprompt.patch(clip, backend="triton")
+    fastprompt.patch(clip, backend="triton", mlp_gemm=gemm)
+    assert fastprompt.fast.fast_path(clip).kernels.mlp_gemm == gemm
     model = fastprompt.build("maple", clip, ["red circle", "blue square", "green triangle"])
 
     def text_step():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastprompt.kernels import linear_act as la_kernel
-from fastprompt.ops.mlp import ACTIVATIONS, frozen_mlp, linear_act
+from fastprompt.ops.mlp import ACTIVATIONS, GEMMS, frozen_mlp, linear_act
 from kernel_numerics import ATOL, assert_within_torch_error, OpRecorder
 from kernel_targets import MATRIX_DTYPE, MATRIX_DTYPES, dtype_params
 
@@ -94,27 +94,29 @@ def test_linear_act_leading_shapes_input_gradient_only(shape, dtype, kernel_devi
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize(
     "rows, activation", [(1, "gelu"), (77, "quick_gelu"), (199, "gelu_tanh"), (13, "relu"), (6, "none")]
 )
-def test_frozen_mlp_forward_and_input_gradient(rows, activation, dtype, kernel_device, poison):
+def test_frozen_mlp_forward_and_input_gradient(rows, activation, gemm, dtype, kernel_device, poison):
     d, hidden = 40, 160  # the CLIP MLP's 4x expansion, at interpreter-friendly widths
     x = torch.randn(rows, d, device=kernel_device).to(dtype)
     fc_w, fc_b = make_linear(hidden, d, dtype, kernel_device)
     proj_w, proj_b = make_linear(d, hidden, dtype, kernel_device)
     check(
-        lambda *a: frozen_mlp(*a, activation), lambda *a: torch_mlp(*a, activation),
-        [x, fc_w, fc_b, proj_w, proj_b], {0}, dtype, f"frozen_mlp {rows} {activation}",
+        lambda *a: frozen_mlp(*a, activation, gemm), lambda *a: torch_mlp(*a, activation),
+        [x, fc_w, fc_b, proj_w, proj_b], {0}, dtype, f"frozen_mlp {gemm} {rows} {activation}",
     )  # fmt: skip
 
 
-def test_frozen_mlp_saves_only_its_input(kernel_device):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_frozen_mlp_saves_only_its_input(gemm, kernel_device):
     x = torch.randn(2, 9, 40, device=kernel_device).to(MATRIX_DTYPE).requires_grad_()
     fc_w, fc_b = make_linear(160, 40, MATRIX_DTYPE, kernel_device)
     proj_w, proj_b = make_linear(40, 160, MATRIX_DTYPE, kernel_device)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, "gelu")
+        y = frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, "gelu", gemm)
     allowed = {t.data_ptr() for t in (x, fc_w, fc_b, proj_w, proj_b)}
     assert saved, "nothing saved for backward"
     assert all(t.data_ptr() in allowed for t in saved), [tuple(t.shape) for t in saved]
@@ -123,14 +125,15 @@ def test_frozen_mlp_saves_only_its_input(kernel_device):
     assert x.grad is not None
 
 
-def test_frozen_weights_compute_no_weight_gradients(kernel_device):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_frozen_weights_compute_no_weight_gradients(gemm, kernel_device):
     x = torch.randn(10, 40, device=kernel_device).to(MATRIX_DTYPE).requires_grad_()
     fc_w, fc_b = make_linear(160, 40, MATRIX_DTYPE, kernel_device)
     proj_w, proj_b = make_linear(40, 160, MATRIX_DTYPE, kernel_device)
-    y = frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, "quick_gelu")
+    y = frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, "quick_gelu", gemm)
     with OpRecorder() as ops:
         y.backward(torch.randn_like(y))
-    assert "fastprompt::linear_act_grad" in ops.names  # the recompute GEMM ran
+    assert "fastprompt::linear_act_grad" in ops.names  # the recompute GEMM ran (one op, whichever the plan)
     # dh = dy @ proj_w and dx = d_pre @ fc_w: two matrix products, none for a weight gradient.
     products = [n for n in ops.names if n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")]
     assert len(products) == 2, ops.names
@@ -172,15 +175,16 @@ def test_launcher_writes_every_output_element(dtype, kernel_device, poison):
                               grad * (F.linear(x, weight, bias) > 0), dtype)
 
 
-def test_opcheck(kernel_device):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_opcheck(gemm, kernel_device):
     x = torch.randn(2, 5, 24, device=kernel_device).to(MATRIX_DTYPE).requires_grad_()
     fc_w, fc_b = make_linear(40, 24, MATRIX_DTYPE, kernel_device)
     proj_w, proj_b = make_linear(20, 40, MATRIX_DTYPE, kernel_device)
-    torch.library.opcheck(torch.ops.fastprompt.frozen_mlp, (x, fc_w, fc_b, proj_w, proj_b, "gelu_tanh"))
+    torch.library.opcheck(torch.ops.fastprompt.frozen_mlp, (x, fc_w, fc_b, proj_w, proj_b, "gelu_tanh", gemm))
     trained = (x, fc_w.clone().requires_grad_(True), fc_b.clone().requires_grad_(True), "gelu")
     torch.library.opcheck(torch.ops.fastprompt.linear_act, trained)
     grad = torch.randn(2, 5, 40, device=kernel_device).to(MATRIX_DTYPE)
-    torch.library.opcheck(torch.ops.fastprompt.linear_act_grad, (x.detach(), fc_w, fc_b, grad, "quick_gelu"))
+    torch.library.opcheck(torch.ops.fastprompt.linear_act_grad, (x.detach(), fc_w, fc_b, grad, "quick_gelu", gemm))
 
 
 @pytest.mark.parametrize(
@@ -213,6 +217,16 @@ def test_frozen_mlp_bad_projection_raises(kernel_device):
         frozen_mlp(x, fc_w, fc_b, torch.randn(8, 15, device=kernel_device), torch.randn(8, device=kernel_device))
 
 
+@pytest.mark.parametrize("trained", [False, True], ids=["frozen", "trained"])
+def test_frozen_mlp_unknown_gemm_raises(trained, kernel_device):
+    x = torch.randn(4, 8, device=kernel_device)
+    fc_w, fc_b = make_linear(16, 8, torch.float32, kernel_device)
+    proj_w, proj_b = make_linear(8, 16, torch.float32, kernel_device)
+    fc_w.requires_grad_(trained)
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        frozen_mlp(x, fc_w, fc_b, proj_w, proj_b, "gelu", "cutlass")
+
+
 @pytest.mark.gpu
 class TestMLPGPU:
     """bf16 numerics and speed against PyTorch at ViT-B/16 shapes."""
@@ -223,10 +237,11 @@ class TestMLPGPU:
         x = torch.randn(rows, 768, device="cuda", dtype=torch.bfloat16)
         fc_w, fc_b = make_linear(3072, 768, torch.bfloat16, "cuda")
         proj_w, proj_b = make_linear(768, 3072, torch.bfloat16, "cuda")
-        check(
-            lambda *a: frozen_mlp(*a, activation), lambda *a: torch_mlp(*a, activation),
-            [x, fc_w, fc_b, proj_w, proj_b], {0}, torch.bfloat16, f"frozen_mlp bf16 {rows} {activation}",
-        )  # fmt: skip
+        for gemm in GEMMS:
+            check(
+                lambda *a: frozen_mlp(*a, activation, gemm), lambda *a: torch_mlp(*a, activation),
+                [x, fc_w, fc_b, proj_w, proj_b], {0}, torch.bfloat16, f"frozen_mlp {gemm} bf16 {rows} {activation}",
+            )  # fmt: skip
         check(
             lambda *a: linear_act(*a, activation), lambda *a: torch_linear_act(*a, activation),
             [x, fc_w, fc_b], {0, 1, 2}, torch.bfloat16, f"linear_act bf16 {rows} {activation}",
@@ -237,10 +252,11 @@ class TestMLPGPU:
             x = torch.randn(199, 512, device="cuda", dtype=dtype)
             fc_w, fc_b = make_linear(2048, 512, dtype, "cuda")
             proj_w, proj_b = make_linear(512, 2048, dtype, "cuda")
-            check(
-                lambda *a: frozen_mlp(*a, "gelu"), lambda *a: torch_mlp(*a, "gelu"),
-                [x, fc_w, fc_b, proj_w, proj_b], {0}, dtype, f"frozen_mlp {dtype}",
-            )  # fmt: skip
+            for gemm in GEMMS:
+                check(
+                    lambda *a: frozen_mlp(*a, "gelu", gemm), lambda *a: torch_mlp(*a, "gelu"),
+                    [x, fc_w, fc_b, proj_w, proj_b], {0}, dtype, f"frozen_mlp {gemm} {dtype}",
+                )  # fmt: skip
 
     @pytest.mark.parametrize("rows, d", [(32 * 199, 768), (1000 * 9, 512)])
     def test_speed_vs_torch(self, rows, d):
@@ -252,7 +268,8 @@ class TestMLPGPU:
         args = (fc_w, fc_b, proj_w, proj_b, "quick_gelu")
         dy = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
         timings = {}
-        for name, fn in (("fastprompt", frozen_mlp), ("torch", torch_mlp)):
+        plans = [(f"fastprompt {gemm}", lambda *a, g=gemm: frozen_mlp(*a, g)) for gemm in GEMMS]
+        for name, fn in (*plans, ("torch", torch_mlp)):
             timings[f"{name} fwd"] = do_bench(lambda: fn(x.detach(), *args))
             y = fn(x, *args)
             timings[f"{name} bwd"] = do_bench(lambda: y.backward(dy, retain_graph=True), grad_to_none=[x])
