@@ -22,7 +22,7 @@ bias fused) followed by one in-place elementwise pass for the activation or the 
 rounding the way eager PyTorch differs from a fused epilogue: "cublas" rounds the pre-activation to
 x's dtype before the activation, as F.linear + activation does; "triton" applies it to the fp32
 accumulator. Which plan is faster is a matter of the GPU and the shapes
-(fastprompt.ops.backends.mlp_gemm_order says what was measured).
+(fastprompt.ops.gemm_plan keeps what was measured and chooses).
 
 Registered ops: ``fastprompt::linear_act``, ``fastprompt::frozen_mlp`` (with autograd) and
 ``fastprompt::linear_act_grad`` (the recompute GEMM).
