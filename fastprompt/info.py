@@ -95,7 +95,7 @@ def _op_plan(device: str, dtype: torch.dtype, attention_rows: list[dict]) -> lis
     plan = [
         ("LayerNorm", "triton" if triton else "pytorch",
          "fp32 statistics, input gradient only for frozen weights" if triton else why),
-        ("MLP", _mlp_runs_on(device) if triton else "pytorch", _mlp_why(device) if triton else why),
+        ("MLP", *(_mlp_plan(device) if triton else ("pytorch", why))),
         ("coupling maps", "triton, grouped" if triton else "pytorch, one Linear per layer",
          "every prompted layer's map in one launch each way" if triton
          else "the grouped launch is a Triton kernel, used on CUDA devices only" if not on_cuda
@@ -116,14 +116,11 @@ def _op_plan(device: str, dtype: torch.dtype, attention_rows: list[dict]) -> lis
             for op, runs_on, why in plan]
 
 
-def _mlp_runs_on(device: str) -> str:
-    plan = gemm_plan.default_plan(device.split(":")[0])
-    return "triton" if plan == "triton" else "cublas fc1 + triton activation"
-
-
-def _mlp_why(device: str) -> str:
-    _, why = gemm_plan.resolve("auto", device.split(":")[0])
-    return f"frozen MLP saving only its input, hidden recomputed in backward; {why}"
+def _mlp_plan(device: str) -> tuple[str, str]:
+    """(runs on, why) of the frozen MLP with the Triton kernels: its first GEMM's plan is fastprompt.ops.gemm_plan's."""
+    plan, why = gemm_plan.resolve("auto", device.split(":")[0])
+    runs_on = "triton" if plan == "triton" else "cublas fc1 + triton activation"
+    return runs_on, f"frozen MLP saving only its input, hidden recomputed in backward; {why}"
 
 
 def format_info(report: dict) -> str:

@@ -247,12 +247,11 @@ def _resolve_kernels(model: nn.Module, backend: str, info, mlp_gemm: str = "auto
                     "backend='triton' requested on a CPU model: Triton kernels run on CUDA GPUs (or on CPU only"
                     " under TRITON_INTERPRET=1, for tests); use backend='auto' or 'sdpa'"
                 )
-    gemm = "triton"
+    gemm, why = gemm_plan.resolve(mlp_gemm, device.type)  # a bad value is refused whatever runs the MLP
     if norm_mlp == "triton":
-        gemm, why = gemm_plan.resolve(mlp_gemm, device.type)
         reasons.append(why)
-    elif mlp_gemm not in ("auto", *gemm_plan.PLANS):
-        gemm_plan.resolve(mlp_gemm, device.type)  # the same error for a bad value on every path
+    else:
+        gemm = "triton"  # no first-GEMM plan: the MLP runs as PyTorch ops
     # The attention backend must be able to serve both towers' head dims at the model's dtype.
     dtype = bb.compute_dtype(model)
     for name, tower, causal in (("vision", info.vision, False), ("text", info.text, True)):

@@ -75,5 +75,5 @@ def resolve(mlp_gemm: str, device_type: str) -> tuple[str, str]:
     measurement = measurement_for(device_type)
     if measurement is None:
         return _UNMEASURED_PLAN, f"MLP first GEMM: {_UNMEASURED_PLAN} (no measurement for {device_type})"
-    return measurement.plan, (f"MLP first GEMM: {measurement.plan} (measured on {measurement.label()}: "
+    return measurement.plan, (f"MLP first GEMM: {measurement.plan} (chosen from {measurement.label()}: "
                               f"{measurement.figures})")
