@@ -11,7 +11,7 @@
 #   bash bench/device/run.sh C      # ~8 min: the kernel tests compiled in bf16/fp16, the GPU test tier of the
 #                                   #   methods and the runner, a one-process torchrun run against the plain run,
 #                                   #   the fused text attention and LayerNorm splice against what they replace,
-#                                   #   the frozen MLP's fc1 GEMM: Triton epilogue vs cuBLAS (issue 9 item 2)
+#                                   #   the frozen MLP's fc1 plans: Triton epilogue GEMM vs cuBLAS + activation pass (issue 9 item 2)
 # Writes logs and results under $OUT (the device tool brings them back); commit bench/results/*.json from there.
 set -u
 PART=${1:-A}
@@ -47,7 +47,7 @@ if [ "$PART" = Q ]; then  # one call, each open issue's headline figure (a lent 
   bench train-maple 150 test_bench_train_step.py imagenet-b32 maple eager,tuned,fastprompt
   bench inference 100 test_bench_inference.py imagenet-b100 maple eager,fastprompt
   TAILN=4 stage glue-ops 50 python3 bench/device/glue_ops.py
-  TAILN=4 stage gemm-shapes 35 python3 bench/device/gemm_shapes.py
+  TAILN=4 stage gemm-shapes 45 python3 bench/device/gemm_shapes.py
   TAILN=4 stage torchrun-one 80 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
 fi
 if [ "$PART" = A ]; then
@@ -68,5 +68,5 @@ if [ "$PART" = C ]; then
   TAILN=25 stage gpu-tier 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests --ignore=tests/kernels
   TAILN=4 stage torchrun-one 90 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
   TAILN=4 stage glue-ops 60 python3 bench/device/glue_ops.py
-  TAILN=4 stage gemm-shapes 40 python3 bench/device/gemm_shapes.py
+  TAILN=4 stage gemm-shapes 45 python3 bench/device/gemm_shapes.py
 fi
