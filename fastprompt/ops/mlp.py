@@ -30,6 +30,8 @@ Registered ops: ``fastprompt::linear_act``, ``fastprompt::frozen_mlp`` (with aut
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,16 @@ GEMMS = ("triton", "cublas")  # the first layer's GEMM plan (see the module docs
 def _check_gemm(gemm: str) -> None:
     if gemm not in GEMMS:
         raise ValueError(f"frozen_mlp: gemm must be one of {GEMMS}, got {gemm!r}")
+
+
+def _in_own_dtype(x: torch.Tensor):
+    """A context in which the ops' cuBLAS GEMMs run in x's dtype, as the Triton GEMM (which no autocast reaches)
+    does and as the ops' fake implementations say: autocast off where it would cast them to another dtype. The
+    blocks cast to the autocast dtype before calling, so on the model's path this is the null context."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _fc_activation(x2d, weight, bias, activation: str, gemm: str):
@@ -82,7 +94,9 @@ def _linear_act_grad_impl(
     x2d, g2d, weight, bias = _rows(x), _rows(grad), weight.contiguous(), bias.contiguous()
     if gemm == "cublas":  # the recomputed pre-activation becomes the gradient, in place
         _kernel.check_linear_act_args(x2d, weight, bias, activation, g2d)
-        out = _activation.activation_grad_(torch.addmm(bias, x2d, weight.t()), g2d.contiguous(), activation)
+        with _in_own_dtype(x2d):
+            pre = torch.addmm(bias, x2d, weight.t())
+        out = _activation.activation_grad_(pre, g2d.contiguous(), activation)
     else:
         out = _kernel.linear_act_grad(x2d, weight, bias, g2d, activation)
     return out.view(grad.shape)
@@ -117,10 +131,11 @@ def _backward_linear_act(ctx, dy):
     x, weight, bias = ctx.saved_tensors
     d_pre = _pre_activation_grad(x, weight, bias, dy, ctx.activation)
     dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = d_pre @ weight
-    if ctx.needs_input_grad[1]:
-        dw = _rows(d_pre).t() @ _rows(x)
+    with _in_own_dtype(x):
+        if ctx.needs_input_grad[0]:
+            dx = d_pre @ weight
+        if ctx.needs_input_grad[1]:
+            dw = _rows(d_pre).t() @ _rows(x)
     if ctx.needs_input_grad[2]:
         db = _rows(d_pre).sum(0)
     return dx, dw, db, None
@@ -149,8 +164,9 @@ def _frozen_mlp_impl(
     activation: str, gemm: str = "triton",
 ) -> torch.Tensor:
     _check_mlp(x, fc_w, fc_b, proj_w, proj_b, activation, gemm)
-    hidden = _fc_activation(_rows(x), fc_w.contiguous(), fc_b.contiguous(), activation, gemm)
-    out = torch.addmm(proj_b, hidden, proj_w.t())
+    with _in_own_dtype(x):
+        hidden = _fc_activation(_rows(x), fc_w.contiguous(), fc_b.contiguous(), activation, gemm)
+        out = torch.addmm(proj_b, hidden, proj_w.t())
     return out.view(*x.shape[:-1], proj_w.shape[0])
 
 
@@ -176,9 +192,10 @@ def _backward_frozen_mlp(ctx, dy):
             "grad: call fastprompt.ops.mlp.frozen_mlp, which falls back to a path that computes them"
         )
     x, fc_w, fc_b, proj_w = ctx.saved_tensors
-    dh = dy @ proj_w
-    d_pre = _pre_activation_grad(x, fc_w, fc_b, dh, ctx.activation, ctx.gemm)
-    return d_pre @ fc_w, None, None, None, None, None, None
+    with _in_own_dtype(x):  # a backward called inside the caller's autocast: still x's dtype
+        dh = dy @ proj_w
+        d_pre = _pre_activation_grad(x, fc_w, fc_b, dh, ctx.activation, ctx.gemm)
+        return d_pre @ fc_w, None, None, None, None, None, None
 
 
 _frozen_mlp.register_autograd(_backward_frozen_mlp, setup_context=_setup_frozen_mlp)

@@ -217,6 +217,23 @@ def test_frozen_mlp_bad_projection_raises(kernel_device):
         frozen_mlp(x, fc_w, fc_b, torch.randn(8, 15, device=kernel_device), torch.randn(8, device=kernel_device))
 
 
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_frozen_mlp_keeps_its_dtype_under_an_autocast_of_another(gemm, kernel_device):
+    """The op's contract (and its fake): the result in x's dtype. A caller's autocast to another dtype must not
+    reach the op's cuBLAS GEMMs (the Triton GEMM is out of its reach anyway): the same values as without it."""
+    x = torch.randn(6, 40, device=kernel_device, dtype=torch.float32).requires_grad_()
+    fc_w, fc_b = make_linear(160, 40, torch.float32, kernel_device)
+    proj_w, proj_b = make_linear(40, 160, torch.float32, kernel_device)
+    args = (fc_w, fc_b, proj_w, proj_b, "quick_gelu", gemm)
+    plain = frozen_mlp(x, *args)
+    (plain_grad,) = torch.autograd.grad(plain.square().sum(), x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        cast = frozen_mlp(x, *args)
+        (cast_grad,) = torch.autograd.grad(cast.square().sum(), x)
+    assert cast.dtype == torch.float32 and torch.equal(cast, plain)
+    assert cast_grad.dtype == torch.float32 and torch.equal(cast_grad, plain_grad)
+
+
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen", "trained"])
 def test_frozen_mlp_unknown_gemm_raises(trained, kernel_device):
     x = torch.randn(4, 8, device=kernel_device)
