@@ -1,10 +1,20 @@
 """Numerics helpers shared by the kernel tests (DESIGN.md §4: error relative to PyTorch's own)."""
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # atol relative to the largest reference magnitude: ~100 fp32 ulps, half a bf16/fp16 ulp.
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+# The kernels' activations written as PyTorch ops: the references of the MLP and activation tests.
+TORCH_ACTIVATIONS = {
+    "none": lambda t: t,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
+}
 
 
 def assert_within_torch_error(name, got, ref64, torch_out, dtype):

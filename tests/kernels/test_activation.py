@@ -8,21 +8,13 @@ GPU compiled in bf16, fp16 and fp32.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastprompt.kernels import activation as act_kernel
-from kernel_numerics import assert_within_torch_error
+from kernel_numerics import TORCH_ACTIVATIONS, assert_within_torch_error
 from kernel_targets import MATRIX_DTYPE, MATRIX_DTYPES, dtype_params
 
 DTYPES = dtype_params(MATRIX_DTYPES)
 ACTIVATIONS = tuple(act_kernel.ACTIVATIONS)
-TORCH_ACTIVATIONS = {
-    "none": lambda t: t,
-    "relu": torch.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
-}
 SIZES = [(1,), (4095,), (3, 2731)]  # one element, one tile short of full, three tiles with a tail (8,193)
 
 

@@ -15,19 +15,12 @@ import torch.nn.functional as F
 
 from fastprompt.kernels import linear_act as la_kernel
 from fastprompt.ops.mlp import ACTIVATIONS, GEMMS, frozen_mlp, linear_act
-from kernel_numerics import ATOL, assert_within_torch_error, OpRecorder
+from kernel_numerics import ATOL, TORCH_ACTIVATIONS, assert_within_torch_error, OpRecorder
 from kernel_targets import MATRIX_DTYPE, MATRIX_DTYPES, dtype_params
 
 DTYPES = dtype_params(MATRIX_DTYPES)
 
 
-TORCH_ACTIVATIONS = {
-    "none": lambda t: t,
-    "relu": torch.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
-}
 
 
 def torch_mlp(x, fc_w, fc_b, proj_w, proj_b, activation):
