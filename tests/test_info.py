@@ -49,3 +49,18 @@ def test_info_returns_the_same_as_data():
         assert not triton["auto_choice"]  # auto never picks the interpreter
         assert triton["reasons"] or triton["auto_skips"]
     assert "attention backends" in format_info(report)
+
+
+def test_mlp_row_names_the_first_gemm_plan_patch_takes():
+    """The MLP row of the op plan says which first-GEMM plan `patch(clip)` takes on the device type and why: the
+    plan and the evidence of fastprompt.ops.gemm_plan (CUDA: a measurement named by device, date and commit)."""
+    from fastprompt.info import _mlp_plan
+    from fastprompt.ops import gemm_plan
+
+    for device in ("cuda:0", "cpu"):
+        plan, why = gemm_plan.resolve("auto", device.split(":")[0])
+        runs_on, said = _mlp_plan(device)
+        assert runs_on == ("triton" if plan == "triton" else "cublas fc1 + triton activation")
+        assert said.endswith(why)
+    cuda = gemm_plan.measurement_for("cuda")
+    assert all(part in _mlp_plan("cuda")[1] for part in (cuda.device, cuda.date, cuda.commit))
