@@ -56,7 +56,8 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
     clip = create_clip(BACKBONE, precision="fp32", device="cpu")
     # The frozen MLP's first-GEMM plan a CUDA device takes (fastprompt.ops.gemm_plan), not the CPU's: the op
     # sequence is the GPU's.
-    fastprompt.patch(clip, backend="triton", mlp_gemm=gemm_plan.default_plan("cuda"))
+    mlp_gemm = gemm_plan.default_plan("cuda")
+    fastprompt.patch(clip, backend="triton", mlp_gemm=mlp_gemm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ImageNet's duplicate class names
         model = fastprompt.build(method, clip, classnames(classes))
@@ -69,7 +70,7 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
     launches.clear()
     calls = python_calls(step, images, labels)
     return {"method": method, "classes": classes, "batch": batch, "backbone": BACKBONE,
-            "mlp_gemm": gemm_plan.default_plan("cuda"),
+            "mlp_gemm": mlp_gemm,
             "host_ms_per_step": round(statistics.median(times), 2), "host_ms_min": round(min(times), 2),
             "steps": steps, "threads": torch.get_num_threads(), **calls,
             "triton_launches_per_step": sum(launches.values()), "triton_launches": dict(sorted(launches.items()))}

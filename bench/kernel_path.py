@@ -45,7 +45,8 @@ def count(method: str, classes: int = WORKLOAD_CLASSES, batch: int = WORKLOAD_BA
     clip = create_clip(backbone, precision="fp32", device="cpu")
     # The frozen MLP's first-GEMM plan a CUDA device takes (fastprompt.ops.gemm_plan), not the CPU's: the op
     # sequence is the GPU's.
-    fastprompt.patch(clip, backend="triton", mlp_gemm=gemm_plan.default_plan("cuda"))
+    mlp_gemm = gemm_plan.default_plan("cuda")
+    fastprompt.patch(clip, backend="triton", mlp_gemm=mlp_gemm)
     model = fastprompt.build(method, clip, names)
     model.train()
     model.packed_text()  # the class set's packing metadata is built (read from the host) once, before any step
@@ -62,7 +63,7 @@ def count(method: str, classes: int = WORKLOAD_CLASSES, batch: int = WORKLOAD_BA
     counter.ops.pop("prim::device", None)  # fake tensors' device queries: no op on a GPU
     summary = counter.summary()
     return {"method": method, "classes": classes, "batch": batch, "backbone": backbone,
-            "mlp_gemm": gemm_plan.default_plan("cuda"),
+            "mlp_gemm": mlp_gemm,
             "kernel_path_ops_per_step": summary["ops_per_step"], "kernel_path_ops_custom": summary["ops_custom"],
             "kernel_path_ops_launch": summary["ops_launch"], "kernel_path_ops_view": summary["ops_view"],
             "kernel_path_ops_top": summary["ops_top"], "kernel_path_ops": dict(counter.ops)}

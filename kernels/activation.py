@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, check_same_device
-from .linear_act import ACTIVATIONS, activation_derivative, apply_activation
+from .linear_act import ACTIVATIONS, activation_derivative, apply_activation, require_kernel_device
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # 4,096 elements over 8 warps: 16 per thread, two 16-byte vectors of bf16. A bandwidth-bound pass; each program's
@@ -52,10 +52,6 @@ def activation_kernel(
     tl.store(out_ptr + offs, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _uses_interpreter() -> bool:
-    return not isinstance(activation_kernel, triton.runtime.JITFunction)
-
-
 def check_activation_args(pre, activation: str, grad=None) -> None:
     """Validate the arguments of activation_ / activation_grad_ (also used by the ops' fake implementations)."""
     if activation not in ACTIVATIONS:
@@ -71,11 +67,7 @@ def check_activation_args(pre, activation: str, grad=None) -> None:
                 f"{'' if grad.is_contiguous() else 'non-contiguous '}{grad.dtype} {list(grad.shape)}"
             )
         check_same_device("activation", {"pre": pre, "grad": grad})
-    device = pre.device
-    if not (device.type == "cuda" or (device.type == "cpu" and _uses_interpreter())):
-        raise ValueError(
-            f"activation: the Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got {device}"
-        )
+    require_kernel_device("activation", pre.device)
 
 
 def _launch(pre, grad, activation: str):

@@ -135,7 +135,7 @@ def block_forward(block, x: torch.Tensor, causal: bool, kernels: BlockKernels) -
     return x + branch.to(x.dtype)
 
 
-def frozen_tensors(block, mlp_gemm: str = "triton"):
+def frozen_tensors(block, mlp_gemm: str):
     """The block's weights as fastprompt.ops.frozen_block takes them, read now (no copies): (ln_1 w, b, eps,
     in_proj w, b, out_proj w, b, ln_2 w, b, eps, c_fc w, b, c_proj w, b, activation, the MLP's GEMM plan
     `mlp_gemm`). Read through the modules'
