@@ -239,6 +239,31 @@ def run_block(tower: nn.Module, index: int, x: torch.Tensor, attn_mask: torch.Te
     return block(x, attn_mask=attn_mask)
 
 
+def _block_cls(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ResidualAttentionBlock.forward evaluated at the first row of each sequence only: the CLS row's
+    query against every row's keys and values (the block's own `attention`, i.e. its nn.MultiheadAttention with
+    separate query and key/value inputs), then the residual adds and the MLP on that row. [B, L, D] -> [B, D]."""
+    h = block.ln_1(x)
+    y = x[:, :1] + block.ls_1(block.attention(q_x=h[:, :1], k_x=h, v_x=h))
+    y = y + block.ls_2(block.mlp(block.ln_2(y)))
+    return y[:, 0]
+
+
+def run_block_cls(tower: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+    """run_block's output at the CLS rows only, [B, D]: a vision tower's last block when only the pooled token is
+    read (after the last block nothing mixes rows, so the other rows' outputs would be discarded)."""
+    block = tower.resblocks[index]
+    if tower.grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(_block_cls, block, x, use_reentrant=False)
+    return _block_cls(block, x)
+
+
+def vision_pool(model: nn.Module, cls: torch.Tensor) -> torch.Tensor:
+    """ln_post and the projection of the CLS rows [B, D] -> [B, E]: vision_head's pooled feature (LayerNorm is per
+    token, so normalising the CLS rows alone equals normalising all tokens and then pooling)."""
+    return model.visual.ln_post(cls) @ model.visual.proj
+
+
 def vision_head(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ln_post over all tokens, CLS pooled and projected. Returns (pooled feature [B, E], tokens after ln_post)."""
     visual = model.visual

@@ -25,7 +25,9 @@ class EncoderOutputs:
 
     image_features: torch.Tensor  # [B, E] pooled CLS, projected (not normalised)
     text_features: torch.Tensor  # [C, E], or [B, C, E] when text prompts depend on the image
-    vision_tokens: torch.Tensor  # [B, N, D] final tokens after ln_post (prompts included)
+    # [B, N, D] final tokens after ln_post (prompts included); None when the vision tower's last block ran on the
+    # CLS rows only (PromptedCLIP.last_layer): a method that reads them says so in reads_vision_tokens
+    vision_tokens: torch.Tensor | None
     vision_segment: tuple[int, int]  # (start, length) of the prompt segment in vision_tokens
     logit_scale: torch.Tensor  # CLIP's exp(logit_scale)
     vision_proj: torch.Tensor | None = None  # CLIP's visual.proj (frozen), to project vision tokens
@@ -83,6 +85,11 @@ class PromptMethod(nn.Module):
 
     def per_image_text(self) -> bool:
         return self.needs_image_features() or self.needs_vision_before_text()
+
+    def reads_vision_tokens(self) -> bool:
+        """Whether the heads or the token sources read EncoderOutputs.vision_tokens (every final vision token, not
+        only the pooled CLS feature): the general model then runs the vision tower's last block on every row."""
+        return False
 
     # --- hooks the general model calls ------------------------------------------------------------
     def class_state(self, text_features, text_input_embeds, text_lengths):

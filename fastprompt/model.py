@@ -7,7 +7,9 @@ unpatched model and, unchanged, on a patched one. This path is the oracle the fa
 against, so it favours clarity: straightforward torch.cat splices, a causal mask per length.
 
 The one exact trim it makes by default is cutting text rows after the last EOT (causal mask + EOT
-pooling make later tokens irrelevant; tests prove equality with the full context).
+pooling make later tokens irrelevant; tests prove equality with the full context). On a patched CLIP (or with
+last_layer='pooled') each tower's last block also runs on its pooled rows only (the vision CLS rows, the packed
+text's EOT rows): the rows nothing reads are not computed.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class PromptedCLIP(nn.Module):
         truncate_text: bool = True,
         text_path: str = "auto",
         shard_text_classes: bool = False,
+        last_layer: str = "auto",
     ):
         super().__init__()
         if text_path not in ("auto", "packed", "reference"):
@@ -81,6 +84,7 @@ class PromptedCLIP(nn.Module):
         if text_path == "packed" and not truncate_text:
             raise ValueError("text_path='packed' computes only SOS..EOT; it cannot run with truncate_text=False")
         self.text_path = text_path
+        self.last_layer = last_layer
         self.info = bb.inspect_clip(clip)
         if not isinstance(method, PromptMethod):
             raise TypeError(
@@ -93,6 +97,9 @@ class PromptedCLIP(nn.Module):
         for p in clip.parameters():
             p.requires_grad_(False)
         self.method = method
+        if last_layer == "pooled" and method.reads_vision_tokens():
+            raise ValueError(f"last_layer='pooled': method {method.name!r} reads every final vision token"
+                             " (EncoderOutputs.vision_tokens) with these options; use last_layer='auto' or 'full'")
         self.tokenizer = tokenizer or _default_tokenizer(self.info)
         bb.check_tokenizer(self.info, self.tokenizer)
         self.truncate_text = truncate_text
@@ -112,6 +119,31 @@ class PromptedCLIP(nn.Module):
             self.shard_text_classes()
 
     # --- set-up -----------------------------------------------------------------------------------
+    @property
+    def last_layer(self) -> str:
+        """How each tower's last block runs: 'pooled' on the rows its output is pooled from only (the vision CLS
+        rows; the EOT rows on the packed text path), 'full' on every row (open_clip's computation; what
+        EncoderOutputs.vision_tokens needs), 'auto' pooled on a fastprompt-patched CLIP. Either way the vision
+        tower runs full for a method that reads its tokens (PromptMethod.reads_vision_tokens). Exact: after the last
+        block nothing mixes rows; the pooled rows' outputs differ from the full block's by GEMM rounding only."""
+        return self._last_layer
+
+    @last_layer.setter
+    def last_layer(self, value: str) -> None:
+        if value not in ("auto", "pooled", "full"):
+            raise ValueError(f"last_layer must be 'auto', 'pooled' or 'full', got {value!r}")
+        self._last_layer = value
+
+    def pools_last_layer(self, tower: str) -> bool:
+        """Whether `tower`'s ('vision' or 'text') last block runs on its pooled rows only now (see last_layer)."""
+        if self._last_layer == "full":
+            return False
+        if tower == "vision" and self.method.reads_vision_tokens():
+            return False
+        if tower == "text" and not self.uses_packed_text():
+            return False  # the reference text path computes every row, as the research code does
+        return self._last_layer == "pooled" or fast_path(self.clip) is not None
+
     def _check_sources(self) -> None:
         for tower, sched, sources in (
             ("text", self.method.text_schedule, self.method.text_sources),
@@ -229,7 +261,8 @@ class PromptedCLIP(nn.Module):
             self.trace.append((tower, layer, length))
 
     def encode_image(self, images: torch.Tensor, ctx: SourceContext | None = None):
-        """Prompted vision tower. Returns (pooled features [B, E], tokens after ln_post, segment (start, len))."""
+        """Prompted vision tower. Returns (pooled features [B, E], tokens after ln_post, segment (start, len)); the
+        tokens are None when the last block ran on the CLS rows only (pools_last_layer)."""
         ctx = ctx or SourceContext()
         bb.check_images(self.clip, images)
         visual = self.clip.visual
@@ -242,6 +275,7 @@ class PromptedCLIP(nn.Module):
         # On a patched CLIP each block's MLP branch stays pending and is added fused into the next block's first
         # LayerNorm (fastprompt.fast.blocks.block_forward_pending); a splice needs the finished sum first.
         path, pending = fast_path(self.clip), None
+        last = len(sched.edits) if self.pools_last_layer("vision") else 0
         for layer, edit in enumerate(sched.edits, start=1):
             splice = None
             if pending is not None and edit.add == edit.drop > 0 and path.fuses_splices:
@@ -269,6 +303,12 @@ class PromptedCLIP(nn.Module):
                 # First-layer prompts pass through ln_pre with the patches (MaPLe/IVLP semantics).
                 x = visual.ln_pre(x)
             self._record("vision", layer, x.shape[1])
+            if layer == last:  # the CLS rows alone are read from here on
+                if path is not None:
+                    cls = path.vision_block_cls(visual.transformer, layer - 1, x, pending, splice)
+                else:
+                    cls = bb.run_block_cls(visual.transformer, layer - 1, x)
+                return bb.vision_pool(self.clip, cls), None, (start, seg)
             if path is not None:
                 x, pending = path.vision_block(visual.transformer, layer - 1, x, pending, splice)
             else:

@@ -225,3 +225,40 @@ def block_forward_pending(block, x: torch.Tensor, pending: torch.Tensor | None, 
     o = dense_attention(q, k, v, causal, kernels)
     x, h = add_layer_norm(x, block.ls_1(attention_out(block, o)), block.ln_2, kernels)
     return x, block.ls_2(mlp(block, h, kernels))
+
+
+# --- a tower's last block on its pooled rows only ----------------------------------------------------------------
+# A tower's output is read at one row per sequence (vision: the CLS token, through ln_post; text: the EOT token,
+# through ln_final), and after the last block nothing mixes rows. So the last block needs every row's keys and
+# values, but its attention queries, output projection, residual adds, second LayerNorm and MLP only at the pooled
+# rows: about three quarters of the block's work (PERFORMANCE.md §1.3's last-layer trim). Exact: each pooled row is
+# the same sum of the same terms as in the full block (only the GEMMs' row blocking differs).
+def finish_rows(block, weights, x: torch.Tensor, o: torch.Tensor, kernels: BlockKernels) -> torch.Tensor:
+    """x + out_proj(o), then + MLP(LN2 .), finished, for rows x [R, D] and their attention outputs o [R, H, hd];
+    `weights` from runs_frozen_halves (one autograd node) or None (op by op)."""
+    if weights is not None:
+        x, branch = post_attention(weights, x, o)
+        return x + branch
+    x, h = add_layer_norm(x, block.ls_1(attention_out(block, o)), block.ln_2, kernels)
+    return x + block.ls_2(mlp(block, h, kernels)).to(x.dtype)
+
+
+def block_forward_cls(block, x: torch.Tensor, pending: torch.Tensor | None, kernels: BlockKernels,
+                      splice=None) -> torch.Tensor:
+    """The block's finished output at each sequence's first row (the CLS token) only, [B, D], for a dense
+    non-causal [B, L, D] input x + pending (`splice` as in block_forward_pending): every row's keys and values, the
+    CLS row's query, and the rest of the block on the CLS rows."""
+    weights = runs_frozen_halves(block, x, pending, kernels)
+    if weights is not None:
+        x, out = pre_attention(weights, x, pending, splice)
+        q, k, v = out.unflatten(-1, (3, block._modules["attn"].num_heads, -1)).unbind(-3)
+    else:
+        if pending is None:
+            if splice is not None:
+                raise ValueError("a splice fused into LN1 needs a pending branch")
+            h = layer_norm(x, block.ln_1, kernels)
+        else:
+            x, h = add_layer_norm(x, pending, block.ln_1, kernels, splice)
+        q, k, v = qkv(block, h)
+    o = dense_attention(q[:, :1], k, v, False, kernels)  # [B, 1, H, hd]
+    return finish_rows(block, weights, x[:, 0], o[:, 0], kernels)

@@ -24,8 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import backbone as bb
 from ..ops.attention import prefix_stream_attention
-from .blocks import (BlockKernels, add_layer_norm, attention_out, fuses_splices, layer_norm, mlp, post_attention,
-                     pre_attention, qkv_rows, runs_frozen_halves)
+from .blocks import (BlockKernels, add_layer_norm, attention_out, finish_rows, fuses_splices, layer_norm, mlp,
+                     post_attention, pre_attention, qkv_rows, runs_frozen_halves)
 
 _SCOPE_RANK = {"shared": 0, "class": 1, "image": 2, "pair": 3}
 
@@ -105,35 +105,49 @@ class PackedText:
     # The tower runs on one stream [G*P + T, d]: every group's prefix rows, then every suffix row. It stays one
     # tensor from layer to layer (a cat per layer to join the halves and a split to part them again would cost a
     # launch forward and one backward per layer), and a splice rebuilds only around the rows it edits.
-    def _block(self, block, stream, pending, groups, split, cu, prefix_index, splice=None):
-        """One block. `pending` is the previous block's MLP branch not yet added to `stream` (None when added):
-        the add runs fused into this block's first LayerNorm, saving its launch forward and the gradient
-        accumulation's launch backward; so does a splice of the prefix rows (`splice`, see
-        fastprompt.fast.blocks.add_layer_norm). Returns (stream, this block's MLP branch, not added)."""
+    def _attend(self, block, stream, pending, groups, split, cu, prefix_index, splice):
+        """A block up to its attention: (the frozen halves' weights or None, stream + pending (splice in), the
+        attention output [N, H, hd]). `pending` is the previous block's MLP branch not yet added to `stream` (None
+        when added): the add runs fused into this block's first LayerNorm, saving its launch forward and the
+        gradient accumulation's launch backward; so does a splice of the prefix rows (`splice`, see
+        fastprompt.fast.blocks.add_layer_norm)."""
         kernels = self.kernels
         weights = runs_frozen_halves(block, stream, pending, kernels)
         if weights is not None:
             stream, out = pre_attention(weights, stream, pending, splice)
-            heads = block._modules["attn"].num_heads
-            o = prefix_stream_attention(out.unflatten(-1, (3, heads, -1)), cu, self.max_suffix, groups,
-                                        split // groups, prefix_index, backend=kernels.attention)
-            return post_attention(weights, stream, o)
-        if pending is None:
-            h = layer_norm(stream, block.ln_1, kernels)
+            qkv = out.unflatten(-1, (3, block._modules["attn"].num_heads, -1))
         else:
-            stream, h = add_layer_norm(stream, pending, block.ln_1, kernels, splice)
+            if pending is None:
+                h = layer_norm(stream, block.ln_1, kernels)
+            else:
+                stream, h = add_layer_norm(stream, pending, block.ln_1, kernels, splice)
+            qkv = qkv_rows(block, h)
         # The prefixes' own causal attention and the suffixes' attention to them are one op on the stream.
-        o = prefix_stream_attention(qkv_rows(block, h), cu, self.max_suffix, groups, split // groups, prefix_index,
+        o = prefix_stream_attention(qkv, cu, self.max_suffix, groups, split // groups, prefix_index,
                                     backend=kernels.attention)
+        return weights, stream, o
+
+    def _block(self, block, stream, pending, groups, split, cu, prefix_index, splice=None):
+        """One block (see _attend). Returns (stream, this block's MLP branch, not added)."""
+        weights, stream, o = self._attend(block, stream, pending, groups, split, cu, prefix_index, splice)
+        if weights is not None:
+            return post_attention(weights, stream, o)
+        kernels = self.kernels
         stream, h = add_layer_norm(stream, block.ls_1(attention_out(block, o)), block.ln_2, kernels)
         return stream, block.ls_2(mlp(block, h, kernels))
 
-    def _run(self, block, stream, pending, groups, split, cu, prefix_index, splice=None):
+    def _block_pooled(self, block, stream, pending, groups, split, cu, prefix_index, splice, pool):
+        """The tower's last block, finished at the EOT rows `pool` only: [S, d] (fastprompt.fast.blocks.finish_rows).
+        The attention still covers the stream (its other queries are a few percent of the block), the output
+        projection, second LayerNorm and MLP run on S rows."""
+        weights, stream, o = self._attend(block, stream, pending, groups, split, cu, prefix_index, splice)
+        return finish_rows(block, weights, stream[pool], o[pool], self.kernels)
+
+    def _run(self, fn, *args):
         if self.model.clip.transformer.grad_checkpointing and torch.is_grad_enabled():
             # Block recompute (open_clip's flag): keep only the block's inputs, recompute it in backward.
-            return checkpoint(self._block, block, stream, pending, groups, split, cu, prefix_index, splice,
-                              use_reentrant=False)
-        return self._block(block, stream, pending, groups, split, cu, prefix_index, splice)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     # --- the tower ------------------------------------------------------------------------------------
     def _splice(self, stream, groups, plen, at, drop, new):
@@ -182,6 +196,7 @@ class PackedText:
             prefix = prefix.unsqueeze(0).expand(groups, -1, -1).flatten(0, 1) if groups > 1 else prefix
             stream = torch.cat([prefix, suffix.repeat(images, 1) if images > 1 else suffix])
         pending = None
+        last = sched.layers if model.pools_last_layer("text") else 0
         for layer in range(first, sched.layers + 1):
             edit = sched.edits[layer - 1]
             fill = layer == 1 and not insert  # layer 1 of replace mode fills the template's placeholder slots
@@ -207,7 +222,11 @@ class PackedText:
                 seg += edit.add - drop
             model._record("text", layer, plen + self.max_suffix)
             block = clip.transformer.resblocks[layer - 1]
-            stream, pending = self._run(block, stream, pending, groups, groups * plen, cu, prefix_index, splice)
+            args = (block, stream, pending, groups, groups * plen, cu, prefix_index, splice)
+            if layer == last:  # only the EOT rows are read from here on
+                return bb.text_head_rows(clip, self._run(self._block_pooled, *args, self._pool(device, images,
+                                                                                               groups * plen)))
+            stream, pending = self._run(self._block, *args)
         stream = stream + pending.to(stream.dtype) if pending is not None else stream
         return bb.text_head_rows(clip, stream[self._pool(device, images, groups * plen)])
 

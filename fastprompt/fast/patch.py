@@ -10,7 +10,8 @@ What it does to the instance (and nothing else: no open_clip module globals chan
   causal mask (its values read at patch time and again only when the buffer changes) the blocks run as causal
   without a mask to inspect, each block's residual add fused into the next block's first LayerNorm;
 - the vision tower's Transformer gets an instance `forward` that runs its blocks the same way (residual adds
-  fused into the next LayerNorm) when no mask is given, so `encode_image` gains too;
+  fused into the next LayerNorm) when no mask is given, and the VisionTransformer an instance `forward` that runs
+  its last block on the CLS rows only (the pooled feature reads nothing else), so `encode_image` gains too;
 - a `FastPath` object kept on the model (`fastprompt.fast.fast_path(model)`, also `model.fastprompt_patch`)
   records what was patched, with which kernels, and why; the general model asks it, and nothing else, how
   to run the fast path.
@@ -29,7 +30,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import backbone as bb
-from .blocks import BlockKernels, block_forward, block_forward_pending, fuses_splices
+from .blocks import BlockKernels, block_forward, block_forward_cls, block_forward_pending, fuses_splices
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class FastPath:
         mlp = self.kernels.norm_mlp + (f" (first GEMM: {self.kernels.mlp_gemm})" if self.kernels.norm_mlp == "triton"
                                        else "")
         lines = [f"fastprompt.patch: {towers}; LayerNorm/MLP: {mlp}; attention: "
-                 f"{self.kernels.attention}; encode_text truncated after the last EOT: {self.encode_text}"]
+                 f"{self.kernels.attention}; encode_text truncated after the last EOT: {self.encode_text};"
+                 " encode_image's last block on the CLS rows only"]
         lines += [f"  - {r}" for r in self.reasons]
         return "\n".join(lines)
 
@@ -81,6 +83,14 @@ class FastPath:
             return checkpoint(block_forward_pending, block, x, pending, False, self.kernels, splice,
                               use_reentrant=False)
         return block_forward_pending(block, x, pending, False, self.kernels, splice)
+
+    def vision_block_cls(self, tower, index: int, x: torch.Tensor, pending: torch.Tensor | None, splice=None):
+        """vision_block's finished output at the CLS rows only, [B, D] (fastprompt.fast.blocks.block_forward_cls):
+        the tower's last block when nothing reads the other tokens."""
+        block = tower.resblocks[index]
+        if tower.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block_forward_cls, block, x, pending, self.kernels, splice, use_reentrant=False)
+        return block_forward_cls(block, x, pending, self.kernels, splice)
 
     @property
     def fuses_splices(self) -> bool:
@@ -173,6 +183,37 @@ class _FastVisionTransformer:
 
     def __repr__(self) -> str:
         return f"<fastprompt patched forward of {type(self.__self__).__name__} at {id(self.__self__):#x}>"
+
+
+class _FastVisionForward(_FastVisionTransformer):
+    """`forward` of a patched VisionTransformer, stored on the instance: open_clip's own embedding (`_embeds`, ln_pre
+    included), the blocks as the patched Transformer runs them, the last block on the CLS rows only
+    (fastprompt.fast.blocks.block_forward_cls), then ln_post and the projection of those rows. Exact: the pooled
+    feature of the towers patch accepts (CLS pooling, ln_post before pooling, no token output) reads nothing else.
+    open_clip's forward runs instead where the tower's own call matters: hooks on visual.transformer, or an
+    open_clip without `_embeds`."""
+
+    def __call__(self, x: torch.Tensor):
+        visual = self.__self__
+        tower = visual.transformer
+        if (visual.output_tokens or not hasattr(visual, "_embeds") or tower._forward_hooks
+                or tower._forward_pre_hooks):
+            return type(visual).forward(visual, x)
+        x, pending = visual._embeds(x), None
+        blocks = list(tower.resblocks)
+        for block in blocks[:-1]:
+            if tower.grad_checkpointing:  # as open_clip's loop: checkpointed whether or not gradients are on
+                x, pending = checkpoint(block_forward_pending, block, x, pending, False, block._fastprompt_kernels,
+                                        use_reentrant=False)
+            else:
+                x, pending = block_forward_pending(block, x, pending, False, block._fastprompt_kernels)
+        last = blocks[-1]
+        if tower.grad_checkpointing:
+            cls = checkpoint(block_forward_cls, last, x, pending, last._fastprompt_kernels, use_reentrant=False)
+        else:
+            cls = block_forward_cls(last, x, pending, last._fastprompt_kernels)
+        pooled = visual.ln_post(cls)
+        return pooled @ visual.proj if visual.proj is not None else pooled
 
 
 class _FastEncodeText:
@@ -277,7 +318,8 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False, mlp_ge
       to the original forward, exactly;
     - `encode_text` cuts the 77-token rows after the last EOT (exact: causal mask + EOT pooling) before
       running the same modules, so zero-shot use gains too; it and the vision tower's Transformer (an
-      instance `forward`) add each block's residual inside the next block's first LayerNorm;
+      instance `forward`) add each block's residual inside the next block's first LayerNorm, and the vision
+      tower (an instance `forward`) runs its last block on the CLS rows only, the rows its pooled output reads;
     - a `FastPath` kept on the model (`model.fastprompt_patch`, `fastprompt.fast.fast_path(model)`) records
       what was patched, with which kernels, and why. A PromptedCLIP built on a patched model asks it how to
       run: the packed text path (the shared prompt prefix once, the class suffixes in one varlen stream)
@@ -310,6 +352,7 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False, mlp_ge
             blk.__dict__["_fastprompt_kernels"] = kernels
         report.blocks[tower_name] = len(tower.resblocks)
     model.visual.transformer.forward = _FastVisionTransformer(model.visual.transformer)
+    model.visual.forward = _FastVisionForward(model.visual)
     if info.text_pool == "argmax":
         model.encode_text = _FastEncodeText(model)
         report.encode_text = True
@@ -353,5 +396,6 @@ def unpatch(model: nn.Module) -> nn.Module:
                 blk.__dict__.pop("_fastprompt_mask_cache", None)
     model.__dict__.pop("encode_text", None)
     model.visual.transformer.__dict__.pop("forward", None)
+    model.visual.__dict__.pop("forward", None)
     model.__dict__.pop("fastprompt_patch", None)
     return model

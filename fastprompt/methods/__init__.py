@@ -62,6 +62,7 @@ def build(
     tokenizer=None,
     truncate_text: bool = True,
     text_path: str = "auto",
+    last_layer: str = "auto",
     **options,
 ):
     """Build method `name` over the frozen `clip` for `classnames`; returns a PromptedCLIP.
@@ -70,6 +71,9 @@ def build(
     non-string entry or two names equal after cleaning ('red_panda', 'red panda') are errors naming it.
     text_path: 'reference' (the eager oracle: full template rows cut after the last EOT), 'packed' (shared
     prefix once, class suffixes packed; exact), or 'auto' (packed when `clip` is fastprompt-patched).
+    last_layer: 'pooled' (each tower's last block runs on the rows its output is pooled from: the vision CLS rows,
+    the packed text's EOT rows; exact), 'full' (every row, as open_clip computes it) or 'auto' (pooled when `clip`
+    is fastprompt-patched, the vision tower full for a method that reads its tokens); see PromptedCLIP.
 
     `clip` is frozen in place: every one of its parameters gets requires_grad=False (the caller's flags are not
     kept). Training needs it: a CLIP weight that requires grad makes every step compute and keep its gradient
@@ -92,7 +96,8 @@ def build(
     method = cls(ctx, **options)
     device = next(clip.parameters()).device
     method.to(device)
-    return PromptedCLIP(clip, method, classnames, tokenizer=tokenizer, truncate_text=truncate_text, text_path=text_path)
+    return PromptedCLIP(clip, method, classnames, tokenizer=tokenizer, truncate_text=truncate_text, text_path=text_path,
+                        last_layer=last_layer)
 
 
 __all__ = ["METHODS", "build", "method_class", "method_options"]

@@ -151,6 +151,9 @@ class MMRL(PromptMethod):
     def has_rep_head(self) -> bool:
         return self.towers != "text"
 
+    def reads_vision_tokens(self) -> bool:
+        return self.has_rep_head  # the representation tokens' final outputs
+
     def heads(self, out: EncoderOutputs) -> dict[str, torch.Tensor]:
         logits = {"main": cosine_logits(out.image_features, out.text_features, out.logit_scale)}
         if self.has_rep_head:

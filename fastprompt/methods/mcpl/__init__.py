@@ -138,6 +138,9 @@ class MCPLCLIP(PromptMethod):
             out_dim = dt if integration == "input" else embed
             self.decoder = VAIPLDecoder(embed, decoder_layers, out_dim=out_dim, per_class=per_class_decoding)
 
+    def reads_vision_tokens(self) -> bool:
+        return self.fusion == "vaipl"  # VAIPL cross-attends to every final image token (CMPP reads none)
+
     def _trained_dtype(self) -> torch.dtype:
         """The dtype of the trained parts (fp32): VAIPL and CMPP compute in it."""
         return self.attention.block.ln_1.weight.dtype
