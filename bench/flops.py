@@ -6,7 +6,9 @@ a dense sequence; the square is counted whole for causal text too, the conventio
 PERFORMANCE.md reproduces). A layer that backward runs through costs its GEMMs twice (forward + input gradient;
 frozen weights get no weight gradient) and its attention core three times (dQ, dK, dV, dP); a layer with trained
 weights (MCPL's decoder) costs its GEMMs three times. Layers below the first learnable input run forward only,
-cached layers not at all. The patch embedding counts once per vision pass (forward only). Token counts come from
+cached layers not at all. A tower's last block run on its pooled rows only (LayerWork.pooled: fastprompt's
+default) costs its qkv GEMM on every row and the rest on one row per sequence. The patch embedding counts once per
+vision pass (forward only). Token counts come from
 fastprompt.memory.step_geometry, i.e. the tokens each contender actually computes: 77 per class for the eager
 reference, SOS..EOT suffixes packed plus one shared prefix for fastprompt. Heads and losses are left out (< 0.1%).
 """
@@ -23,7 +25,8 @@ H200_BF16_PEAK = 790e12  # measured bf16 dense GEMM rate on this project's H200 
 
 def layer_flops(p: Pass, layer: LayerWork) -> int:
     d, m = p.width, p.mlp_hidden
-    linear = 2 * layer.rows * (4 * d * d + 2 * d * m)
+    # The qkv GEMM on every row; the output projection and MLP on the finished rows (fewer in a pooled last block).
+    linear = 2 * layer.rows * 3 * d * d + 2 * layer.finished_rows * (d * d + 2 * d * m)
     attention = 4 * d * layer.attention_pairs
     if layer.cross is not None:
         count, queries, keys = layer.cross

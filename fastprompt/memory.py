@@ -91,6 +91,9 @@ class StepOptions:
     amp_dtype: torch.dtype | None = torch.bfloat16  # autocast dtype; None = compute in the weights' dtype
     optimizer: str = "sgd"  # 'sgd' (momentum), 'sgd-plain', 'adamw'
     accumulate: int = 1  # micro-batches per step (TrainStep(accumulate=...)): autograd keeps one micro-batch
+    # Each tower's last block on its pooled rows only (PromptedCLIP.last_layer): the vision CLS rows unless the
+    # method reads the vision tokens, the EOT rows of packed text.
+    pooled_last_layer: bool = False
     # cuBLAS workspaces alive at the peak: one per (thread, CUDA stream) pair that has run a GEMM in this process
     # (`train_step_blas_workspaces`); 0 on CPU. Each is `blas_workspace_size` bytes (`blas_workspace_bytes`).
     blas_workspaces: int = 0
@@ -116,6 +119,8 @@ class StepOptions:
             raise ValueError("packed text computes SOS..EOT only; it cannot use the full context")
         if self.packed_text and not self.patched:
             raise ValueError("packed text runs on a fastprompt-patched CLIP (patched=True)")
+        if not isinstance(self.pooled_last_layer, bool):
+            raise ValueError(f"pooled_last_layer must be a bool, got {self.pooled_last_layer!r}")
 
     @property
     def packed_attention(self) -> str:
@@ -163,7 +168,8 @@ def options_for(patched: bool = True, truncate_text: bool = True, device: str | 
     built one): `patched` = fastprompt.fast.patch with its default backend (on CUDA Triton LayerNorm/MLP and
     attention as auto's measured order picks it: SDPA for dense attention, Triton for the packed text; PyTorch
     ops + SDPA elsewhere) and packed text; unpatched = open_clip's blocks with one text row per class,
-    cut after the longest EOT (`truncate_text`) or padded to the full context. Frozen weights in `weights_dtype`
+    cut after the longest EOT (`truncate_text`) or padded to the full context; patched models run each tower's last
+    block on its pooled rows (PromptedCLIP.last_layer 'auto'). Frozen weights in `weights_dtype`
     (default: the autocast dtype, fp32 without autocast). `blas_workspaces`: see StepOptions; default on CUDA the
     two of a step on one stream (`train_step_blas_workspaces` counts a graphed TrainStep's)."""
     cuda = torch.device(device).type == "cuda"
@@ -178,7 +184,7 @@ def options_for(patched: bool = True, truncate_text: bool = True, device: str | 
     device_type = torch.device(device).type
     dense, packed = (backends.get_backend_order(op, device_type)[0] for op in backends.OPS)
     return StepOptions(packed_text=True, full_context=False, cache_frozen_layers=True, frozen_weight_ops=cuda,
-                       patched=True, attention=dense, prefix_attention=packed, **common)
+                       patched=True, attention=dense, prefix_attention=packed, pooled_last_layer=True, **common)
 
 
 def _blas(device, workspaces: int | None) -> dict:
@@ -201,9 +207,11 @@ def options_for_model(model, amp_dtype: torch.dtype | None = None, optimizer: st
     report = fast_path(clip)
     common = dict(weights_dtype=weight.dtype, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute,
                   **_blas(weight.device, blas_workspaces))
+    pooled = model.last_layer == "pooled" or (model.last_layer == "auto" and report is not None)
     if report is None:
         return StepOptions(packed_text=False, full_context=not model.truncate_text, cache_frozen_layers=False,
-                           frozen_weight_ops=False, patched=False, attention="sdpa", **common)
+                           frozen_weight_ops=False, patched=False, attention="sdpa", pooled_last_layer=pooled,
+                           **common)
     def chosen(op: str, head_dim: int, causal: bool) -> str:
         if report.kernels.attention != "auto":
             return report.kernels.attention
@@ -215,7 +223,7 @@ def options_for_model(model, amp_dtype: torch.dtype | None = None, optimizer: st
                        cache_frozen_layers=packed, frozen_weight_ops=report.kernels.norm_mlp == "triton",
                        patched=True, attention=chosen("attention", model.info.vision.head_dim, False),
                        prefix_attention=chosen("prefix_varlen_attention", model.info.text.head_dim, True),
-                       **common)
+                       pooled_last_layer=pooled, **common)
 
 
 # --- geometry ----------------------------------------------------------------------------------------------
@@ -240,16 +248,28 @@ class LayerWork:
     grad: bool
     packed: PackedWork | None = None
     cross: tuple[int, int, int] | None = None
+    # A tower's last block finished at its pooled rows only (PromptedCLIP.last_layer): every row's LN1 and qkv
+    # GEMM, then one row per sequence through the output projection, LN2 and MLP; dense sequences attend with
+    # that row's query alone (the vision CLS), the packed stream's attention stays whole.
+    pooled: bool = False
 
     @property
     def rows(self) -> int:
         return sum(n * length for n, length in self.dense) + (self.packed.tokens if self.packed else 0)
 
     @property
+    def finished_rows(self) -> int:
+        """Rows through the output projection, LN2 and the MLP: every row, or one per sequence when pooled."""
+        if not self.pooled:
+            return self.rows
+        return self.packed.sequences if self.packed else sum(n for n, _ in self.dense)
+
+    @property
     def attention_pairs(self) -> int:
         """Query-key pairs of the self-attention (full squares for dense sequences, the PERFORMANCE.md §1
-        convention; a packed suffix token of a length-n sequence sees the prefix plus n keys)."""
-        pairs = sum(n * length * length for n, length in self.dense)
+        convention; a packed suffix token of a length-n sequence sees the prefix plus n keys; a pooled dense
+        sequence one query)."""
+        pairs = sum(n * (1 if self.pooled and not self.packed else length) * length for n, length in self.dense)
         if self.packed:
             pairs += self.packed.tokens * self.packed.prefix_len + self.packed.square_sum
         return pairs
@@ -303,8 +323,9 @@ def _frozen_image_passes(method) -> int:
     return count
 
 
-def _vision_passes(model, batch: int) -> list[Pass]:
+def _vision_passes(model, batch: int, options: StepOptions) -> list[Pass]:
     info, method, visual = model.info.vision, model.method, model.clip.visual
+    pooled = options.pooled_last_layer and not method.reads_vision_tokens()
     sched = method.vision_schedule
     base = model.info.vision_tokens
     lengths = sched.sequence_lengths(base)
@@ -315,14 +336,18 @@ def _vision_passes(model, batch: int) -> list[Pass]:
     common = dict(width=info.width, heads=info.heads, mlp_hidden=info.mlp_hidden, gelu=info.gelu)
     prompted = Pass(
         "vision",
-        layers=tuple(LayerWork(((batch, n),), grad=first is not None and layer >= first)
+        layers=tuple(LayerWork(((batch, n),), grad=first is not None and layer >= first,
+                               pooled=pooled and layer == len(lengths))
                      for layer, n in enumerate(lengths, start=1)),
         embed_flops=embed,
-        head_rows=batch * lengths[-1] if first is not None else 0,
+        head_rows=(batch if pooled else batch * lengths[-1]) if first is not None else 0,
         **common,
     )
+    # The frozen passes are the CLIP's own encode_image, whose last block a patch runs on the CLS rows only.
     frozen = [
-        Pass(f"vision (frozen {i + 1})", layers=tuple(LayerWork(((batch, base),), grad=False) for _ in lengths),
+        Pass(f"vision (frozen {i + 1})", layers=tuple(LayerWork(((batch, base),), grad=False,
+                                                                pooled=options.patched and layer == len(lengths))
+                                                      for layer in range(1, len(lengths) + 1)),
              embed_flops=embed, **common)
         for i in range(_frozen_image_passes(method))
     ]
@@ -367,7 +392,8 @@ def _text_pass(model, batch: int, options: StepOptions) -> Pass | None:
             continue  # computed once per run, held in the cache
         p = prefix + (segments[layer - 1] if insert else 0)
         packed = PackedWork(tokens, sequences, int(suffix.max()), p, int((suffix**2).sum()) * images)
-        layers.append(LayerWork(((groups, p),), grad=layer >= first, packed=packed))
+        layers.append(LayerWork(((groups, p),), grad=layer >= first, packed=packed,
+                                pooled=options.pooled_last_layer and layer == sched.layers))
     cached = prefix + int(suffix.sum()) if first > 1 and options.cache_frozen_layers else 0
     # The packed text loop honours the text tower's grad_checkpointing like the reference loop does.
     return Pass("text", layers=tuple(layers), recomputable=True, cached_rows=cached, head_rows=sequences, **common)
@@ -392,7 +418,7 @@ def step_geometry(model, batch: int, options: StepOptions | None = None) -> Step
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     options = options or StepOptions()
-    passes = _vision_passes(model, batch)
+    passes = _vision_passes(model, batch, options)
     text = _text_pass(model, batch, options)
     if text is not None:
         passes.append(text)
@@ -437,12 +463,18 @@ def _frozen_text(model, options: StepOptions) -> tuple[int, int, bool]:
 # --- what a layer saves for backward -----------------------------------------------------------------------
 def _token_bytes(p: Pass, o: StepOptions, kv_len: int) -> float:
     """Bytes one token of a trained-through block saves (dense attention over `kv_len` keys)."""
+    return sum(_token_parts(p, o, kv_len))
+
+
+def _token_parts(p: Pass, o: StepOptions, kv_len: int) -> tuple[float, float, float]:
+    """_token_bytes in three parts: (LN1 + the qkv output, which every row of a block saves; its attention query's
+    saves; LN2 + the MLP's, which only finished rows save: see LayerWork.pooled)."""
     d, m, h = p.width, p.mlp_hidden, p.heads
     c = _BYTES[o.compute_dtype]
     residual = _BYTES[o.weights_dtype]
     # LayerNorm x2: PyTorch paths save an fp32 copy of the input (or the fp32 input itself) + mean/rstd;
     # the Triton LayerNorm saves its input in the residual dtype.
-    ln = 2 * ((residual if o.frozen_weight_ops else 4) * d + STATS)
+    ln = (residual if o.frozen_weight_ops else 4) * d + STATS  # each of the two
     qkv = 3 * d * c  # one in-projection output; q, k and v are views of it
     if o.attention == "eager":
         attn = h * kv_len * c  # softmax probabilities (q, k, v counted above)
@@ -452,7 +484,7 @@ def _token_bytes(p: Pass, o: StepOptions, kv_len: int) -> float:
         mlp = d * c  # the fused MLP keeps its input and recomputes the hidden in backward
     else:
         mlp = (2 if p.gelu == "quick_gelu" else 1) * m * c  # GELU input; QuickGELU also its sigmoid
-    return ln + qkv + attn + mlp
+    return ln + qkv, attn, ln + mlp
 
 
 def _layer_constant_bytes(p: Pass, o: StepOptions, layer: LayerWork) -> int:
@@ -491,11 +523,20 @@ def saved_layer_bytes(p: Pass, layer: LayerWork, o: StepOptions) -> int:
         return _decoder_layer_bytes(p, layer, o)
     total = _layer_constant_bytes(p, o, layer)
     for count, length in layer.dense:
-        total += count * length * _token_bytes(p, o, length)
+        every, query, finished = _token_parts(p, o, length)
+        if not layer.pooled:
+            total += count * length * (every + query + finished)
+        elif layer.packed:  # the packed text's prefix rows: in the stream's attention, never finished
+            total += count * length * (every + query)
+        else:  # one query (the CLS row) per sequence, finished
+            total += count * length * every + count * (query + finished)
     if layer.packed:
-        # Per-token LayerNorm/qkv/MLP terms on the suffix stream, attention output from the packed kernel.
-        per_token = _token_bytes(p, o, 0) - (p.width * _BYTES[o.compute_dtype] + 4 * p.heads)
-        total += layer.packed.tokens * per_token + _packed_attention_bytes(p, o, layer.packed)
+        # Per-token LayerNorm/qkv/MLP terms on the suffix stream (LN2/MLP on the EOT rows alone when pooled),
+        # attention output from the packed kernel.
+        every, _, finished = _token_parts(p, o, 0)
+        work = layer.packed
+        total += work.tokens * every + (work.sequences if layer.pooled else work.tokens) * finished
+        total += _packed_attention_bytes(p, o, work)
     return int(total)
 
 

@@ -135,8 +135,9 @@ def test_prediction_is_within_10_percent_of_every_measured_h200_peak(monkeypatch
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ImageNet's duplicate class names
                 models[key] = structural_model(record["method"], workload.classnames(), workload.backbone)
+        # pooled_last_layer=False: e536e88 ran every tower's last block on every row.
         options = dataclasses.replace(contender_options(record["contender"]), blas_workspaces=workspaces,
-                                      blas_workspace_size=32 * 2**20)
+                                      blas_workspace_size=32 * 2**20, pooled_last_layer=False)
         predicted = predict_peak_memory(models[key], workload.batch, options).total_bytes
         errors[(record["workload"], record["method"], record["contender"])] = predicted / measured - 1
     assert len(errors) == 32
@@ -235,9 +236,10 @@ def test_packed_text_counts_the_shared_prefix_once():
 def test_triton_saving_per_token_by_hand():
     """fused path, bf16: two LayerNorm inputs (2 x 2d) and their fp32 mean/rstd (2 x 8), q/k/v (6d), the attention
     output (2d) and fp32 log-sum-exp (4h), the MLP input (2d) = 14 d + 4 h + 16 bytes per token; the packed varlen
-    attention keeps the same per token."""
+    attention keeps the same per token. Every layer on every row here (test_last_layer.py counts the pooled last
+    layers)."""
     model = structural_model("coop", IMAGENET[:50])
-    options = options_for(patched=True, device="cuda")
+    options = dataclasses.replace(options_for(patched=True, device="cuda"), pooled_last_layer=False)
     geometry = step_geometry(model, 4, options)
     rows = geometry.pass_named("text").layers[0].rows
     d, h = 512, 8
