@@ -112,16 +112,22 @@ class _Forward(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_triton_path_towers_dispatch_one_add_and_no_stream_rebuild_per_block():
+def _triton_clip(device):
+    """The 'small' CLIP (head dim 64) patched onto the Triton kernels: fp32 under the interpreter on a CPU, bf16 on
+    a GPU (the attention kernels run fp32 only in the interpreter). The ops dispatched are the same either way."""
+    clip = create_clip("small", precision="bf16" if device == "cuda" else "fp32", device=device)
+    return patch(clip, backend="triton")
+
+
+def test_triton_path_towers_dispatch_one_add_and_no_stream_rebuild_per_block(kernel_device):
     """CoOp on the Triton path (12 + 12 blocks, text prompts at layer 1 only, none in vision). Vision: one add for
     the positional embedding and one to finish the last block; the other eleven residual adds run inside the
     LayerNorm kernels. Text: one cat to splice layer 1's context; each block's attention is one op over the whole
     stream (the prefix's own and the suffixes'), so the stream is never split, joined or rebuilt between blocks."""
-    clip = create_clip("small")
-    patch(clip, backend="triton")
+    clip = _triton_clip(kernel_device)
     model = fastprompt.build("coop", clip, NAMES)
     model.packed_text()
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, 64, 64, device=kernel_device)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.encode_text()  # the layers' constant inputs are built once
         vision, text, frozen = _Forward(), _Forward(), _Forward()
@@ -138,19 +144,18 @@ def test_triton_path_towers_dispatch_one_add_and_no_stream_rebuild_per_block():
     assert text.ops["aten::add"] == 2  # layer 1's context gets its positions; the last block is finished
 
 
-def test_maple_deep_prompts_enter_both_towers_without_a_cat_or_an_add():
+def test_maple_deep_prompts_enter_both_towers_without_a_cat_or_an_add(kernel_device):
     """MaPLe on the Triton path: each of the layers 2..9 replaces its prompt tokens inside LN1's kernel in both
     towers (`fastprompt::layer_norm_residual_splice`), so the towers dispatch only the cats and adds of layer 1
     (which has no pending branch: the embeddings) and of the last block."""
-    clip = create_clip("small")
-    patch(clip, backend="triton")
+    clip = _triton_clip(kernel_device)
     model = fastprompt.build("maple", clip, NAMES)
     model.packed_text()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.encode_text()
         vision, text = _Forward(), _Forward()
         with vision:
-            model.encode_image(torch.randn(2, 3, 64, 64))
+            model.encode_image(torch.randn(2, 3, 64, 64, device=kernel_device))
         with text:
             model.encode_text()
     for tower in (vision, text):
