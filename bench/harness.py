@@ -213,13 +213,15 @@ def _build(record, workload, method, contender, settings):
 
 def _kernel_plan(model) -> dict | None:
     """The fast path's kernel choice of a contender's model (None: not patched), so a record says which plan made
-    its figure (e.g. the frozen MLP's first GEMM, fastprompt.ops.gemm_plan)."""
+    its figure (e.g. the frozen MLP's first GEMM, fastprompt.ops.gemm_plan), and which towers ran their last block
+    on the pooled rows only (PromptedCLIP.last_layer)."""
     path = fast_path(model.clip)
     if path is None:
         return None
     kernels = path.kernels
     return {"norm_mlp": kernels.norm_mlp, "attention": kernels.attention,
-            "mlp_gemm": kernels.mlp_gemm if kernels.norm_mlp == "triton" else None}
+            "mlp_gemm": kernels.mlp_gemm if kernels.norm_mlp == "triton" else None,
+            "pooled_last_layer": [tower for tower in ("vision", "text") if model.pools_last_layer(tower)]}
 
 
 def _train_step(record, workload, method, contender, settings, benchmark) -> dict:

@@ -27,6 +27,9 @@ def test_train_step(case, settings, results, benchmark):
     # PyTorch ops, so no first-GEMM plan applies); on CUDA the MLP's first GEMM is gemm_plan's.
     patched = record["kernels"]
     assert (patched is None) == (contender in ("eager", "tuned", "compiled"))
+    if patched is not None:  # the pooled last blocks: text always (packed), vision unless the method reads its tokens
+        reads = case[1] == "mmrl" or case[1] == "mcpl"
+        assert patched["pooled_last_layer"] == (["text"] if reads else ["vision", "text"])
     if patched is not None and settings.device.type == "cuda":
         from fastprompt.ops import gemm_plan
 
