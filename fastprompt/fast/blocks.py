@@ -210,21 +210,28 @@ def block_forward_pending(block, x: torch.Tensor, pending: torch.Tensor | None, 
     That add runs fused into LN1 (add_layer_norm), saving a launch forward and the gradient accumulation's launch
     backward per block; so does a prompt splice of the input (`splice`, see add_layer_norm; needs a pending
     branch). Returns (x + attention branch, this block's MLP branch, not added)."""
+    weights, x, q, k, v = _to_heads(block, x, pending, kernels, splice)
+    o = dense_attention(q, k, v, causal, kernels)
+    if weights is not None:
+        return post_attention(weights, x, o)
+    x, h = add_layer_norm(x, block.ls_1(attention_out(block, o)), block.ln_2, kernels)
+    return x, block.ls_2(mlp(block, h, kernels))
+
+
+def _to_heads(block, x: torch.Tensor, pending: torch.Tensor | None, kernels: BlockKernels, splice):
+    """A dense block up to its attention: (the frozen halves' weights or None, x + pending with `splice` in, q, k,
+    v as [..., L, H, hd] views of one qkv GEMM)."""
     weights = runs_frozen_halves(block, x, pending, kernels)
     if weights is not None:
         x, out = pre_attention(weights, x, pending, splice)
-        q, k, v = out.unflatten(-1, (3, block._modules["attn"].num_heads, -1)).unbind(-3)
-        return post_attention(weights, x, dense_attention(q, k, v, causal, kernels))
+        return (weights, x, *out.unflatten(-1, (3, block._modules["attn"].num_heads, -1)).unbind(-3))
     if pending is None:
         if splice is not None:
             raise ValueError("a splice fused into LN1 needs a pending branch")
         h = layer_norm(x, block.ln_1, kernels)
     else:
         x, h = add_layer_norm(x, pending, block.ln_1, kernels, splice)
-    q, k, v = qkv(block, h)
-    o = dense_attention(q, k, v, causal, kernels)
-    x, h = add_layer_norm(x, block.ls_1(attention_out(block, o)), block.ln_2, kernels)
-    return x, block.ls_2(mlp(block, h, kernels))
+    return (None, x, *qkv(block, h))
 
 
 # --- a tower's last block on its pooled rows only ----------------------------------------------------------------
@@ -248,17 +255,6 @@ def block_forward_cls(block, x: torch.Tensor, pending: torch.Tensor | None, kern
     """The block's finished output at each sequence's first row (the CLS token) only, [B, D], for a dense
     non-causal [B, L, D] input x + pending (`splice` as in block_forward_pending): every row's keys and values, the
     CLS row's query, and the rest of the block on the CLS rows."""
-    weights = runs_frozen_halves(block, x, pending, kernels)
-    if weights is not None:
-        x, out = pre_attention(weights, x, pending, splice)
-        q, k, v = out.unflatten(-1, (3, block._modules["attn"].num_heads, -1)).unbind(-3)
-    else:
-        if pending is None:
-            if splice is not None:
-                raise ValueError("a splice fused into LN1 needs a pending branch")
-            h = layer_norm(x, block.ln_1, kernels)
-        else:
-            x, h = add_layer_norm(x, pending, block.ln_1, kernels, splice)
-        q, k, v = qkv(block, h)
+    weights, x, q, k, v = _to_heads(block, x, pending, kernels, splice)
     o = dense_attention(q[:, :1], k, v, False, kernels)  # [B, 1, H, hd]
     return finish_rows(block, weights, x[:, 0], o[:, 0], kernels)
