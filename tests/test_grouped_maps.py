@@ -1,6 +1,8 @@
 """Coupling maps of all prompted layers in one grouped launch equal the per-layer maps (loss and every
 parameter gradient). Runs the Triton grouped kernels (interpreter on CPU)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -24,13 +26,16 @@ MCPL_GROUPS = [("batched", 9), ("bottleneck", 9)]
     ("mudpt", {"injection": "linear", "maps": "shared"}, [("linear", 23)]),
     ("mudpt", {"injection": "linear", "maps": "per_layer"}, [("linear", 23)]),
 ], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
-def test_grouped_coupling_maps_equal_per_layer_maps(tiny_clip, name, options, groups):
+def test_grouped_coupling_maps_equal_per_layer_maps(tiny_clip, kernel_device, name, options, groups):
+    # The grouped kernels run where the kernel tests run them: compiled on a GPU (fp32, IEEE), interpreted on a CPU.
+    clip = copy.deepcopy(tiny_clip).to(kernel_device)
     torch.manual_seed(0)
-    per_layer = fastprompt.build(name, tiny_clip, NAMES, **options)
-    grouped = fastprompt.build(name, tiny_clip, NAMES, **options)
+    per_layer = fastprompt.build(name, clip, NAMES, **options)
+    grouped = fastprompt.build(name, clip, NAMES, **options)
     grouped.method.load_state_dict(per_layer.method.state_dict())
     grouped.use_grouped_maps = True
-    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    images = torch.randn(2, 3, 32, 32, device=kernel_device)
+    labels = torch.tensor([0, 2], device=kernel_device)
     losses = []
     for model in (per_layer, grouped):
         loss, _ = model.loss(model(images), labels)

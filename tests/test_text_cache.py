@@ -117,17 +117,17 @@ def test_coupled_prompts_and_mcpl_class_queries_are_computed_once(tiny_clip64, m
 
 
 @pytest.mark.parametrize("method", ["maple", "mcpl"])
-def test_grouped_coupling_maps_are_cached_exactly(method, tiny_clip, monkeypatch):
-    """With the grouped launch (the fast path's, Triton interpreter here, fp32) the cache holds what an uncached
-    grouped forward computes, and the grouped launch runs once for all batches."""
-    model = build(method, tiny_clip)
+def test_grouped_coupling_maps_are_cached_exactly(method, tiny_clip, kernel_device, monkeypatch):
+    """With the grouped launch (the fast path's, fp32: the Triton interpreter on a CPU, compiled on a GPU) the cache
+    holds what an uncached grouped forward computes, and the grouped launch runs once for all batches."""
+    model = build(method, copy.deepcopy(tiny_clip).to(kernel_device))
     model.use_grouped_maps = True
     perturb_(model.method)
     runs = []
     grouped = model.grouped_maps()
     original = grouped.run
     monkeypatch.setattr(grouped, "run", lambda ctx: runs.append(1) or original(ctx))
-    x = images(dtype=torch.float32)
+    x = images(dtype=torch.float32).to(kernel_device)
     cached = [infer(model, x) for _ in range(2)]
     with torch.enable_grad():
         uncached = model.predict(model(x)).detach()
