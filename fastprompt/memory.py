@@ -314,13 +314,10 @@ class StepGeometry:
 
 
 def _frozen_image_passes(method) -> int:
-    """Frozen (no-grad) vision forwards per step: instance conditioning plus the teacher regularisers."""
-    count = 1 if method.needs_image_features() else 0
-    if method.name == "mmrl" and getattr(method, "reg_weight", 0):
-        count += 1
-    if method.name == "promptsrc":
-        count += 1
-    return count
+    """Frozen (no-grad) vision forwards per step besides the prompted one: instance conditioning (unless the vision
+    tower is unprompted: its one pass is the frozen feature) plus the teacher regularisers'."""
+    count = 1 if method.needs_image_features() and method.vision_schedule.prompted else 0
+    return count + (1 if method.uses_frozen_image_features() else 0)
 
 
 def _vision_passes(model, batch: int, options: StepOptions) -> list[Pass]:
@@ -343,14 +340,20 @@ def _vision_passes(model, batch: int, options: StepOptions) -> list[Pass]:
         head_rows=(batch if pooled else batch * lengths[-1]) if first is not None else 0,
         **common,
     )
-    # The frozen passes are the CLIP's own encode_image, whose last block a patch runs on the CLS rows only.
-    frozen = [
-        Pass(f"vision (frozen {i + 1})", layers=tuple(LayerWork(((batch, base),), grad=False,
-                                                                pooled=options.patched and layer == len(lengths))
-                                                      for layer in range(1, len(lengths) + 1)),
-             embed_flops=embed, **common)
-        for i in range(_frozen_image_passes(method))
-    ]
+    # The frozen passes are the CLIP's own encode_image, whose last block a patch runs on the CLS rows only. On a
+    # patched CLIP the teacher's pass continues from the prompted pass's state below its first prompted layer
+    # (PromptedCLIP.frozen_image_features): its layers (all of them for an unprompted tower) are not run again.
+    frozen = []
+    for i in range(_frozen_image_passes(method)):
+        teacher = i == _frozen_image_passes(method) - 1 and method.uses_frozen_image_features()
+        shared = (len(lengths) if first is None else first - 1) if teacher and options.patched else 0
+        if shared == len(lengths):
+            continue
+        frozen.append(Pass(f"vision (frozen {len(frozen) + 1})",
+                           layers=tuple(LayerWork(((batch, base),), grad=False,
+                                                  pooled=options.patched and layer == len(lengths))
+                                        for layer in range(shared + 1, len(lengths) + 1)),
+                           embed_flops=0 if shared else embed, **common))
     return [prompted, *frozen]
 
 

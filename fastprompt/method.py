@@ -86,6 +86,12 @@ class PromptMethod(nn.Module):
     def per_image_text(self) -> bool:
         return self.needs_image_features() or self.needs_vision_before_text()
 
+    def uses_frozen_image_features(self) -> bool:
+        """Whether the loss reads the frozen CLIP's features of the batch (model.frozen_image_features: teacher
+        regularisers). The general model then keeps the prompted vision pass's state before its first prompted layer
+        for that teacher pass (the layers below are the same computation), instead of running them twice."""
+        return False
+
     def reads_vision_tokens(self) -> bool:
         """Whether the heads or the token sources read EncoderOutputs.vision_tokens (every final vision token, not
         only the pooled CLS feature): the general model then runs the vision tower's last block on every row."""

@@ -36,6 +36,25 @@ class InferenceCache:
     class_state: object = None  # the method's class_state
 
 
+@dataclass
+class _VisionStem:
+    """What a prompted vision pass shares with the frozen teacher pass of the same batch: the state entering its
+    first prompted layer (`x`, and the MLP branch not yet added on the fused path), or, for an unprompted tower,
+    its pooled output itself. Valid for the same input tensor, unchanged, under the same autocast."""
+
+    images: torch.Tensor
+    key: tuple  # (images._version, autocast on, autocast dtype)
+    layer: int = 0
+    x: torch.Tensor | None = None
+    pending: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+
+
+def _stem_key(images: torch.Tensor) -> tuple:
+    device = images.device.type
+    return (images._version, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+
 def _bump_fused_versions(optimizer, args, kwargs) -> None:
     params = [p for group in optimizer.param_groups if group.get("fused") for p in group["params"]]
     if params:
@@ -112,6 +131,7 @@ class PromptedCLIP(nn.Module):
         self._inference_caches: dict[bool, InferenceCache] = {}  # by `full` (see inference_cache)
         self._key_dicts: list | None = None  # the method's parameter/buffer dicts, read by _cache_key
         self._frozen_text_cache: dict = {}
+        self._vision_stem: _VisionStem | None = None  # see encode_image and frozen_image_features
         self.text_sharding = None  # a ClassShardedText while shard_text_classes is on
         _track_fused_optimizer_steps()
         self.set_classnames(classnames)
@@ -215,7 +235,38 @@ class PromptedCLIP(nn.Module):
     # --- frozen references (teachers, CoCoOp conditioning) -----------------------------------------
     @torch.no_grad()
     def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen CLIP's image features of `images` (clip.encode_image). For the batch the last forward ran
+        on, the layers below the first prompted one are not run again: they are the prompted pass's (the same
+        modules on the same input), kept by encode_image for methods whose loss reads this (the teachers)."""
+        stem, self._vision_stem = self._vision_stem, None
+        if stem is not None and stem.images is images and stem.key == _stem_key(images):
+            return self._frozen_from_stem(stem)
         return self.clip.encode_image(images.to(self.clip.visual.conv1.weight.dtype))
+
+    def _frozen_from_stem(self, stem: _VisionStem) -> torch.Tensor:
+        """clip.encode_image continued from a prompted pass's stem: the unprompted remaining layers as the CLIP runs
+        them (on a patched CLIP the fused blocks and the pooled last block, as its encode_image)."""
+        if stem.pooled is not None:
+            return stem.pooled
+        tower, path = self.clip.visual.transformer, fast_path(self.clip)
+        x, pending, last = stem.x, stem.pending, self.info.vision.layers
+        for index in range(stem.layer - 1, last):
+            if path is None:
+                x = bb.run_block(tower, index, x, None)
+            elif index == last - 1:
+                return bb.vision_pool(self.clip, path.vision_block_cls(tower, index, x, pending))
+            else:
+                x, pending = path.vision_block(tower, index, x, pending)
+        return bb.vision_head(self.clip, x)[0]
+
+    def _keeps_vision_stem(self) -> bool:
+        """Whether encode_image keeps its stem for the loss's frozen teacher pass (see frozen_image_features): on a
+        patched CLIP (an unpatched one computes what the research code computes: a whole second pass)."""
+        visual = self.clip.visual
+        return (fast_path(self.clip) is not None and self.method.uses_frozen_image_features()
+                and torch.is_grad_enabled()
+                and isinstance(visual.patch_dropout, nn.Identity)  # patch dropout draws anew per pass
+                and (self.method.vision_schedule.first_prompted_layer or 2) > 1)
 
     @torch.no_grad()
     def frozen_text_features(self, templates: tuple[str, ...]) -> torch.Tensor:
@@ -276,7 +327,10 @@ class PromptedCLIP(nn.Module):
         # LayerNorm (fastprompt.fast.blocks.block_forward_pending); a splice needs the finished sum first.
         path, pending = fast_path(self.clip), None
         last = len(sched.edits) if self.pools_last_layer("vision") else 0
+        self._vision_stem = stem = _VisionStem(images, _stem_key(images)) if self._keeps_vision_stem() else None
         for layer, edit in enumerate(sched.edits, start=1):
+            if stem is not None and layer == sched.first_prompted_layer:
+                stem.layer, stem.x, stem.pending = layer, x, pending  # the frozen teacher continues from here
             splice = None
             if pending is not None and edit.add == edit.drop > 0 and path.fuses_splices:
                 # Prompts replacing as many tokens: spliced inside the next block's first LayerNorm kernel, with
@@ -308,7 +362,10 @@ class PromptedCLIP(nn.Module):
                     cls = path.vision_block_cls(visual.transformer, layer - 1, x, pending, splice)
                 else:
                     cls = bb.run_block_cls(visual.transformer, layer - 1, x)
-                return bb.vision_pool(self.clip, cls), None, (start, seg)
+                pooled = bb.vision_pool(self.clip, cls)
+                if stem is not None and not sched.prompted:
+                    stem.pooled = pooled.detach()  # an unprompted tower's output is the frozen feature
+                return pooled, None, (start, seg)
             if path is not None:
                 x, pending = path.vision_block(visual.transformer, layer - 1, x, pending, splice)
             else:
@@ -316,6 +373,8 @@ class PromptedCLIP(nn.Module):
         if pending is not None:
             x = x + pending.to(x.dtype)
         pooled, normed = bb.vision_head(self.clip, x)
+        if stem is not None and not sched.prompted:
+            stem.pooled = pooled.detach()
         return pooled, normed, (start, seg)
 
     def _text_rows(self, value: torch.Tensor, scope: str, classes: int, images: int) -> torch.Tensor:

@@ -278,3 +278,73 @@ def test_patched_encode_image_pools_the_last_block_and_keeps_hooks_working(tiny_
     fastprompt.unpatch(clip)
     assert "forward" not in clip.visual.__dict__
     assert torch.equal(clip.encode_image(images), reference.encode_image(images))
+
+
+# --- the frozen teacher pass continues from the prompted pass ----------------------------------------------------
+@pytest.mark.parametrize("options, shared", [({}, True), ({"towers": "text"}, True), ({"reg_weight": 0.0}, False)])
+def test_mmrl_teacher_reuses_the_layers_below_the_first_prompt(tiny_clip64, monkeypatch, options, shared):
+    """MMRL's image regulariser reads the frozen CLIP's features of the batch; its vision prompts start at layer 6,
+    so layers 1-5 of the prompted pass are the frozen pass's. On a patched CLIP the teacher continues from there
+    (from the pooled output itself when the vision tower has no prompts): its features equal open_clip's
+    encode_image on the unpatched CLIP, and the loss and gradients equal a run that computes the teacher whole."""
+    reference = copy.deepcopy(tiny_clip64)
+    clip = fastprompt.patch(copy.deepcopy(tiny_clip64))
+    model = fastprompt.build("mmrl", clip, NAMES, **options).train()
+    images, labels = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 4, 2])
+    seen = []
+    original = model._frozen_from_stem
+    monkeypatch.setattr(model, "_frozen_from_stem", lambda stem: seen.append(stem.layer) or original(stem))
+    out = model(images)
+    assert (model._vision_stem is not None) is shared
+    with torch.no_grad():
+        teacher = model.frozen_image_features(images)
+    torch.testing.assert_close(teacher, reference.encode_image(images), rtol=1e-10, atol=1e-10)
+    assert seen == ([6 if not options else 0] if shared else [])
+    assert model._vision_stem is None  # used once
+
+    _, loss_shared, grads_shared = _step(model, images, labels)
+    monkeypatch.setattr(model, "_keeps_vision_stem", lambda: False)
+    _, loss_whole, grads_whole = _step(model, images, labels)
+    torch.testing.assert_close(loss_shared, loss_whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_whole, grads_shared):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert out.image_features.requires_grad is (options.get("towers") != "text")
+
+
+def test_teacher_stem_is_used_only_for_the_same_unchanged_batch(tiny_clip64, monkeypatch):
+    """Other images, the same tensor changed in place, or an unpatched CLIP (the research code's whole second pass):
+    the teacher runs clip.encode_image whole."""
+    clip = fastprompt.patch(copy.deepcopy(tiny_clip64))
+    model = fastprompt.build("mmrl", clip, NAMES).train()
+    used = []
+    original = model._frozen_from_stem
+    monkeypatch.setattr(model, "_frozen_from_stem", lambda stem: used.append(1) or original(stem))
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model(images)
+    other = images.clone()
+    torch.testing.assert_close(model.frozen_image_features(other), clip.encode_image(other), rtol=0, atol=0)
+    model(images)
+    images.mul_(0.5)
+    torch.testing.assert_close(model.frozen_image_features(images), clip.encode_image(images), rtol=0, atol=0)
+    assert used == []
+    unpatched = fastprompt.build("mmrl", copy.deepcopy(tiny_clip64), NAMES).train()
+    unpatched(images)
+    assert unpatched._vision_stem is None
+    promptsrc = fastprompt.build("promptsrc", clip, NAMES).train()  # prompts from layer 1: nothing to share
+    promptsrc(images)
+    assert promptsrc.method.uses_frozen_image_features() and promptsrc._vision_stem is None
+
+
+def test_geometry_of_the_teacher_passes():
+    """What the FLOP count and the memory prediction read: MMRL's teacher runs layers 6-12 (the last pooled, no
+    patch embedding) on a patched CLIP and all 12 on open_clip's; CoCoOp's unprompted vision tower is one pass."""
+    names = [f"class {i}" for i in range(20)]
+    mmrl = structural_model("mmrl", names)
+    patched = step_geometry(mmrl, 4, options_for(patched=True, device="cuda")).pass_named("vision (frozen 1)")
+    whole = step_geometry(mmrl, 4, options_for(patched=False, device="cuda")).pass_named("vision (frozen 1)")
+    assert len(patched.layers) == 7 and patched.embed_flops == 0 and patched.layers[-1].pooled
+    assert len(whole.layers) == 12 and whole.embed_flops > 0 and not any(layer.pooled for layer in whole.layers)
+    for patched_flag in (True, False):
+        cocoop = step_geometry(structural_model("cocoop", names), 4, options_for(patched=patched_flag, device="cuda"))
+        assert [p.name for p in cocoop.passes if p.name.startswith("vision")] == ["vision"]

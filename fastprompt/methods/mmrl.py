@@ -151,6 +151,9 @@ class MMRL(PromptMethod):
     def has_rep_head(self) -> bool:
         return self.towers != "text"
 
+    def uses_frozen_image_features(self) -> bool:
+        return bool(self.reg_weight)  # the image-side regulariser's teacher
+
     def reads_vision_tokens(self) -> bool:
         return self.has_rep_head  # the representation tokens' final outputs
 

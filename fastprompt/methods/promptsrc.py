@@ -36,6 +36,9 @@ class PromptSRC(IVLP):
         self.text_weight, self.image_weight, self.kl_weight = text_weight, image_weight, kl_weight
         self.gpa_mean, self.gpa_std = gpa_mean, gpa_std
 
+    def uses_frozen_image_features(self) -> bool:
+        return True  # the L1 consistency with the frozen image features
+
     def loss(self, out: EncoderOutputs, labels: torch.Tensor, model=None):
         logits = out.logits["main"]
         ce = F.cross_entropy(logits, labels)
