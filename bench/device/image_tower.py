@@ -1,5 +1,6 @@
-"""What bounds inference at batch 100: MaPLe's forward in eval mode under bf16 autocast with three kernel plans
-(fastprompt.patch auto = Triton on CUDA, patch(backend='sdpa'), unpatched), each plain and CUDA-graphed. GPU only.
+"""What bounds inference at batch 100: MaPLe's forward in eval mode under bf16 autocast with four plans
+(fastprompt.patch auto = Triton on CUDA; the same with last_layer='full', i.e. the image tower's last block on every
+row instead of the CLS rows; patch(backend='sdpa'); unpatched), each plain and CUDA-graphed. GPU only.
 From the repo root:  python bench/device/image_tower.py [method] [batch]
 """
 import os
@@ -31,11 +32,11 @@ def timed(fn, n=10):
 
 
 images = torch.randn(batch, 3, 224, 224, device=dev)
-for plan in ("auto", "sdpa", "unpatched"):
+for plan in ("auto", "auto-full", "sdpa", "unpatched"):
     clip = create_clip("ViT-B-16", precision="bf16", device=dev)
     if plan != "unpatched":
-        fastprompt.patch(clip, backend=plan)
-    model = fastprompt.build(method, clip, names).eval()
+        fastprompt.patch(clip, backend=plan.removesuffix("-full"))
+    model = fastprompt.build(method, clip, names, last_layer="full" if plan.endswith("-full") else "auto").eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         plain = timed(lambda: model(images))
         static = images.clone()

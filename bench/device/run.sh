@@ -61,7 +61,7 @@ if [ "$PART" = B ]; then
   bench runner-epoch 200 test_bench_runner_epoch.py imagenet-b32 maple,coop,mmrl,mcpl fastprompt
   bench train-rest 150 test_bench_train_step.py imagenet-b32 coop,cocoop,vpt_deep,mpl,mudpt,mmrl,mcpl eager,fastprompt
   bench inference-rest 100 test_bench_inference.py imagenet-b100 cocoop,vpt_deep,mpl,mudpt eager,fastprompt
-  TAILN=6 stage image-tower 60 python3 bench/device/image_tower.py maple 100
+  TAILN=6 stage image-tower 75 python3 bench/device/image_tower.py maple 100
 fi
 if [ "$PART" = C ]; then
   TAILN=25 stage kernel-tests 170 python3 -m pytest -q -p no:cacheprovider -x -rfE tests/kernels
