@@ -120,6 +120,18 @@ def _momentum_buffers(optimizer) -> None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+@torch.compiler.disable
+def _fused_step(optimizer, found: torch.Tensor) -> None:
+    """A fused optimizer's step that skips the whole update (parameters, momentum, Adam moments and step count) when
+    `found` is nonzero: the fused kernels read it from `optimizer.found_inf`. Kept out of torch.compile (compile=True):
+    traced, the attribute set before the step was not yet applied when the `del` after it ran (AttributeError)."""
+    optimizer.found_inf = found
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many steps in a row produced a NaN or inf loss or gradient."""
 
@@ -414,12 +426,7 @@ class TrainStep:
         """optimizer.step() that changes nothing when the step is not finite; returns the 0-dim finite flag."""
         found = self._nonfinite(loss)
         if self._fused:
-            # Fused kernels skip the whole update (parameters, momentum, Adam moments and step count) on found_inf.
-            self.optimizer.found_inf = found
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
+            _fused_step(self.optimizer, found)
             return found == 0
         finite = found == 0
         tensors = self._state_tensors()

@@ -347,3 +347,30 @@ def test_a_slow_loader_is_reported_as_the_limit():
     assert stats.loader_images_per_second == pytest.approx(12 / stats.loader_seconds)
     fast = train_epoch(step, data)
     assert not fast.loader_bound
+
+
+@pytest.mark.parametrize("optimizer", ["fused sgd", "fused adamw"])
+def test_compiled_steps_equal_eager_steps_and_still_skip_a_nonfinite_one(optimizer):
+    """TrainStep(compile=True), traced by TorchDynamo (its 'eager' backend: the graph capture without inductor's
+    minutes of code generation on a CPU), steps exactly as the eager step, the guarded fused update included: a NaN
+    batch changes nothing. Until the fused update ran outside the traced region, setting and deleting the
+    optimizer's found_inf inside it raised AttributeError."""
+    import torch._dynamo
+
+    data = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(3)]
+    batches = [data[0], (data[1][0], torch.full((4, 2), float("nan"))), data[1], data[2]]
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        step = TrainStep(model, OPTIMIZERS[optimizer](list(model.parameters())), loss_fn=_linear_loss,
+                         compile=compiled, compile_options={"backend": "eager"} if compiled else None)
+        for x, y in batches:
+            step(x, y)
+        return model, step.totals()
+
+    torch._dynamo.reset()
+    (eager, eager_totals), (compiled, compiled_totals) = run(False), run(True)
+    assert compiled_totals.skipped == eager_totals.skipped == 1
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
