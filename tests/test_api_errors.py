@@ -233,8 +233,11 @@ def test_torch_save_loads_patched_in_a_fresh_process(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     patched = fastprompt.patch(create_clip("tiny", seed=6))
     torch.save({"model": patched, "images": images, "expected": _outputs(patched, images)}, tmp_path / "m.pt")
+    # The same thread count as here: CPU GEMMs on a few rows (the pooled last block's) may split their reduction
+    # across threads, so bit-identical outputs need the same threads.
     script = f"""
 import torch, fastprompt
+torch.set_num_threads({torch.get_num_threads()})
 saved = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)
 model = saved["model"]
 assert fastprompt.is_patched(model), "not patched after loading"
