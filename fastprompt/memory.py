@@ -207,7 +207,7 @@ def options_for_model(model, amp_dtype: torch.dtype | None = None, optimizer: st
     report = fast_path(clip)
     common = dict(weights_dtype=weight.dtype, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute,
                   **_blas(weight.device, blas_workspaces))
-    pooled = model.last_layer == "pooled" or (model.last_layer == "auto" and report is not None)
+    pooled = model.pools_last_layer()
     if report is None:
         return StepOptions(packed_text=False, full_context=not model.truncate_text, cache_frozen_layers=False,
                            frozen_weight_ops=False, patched=False, attention="sdpa", pooled_last_layer=pooled,
@@ -313,13 +313,6 @@ class StepGeometry:
         return next((p for p in self.passes if p.name == name), None)
 
 
-def _frozen_image_passes(method) -> int:
-    """Frozen (no-grad) vision forwards per step besides the prompted one: instance conditioning (unless the vision
-    tower is unprompted: its one pass is the frozen feature) plus the teacher regularisers'."""
-    count = 1 if method.needs_image_features() and method.vision_schedule.prompted else 0
-    return count + (1 if method.uses_frozen_image_features() else 0)
-
-
 def _vision_passes(model, batch: int, options: StepOptions) -> list[Pass]:
     info, method, visual = model.info.vision, model.method, model.clip.visual
     pooled = options.pooled_last_layer and not method.reads_vision_tokens()
@@ -340,20 +333,21 @@ def _vision_passes(model, batch: int, options: StepOptions) -> list[Pass]:
         head_rows=(batch if pooled else batch * lengths[-1]) if first is not None else 0,
         **common,
     )
-    # The frozen passes are the CLIP's own encode_image, whose last block a patch runs on the CLS rows only. On a
-    # patched CLIP the teacher's pass continues from the prompted pass's state below its first prompted layer
-    # (PromptedCLIP.frozen_image_features): its layers (all of them for an unprompted tower) are not run again.
-    frozen = []
-    for i in range(_frozen_image_passes(method)):
-        teacher = i == _frozen_image_passes(method) - 1 and method.uses_frozen_image_features()
-        shared = (len(lengths) if first is None else first - 1) if teacher and options.patched else 0
-        if shared == len(lengths):
-            continue
-        frozen.append(Pass(f"vision (frozen {len(frozen) + 1})",
-                           layers=tuple(LayerWork(((batch, base),), grad=False,
-                                                  pooled=options.patched and layer == len(lengths))
-                                        for layer in range(shared + 1, len(lengths) + 1)),
-                           embed_flops=0 if shared else embed, **common))
+    # Frozen (no-grad) vision passes besides the prompted one, each as the number of its layers it takes from the
+    # prompted pass: instance conditioning runs first, whole (none when the vision tower is unprompted: its one
+    # pass is the frozen feature); on a patched CLIP the teachers' pass continues from the prompted pass's state
+    # below its first prompted layer (PromptedCLIP.frozen_image_features; an unprompted tower's output is the
+    # teacher's). The passes are the CLIP's own encode_image, whose last block a patch runs on the CLS rows only.
+    shared_layers = [0] if method.needs_image_features() and sched.prompted else []
+    if method.uses_frozen_image_features():
+        shared_layers.append((len(lengths) if first is None else first - 1) if options.patched else 0)
+    frozen = [
+        Pass(f"vision (frozen {i + 1})",
+             layers=tuple(LayerWork(((batch, base),), grad=False, pooled=options.patched and layer == len(lengths))
+                          for layer in range(shared + 1, len(lengths) + 1)),
+             embed_flops=0 if shared else embed, **common)
+        for i, shared in enumerate(s for s in shared_layers if s < len(lengths))
+    ]
     return [prompted, *frozen]
 
 

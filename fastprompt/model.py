@@ -154,8 +154,10 @@ class PromptedCLIP(nn.Module):
             raise ValueError(f"last_layer must be 'auto', 'pooled' or 'full', got {value!r}")
         self._last_layer = value
 
-    def pools_last_layer(self, tower: str) -> bool:
-        """Whether `tower`'s ('vision' or 'text') last block runs on its pooled rows only now (see last_layer)."""
+    def pools_last_layer(self, tower: str | None = None) -> bool:
+        """Whether `tower`'s ('vision' or 'text') last block runs on its pooled rows only now (see last_layer);
+        without a tower, what the last_layer setting asks for before each tower's exceptions (a method reading the
+        vision tokens, the reference text path): fastprompt.memory.StepOptions.pooled_last_layer."""
         if self._last_layer == "full":
             return False
         if tower == "vision" and self.method.reads_vision_tokens():

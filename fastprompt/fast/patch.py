@@ -160,6 +160,21 @@ def _rebuild_fast_block(original: type):
     return cls.__new__(cls)
 
 
+def _as_tower_runs(tower: nn.Module, fn, *args):
+    """fn(*args), checkpointed whenever the tower's grad_checkpointing flag is set (with or without gradients), as
+    open_clip's own loop runs its blocks."""
+    return checkpoint(fn, *args, use_reentrant=False) if tower.grad_checkpointing else fn(*args)
+
+
+def _vision_blocks(tower: nn.Module, blocks, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`blocks` of a patched non-causal tower on x, each block's MLP branch added fused into the next block's first
+    LayerNorm (block_forward_pending): (x, the last block's branch, not added)."""
+    pending = None
+    for block in blocks:
+        x, pending = _as_tower_runs(tower, block_forward_pending, block, x, pending, False, block._fastprompt_kernels)
+    return x, pending
+
+
 class _FastVisionTransformer:
     """`forward` of a patched vision tower's Transformer, stored on the instance (so clip.encode_image, the frozen
     image features methods read, and zero-shot use gain too): with no mask, each block's MLP branch is added fused
@@ -172,13 +187,7 @@ class _FastVisionTransformer:
         tower = self.__self__
         if attn_mask is not None:
             return type(tower).forward(tower, x, attn_mask=attn_mask)
-        pending = None
-        for block in tower.resblocks:
-            if tower.grad_checkpointing:  # as open_clip's loop: checkpointed whether or not gradients are on
-                x, pending = checkpoint(block_forward_pending, block, x, pending, False, block._fastprompt_kernels,
-                                        use_reentrant=False)
-            else:
-                x, pending = block_forward_pending(block, x, pending, False, block._fastprompt_kernels)
+        x, pending = _vision_blocks(tower, tower.resblocks, x)
         return x + pending.to(x.dtype)
 
     def __repr__(self) -> str:
@@ -199,19 +208,9 @@ class _FastVisionForward(_FastVisionTransformer):
         if (visual.output_tokens or not hasattr(visual, "_embeds") or tower._forward_hooks
                 or tower._forward_pre_hooks):
             return type(visual).forward(visual, x)
-        x, pending = visual._embeds(x), None
-        blocks = list(tower.resblocks)
-        for block in blocks[:-1]:
-            if tower.grad_checkpointing:  # as open_clip's loop: checkpointed whether or not gradients are on
-                x, pending = checkpoint(block_forward_pending, block, x, pending, False, block._fastprompt_kernels,
-                                        use_reentrant=False)
-            else:
-                x, pending = block_forward_pending(block, x, pending, False, block._fastprompt_kernels)
-        last = blocks[-1]
-        if tower.grad_checkpointing:
-            cls = checkpoint(block_forward_cls, last, x, pending, last._fastprompt_kernels, use_reentrant=False)
-        else:
-            cls = block_forward_cls(last, x, pending, last._fastprompt_kernels)
+        *blocks, last = tower.resblocks
+        x, pending = _vision_blocks(tower, blocks, visual._embeds(x))
+        cls = _as_tower_runs(tower, block_forward_cls, last, x, pending, last._fastprompt_kernels)
         pooled = visual.ln_post(cls)
         return pooled @ visual.proj if visual.proj is not None else pooled
 

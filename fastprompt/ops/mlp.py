@@ -35,6 +35,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from fastprompt.ops import gemm_plan
 from fastprompt.ops._library import define_op, direct_call_ok, eager_function, require_triton
 
 require_triton()
@@ -42,7 +43,7 @@ from fastprompt.kernels import activation as _activation  # noqa: E402
 from fastprompt.kernels import linear_act as _kernel  # noqa: E402
 
 ACTIVATIONS = tuple(_kernel.ACTIVATIONS)
-GEMMS = ("triton", "cublas")  # the first layer's GEMM plan (see the module docstring)
+GEMMS = gemm_plan.PLANS  # the first layer's GEMM plan (see the module docstring)
 
 
 def _check_gemm(gemm: str) -> None:
