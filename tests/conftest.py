@@ -28,6 +28,39 @@ def kernel_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Functions through which the launchers and the backend choice ask whether Triton is interpreted.
+_INTERPRETER_QUESTIONS = (("fastprompt.kernels.attention", "interpreted"),
+                          ("fastprompt.kernels.linear_act", "_uses_interpreter"),
+                          ("fastprompt.kernels.layer_norm", "_uses_interpreter"),
+                          ("fastprompt.kernels.grouped_mlp", "_uses_interpreter"),
+                          ("fastprompt.ops.backends", "triton_interpreted"))
+
+
+@pytest.fixture(autouse=True)
+def _no_interpreter_unless_asked(request, monkeypatch):
+    """Outside tests/kernels, a test that does not ask for `kernel_device` sees Triton as a GPU machine does: no
+    interpreter. There such a test would hand CPU tensors to compiled kernels and fail (31 failures of the first GPU
+    run were of this kind); here it fails the same way, with the launcher's own error, so the CPU suite keeps the
+    GPU suite green. Tests that run Triton take `kernel_device` and put their tensors there."""
+    if "kernel_device" in request.fixturenames or request.path.parent.name == "kernels" \
+            or os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import importlib
+
+    import triton.runtime.interpreter as interpreter
+
+    for module, name in _INTERPRETER_QUESTIONS:
+        monkeypatch.setattr(importlib.import_module(module), name, lambda: False)
+
+    def refuse(self, *args, **kwargs):  # the last net, for a launch no launcher check refused
+        raise RuntimeError(f"Triton kernel {self.fn.__name__} launched on CPU tensors by a test without "
+                           "kernel_device: on a GPU machine it would get CPU tensors and fail")
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", refuse)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -47,16 +47,18 @@ def test_grouped_coupling_maps_equal_per_layer_maps(tiny_clip, kernel_device, na
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=pname)
 
 
-def test_mcpl_prompt_self_attention_runs_once_per_forward_for_all_layers(tiny_clip):
+def test_mcpl_prompt_self_attention_runs_once_per_forward_for_all_layers(tiny_clip, kernel_device):
     # What the batching is for: S's block runs once per training forward (for the vision PMS and the text
-    # prompts alike) instead of once per prompted layer.
+    # prompts alike) instead of once per prompted layer. On the grouped kernels' device (see above).
+    clip = copy.deepcopy(tiny_clip).to(kernel_device)
     counts = []
     for grouped in (False, True):
-        model = fastprompt.build("mcpl", tiny_clip, NAMES)
+        model = fastprompt.build("mcpl", clip, NAMES)
         model.use_grouped_maps = grouped
         calls = []
         model.method.attention.block.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
-        loss, _ = model.loss(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
+        images, labels = torch.randn(2, 3, 32, 32, device=kernel_device), torch.tensor([0, 2], device=kernel_device)
+        loss, _ = model.loss(model(images), labels)
         loss.backward()
         counts.append(calls)
     per_layer, batched = counts

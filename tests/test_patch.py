@@ -196,6 +196,19 @@ def test_triton_kernel_path_equals_the_reference(mlp_gemm, kernel_device):
                                    msg=pname)
 
 
+def test_triton_on_cpu_tensors_fails_here_as_it_does_on_a_gpu_machine():
+    """A test that does not ask for kernel_device sees no Triton interpreter (tests/conftest.py), as on a GPU
+    machine: a CPU model cannot be patched onto the Triton kernels, and a launcher refuses CPU tensors. Without that
+    guard this CPU suite would pass tests that fail on the GPU."""
+    with pytest.raises(RuntimeError, match="backend='triton' requested on a CPU model"):
+        patch(create_clip("small"), backend="triton")
+    from fastprompt.kernels import layer_norm
+
+    x, w = torch.randn(4, 64), torch.ones(64)
+    with pytest.raises(ValueError, match="CUDA"):
+        layer_norm.layer_norm_forward(x, w, torch.zeros(64), 1e-5)
+
+
 def test_mlp_gemm_follows_the_measurement_of_the_device_type_and_refuses_unknown_plans(clip64):
     """'auto' takes the plan measured on the device type (fastprompt.ops.gemm_plan): the CUDA entry's, and
     'triton' where nothing was measured (a CPU under the interpreter); the report names the evidence."""

@@ -12,6 +12,9 @@
 #                                   #   methods and the runner, a one-process torchrun run against the plain run,
 #                                   #   the fused text attention and LayerNorm splice against what they replace,
 #                                   #   the frozen MLP's fc1 plans: Triton epilogue GEMM vs cuBLAS + activation pass (issue 9 item 2)
+#   bash bench/device/run.sh S      # ~7 min: the whole test suite on the GPU (issue 9 item 5: "pytest on a GPU machine
+#                                   #   has no failures"), 8 pytest-xdist workers when bench/device/prep.sh carried
+#                                   #   its wheel, then bench/ at its tiny workload in one process (results kept apart)
 # Writes logs and results under $OUT (the device tool brings them back); commit bench/results/*.json from there.
 set -u
 PART=${1:-A}
@@ -49,6 +52,13 @@ if [ "$PART" = Q ]; then  # one call, each open issue's headline figure (a lent 
   TAILN=4 stage glue-ops 50 python3 bench/device/glue_ops.py
   TAILN=4 stage gemm-shapes 45 python3 bench/device/gemm_shapes.py
   TAILN=4 stage torchrun-one 80 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
+fi
+if [ "$PART" = S ]; then  # the README's test command's scope, on the GPU: tests/ whole, bench/ at the tiny workload
+  WORKERS=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  [ -z "$WORKERS" ] && say "pytest-xdist not carried (bench/device/prep.sh): one process, the suite may not finish"
+  TAILN=40 stage suite 330 python3 -m pytest -q -p no:cacheprovider $WORKERS -rfE tests
+  FASTPROMPT_BENCH_WORKLOADS=tiny-c4-b8 FASTPROMPT_BENCH_COMPILE=off FASTPROMPT_BENCH_RESULTS="$OUT/bench-tiny" \
+    TAILN=20 stage bench-suite 90 python3 -m pytest -q -p no:cacheprovider -rfE bench  # one process: one results file
 fi
 if [ "$PART" = A ]; then
   TAILN=25 stage gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_training_engine.py \
