@@ -3,7 +3,7 @@
 The frozen CLIP MLP is fc1 + QuickGELU + fc2 per block; fastprompt.ops.mlp runs fc1 + bias + activation on one of
 two plans (`gemm`, chosen per device type by fastprompt.ops.gemm_plan) and fc2 with cuBLAS (`addmm`). This times,
 at the ImageNet step's rows (vision: B = 32 images of 199 tokens at width 768; text: MaPLe's 4,170 packed tokens
-at 512) and the image tower's at inference (B = 100), the forward fc1 + activation as
+at 512; the B = 4 step's vision rows) and the image tower's at inference (B = 100), the forward fc1 + activation as
   * triton      the product's "triton" plan: fastprompt's linear_act GEMM, bias and QuickGELU in its epilogue,
   * cublas_plan the product's "cublas" plan: torch.addmm (cuBLAS, bias fused), then the in-place Triton activation,
   * cublas+act  torch.addmm then QuickGELU as PyTorch ops (three elementwise kernels: what not to do),
@@ -29,9 +29,10 @@ import torch
 sys.path.insert(0, os.getcwd())
 from bench.device.timing import conditions, graphed_ms_per_call, ms_per_call  # noqa: E402
 
-# The training step's two fc1 shapes, and the image tower's at inference (batch 100, what `inference` records time).
+# The training step's two fc1 shapes, the papers' B = 4 step's vision fc1 (few rows: where a GEMM with the activation
+# in its epilogue may win by saving a launch), and the image tower's at inference (batch 100, what `inference` times).
 SHAPES = {"vision_fc1": (32 * 199, 768, 3072), "text_fc1": (4170, 512, 2048),
-          "vision_fc1_b100": (100 * 199, 768, 3072)}
+          "vision_fc1_b4": (4 * 199, 768, 3072), "vision_fc1_b100": (100 * 199, 768, 3072)}
 
 
 def _quick_gelu(x):

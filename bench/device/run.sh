@@ -2,7 +2,8 @@
 # The device-side checks and measurements of the product path, for a session lent a GPU. Run from the repo root
 # on the GPU machine (torch + triton there; open_clip carried as wheels in .whl/, see ../shared/gpu/kit/prep.sh):
 #   bash bench/device/run.sh Q      # ~8 min, when only one call fits: MaPLe's no-graph wall vs GPU time (issue 8),
-#                                   #   its train step against eager and tuned (issues 8, 9), inference at batch 100
+#                                   #   its train step against eager and tuned (issues 8, 9; B = 4 against eager),
+#                                   #   inference at batch 100
 #                                   #   (issue 8), the glue fusions and the GEMM question (issue 9), one-GPU torchrun
 #                                   #   against the plain run (issue 12)
 #   bash bench/device/run.sh A      # ~6 min: GPU tests of the engine, evaluation, cache and eager op path;
@@ -48,10 +49,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if [ "$PART" = Q ]; then  # one call, each open issue's headline figure (a lent session has ~12 usable minutes)
   TAILN=6 stage host-gpu 75 python3 bench/device/host_gpu.py maple imagenet-b32
   bench train-maple 150 test_bench_train_step.py imagenet-b32 maple eager,tuned,fastprompt
+  bench train-maple-b4 60 test_bench_train_step.py imagenet-b4 maple eager,fastprompt  # issue 9's B = 4 target
   bench inference 100 test_bench_inference.py imagenet-b100 maple eager,fastprompt
-  TAILN=4 stage glue-ops 50 python3 bench/device/glue_ops.py
+  TAILN=4 stage glue-ops 40 python3 bench/device/glue_ops.py
   TAILN=4 stage gemm-shapes 45 python3 bench/device/gemm_shapes.py
-  TAILN=4 stage torchrun-one 80 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
+  TAILN=4 stage torchrun-one 70 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
 fi
 if [ "$PART" = S ]; then  # the README's test command's scope, on the GPU: tests/ whole, bench/ at the tiny workload
   WORKERS=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
