@@ -15,10 +15,11 @@ reference, SOS..EOT suffixes packed plus one shared prefix for fastprompt. Heads
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
-from fastprompt.memory import LayerWork, Pass, StepGeometry
+from fastprompt.memory import LayerWork, Pass, StepGeometry, StepOptions, step_geometry
 
 H200_BF16_PEAK = 790e12  # measured bf16 dense GEMM rate on this project's H200 (PERFORMANCE.md, machine figures)
 
@@ -47,6 +48,30 @@ class FlopCount:
 def step_flops(geometry: StepGeometry) -> FlopCount:
     by_pass = {p.name: p.embed_flops + sum(layer_flops(p, layer) for layer in p.layers) for p in geometry.passes}
     text = geometry.pass_named("text")
+    tokens = text.layers[-1].rows if text is not None and text.layers else 0
+    return FlopCount(sum(by_pass.values()), by_pass, tokens)
+
+
+def inference_flops(model, batch: int, options: StepOptions) -> FlopCount:
+    """FLOPs of `model(images)` in eval mode at batch `batch`, as evaluation runs it (the `inference` kind): the text
+    features of a class set are cached (PromptedCLIP.inference_cache), so only what depends on the images runs,
+    forward only: the prompted vision pass (its last block pooled as in training); the frozen image pass of
+    instance-conditioned methods whose vision tower is prompted; the text pass when the text depends on the image
+    (CoCoOp, MCPL's input integration); MCPL's VAIPL decoder. The loss's frozen teachers (MMRL, PromptSRC) do not
+    run. The passes are the training step's (fastprompt.memory.step_geometry), without their backward."""
+    method = model.method
+    geometry = step_geometry(model, batch, options)
+    names = ["vision", "vaipl decoder"]
+    if method.needs_image_features() and method.vision_schedule.prompted:
+        names.append("vision (frozen 1)")  # _vision_passes lists the conditioning pass first
+    if method.per_image_text():
+        names.append("text")
+    passes = [p for p in geometry.passes if p.name in names]
+    by_pass = {}
+    for p in passes:
+        forward = [dataclasses.replace(layer, grad=False) for layer in p.layers]
+        by_pass[p.name] = p.embed_flops + sum(layer_flops(p, layer) for layer in forward)
+    text = next((p for p in passes if p.name == "text"), None)
     tokens = text.layers[-1].rows if text is not None and text.layers else 0
     return FlopCount(sum(by_pass.values()), by_pass, tokens)
 

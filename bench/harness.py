@@ -27,12 +27,12 @@ from fastprompt.memory import StepOptions, options_for_model, predict_peak_memor
 from fastprompt.training import train_epoch
 
 from .contenders import CONTENDERS, build_contender, build_model, contender_options
-from .flops import step_flops
+from .flops import inference_flops, step_flops
 from .synthetic import device_set
 from .workloads import SHOTS, Workload
 
 LR = 2e-3
-TRAIN_STEP_ONLY = "the FLOP floor is computed for train_step records (bench/flops.py)"
+NO_FLOOR = "the FLOP floor is computed for train_step and inference records (bench/flops.py)"
 
 
 @dataclass
@@ -96,8 +96,8 @@ def _base_record(kind: str, workload: Workload, method: str, contender: str, set
         compile_options=settings.compile_options if spec.compile else None,
         warmup_rounds=settings.warmup,
     )
-    if kind != "train_step":
-        record["floor_reason"] = TRAIN_STEP_ONLY
+    if kind == "runner_epoch":
+        record["floor_reason"] = NO_FLOOR
     return record
 
 
@@ -185,10 +185,14 @@ def _timing_fields(record: dict, times: list[float], settings: Settings, batch: 
 
 
 # --- train_step ------------------------------------------------------------------------------------------
-def _flop_fields(record: dict, model, options: StepOptions, batch: int, step_s: float, settings: Settings) -> None:
-    flops = step_flops(step_geometry(model, batch, options))
-    exact = step_flops(step_geometry(model, batch, contender_options("fastprompt", settings.device,
-                                                                     settings.amp_dtype)))
+def _flop_fields(record: dict, model, options: StepOptions, batch: int, step_s: float, settings: Settings,
+                 count=None) -> None:
+    """FLOPs of the contender's computation (`count`: bench.flops.step_flops of a step's geometry, or
+    inference_flops), the FLOPs of fastprompt's (the exact floor) and the floor shares at the step time `step_s`."""
+    if count is None:
+        count = lambda model, batch, options: step_flops(step_geometry(model, batch, options))  # noqa: E731
+    flops = count(model, batch, options)
+    exact = count(model, batch, contender_options("fastprompt", settings.device, settings.amp_dtype))
     record.update(flops_per_step=flops.total, flops_by_pass=flops.by_pass, text_tokens_per_layer=flops.text_tokens,
                   achieved_tflops=flops.total / step_s / 1e12, flops_exact=exact.total)
     if settings.peak_flops is None:
@@ -315,6 +319,8 @@ def _inference(record, workload, method, contender, settings, benchmark) -> dict
     record["train_step_mode"] = mode or step.mode_name
     record["kernels"] = _kernel_plan(model)
     _peak_fields(record, device)
+    _flop_fields(record, model, options_for_model(model, amp), workload.batch, record["step_ms_median"] / 1e3,
+                 settings, count=inference_flops)
     if not torch.isfinite(logits[-1]).all():
         record["reason"] = "non-finite logits"
     _extra_info(benchmark, record)

@@ -79,6 +79,8 @@ COLUMNS = {
         ("batch", lambda r: _num(r.get("batch"), ".0f")),
         ("batch ms", lambda r: _num(r.get("step_ms_median"), ".1f")),
         ("img/s", lambda r: _num(r.get("images_per_s"), ".1f")), *SPEED, PEAK,
+        ("TFLOP/s", lambda r: _num(r.get("achieved_tflops"), ".1f")),
+        ("floor share", lambda r: _num(r.get("floor_share"), ".0%")),
     ],
 }
 EXPLAIN = {
@@ -90,7 +92,8 @@ EXPLAIN = {
                     "vs train step = epoch images/s over the same case's train-step images/s; loader s = time spent "
                     "producing batches (the on-device augmentation) inside the epoch.",
     "inference": "model(images) in eval mode under no_grad (autocast on a GPU), median batch time; peak over "
-                 "warm-up and timed batches.",
+                 "warm-up and timed batches. Floor = FLOPs of what depends on the images (the text of a class set is "
+                 "cached) at the peak rate.",
 }
 
 

@@ -7,10 +7,10 @@ import dataclasses
 import open_clip
 import pytest
 
-from fastprompt.memory import step_geometry, structural_model
+from fastprompt.memory import options_for_model, step_geometry, structural_model
 
 from .contenders import contender_options
-from .flops import layer_flops, peak_flops, step_flops
+from .flops import inference_flops, layer_flops, peak_flops, step_flops
 
 EAGER = contender_options("eager", "cuda")
 T_MAX = dataclasses.replace(EAGER, full_context=False)  # reference rows cut after the longest class's EOT
@@ -100,3 +100,47 @@ def test_last_layer_script_reports_both_modes(capsys):
     flops, saved, ms = record["step_gflops_c1000_b32"], record["saved_mib"], record["inference_ms"]
     assert 0 < flops["pooled"] < flops["full"] and 0 < saved["pooled"] < saved["full"]
     assert ms["full"] > 0 and ms["pooled"] > 0
+
+
+# MuDPT recomputes its cross-modal prompt injection in every forward (a few small attentions over the prompt tokens,
+# outside the towers, which the count leaves out like the heads): 4 % of the 'small' CLIP's forward, ~0.01 % of
+# ViT-B/16's at batch 100.
+INFERENCE_TOLERANCE = {"mudpt": 0.05}
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+@pytest.mark.parametrize("method", ["coop", "cocoop", "vpt_deep", "maple", "mpl", "mudpt", "mmrl", "mcpl"])
+def test_inference_flops_equal_torchs_flop_counter(method, patched):
+    """inference_flops against torch.utils.flop_counter.FlopCounterMode over `model(images)` in eval mode (the text
+    cache warm): the GEMMs, the patch embedding and the attention as torch counts them. What the count must get
+    right: the text of a class set cached except where it depends on the image (CoCoOp, MCPL), no teacher pass
+    (MMRL), the instance-conditioned frozen pass, the pooled last vision block of a patched CLIP (not for MMRL and
+    MCPL, which read every vision token). The attention goes through SDPA (patch(backend='sdpa') and open_clip's
+    MultiheadAttention off its fused fast path), whose CPU kernel torch's table lacks: counted by its own formula."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    import fastprompt
+    from fastprompt.backbones import create_clip
+
+    def cpu_flash(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    clip = create_clip("small")
+    if patched:
+        fastprompt.patch(clip, backend="sdpa")
+    model = fastprompt.build(method, clip, ["red circle", "blue square", "green triangle", "yellow star"]).eval()
+    images = torch.randn(3, 3, 64, 64)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            model(images)  # builds the inference cache
+            with FlopCounterMode(display=False, custom_mapping={
+                    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash}) as counter:
+                model(images)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    counted = inference_flops(model, 3, options_for_model(model)).total
+    # Left out of the count: the projections to the joint space and the logits (3 images, 4 classes).
+    assert counter.get_total_flops() == pytest.approx(counted, rel=INFERENCE_TOLERANCE.get(method, 3e-3))
