@@ -36,6 +36,10 @@ class InferenceCache:
     class_state: object = None  # the method's class_state
 
 
+_SHARED_VISION_TOKENS = "_shared_vision_tokens"  # InferenceCache.memo: {layer: tokens} of the image-independent
+# vision sources, computed when the cache is built
+
+
 @dataclass
 class _VisionStem:
     """What a prompted vision pass shares with the frozen teacher pass of the same batch: the state entering its
@@ -307,7 +311,8 @@ class PromptedCLIP(nn.Module):
             grouped.run(ctx)
             ctx.memo["_grouped_done"] = True
         sources = self.method.text_sources if tower == "text" else self.method.vision_sources
-        return {int(k): (src(ctx), src.scope) for k, src in sources.items()}
+        cached = ctx.memo.get(_SHARED_VISION_TOKENS, {}) if tower == "vision" else {}
+        return {int(k): (cached[int(k)] if int(k) in cached else src(ctx), src.scope) for k, src in sources.items()}
 
     def _record(self, tower: str, layer: int, length: int) -> None:
         if self.trace is not None:
@@ -545,6 +550,10 @@ class PromptedCLIP(nn.Module):
                 if id(coupling) not in ctx.memo:
                     ctx.memo[id(coupling)] = coupling(ctx)
             ctx.memo["_grouped_done"] = True
+            # Every vision layer's tokens that no image changes (scope 'shared'), whatever computes them: MuDPT's
+            # cross-modal injection otherwise runs again in each forward (its sources are no Coupled ones).
+            ctx.memo[_SHARED_VISION_TOKENS] = {int(k): src(ctx) for k, src in self.method.vision_sources.items()
+                                               if src.scope == "shared"}
         memo = dict(ctx.memo)
         text = state = None
         if not self.method.per_image_text():

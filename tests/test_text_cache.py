@@ -116,6 +116,23 @@ def test_coupled_prompts_and_mcpl_class_queries_are_computed_once(tiny_clip64, m
     assert len(prepared) == 2 and out.logits["main"].requires_grad
 
 
+@pytest.mark.parametrize("maps", ["shared", "per_layer"])
+def test_mudpt_cross_modal_injection_runs_once_for_every_batch(maps, tiny_clip64):
+    """MuDPT's vision prompts (V_l + V~_l) depend on no image: the cache computes them with the text, and a batch
+    runs no injection (before, each forward ran it again, one batched call or one per layer)."""
+    model = build("mudpt", tiny_clip64, maps=maps)
+    perturb_(model.method)
+    injections = {id(layer.injection): layer.injection for source in model.method.vision_sources.values()
+                  for layer in [source.second.layer]}
+    calls = []
+    for injection in injections.values():
+        injection.register_forward_hook(lambda *_: calls.append(1))
+    for _ in range(3):
+        x = images()
+        close(infer(model, x), fresh(model, x, maps=maps))
+    assert len(calls) == (1 if maps == "shared" else len(injections))  # at the cache build only
+
+
 @pytest.mark.parametrize("method", ["maple", "mcpl"])
 def test_grouped_coupling_maps_are_cached_exactly(method, tiny_clip, kernel_device, monkeypatch):
     """With the grouped launch (the fast path's, fp32: the Triton interpreter on a CPU, compiled on a GPU) the cache
