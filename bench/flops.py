@@ -52,6 +52,11 @@ def step_flops(geometry: StepGeometry) -> FlopCount:
     return FlopCount(sum(by_pass.values()), by_pass, tokens)
 
 
+def train_step_flops(model, batch: int, options: StepOptions) -> FlopCount:
+    """FLOPs of one training step of `model` at batch `batch` (the `train_step` kind)."""
+    return step_flops(step_geometry(model, batch, options))
+
+
 def inference_flops(model, batch: int, options: StepOptions) -> FlopCount:
     """FLOPs of `model(images)` in eval mode at batch `batch`, as evaluation runs it (the `inference` kind): the text
     features of a class set are cached (PromptedCLIP.inference_cache), so only what depends on the images runs,
@@ -59,21 +64,13 @@ def inference_flops(model, batch: int, options: StepOptions) -> FlopCount:
     instance-conditioned methods whose vision tower is prompted; the text pass when the text depends on the image
     (CoCoOp, MCPL's input integration); MCPL's VAIPL decoder. The loss's frozen teachers (MMRL, PromptSRC) do not
     run. The passes are the training step's (fastprompt.memory.step_geometry), without their backward."""
-    method = model.method
+    names = {"vision", "vision (frozen, conditioning)", "vaipl decoder"}
+    if model.method.per_image_text():
+        names.add("text")
     geometry = step_geometry(model, batch, options)
-    names = ["vision", "vaipl decoder"]
-    if method.needs_image_features() and method.vision_schedule.prompted:
-        names.append("vision (frozen 1)")  # _vision_passes lists the conditioning pass first
-    if method.per_image_text():
-        names.append("text")
-    passes = [p for p in geometry.passes if p.name in names]
-    by_pass = {}
-    for p in passes:
-        forward = [dataclasses.replace(layer, grad=False) for layer in p.layers]
-        by_pass[p.name] = p.embed_flops + sum(layer_flops(p, layer) for layer in forward)
-    text = next((p for p in passes if p.name == "text"), None)
-    tokens = text.layers[-1].rows if text is not None and text.layers else 0
-    return FlopCount(sum(by_pass.values()), by_pass, tokens)
+    forward = [dataclasses.replace(p, layers=tuple(dataclasses.replace(layer, grad=False) for layer in p.layers))
+               for p in geometry.passes if p.name in names]
+    return step_flops(dataclasses.replace(geometry, passes=tuple(forward)))
 
 
 def peak_flops(device_name: str) -> tuple[float | None, str]:

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastprompt.fast import fast_path
-from fastprompt.memory import StepOptions, options_for_model, predict_peak_memory, step_geometry
+from fastprompt.memory import StepOptions, options_for_model, predict_peak_memory
 from fastprompt.training import train_epoch
 
 from .contenders import CONTENDERS, build_contender, build_model, contender_options
-from .flops import inference_flops, step_flops
+from .flops import inference_flops, train_step_flops
 from .synthetic import device_set
 from .workloads import SHOTS, Workload
 
@@ -186,11 +186,9 @@ def _timing_fields(record: dict, times: list[float], settings: Settings, batch: 
 
 # --- train_step ------------------------------------------------------------------------------------------
 def _flop_fields(record: dict, model, options: StepOptions, batch: int, step_s: float, settings: Settings,
-                 count=None) -> None:
-    """FLOPs of the contender's computation (`count`: bench.flops.step_flops of a step's geometry, or
-    inference_flops), the FLOPs of fastprompt's (the exact floor) and the floor shares at the step time `step_s`."""
-    if count is None:
-        count = lambda model, batch, options: step_flops(step_geometry(model, batch, options))  # noqa: E731
+                 count=train_step_flops) -> None:
+    """FLOPs of the contender's computation (`count`: bench.flops.train_step_flops or inference_flops), the FLOPs
+    of fastprompt's (the exact floor) and the floor shares at the step time `step_s`."""
     flops = count(model, batch, options)
     exact = count(model, batch, contender_options("fastprompt", settings.device, settings.amp_dtype))
     record.update(flops_per_step=flops.total, flops_by_pass=flops.by_pass, text_tokens_per_layer=flops.text_tokens,

@@ -338,15 +338,15 @@ def _vision_passes(model, batch: int, options: StepOptions) -> list[Pass]:
     # pass is the frozen feature); on a patched CLIP the teachers' pass continues from the prompted pass's state
     # below its first prompted layer (PromptedCLIP.frozen_image_features; an unprompted tower's output is the
     # teacher's). The passes are the CLIP's own encode_image, whose last block a patch runs on the CLS rows only.
-    shared_layers = [0] if method.needs_image_features() and sched.prompted else []
+    shared_layers = {"conditioning": 0} if method.needs_image_features() and sched.prompted else {}
     if method.uses_frozen_image_features():
-        shared_layers.append((len(lengths) if first is None else first - 1) if options.patched else 0)
+        shared_layers["teacher"] = (len(lengths) if first is None else first - 1) if options.patched else 0
     frozen = [
-        Pass(f"vision (frozen {i + 1})",
+        Pass(f"vision (frozen, {role})",
              layers=tuple(LayerWork(((batch, base),), grad=False, pooled=options.patched and layer == len(lengths))
                           for layer in range(shared + 1, len(lengths) + 1)),
              embed_flops=0 if shared else embed, **common)
-        for i, shared in enumerate(s for s in shared_layers if s < len(lengths))
+        for role, shared in shared_layers.items() if shared < len(lengths)
     ]
     return [prompted, *frozen]
 
@@ -450,8 +450,7 @@ def _frozen_text(model, options: StepOptions) -> tuple[int, int, bool]:
             return prompts.prefix_len + int((prompts.lengths - prompts.prefix_len).sum()), 0, False
         length = model.info.context_length if options.full_context else prompts.max_length
         return classes * length, classes * length, False
-    teacher = (method.name == "mmrl" and getattr(method, "reg_weight", 0)) or method.name == "promptsrc"
-    if teacher:  # PromptedCLIP.frozen_text_features: clip.encode_text, cut after the EOT when patched
+    if method.uses_frozen_text_features():  # PromptedCLIP.frozen_text_features: clip.encode_text, EOT-cut if patched
         length = prompts.max_length if options.patched else model.info.context_length
         return classes * length, 0, True
     return 0, 0, False

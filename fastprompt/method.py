@@ -92,6 +92,11 @@ class PromptMethod(nn.Module):
         for that teacher pass (the layers below are the same computation), instead of running them twice."""
         return False
 
+    def uses_frozen_text_features(self) -> bool:
+        """Whether the loss reads the frozen CLIP's text features of the class set (model.frozen_text_features:
+        teacher regularisers), computed once per run."""
+        return False
+
     def reads_vision_tokens(self) -> bool:
         """Whether the heads or the token sources read EncoderOutputs.vision_tokens (every final vision token, not
         only the pooled CLS feature): the general model then runs the vision tower's last block on every row."""

@@ -341,8 +341,8 @@ def test_geometry_of_the_teacher_passes():
     patch embedding) on a patched CLIP and all 12 on open_clip's; CoCoOp's unprompted vision tower is one pass."""
     names = [f"class {i}" for i in range(20)]
     mmrl = structural_model("mmrl", names)
-    patched = step_geometry(mmrl, 4, options_for(patched=True, device="cuda")).pass_named("vision (frozen 1)")
-    whole = step_geometry(mmrl, 4, options_for(patched=False, device="cuda")).pass_named("vision (frozen 1)")
+    patched = step_geometry(mmrl, 4, options_for(patched=True, device="cuda")).pass_named("vision (frozen, teacher)")
+    whole = step_geometry(mmrl, 4, options_for(patched=False, device="cuda")).pass_named("vision (frozen, teacher)")
     assert len(patched.layers) == 7 and patched.embed_flops == 0 and patched.layers[-1].pooled
     assert len(whole.layers) == 12 and whole.embed_flops > 0 and not any(layer.pooled for layer in whole.layers)
     for patched_flag in (True, False):

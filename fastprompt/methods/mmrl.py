@@ -154,6 +154,9 @@ class MMRL(PromptMethod):
     def uses_frozen_image_features(self) -> bool:
         return bool(self.reg_weight)  # the image-side regulariser's teacher
 
+    def uses_frozen_text_features(self) -> bool:
+        return bool(self.reg_weight)  # the text-side regulariser's teacher
+
     def reads_vision_tokens(self) -> bool:
         return self.has_rep_head  # the representation tokens' final outputs
 

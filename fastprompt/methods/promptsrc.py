@@ -39,6 +39,9 @@ class PromptSRC(IVLP):
     def uses_frozen_image_features(self) -> bool:
         return True  # the L1 consistency with the frozen image features
 
+    def uses_frozen_text_features(self) -> bool:
+        return True  # the L1 consistency with the frozen text features (PROMPTSRC_TEMPLATES)
+
     def loss(self, out: EncoderOutputs, labels: torch.Tensor, model=None):
         logits = out.logits["main"]
         ce = F.cross_entropy(logits, labels)
