@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastprompt.ops._library import require_triton
+from fastprompt.ops._library import require_triton, viewed
 
 require_triton()
 from fastprompt.ops import layer_norm as _ln  # noqa: E402
@@ -39,27 +39,32 @@ def _pre_forward(x, pending, new, weights, period, start):
         h, s, mean, rstd = _ln._layer_norm_residual_impl(pending, x, ln_w, ln_b, eps)
     else:
         h, s, mean, rstd = _ln._layer_norm_residual_splice_impl(pending, x, new, ln_w, ln_b, eps, period, start)
-    qkv = F.linear(h.reshape(-1, h.shape[-1]), in_w, in_b)
-    return s, qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
+    qkv = F.linear(_rows(h), in_w, in_b)
+    return s, qkv if h.dim() == 2 else qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
 
 
 def _first_forward(x, weights):
     """(qkv, mean, rstd) of pre_attention without a pending branch."""
     ln_w, ln_b, eps, in_w, in_b = weights[:5]
     h, mean, rstd = _ln._layer_norm_impl(x, ln_w, ln_b, eps)
-    qkv = F.linear(h.reshape(-1, h.shape[-1]), in_w, in_b)
-    return qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
+    qkv = F.linear(_rows(h), in_w, in_b)
+    return qkv if h.dim() == 2 else qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
+
+
+def _rows(t):
+    """[..., d] as [rows, d]: t itself when already 2-D (the packed text stream; no view op)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _qkv_input_grad(d_qkv, in_w, shape):
     """The qkv GEMM's input gradient d_qkv @ W_in, on [rows, 3 * width] as the op-by-op path computes it."""
-    return d_qkv.reshape(-1, d_qkv.shape[-1]).mm(in_w).view(shape)
+    return viewed(_rows(d_qkv).mm(in_w), shape)
 
 
 def _post_forward(s, o, weights):
     """(s2, branch, LN2's normalised input h, mean, rstd) of post_attention."""
     out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation, gemm = weights[5:]
-    attended = F.linear(o.reshape(-1, o.shape[-1]), out_w, out_b).view(s.shape)
+    attended = viewed(F.linear(_rows(o), out_w, out_b), s.shape)
     h, s2, mean, rstd = _ln._layer_norm_residual_impl(attended, s, ln_w, ln_b, eps)
     return s2, _mlp._frozen_mlp_impl(h, fc_w, fc_b, proj_w, proj_b, activation, gemm), h, mean, rstd
 
@@ -137,7 +142,7 @@ class _PostAttention(torch.autograd.Function):
             d_pre = _mlp._pre_activation_grad(h, fc_w, fc_b, d_branch @ proj_w, activation, gemm)
             dh = d_pre @ fc_w  # a fresh, contiguous result: the LayerNorm backward reads its rows as they are
         ds = _ln._layer_norm_backward_impl(dh, s2, ln_w, mean, rstd, d_sum)
-        do = ds.reshape(-1, ds.shape[-1]).mm(out_w).view(ctx.o_shape)
+        do = viewed(_rows(ds).mm(out_w), ctx.o_shape)
         return ds, do, None
 
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._library import define_op, direct_call_ok, eager_function, require_triton
+from fastprompt.ops._library import define_op, direct_call_ok, eager_function, require_triton, viewed
 
 require_triton()
 from fastprompt.kernels import layer_norm as _kernel  # noqa: E402
@@ -32,8 +32,13 @@ from fastprompt.kernels import layer_norm as _kernel  # noqa: E402
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., d] -> [rows, d] with a contiguous last dimension (a view when possible)."""
-    flat = t.reshape(-1, t.shape[-1])
+    flat = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])  # no view op for rows already
     return flat if flat.shape[1] <= 1 or flat.stride(1) == 1 else flat.contiguous()
+
+
+def as_flat(stats: torch.Tensor) -> torch.Tensor:
+    """Per-row statistics as [rows] (itself when already 1-D: no view op)."""
+    return stats if stats.dim() == 1 else stats.reshape(-1)
 
 
 def _check_nd(x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> None:
@@ -48,6 +53,8 @@ def _layer_norm_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_nd(x)
     y, _, mean, rstd = _kernel.layer_norm_forward(_rows(x), weight, bias, eps)
+    if x.dim() == 2:  # rows already: the results have their shapes
+        return y, mean, rstd
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
@@ -67,6 +74,8 @@ def _layer_norm_residual_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_nd(x, residual)
     y, s, mean, rstd = _kernel.layer_norm_forward(_rows(x), weight, bias, eps, residual=_rows(residual))
+    if x.dim() == 2:  # rows already: the results have their shapes
+        return y, s, mean, rstd
     return y.view(x.shape), s.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
@@ -88,6 +97,8 @@ def _layer_norm_residual_splice_impl(
     _check_nd(x, residual)
     y, s, mean, rstd = _kernel.layer_norm_forward(_rows(x), weight, bias, eps, residual=_rows(residual),
                                                   splice=(new, period, start))
+    if x.dim() == 2:  # rows already: the results have their shapes
+        return y, s, mean, rstd
     return y.view(x.shape), s.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
@@ -109,11 +120,11 @@ def _layer_norm_splice_backward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx, dnew, dweight, dbias); dweight and dbias are empty unless param_grads."""
     dsum = None if d_sum is None else _rows(d_sum)
-    dx, dw, db, dnew = _kernel.layer_norm_backward(_rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1),
+    dx, dw, db, dnew = _kernel.layer_norm_backward(_rows(dy), _rows(x), weight, as_flat(mean), as_flat(rstd),
                                                    dsum, param_grads=param_grads, splice=(groups, length, period, start))
     if not param_grads:
-        return dx.view(x.shape), dnew, weight.new_empty(0), weight.new_empty(0)
-    return dx.view(x.shape), dnew, dw.to(weight.dtype), db.to(weight.dtype)
+        return viewed(dx, x.shape), dnew, weight.new_empty(0), weight.new_empty(0)
+    return viewed(dx, x.shape), dnew, dw.to(weight.dtype), db.to(weight.dtype)
 
 
 _layer_norm_splice_backward = define_op("layer_norm_splice_backward")(_layer_norm_splice_backward_impl)
@@ -131,8 +142,8 @@ def _layer_norm_backward_impl(
     d_sum: Optional[torch.Tensor],
 ) -> torch.Tensor:  # fmt: skip
     dsum = None if d_sum is None else _rows(d_sum)
-    dx, _, _ = _kernel.layer_norm_backward(_rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1), dsum)
-    return dx.view(x.shape)
+    dx, _, _ = _kernel.layer_norm_backward(_rows(dy), _rows(x), weight, as_flat(mean), as_flat(rstd), dsum)
+    return viewed(dx, x.shape)
 
 
 _layer_norm_backward = define_op("layer_norm_backward")(_layer_norm_backward_impl)
@@ -149,9 +160,9 @@ def _layer_norm_backward_params_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     dsum = None if d_sum is None else _rows(d_sum)
     dx, dw, db = _kernel.layer_norm_backward(
-        _rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1), dsum, param_grads=True
+        _rows(dy), _rows(x), weight, as_flat(mean), as_flat(rstd), dsum, param_grads=True
     )
-    return dx.view(x.shape), dw.to(weight.dtype), db.to(weight.dtype)
+    return viewed(dx, x.shape), dw.to(weight.dtype), db.to(weight.dtype)
 
 
 _layer_norm_backward_params = define_op("layer_norm_backward_params")(_layer_norm_backward_params_impl)

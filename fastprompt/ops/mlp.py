@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastprompt.ops import gemm_plan
-from fastprompt.ops._library import define_op, direct_call_ok, eager_function, require_triton
+from fastprompt.ops._library import define_op, direct_call_ok, eager_function, require_triton, viewed
 
 require_triton()
 from fastprompt.kernels import activation as _activation  # noqa: E402
@@ -72,7 +72,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., k] -> [rows, k] with a contiguous last dimension (a view when possible)."""
     if t.dim() < 1:
         raise ValueError("linear_act: inputs must have at least one dimension")
-    flat = t.reshape(-1, t.shape[-1])
+    flat = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])  # no view op for rows already
     return flat if flat.shape[1] <= 1 or flat.stride(1) == 1 else flat.contiguous()
 
 
@@ -100,7 +100,7 @@ def _linear_act_grad_impl(
         out = _activation.activation_grad_(pre, g2d.contiguous(), activation)
     else:
         out = _kernel.linear_act_grad(x2d, weight, bias, g2d, activation)
-    return out.view(grad.shape)
+    return viewed(out, grad.shape)
 
 
 _linear_act_grad = define_op("linear_act_grad")(_linear_act_grad_impl)
@@ -168,7 +168,7 @@ def _frozen_mlp_impl(
     with _in_own_dtype(x):
         hidden = _fc_activation(_rows(x), fc_w.contiguous(), fc_b.contiguous(), activation, gemm)
         out = torch.addmm(proj_b, hidden, proj_w.t())
-    return out.view(*x.shape[:-1], proj_w.shape[0])
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], proj_w.shape[0])
 
 
 _frozen_mlp = define_op("frozen_mlp")(_frozen_mlp_impl)
