@@ -201,7 +201,7 @@ def post_attention(weights, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Ten
     """(x + out_proj(o), the MLP branch of its LN2, not added) as one node; o is [..., heads, head_dim]."""
     from ..ops.frozen_block import post_attention as fused
 
-    return fused(weights, x, o.flatten(-2))
+    return fused(weights, x, o)
 
 
 def block_forward_pending(block, x: torch.Tensor, pending: torch.Tensor | None, causal: bool,

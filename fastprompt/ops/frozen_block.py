@@ -32,41 +32,43 @@ from fastprompt.ops import layer_norm as _ln  # noqa: E402
 from fastprompt.ops import mlp as _mlp  # noqa: E402
 
 
-def _pre_forward(x, pending, new, weights, period, start):
-    """(s, qkv, mean, rstd) of pre_attention."""
-    ln_w, ln_b, eps, in_w, in_b = weights[:5]
-    if new is None:
-        h, s, mean, rstd = _ln._layer_norm_residual_impl(pending, x, ln_w, ln_b, eps)
-    else:
-        h, s, mean, rstd = _ln._layer_norm_residual_splice_impl(pending, x, new, ln_w, ln_b, eps, period, start)
-    qkv = F.linear(_rows(h), in_w, in_b)
-    return s, qkv if h.dim() == 2 else qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
-
-
-def _first_forward(x, weights):
-    """(qkv, mean, rstd) of pre_attention without a pending branch."""
-    ln_w, ln_b, eps, in_w, in_b = weights[:5]
-    h, mean, rstd = _ln._layer_norm_impl(x, ln_w, ln_b, eps)
-    qkv = F.linear(_rows(h), in_w, in_b)
-    return qkv if h.dim() == 2 else qkv.view(*h.shape[:-1], qkv.shape[-1]), mean, rstd
-
-
 def _rows(t):
     """[..., d] as [rows, d]: t itself when already 2-D (the packed text stream; no view op)."""
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-def _qkv_input_grad(d_qkv, in_w, shape):
-    """The qkv GEMM's input gradient d_qkv @ W_in, on [rows, 3 * width] as the op-by-op path computes it."""
-    return viewed(_rows(d_qkv).mm(in_w), shape)
+# Both halves work on [rows, d] inside (the launchers' and GEMMs' layout) and view only at their boundary: a dense
+# [B, L, D] stream (the vision tower) enters as rows once and leaves as [B, L, ...] once, instead of a view op around
+# every LayerNorm, GEMM and MLP inside (~25 per vision block and step).
+def _pre_forward(x, pending, new, weights, period, start):
+    """(s, qkv, mean, rstd) of pre_attention, as [rows, ...]."""
+    ln_w, ln_b, eps, in_w, in_b = weights[:5]
+    if new is None:
+        h, s, mean, rstd = _ln._layer_norm_residual_impl(_rows(pending), _rows(x), ln_w, ln_b, eps)
+    else:
+        h, s, mean, rstd = _ln._layer_norm_residual_splice_impl(_rows(pending), _rows(x), new, ln_w, ln_b, eps,
+                                                                period, start)
+    return s, F.linear(h, in_w, in_b), mean, rstd
+
+
+def _first_forward(x, weights):
+    """(qkv, mean, rstd) of pre_attention without a pending branch, as [rows, ...]."""
+    ln_w, ln_b, eps, in_w, in_b = weights[:5]
+    h, mean, rstd = _ln._layer_norm_impl(_rows(x), ln_w, ln_b, eps)
+    return F.linear(h, in_w, in_b), mean, rstd
 
 
 def _post_forward(s, o, weights):
-    """(s2, branch, LN2's normalised input h, mean, rstd) of post_attention."""
+    """(s2, branch, LN2's normalised input h, mean, rstd) of post_attention, as [rows, ...]."""
     out_w, out_b, ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b, activation, gemm = weights[5:]
-    attended = viewed(F.linear(_rows(o), out_w, out_b), s.shape)
-    h, s2, mean, rstd = _ln._layer_norm_residual_impl(attended, s, ln_w, ln_b, eps)
+    attended = F.linear(o.reshape(-1, o.shape[-2] * o.shape[-1]), out_w, out_b)  # heads merged, as rows
+    h, s2, mean, rstd = _ln._layer_norm_residual_impl(attended, _rows(s), ln_w, ln_b, eps)
     return s2, _mlp._frozen_mlp_impl(h, fc_w, fc_b, proj_w, proj_b, activation, gemm), h, mean, rstd
+
+
+def _leading(t, leading):
+    """Rows t [rows, n] as leading + [n] (t itself when leading is already rows)."""
+    return t if len(leading) == 1 else t.view(*leading, t.shape[-1])
 
 
 # The weights travel as one tuple argument, not as separate inputs: nothing differentiates them, and every
@@ -80,23 +82,25 @@ class _PreAttention(torch.autograd.Function):
     def forward(ctx, x, pending, new, weights, period, start):
         s, qkv, mean, rstd = _pre_forward(x, pending, new, weights, period, start)
         ctx.splice = None if new is None else (new.shape[0], new.shape[1], period, start)
-        ctx.weights = weights
+        ctx.weights, ctx.shape = weights, x.shape
         ctx.save_for_backward(s, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused output costs no zero gradient
-        return s, qkv
+        leading = x.shape[:-1]
+        return _leading(s, leading), _leading(qkv, leading)
 
     @staticmethod
     def backward(ctx, d_s, d_qkv):
-        s, mean, rstd = ctx.saved_tensors
+        s, mean, rstd = ctx.saved_tensors  # rows
         ln_w, in_w = ctx.weights[0], ctx.weights[3]
-        d_sum = None if d_s is None else d_s.contiguous()
-        dh = torch.zeros_like(s) if d_qkv is None else _qkv_input_grad(d_qkv, in_w, s.shape)
+        d_sum = None if d_s is None else _rows(d_s.contiguous())
+        dh = torch.zeros_like(s) if d_qkv is None else _rows(d_qkv).mm(in_w)
         dnew = None
         if ctx.splice is not None:
             dx, dnew, _, _ = _ln._layer_norm_splice_backward_impl(dh, s, ln_w, mean, rstd, d_sum, *ctx.splice, False)
         else:
             dx = _ln._layer_norm_backward_impl(dh, s, ln_w, mean, rstd, d_sum)
         # d s / d x = d s / d pending = identity off the splice; the spliced rows' gradient goes to `new`.
+        dx = viewed(dx, ctx.shape)
         return dx, dx, dnew, None, None, None
 
 
@@ -107,43 +111,44 @@ class _FirstPreAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights):
         qkv, mean, rstd = _first_forward(x, weights)
-        ctx.weights = weights
-        ctx.save_for_backward(x, mean, rstd)
+        ctx.weights, ctx.shape = weights, x.shape
+        ctx.save_for_backward(_rows(x), mean, rstd)
         ctx.set_materialize_grads(False)
-        return qkv
+        return _leading(qkv, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, d_qkv):
         if d_qkv is None:
             return None, None
-        x, mean, rstd = ctx.saved_tensors
+        x, mean, rstd = ctx.saved_tensors  # rows
         ln_w, in_w = ctx.weights[0], ctx.weights[3]
-        dh = _qkv_input_grad(d_qkv, in_w, x.shape)
-        return _ln._layer_norm_backward_impl(dh, x, ln_w, mean, rstd, None), None
+        dh = _rows(d_qkv).mm(in_w)
+        return viewed(_ln._layer_norm_backward_impl(dh, x, ln_w, mean, rstd, None), ctx.shape), None
 
 
 class _PostAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, o, weights):
         s2, branch, h, mean, rstd = _post_forward(s, o, weights)
-        ctx.weights, ctx.o_shape = weights, o.shape
+        ctx.weights, ctx.s_shape, ctx.o_shape = weights, s.shape, o.shape
         ctx.save_for_backward(s2, mean, rstd, h)
         ctx.set_materialize_grads(False)
-        return s2, branch
+        leading = s.shape[:-1]
+        return _leading(s2, leading), _leading(branch, leading)
 
     @staticmethod
     def backward(ctx, d_s2, d_branch):
-        s2, mean, rstd, h = ctx.saved_tensors
+        s2, mean, rstd, h = ctx.saved_tensors  # rows
         out_w, _, ln_w, _, _, fc_w, fc_b, proj_w, _, activation, gemm = ctx.weights[5:]
-        d_sum = None if d_s2 is None else d_s2.contiguous()
+        d_sum = None if d_s2 is None else _rows(d_s2.contiguous())
         if d_branch is None:
             dh = torch.zeros_like(h)
         else:  # the frozen MLP's input gradient (fastprompt.ops.mlp._backward_frozen_mlp)
-            d_pre = _mlp._pre_activation_grad(h, fc_w, fc_b, d_branch @ proj_w, activation, gemm)
+            d_pre = _mlp._pre_activation_grad(h, fc_w, fc_b, _rows(d_branch) @ proj_w, activation, gemm)
             dh = d_pre @ fc_w  # a fresh, contiguous result: the LayerNorm backward reads its rows as they are
         ds = _ln._layer_norm_backward_impl(dh, s2, ln_w, mean, rstd, d_sum)
-        do = viewed(_rows(ds).mm(out_w), ctx.o_shape)
-        return ds, do, None
+        do = ds.mm(out_w)
+        return viewed(ds, ctx.s_shape), viewed(do, ctx.o_shape), None
 
 
 def _differentiated(a, b=None, c=None) -> bool:
@@ -161,16 +166,21 @@ def pre_attention(weights, x, pending, splice=None):
             raise ValueError("pre_attention: a splice needs a pending branch (it replaces rows of x + pending)")
         if _differentiated(x):
             return x, _FirstPreAttention.apply(x, weights)
-        return x, _first_forward(x, weights)[0]
+        return x, _leading(_first_forward(x, weights)[0], x.shape[:-1])
     new, period, start = (None, 0, 0) if splice is None else splice
     if _differentiated(x, pending, new):
         return _PreAttention.apply(x, pending, new, weights, int(period), int(start))
-    return _pre_forward(x, pending, new, weights, int(period), int(start))[:2]  # inference: no node at all
+    s, qkv = _pre_forward(x, pending, new, weights, int(period), int(start))[:2]  # inference: no node at all
+    leading = x.shape[:-1]
+    return _leading(s, leading), _leading(qkv, leading)
 
 
 def post_attention(weights, s, o):
-    """(s2, branch): s2 = s + o @ out_w^T + out_b (o: [..., heads * head_dim] rows of s), branch =
+    """(s2, branch): s2 = s + o @ out_w^T + out_b (o: [..., heads, head_dim], the attention's output for the rows
+    of s, heads merged here), branch =
     proj(act(fc(LayerNorm_2(s2)))), the MLP branch not yet added. One autograd node; no weight gets a gradient."""
     if _differentiated(s, o):
         return _PostAttention.apply(s, o, weights)
-    return _post_forward(s, o, weights)[:2]
+    s2, branch = _post_forward(s, o, weights)[:2]
+    leading = s.shape[:-1]
+    return _leading(s2, leading), _leading(branch, leading)
