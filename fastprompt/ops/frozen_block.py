@@ -32,9 +32,7 @@ from fastprompt.ops import layer_norm as _ln  # noqa: E402
 from fastprompt.ops import mlp as _mlp  # noqa: E402
 
 
-def _rows(t):
-    """[..., d] as [rows, d]: t itself when already 2-D (the packed text stream; no view op)."""
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+_rows = _ln._rows  # [..., d] as [rows, d]: t itself when already 2-D (the packed text stream; no view op)
 
 
 # Both halves work on [rows, d] inside (the launchers' and GEMMs' layout) and view only at their boundary: a dense
