@@ -278,9 +278,7 @@ def dense_config(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
 
 def interpreted() -> bool:
     """True when triton runs kernels in its interpreter (TRITON_INTERPRET=1 before import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_dense_fwd_kernel, InterpretedFunction)
+    return not isinstance(_dense_fwd_kernel, triton.runtime.JITFunction)  # no import per call: a launcher asks
 
 
 def check_head_dim_and_dtype(name: str, x: torch.Tensor) -> None:

@@ -88,8 +88,15 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
+def split_heads(out: torch.Tensor, heads: int) -> torch.Tensor:
+    """[..., 3 * width] -> [..., 3, heads, head_dim], a view (Tensor.unflatten is a Python method: host time per
+    call)."""
+    *leading, width = out.shape
+    return out.view(*leading, 3, heads, width // (3 * heads))
+
+
 def _heads(out: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return out.unflatten(-1, (3, heads, out.shape[-1] // (3 * heads))).unbind(-3)
+    return split_heads(out, heads).unbind(-3)
 
 
 def qkv(block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,8 +109,7 @@ def qkv_rows(block, h: torch.Tensor) -> torch.Tensor:
     """One GEMM for q, k, v of a [N, D] stream, viewed [N, 3, H, hd] (no copy): the packed text attention takes it
     whole and gives back one gradient."""
     attn = block.attn
-    out = linear(h, (attn.in_proj_weight, attn.in_proj_bias))
-    return out.unflatten(-1, (3, attn.num_heads, out.shape[-1] // (3 * attn.num_heads)))
+    return split_heads(linear(h, (attn.in_proj_weight, attn.in_proj_bias)), attn.num_heads)
 
 
 def attention_out(block, o: torch.Tensor) -> torch.Tensor:
@@ -224,7 +230,7 @@ def _to_heads(block, x: torch.Tensor, pending: torch.Tensor | None, kernels: Blo
     weights = runs_frozen_halves(block, x, pending, kernels)
     if weights is not None:
         x, out = pre_attention(weights, x, pending, splice)
-        return (weights, x, *out.unflatten(-1, (3, block._modules["attn"].num_heads, -1)).unbind(-3))
+        return (weights, x, *_heads(out, block._modules["attn"].num_heads))
     if pending is None:
         if splice is not None:
             raise ValueError("a splice fused into LN1 needs a pending branch")

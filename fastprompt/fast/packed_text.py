@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import backbone as bb
 from ..ops.attention import prefix_stream_attention
 from .blocks import (BlockKernels, add_layer_norm, attention_out, finish_rows, fuses_splices, layer_norm, mlp,
-                     post_attention, pre_attention, qkv_rows, runs_frozen_halves)
+                     post_attention, pre_attention, qkv_rows, runs_frozen_halves, split_heads)
 
 _SCOPE_RANK = {"shared": 0, "class": 1, "image": 2, "pair": 3}
 
@@ -115,7 +115,7 @@ class PackedText:
         weights = runs_frozen_halves(block, stream, pending, kernels)
         if weights is not None:
             stream, out = pre_attention(weights, stream, pending, splice)
-            qkv = out.unflatten(-1, (3, block._modules["attn"].num_heads, -1))
+            qkv = split_heads(out, block._modules["attn"].num_heads)
         else:
             if pending is None:
                 h = layer_norm(stream, block.ln_1, kernels)
