@@ -682,10 +682,13 @@ def stream_cu_seqlens(cu_seqlens: torch.Tensor, groups: int, prefix_len: int) ->
 
 
 def _stream_views(qkv, groups: int, prefix_len: int):
+    """q, k, v [N, H, D] and the prefix keys and values [G, P, H, D] (the stream's first G * P rows), all views of
+    qkv [N, 3, H, D]. The prefix views are one as_strided each, not a slice and a view: each is a dispatched op,
+    and a step makes this call three times per text block."""
     q, k, v = qkv.unbind(1)
-    rows = groups * prefix_len
-    shape = (groups, prefix_len) + tuple(k.shape[1:])  # view, not unflatten: a Python method per call
-    return q, k, v, k[:rows].view(shape), v[:rows].view(shape)
+    row, head, dim = k.stride()
+    shape, strides = (groups, prefix_len) + tuple(k.shape[1:]), (prefix_len * row, row, head, dim)
+    return q, k, v, k.as_strided(shape, strides), v.as_strided(shape, strides)
 
 
 def stream_attention_forward(qkv, cu_seqlens, prefix_index, groups: int, prefix_len: int, *, scale):

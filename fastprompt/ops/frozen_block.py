@@ -94,7 +94,7 @@ class _PreAttention(torch.autograd.Function):
         dh = torch.zeros_like(s) if d_qkv is None else _rows(d_qkv).mm(in_w)
         dnew = None
         if ctx.splice is not None:
-            dx, dnew, _, _ = _ln._layer_norm_splice_backward_impl(dh, s, ln_w, mean, rstd, d_sum, *ctx.splice, False)
+            dx, dnew = _ln.splice_backward_rows(dh, s, ln_w, mean, rstd, d_sum, *ctx.splice)
         else:
             dx = _ln._layer_norm_backward_impl(dh, s, ln_w, mean, rstd, d_sum)
         # d s / d x = d s / d pending = identity off the splice; the spliced rows' gradient goes to `new`.

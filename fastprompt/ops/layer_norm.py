@@ -127,6 +127,15 @@ def _layer_norm_splice_backward_impl(
     return viewed(dx, x.shape), dnew, dw.to(weight.dtype), db.to(weight.dtype)
 
 
+def splice_backward_rows(dy, x, weight, mean, rstd, d_sum, groups: int, length: int, period: int, start: int):
+    """(dx, dnew) of a spliced LayerNorm over rows [rows, d] without weight gradients: what the frozen block halves
+    (fastprompt.ops.frozen_block) call in eager mode. The registered op's two empty weight-gradient outputs, which a
+    torch op's schema needs, would be two dispatched allocations per call for nothing."""
+    dx, _, _, dnew = _kernel.layer_norm_backward(dy, x, weight, mean, rstd, d_sum, param_grads=False,
+                                                 splice=(groups, length, period, start))
+    return dx, dnew
+
+
 _layer_norm_splice_backward = define_op("layer_norm_splice_backward")(_layer_norm_splice_backward_impl)
 
 
