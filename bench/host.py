@@ -25,7 +25,6 @@ The numbers are CPU numbers: compare them across commits on one machine, not wit
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .contenders import CONTENDERS, build_contender
+from .proxy import classnames, python_calls, step_seconds  # noqa: F401  (part of this module's API)
 from .workloads import METHODS
 
 KIND = "host_overhead"
@@ -64,14 +64,6 @@ def register_proxy_backbone() -> None:
     from fastprompt.backbones import TINY_CONFIGS
 
     TINY_CONFIGS.setdefault(PROXY_BACKBONE, PROXY_CONFIG)
-
-
-def classnames(count: int) -> list[str]:
-    """Real ImageNet class names: all 1,000, or `count` of them spread over the set."""
-    from open_clip import IMAGENET_CLASSNAMES
-
-    names = list(IMAGENET_CLASSNAMES)
-    return names if count >= len(names) else names[:: len(names) // count][:count]
 
 
 class OpCounter(TorchDispatchMode):
@@ -129,37 +121,6 @@ def time_steps(contender: str, method: str, classes: int, steps: int = 7, warmup
     names = classnames(classes)
     _, step = _build(contender, method, names)
     return step_seconds(step, *_batch(len(names)), steps, warmup)
-
-
-def step_seconds(step, images, labels, steps: int, warmup: int) -> list[float]:
-    """Wall seconds of each of `steps` calls of step(images, labels), after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step(images, labels)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step(images, labels)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def python_calls(step, images, labels) -> dict:
-    """Python function calls and C function calls made by one call of step(images, labels), counted with
-    sys.setprofile: a host-time measure that, unlike milliseconds on a shared machine, does not vary between runs
-    (each call costs roughly 0.3-1 us of host time; the interpreter's own work per call is what a step without a
-    CUDA graph pays on top of the launches)."""
-    counts = {"call": 0, "c_call": 0}
-
-    def count(frame, event, arg):
-        if event in counts:
-            counts[event] += 1
-
-    sys.setprofile(count)
-    try:
-        step(images, labels)
-    finally:
-        sys.setprofile(None)
-    return {"python_calls_per_step": counts["call"], "c_calls_per_step": counts["c_call"]}
 
 
 def host_record(method: str, contender: str, *, steps: int = 7, warmup: int = 2, count_classes: int = COUNT_CLASSES,

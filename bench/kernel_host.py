@@ -9,8 +9,14 @@ aten arithmetic that remains is small beside the host work. What it cannot see: 
 Triton launch (a C call here stubbed away) and the GPU's time; bench/device/host_gpu.py measures those on a GPU.
 
     python -m bench.kernel_host maple,coop [classes] [batch]     # a JSON line per method: median host ms per step
+    python -m bench.kernel_host maple 100 2 --tree /tmp/old     # the same, timing another checkout's fastprompt
 
-Each record also counts the Python and C function calls of one step (bench.host.python_calls): milliseconds on a
+`--tree DIR` imports fastprompt from the checkout DIR (a `git worktree` of an older commit) instead of this one, with
+DIR/kernels as fastprompt.kernels as an install maps it: the same proxy and helpers (bench/proxy.py, which imports
+no fastprompt) time both sides of an A/B. Commits before the MLP's GEMM plans (fastprompt.ops.gemm_plan) run the
+plan they had, recorded as `mlp_gemm: null`.
+
+Each record also counts the Python and C function calls of one step (bench.proxy.python_calls): milliseconds on a
 shared 2-core machine vary by up to 40 % between runs, the call counts not at all, so they show a change that the
 times cannot resolve.
 """
@@ -41,10 +47,9 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
 
     import fastprompt
     from fastprompt.backbones import TINY_CONFIGS, create_clip
-    from fastprompt.ops import gemm_plan
     from fastprompt.training import TrainStep, make_optimizer
 
-    from .host import classnames, python_calls, step_seconds
+    from .proxy import classnames, python_calls, step_seconds
 
     launches: Counter = Counter()
 
@@ -56,8 +61,14 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
     clip = create_clip(BACKBONE, precision="fp32", device="cpu")
     # The frozen MLP's first-GEMM plan a CUDA device takes (fastprompt.ops.gemm_plan), not the CPU's: the op
     # sequence is the GPU's.
-    mlp_gemm = gemm_plan.default_plan("cuda")
-    fastprompt.patch(clip, backend="triton", mlp_gemm=mlp_gemm)
+    try:
+        from fastprompt.ops import gemm_plan
+    except ImportError:  # an older checkout (--tree): one plan, the one it had
+        mlp_gemm, plan = None, {}
+    else:
+        mlp_gemm = gemm_plan.default_plan("cuda")
+        plan = {"mlp_gemm": mlp_gemm}
+    fastprompt.patch(clip, backend="triton", **plan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ImageNet's duplicate class names
         model = fastprompt.build(method, clip, classnames(classes))
@@ -70,14 +81,47 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
     launches.clear()
     calls = python_calls(step, images, labels)
     return {"method": method, "classes": classes, "batch": batch, "backbone": BACKBONE,
+            "checkout": os.path.dirname(os.path.dirname(os.path.abspath(fastprompt.__file__))),
             "mlp_gemm": mlp_gemm,
             "host_ms_per_step": round(statistics.median(times), 2), "host_ms_min": round(min(times), 2),
             "steps": steps, "threads": torch.get_num_threads(), **calls,
             "triton_launches_per_step": sum(launches.values()), "triton_launches": dict(sorted(launches.items()))}
 
 
+def use_tree(tree: str) -> None:
+    """Import fastprompt from the checkout `tree` (before anything imports it): tree/fastprompt first on the path and
+    tree/kernels as fastprompt.kernels, the mapping pyproject.toml gives an install (an editable install of this
+    checkout would otherwise supply its own kernels)."""
+    import importlib.util
+
+    if "fastprompt" in sys.modules:
+        raise RuntimeError("use_tree must run before fastprompt is imported")
+    root = os.path.abspath(tree)
+    kernels = os.path.join(root, "kernels")
+    if not os.path.isfile(os.path.join(root, "fastprompt", "__init__.py")) or not os.path.isdir(kernels):
+        raise ValueError(f"--tree {tree}: not a fastprompt checkout (fastprompt/ and kernels/ expected)")
+    sys.path.insert(0, root)
+    import fastprompt
+
+    spec = importlib.util.spec_from_file_location("fastprompt.kernels", os.path.join(kernels, "__init__.py"),
+                                                  submodule_search_locations=[kernels])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastprompt.kernels"] = module
+    spec.loader.exec_module(module)
+    fastprompt.kernels = module
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--tree" in argv:
+        at = argv.index("--tree")
+        if at + 1 >= len(argv):
+            raise SystemExit("--tree needs a directory: a checkout of fastprompt")
+        try:
+            use_tree(argv[at + 1])
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        del argv[at:at + 2]
     methods = argv[0].split(",") if argv else ["maple"]
     classes = int(argv[1]) if len(argv) > 1 else 100
     batch = int(argv[2]) if len(argv) > 2 else 2

@@ -148,6 +148,29 @@ def test_kernel_path_host_time_runs_the_real_wrappers_without_kernels():
     assert record["triton_launches_per_step"] == 242
 
 
+def test_kernel_host_tree_imports_fastprompt_and_its_kernels_from_the_other_checkout(tmp_path):
+    """`--tree DIR` (an A/B against an older commit): fastprompt comes from DIR/fastprompt and fastprompt.kernels
+    from DIR/kernels, not from this checkout's editable install; a directory that is not a checkout is refused."""
+    import shutil
+
+    repo = Path(__file__).resolve().parent.parent
+    tree = tmp_path / "old"
+    for part in ("fastprompt", "kernels"):
+        shutil.copytree(repo / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import sys; from bench.kernel_host import use_tree; use_tree(sys.argv[1]); "
+             "import fastprompt, fastprompt.kernels.layer_norm as ln, fastprompt.ops.layer_norm as op; "
+             "print(fastprompt.__file__); print(ln.__file__); print(op._kernel.__file__)")
+    done = subprocess.run([sys.executable, "-c", probe, str(tree)], capture_output=True, text=True, cwd=str(repo),
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    paths = done.stdout.split()
+    assert paths == [str(tree / "fastprompt" / "__init__.py"), str(tree / "kernels" / "layer_norm.py"),
+                     str(tree / "kernels" / "layer_norm.py")]
+    refused = subprocess.run([sys.executable, "-m", "bench.kernel_host", "maple", "--tree", str(tmp_path)],
+                             capture_output=True, text=True, cwd=str(repo), timeout=120)
+    assert refused.returncode != 0 and "not a fastprompt checkout" in refused.stderr
+
+
 def test_python_calls_counts_one_step():
     """bench.host.python_calls counts the Python functions one step calls, and nothing outside it."""
     def helper(x):
