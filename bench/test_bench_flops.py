@@ -154,8 +154,6 @@ def test_train_step_flops_equal_torchs_flop_counter(method, patched):
     count as 2x: under 1 % of a step here."""
     import torch
 
-    from fastprompt.memory import options_for_model
-
     model = _small_model(method, patched).train()
     images, labels = torch.randn(8, 3, 64, 64), torch.arange(8) % 4
 
@@ -178,8 +176,6 @@ def test_inference_flops_equal_torchs_flop_counter(method, patched):
     nothing else running per batch (before the inference cache kept MuDPT's image-independent vision prompts, its
     cross-modal injection ran in every forward: 4 % more here)."""
     import torch
-
-    from fastprompt.memory import options_for_model
 
     model = _small_model(method, patched).eval()
     images = torch.randn(3, 3, 64, 64)
