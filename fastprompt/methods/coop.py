@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
-
 from ..method import PromptMethod
 from ..schedule import TowerSchedule
 from ..sources import FreeTokens, InstanceShift, bottleneck_mlp

@@ -14,7 +14,7 @@ import torch
 
 from fastprompt.kernels import grouped_mlp as grouped_kernel
 from fastprompt.ops.grouped_mlp import grouped_bottleneck_mlp, grouped_linear
-from kernel_numerics import ATOL, assert_within_torch_error
+from kernel_numerics import assert_within_torch_error
 from kernel_targets import MATRIX_DTYPE, MATRIX_DTYPES, dtype_params
 
 DTYPES = dtype_params(MATRIX_DTYPES)

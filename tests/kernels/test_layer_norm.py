@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastprompt.kernels import layer_norm as ln_kernel
 from fastprompt.ops.layer_norm import layer_norm
-from kernel_numerics import ATOL, assert_within_torch_error, OpRecorder
+from kernel_numerics import assert_within_torch_error, OpRecorder
 from kernel_targets import MATRIX_DTYPE, MATRIX_DTYPES, dtype_params
 
 DTYPES = dtype_params(MATRIX_DTYPES)

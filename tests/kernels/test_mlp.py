@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastprompt.kernels import linear_act as la_kernel
 from fastprompt.ops.mlp import ACTIVATIONS, GEMMS, frozen_mlp, linear_act
-from kernel_numerics import ATOL, TORCH_ACTIVATIONS, assert_within_torch_error, OpRecorder
+from kernel_numerics import TORCH_ACTIVATIONS, assert_within_torch_error, OpRecorder
 from kernel_targets import MATRIX_DTYPE, MATRIX_DTYPES, dtype_params
 
 DTYPES = dtype_params(MATRIX_DTYPES)
