@@ -42,3 +42,15 @@ def test_host_gpu_smoke_writes_its_records_and_host_profiles(tmp_path):
     assert record["method"] == "coop" and record["wall_ms_no_graph"] > 0 and record["gpu_ms_graph"] > 0
     profile = (tmp_path / "host_gpu_profile_coop.txt").read_text()
     assert "5 no-graph steps under cProfile" in profile and "run_backward" in profile
+
+
+def test_decoder_smoke_times_mcpls_decoder_with_its_step_flops():
+    done = subprocess.run([sys.executable, "bench/device/decoder.py", "--smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert record["case"] == "mcpl_vaipl_decoder" and record["layers"] == 2 and record["classes"] == 4
+    assert record["fwd_bwd_ms_plain"] > 0 and record["fwd_bwd_ms_graph"] is None  # no CUDA graph on a CPU
+    # The FLOPs are the step geometry's count for the decoder pass, which bench/test_bench_flops.py checks against
+    # torch's FlopCounterMode for MCPL's whole step.
+    assert record["flops"] > 0 and record["image_tokens"] > 1 and record["batch"] == 2

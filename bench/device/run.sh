@@ -9,10 +9,11 @@
 #   bash bench/device/run.sh A      # ~6 min: GPU tests of the engine, evaluation, cache and eager op path;
 #                                   #   host vs GPU time; MaPLe train steps (eager, tuned, fastprompt); inference
 #   bash bench/device/run.sh B      # ~6 min: runner epochs, the other methods' train steps and inference
-#   bash bench/device/run.sh C      # ~8 min: the kernel tests compiled in bf16/fp16, the GPU test tier of the
+#   bash bench/device/run.sh C      # ~9 min: the kernel tests compiled in bf16/fp16, the GPU test tier of the
 #                                   #   methods and the runner, a one-process torchrun run against the plain run,
 #                                   #   the fused text attention and LayerNorm splice against what they replace,
-#                                   #   the frozen MLP's fc1 plans: Triton epilogue GEMM vs cuBLAS + activation pass (issue 9 item 2)
+#                                   #   the frozen MLP's fc1 plans: Triton epilogue GEMM vs cuBLAS + activation pass (issue 9 item 2),
+#                                   #   MCPL's VAIPL decoder alone (its share of MCPL's step, its kernels: decoder_profile.txt)
 #   bash bench/device/run.sh S      # ~7 min: the whole test suite on the GPU (issue 9 item 5: "pytest on a GPU machine
 #                                   #   has no failures"), 8 pytest-xdist workers when bench/device/prep.sh carried
 #                                   #   its wheel, then bench/ at its tiny workload in one process (results kept apart)
@@ -81,4 +82,5 @@ if [ "$PART" = C ]; then
   TAILN=4 stage torchrun-one 90 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
   TAILN=4 stage glue-ops 60 python3 bench/device/glue_ops.py
   TAILN=4 stage gemm-shapes 45 python3 bench/device/gemm_shapes.py
+  TAILN=4 stage mcpl-decoder 45 python3 bench/device/decoder.py
 fi
