@@ -54,3 +54,15 @@ def test_decoder_smoke_times_mcpls_decoder_with_its_step_flops():
     # The FLOPs are the step geometry's count for the decoder pass, which bench/test_bench_flops.py checks against
     # torch's FlopCounterMode for MCPL's whole step.
     assert record["flops"] > 0 and record["image_tokens"] > 1 and record["batch"] == 2
+
+
+def test_profile_step_smoke_writes_the_kernel_table_with_its_step_times(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    done = subprocess.run([sys.executable, "bench/device/profile_step.py", "coop", "tiny-c4-b8", "--smoke"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert record["method"] == "coop" and record["graph_ms_per_step"] > 0 and record["no_graph_ms_per_step"] > 0
+    text = (tmp_path / "profile_coop_tiny-c4-b8.txt").read_text().splitlines()
+    assert json.loads(text[0]) == record
+    assert any("aten::addmm" in line for line in text)  # the table: the step's ops by time

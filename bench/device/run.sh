@@ -11,9 +11,10 @@
 #   bash bench/device/run.sh B      # ~6 min: runner epochs, the other methods' train steps and inference
 #   bash bench/device/run.sh C      # ~9 min: the kernel tests compiled in bf16/fp16, the GPU test tier of the
 #                                   #   methods and the runner, a one-process torchrun run against the plain run,
-#                                   #   the fused text attention and LayerNorm splice against what they replace,
 #                                   #   the frozen MLP's fc1 plans: Triton epilogue GEMM vs cuBLAS + activation pass (issue 9 item 2),
 #                                   #   MCPL's VAIPL decoder alone (its share of MCPL's step, its kernels: decoder_profile.txt)
+#                                   #   and MCPL's whole step by kernel (profile_mcpl_imagenet-b32.txt); the glue fusions
+#                                   #   against what they replaced are in Q (glue_ops.py)
 #   bash bench/device/run.sh S      # ~7 min: the whole test suite on the GPU (issue 9 item 5: "pytest on a GPU machine
 #                                   #   has no failures"), 8 pytest-xdist workers when bench/device/prep.sh carried
 #                                   #   its wheel, then bench/ at its tiny workload in one process (results kept apart)
@@ -80,7 +81,7 @@ if [ "$PART" = C ]; then
   TAILN=25 stage kernel-tests 170 python3 -m pytest -q -p no:cacheprovider -x -rfE tests/kernels
   TAILN=25 stage gpu-tier 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests --ignore=tests/kernels
   TAILN=4 stage torchrun-one 90 python3 bench/device/torchrun_one.py "$OUT/torchrun-one"
-  TAILN=4 stage glue-ops 60 python3 bench/device/glue_ops.py
   TAILN=4 stage gemm-shapes 45 python3 bench/device/gemm_shapes.py
   TAILN=4 stage mcpl-decoder 45 python3 bench/device/decoder.py
+  TAILN=4 stage mcpl-profile 60 python3 bench/device/profile_step.py mcpl imagenet-b32
 fi
