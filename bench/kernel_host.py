@@ -28,7 +28,6 @@ import os
 import statistics
 import sys
 import warnings
-from collections import Counter
 
 import torch
 
@@ -43,43 +42,36 @@ CONFIG = dict(
 def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int = 15, warmup: int = 3) -> dict:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("run with TRITON_INTERPRET=1: patch(backend='triton') is refused on a CPU otherwise")
-    import triton.runtime.interpreter as interpreter
-
     import fastprompt
     from fastprompt.backbones import TINY_CONFIGS, create_clip
     from fastprompt.training import TrainStep, make_optimizer
 
-    from .proxy import classnames, python_calls, step_seconds
+    from .proxy import classnames, counted_triton_launches, python_calls, step_seconds
 
-    launches: Counter = Counter()
-
-    def count_launch(self, *args, **kwargs):  # every launch: counted, no kernel runs
-        launches[self.fn.__name__] += 1
-
-    interpreter.InterpretedFunction.run = count_launch
-    TINY_CONFIGS.setdefault(BACKBONE, CONFIG)
-    clip = create_clip(BACKBONE, precision="fp32", device="cpu")
-    # The frozen MLP's first-GEMM plan a CUDA device takes (fastprompt.ops.gemm_plan), not the CPU's: the op
-    # sequence is the GPU's.
-    try:
-        from fastprompt.ops import gemm_plan
-    except ImportError:  # an older checkout (--tree): one plan, the one it had
-        mlp_gemm, plan = None, {}
-    else:
-        mlp_gemm = gemm_plan.default_plan("cuda")
-        plan = {"mlp_gemm": mlp_gemm}
-    fastprompt.patch(clip, backend="triton", **plan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ImageNet's duplicate class names
-        model = fastprompt.build(method, clip, classnames(classes))
-    model.train()
-    step = TrainStep(model, make_optimizer(model.trainable_parameters(), "sgd", lr=2e-3))
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, *model.info.image_size, generator=generator)
-    labels = torch.randint(0, classes, (batch,), generator=generator)
-    times = [seconds * 1e3 for seconds in step_seconds(step, images, labels, steps, warmup)]
-    launches.clear()
-    calls = python_calls(step, images, labels)
+    with counted_triton_launches() as launches:  # every launch: counted, no kernel runs
+        TINY_CONFIGS.setdefault(BACKBONE, CONFIG)
+        clip = create_clip(BACKBONE, precision="fp32", device="cpu")
+        # The frozen MLP's first-GEMM plan a CUDA device takes (fastprompt.ops.gemm_plan), not the CPU's: the op
+        # sequence is the GPU's.
+        try:
+            from fastprompt.ops import gemm_plan
+        except ImportError:  # an older checkout (--tree): one plan, the one it had
+            mlp_gemm, plan = None, {}
+        else:
+            mlp_gemm = gemm_plan.default_plan("cuda")
+            plan = {"mlp_gemm": mlp_gemm}
+        fastprompt.patch(clip, backend="triton", **plan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ImageNet's duplicate class names
+            model = fastprompt.build(method, clip, classnames(classes))
+        model.train()
+        step = TrainStep(model, make_optimizer(model.trainable_parameters(), "sgd", lr=2e-3))
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(batch, 3, *model.info.image_size, generator=generator)
+        labels = torch.randint(0, classes, (batch,), generator=generator)
+        times = [seconds * 1e3 for seconds in step_seconds(step, images, labels, steps, warmup)]
+        launches.clear()
+        calls = python_calls(step, images, labels)
     return {"method": method, "classes": classes, "batch": batch, "backbone": BACKBONE,
             "checkout": os.path.dirname(os.path.dirname(os.path.abspath(fastprompt.__file__))),
             "mlp_gemm": mlp_gemm,

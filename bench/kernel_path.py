@@ -58,9 +58,6 @@ def _eager_gates(answer):
 
 
 def count(method: str, classes: int = WORKLOAD_CLASSES, batch: int = WORKLOAD_BATCH, backbone: str = "ViT-B-16"):
-    from collections import Counter
-
-    import triton.runtime.interpreter as interpreter
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import fastprompt
@@ -68,7 +65,8 @@ def count(method: str, classes: int = WORKLOAD_CLASSES, batch: int = WORKLOAD_BA
     from fastprompt.ops import gemm_plan
     from fastprompt.training import TrainStep, make_optimizer
 
-    from .host import OpCounter, classnames
+    from .host import OpCounter
+    from .proxy import classnames, counted_triton_launches
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("run with TRITON_INTERPRET=1: patch(backend='triton') is refused on a CPU otherwise")
@@ -86,23 +84,17 @@ def count(method: str, classes: int = WORKLOAD_CLASSES, batch: int = WORKLOAD_BA
     size = model.info.image_size
     images = torch.randn(batch, 3, *size, generator=generator)
     labels = torch.randint(0, classes, (batch,), generator=generator)
-    launches: Counter = Counter()
-
-    def count_launch(self, *args, **kwargs):  # a Triton launch: counted, no kernel runs
-        launches[self.fn.__name__] += 1
-
-    run, interpreter.InterpretedFunction.run = interpreter.InterpretedFunction.run, count_launch
     restore_gates = _eager_gates(lambda x: True)
     counter = OpCounter()
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        # Each Triton launch counted, no kernel run.
+        with counted_triton_launches() as launches, FakeTensorMode(allow_non_fake_inputs=True):
             step(images, labels)  # warm-up: what a run computes once (frozen teacher features, device copies)
             launches.clear()
             with counter:
                 step(images, labels)
     finally:
         restore_gates()
-        interpreter.InterpretedFunction.run = run
     counter.ops.pop("prim::device", None)  # fake tensors' device queries: no op on a GPU
     summary = counter.summary()
     triton = sum(launches.values())

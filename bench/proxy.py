@@ -1,12 +1,14 @@
 """What the CPU host proxies share (bench/host.py, bench/kernel_host.py, bench/kernel_path.py): the class names, the
-step timer and the Python-call count. Nothing here imports fastprompt, so bench/kernel_host.py can time another
+step timer, the Python-call count and the counted no-op Triton launcher. Nothing here imports fastprompt, so bench/kernel_host.py can time another
 checkout's code (`--tree`, an A/B against an older commit) with the same helpers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections import Counter
 
 
 def classnames(count: int) -> list[str]:
@@ -46,3 +48,22 @@ def python_calls(step, images, labels) -> dict:
     finally:
         sys.setprofile(None)
     return {"python_calls_per_step": counts["call"], "c_calls_per_step": counts["c_call"]}
+
+
+@contextlib.contextmanager
+def counted_triton_launches():
+    """Inside, every Triton launch is a no-op counted per kernel name (under TRITON_INTERPRET=1, where @triton.jit
+    gives interpreted kernels): fastprompt's launchers and everything around them run for real, no kernel does.
+    Yields the Counter; the interpreter's launcher is put back on exit."""
+    import triton.runtime.interpreter as interpreter
+
+    launches: Counter = Counter()
+
+    def count(self, *args, **kwargs):
+        launches[self.fn.__name__] += 1
+
+    run, interpreter.InterpretedFunction.run = interpreter.InterpretedFunction.run, count
+    try:
+        yield launches
+    finally:
+        interpreter.InterpretedFunction.run = run

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import pstats
-import statistics
 import sys
 import time
 
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 from bench.contenders import build_contender  # noqa: E402
+from bench.device.timing import median_ms_per_call  # noqa: E402
 from bench.workloads import CPU_WORKLOADS, WORKLOADS  # noqa: E402
 from fastprompt.training import TrainStep  # noqa: E402
 
@@ -33,16 +33,8 @@ sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 out = []
 
 
-def timed(step, images, labels, n=2 if smoke else 20, rounds=3):
-    per = []
-    for _ in range(rounds):
-        sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            step(images, labels)
-        sync()
-        per.append((time.perf_counter() - t) / n * 1e3)
-    return statistics.median(per)
+def timed(step, images, labels, n=2 if smoke else 20):
+    return median_ms_per_call(lambda: step(images, labels), dev, n)
 
 
 for method in methods:

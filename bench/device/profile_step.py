@@ -13,28 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.getcwd())
 from bench.contenders import build_contender  # noqa: E402
+from bench.device.timing import median_ms_per_call  # noqa: E402
 from bench.workloads import CPU_WORKLOADS, WORKLOADS  # noqa: E402
 from fastprompt.training import TrainStep  # noqa: E402
-
-
-def _ms_per_step(step, images, labels, sync, n: int) -> float:
-    times = []
-    for _ in range(3):
-        sync()
-        start = time.perf_counter()
-        for _ in range(n):
-            step(images, labels)
-        sync()
-        times.append((time.perf_counter() - start) / n * 1e3)
-    return statistics.median(times)
 
 
 def profile_method(method: str, workload, device: torch.device, out_dir: str, steps: int = 3) -> dict:
@@ -50,11 +37,11 @@ def profile_method(method: str, workload, device: torch.device, out_dir: str, st
     for _ in range(5):
         graphed(images, labels)
     n = 10 if cuda else 1
-    graph_ms = _ms_per_step(graphed, images, labels, sync, n)
+    graph_ms = median_ms_per_call(lambda: graphed(images, labels), device, n)
     eager = TrainStep(model, graphed.optimizer, amp_dtype=graphed.amp_dtype, cuda_graph=False)
     for _ in range(2):
         eager(images, labels)
-    eager_ms = _ms_per_step(eager, images, labels, sync, n)
+    eager_ms = median_ms_per_call(lambda: eager(images, labels), device, n)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync()
     with profile(activities=activities) as prof:

@@ -1,8 +1,10 @@
-"""Timing for the GPU session's micro-benchmarks (glue_ops.py, gemm_shapes.py): milliseconds per call, plain (what a
-step without a CUDA graph pays, host included) or as a CUDA graph replay (the GPU time alone)."""
+"""Timing for the GPU session's scripts (glue_ops.py, gemm_shapes.py, decoder.py, host_gpu.py, profile_step.py):
+milliseconds per call, plain (what a step without a CUDA graph pays, host included) or as a CUDA graph replay (the GPU
+time alone)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -19,6 +21,12 @@ def ms_per_call(fn, device: torch.device, n: int, warmup: int = 2) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / n * 1e3
+
+
+def median_ms_per_call(fn, device: torch.device, n: int, rounds: int = 3) -> float:
+    """The median over `rounds` of ms_per_call (no warm-up: the caller has warmed fn up): a whole training step,
+    timed where one slow round should not decide the figure."""
+    return statistics.median(ms_per_call(fn, device, n, warmup=0) for _ in range(rounds))
 
 
 def graphed_ms_per_call(fn, device: torch.device, n: int) -> float | None:
