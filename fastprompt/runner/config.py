@@ -220,7 +220,8 @@ def set_field(config: RunConfig, key: str, value) -> None:
 def unknown_key_message(key: str, valid: list[str], what: str = "config key") -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {what} {key!r}{hint} Valid keys: {', '.join(sorted(valid))}"
+    kind = {"config key": "keys"}.get(what, what + "s")  # "method" -> "Valid methods", as the user wrote it
+    return f"unknown {what} {key!r}{hint} Valid {kind}: {', '.join(sorted(valid))}"
 
 
 # --- overrides -----------------------------------------------------------------------------------------
@@ -353,7 +354,7 @@ def check_config(config: RunConfig) -> None:
     if config.gpa and config.method != "promptsrc":
         raise ConfigError(f"gpa (Gaussian prompt aggregation) is PromptSRC's; method is {config.method!r}")
     if config.dataset == "procedural" and config.root is not None:
-        raise ConfigError("the procedural dataset is drawn in memory and takes no root; remove root=")
+        raise ConfigError("the procedural dataset is drawn in memory and takes no root; remove --root (or root=)")
     check_method_options(config.method, config.options)
 
 
