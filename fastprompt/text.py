@@ -35,12 +35,14 @@ def clean_classname(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
-def class_list(classnames) -> list[str]:
+def class_list(classnames, warn_duplicates: bool = True) -> list[str]:
     """`classnames` checked and read once into a list: any iterable of strings (a generator is read here, once),
     not None, a single string or a mapping. Names that clean to the same string give two identical prompts (the
     same text features: every image scores them equally, and the lower index wins the tie): a warning naming them,
     not an error, because CLIP's standard ImageNet class names (open_clip's and CoOp's) hold such pairs ('missile',
-    'sunglasses'), and the papers' ImageNet numbers are measured with them."""
+    'sunglasses'), and the papers' ImageNet numbers are measured with them. The warning comes once per class list,
+    from the place that tokenizes it (`warn_duplicates=False` for the checks before that), and points at the
+    caller's line outside fastprompt."""
     if classnames is None:
         raise TypeError("classnames is None; give a list of class names, e.g. ['cat', 'dog']")
     if isinstance(classnames, str | bytes):
@@ -65,13 +67,26 @@ def class_list(classnames) -> list[str]:
             duplicates.append(f"{same} at positions {j} and {i}")
         elif name:
             first_at[name] = i
-    if duplicates:
+    if duplicates and warn_duplicates:
         import warnings
 
         warnings.warn(f"duplicate class names ({'; '.join(duplicates[:5])}{'; ...' if len(duplicates) > 5 else ''}):"
                       " their prompts are identical, so they always score the same and the first wins ties",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=_caller_outside_package())
     return names
+
+
+def _caller_outside_package() -> int:
+    """warnings.warn's stacklevel for the innermost frame outside the fastprompt package (build, set_classnames and
+    Predictor reach class_list at different depths)."""
+    import sys
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1  # level 1: class_list, which calls warnings.warn
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def tokenize_classes(

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -51,11 +52,21 @@ def test_classnames_generator_is_read_once_as_a_list(tiny_clip):
     assert shapes == [tuple(p.shape) for p in from_list.trainable_parameters()] and shapes[0][0] == 3
 
 
+def _duplicate_warnings(record) -> list:
+    return [w for w in record if "duplicate class names" in str(w.message)]
+
+
 def test_duplicate_class_names_are_named_in_a_warning(tiny_clip):
-    # A warning, not an error: CLIP's standard ImageNet names hold duplicates ('missile', 'sunglasses').
-    with pytest.warns(UserWarning, match=r"^duplicate class names \('cat' at positions 0 and 2\): their prompts are"):
+    # A warning, not an error: CLIP's standard ImageNet names hold duplicates ('missile', 'sunglasses'). One warning
+    # per class list, at the caller's line (build checks the names, and the model tokenizes them: it used to be two).
+    with pytest.warns(UserWarning, match=r"^duplicate class names \('cat' at positions 0 and 2\): their prompts are") \
+            as record:
         model = fastprompt.build("coop", tiny_clip, ["cat", "dog", "cat"])
     assert model.classnames == ("cat", "dog", "cat")
+    assert [w.filename for w in _duplicate_warnings(record)] == [__file__]
+    with pytest.warns(UserWarning, match=r"^duplicate class names \('owl' at positions 0 and 1\)") as record:
+        model.set_classnames(["owl", "owl"])
+    assert [w.filename for w in _duplicate_warnings(record)] == [__file__]
 
 
 def test_class_names_equal_after_cleaning_are_named(tiny_clip):
@@ -77,6 +88,32 @@ def test_bad_method_name_and_method_object(tiny_clip):
         fastprompt.build(None, tiny_clip, ["cat"])
     with pytest.raises(TypeError, match=r"^method must be a PromptMethod \(e.g. from fastprompt.build\), not str$"):
         fastprompt.PromptedCLIP(tiny_clip, "coop", ["cat"])
+
+
+@pytest.mark.parametrize("method, option, value, expected", [
+    ("maple", "n_ctx", "two", "str; expected int"),
+    ("maple", "n_ctx", 2.0, "float; expected int"),
+    ("maple", "depth", True, "bool; expected int"),
+    ("maple", "ctx_init", 5, "int; expected str | None"),
+    ("coop", "class_specific", 1, "int; expected bool"),
+    ("mmrl", "alpha", "0.7", "str; expected float"),
+    ("mpl", "n_first", 1.5, "float; expected int | None"),
+])
+def test_option_of_the_wrong_type_is_one_error_naming_it(tiny_clip, method, option, value, expected):
+    with pytest.raises(TypeError, match=rf"^method '{method}' option {option}={value!r} is of type {expected} "
+                                        r"\(default "):
+        fastprompt.build(method, tiny_clip, ["cat", "dog"], **{option: value})
+
+
+@pytest.mark.parametrize("method, option, value", [
+    ("maple", "ctx_init", None),           # optional: no word initialisation
+    ("mmrl", "alpha", 1),                  # an int is a number
+    ("promptsrc", "text_weight", np.float32(20.0)),  # numpy scalars from a sweep
+    ("coop", "n_ctx", np.int64(4)),
+])
+def test_option_of_a_compatible_type_is_accepted(tiny_clip, method, option, value):
+    model = fastprompt.build(method, tiny_clip, ["cat", "dog"], **{option: value})
+    assert model(torch.zeros(1, 3, 32, 32)).image_features.shape[0] == 1
 
 
 # --- images --------------------------------------------------------------------------------------------------
@@ -143,8 +180,9 @@ def test_predict_wrong_kinds_of_input(predictor):
 
 
 def test_predictor_duplicate_class_names(checkpoint):
-    with pytest.warns(UserWarning, match="duplicate class names \\('dog' at positions 1 and 2\\)"):
+    with pytest.warns(UserWarning, match="duplicate class names \\('dog' at positions 1 and 2\\)") as record:
         Predictor(checkpoint, ["owl", "dog", "dog"], clip=create_clip("tiny", seed=2))
+    assert [w.filename for w in _duplicate_warnings(record)] == [__file__]
 
 
 # --- freezing ------------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ Options are the keyword arguments of each method class (see its docstring).
 from __future__ import annotations
 
 import inspect
+import numbers
+import types
+import typing
 
 import torch.nn as nn
 
@@ -55,6 +58,57 @@ def method_options(name: str) -> dict:
     return {k: p.default for k, p in list(sig.parameters.items())[2:]}
 
 
+def option_types(name: str) -> dict[str, object]:
+    """Option name -> the type its method declares for it (object where undeclared or unresolvable)."""
+    cls = method_class(name)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that cannot be resolved: such options go unchecked
+        hints = {}
+    return {option: hints.get(option, object) for option in method_options(name)}
+
+
+def _accepts(hint, value) -> bool | None:
+    """Whether `value` is of the declared type (an int is a float, a bool is not an int; numpy scalars count as
+    numbers); None where the hint is not a plain type or a union of them, which the method's own checks then judge."""
+    if hint is object or hint is typing.Any:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        verdicts = [_accepts(arg, value) for arg in typing.get_args(hint)]
+        return True if any(verdicts) else (None if None in verdicts else False)
+    if hint is type(None):
+        return value is None
+    if not isinstance(hint, type) or typing.get_origin(hint) is not None:
+        return None
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    if hint is float:  # numpy scalars too: a sweep's values often are
+        return isinstance(value, numbers.Real)
+    if hint is int:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, hint)
+
+
+def checked_options(name: str, options: dict) -> dict:
+    """`options` with each checked against its declared type, so that a wrong type is one error naming the option
+    (n_ctx='two' used to fail deep inside the method with "'<' not supported between 'int' and 'str'"), and numpy
+    scalars made Python numbers (the schedule and the methods' checks take Python ints)."""
+    types_ = option_types(name)
+    checked = {}
+    for option, value in options.items():
+        hint = types_[option]
+        if _accepts(hint, value) is False:
+            declared = str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
+            raise TypeError(f"method {name!r} option {option}={value!r} is of type {type(value).__name__}; "
+                            f"expected {declared} (default {method_options(name)[option]!r})")
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+            value = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, int | float):
+            value = float(value)
+        checked[option] = value
+    return checked
+
+
 def build(
     name: str,
     clip: nn.Module,
@@ -67,8 +121,8 @@ def build(
 ):
     """Build method `name` over the frozen `clip` for `classnames`; returns a PromptedCLIP.
 
-    classnames: any iterable of unique strings (read once, so a generator works); None, a single string, a
-    non-string entry or two names equal after cleaning ('red_panda', 'red panda') are errors naming it.
+    classnames: any iterable of strings (read once, so a generator works); None, a single string, a
+    non-string entry are errors naming it; two names equal after cleaning ('red_panda', 'red panda') a warning.
     text_path: 'reference' (the eager oracle: full template rows cut after the last EOT), 'packed' (shared
     prefix once, class suffixes packed; exact), or 'auto' (packed when `clip` is fastprompt-patched).
     last_layer: 'pooled' (each tower's last block runs on the rows its output is pooled from: the vision CLS rows,
@@ -88,7 +142,9 @@ def build(
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise TypeError(f"method {name!r} has no option(s) {unknown}; its options: {sorted(known)}")
-    classnames = class_list(classnames)  # checked before any work; a generator is read once, here
+    options = checked_options(name, options)
+    # Checked before any work; a generator is read once, here. The model's tokenization warns of duplicates.
+    classnames = class_list(classnames, warn_duplicates=False)
     info = inspect_clip(clip)
     tokenizer = tokenizer or _default_tokenizer(info)
     ctx = BuildContext(clip, info, tokenizer)

@@ -273,25 +273,13 @@ def load_config_file(path: str) -> dict:
     return flat
 
 
-def method_option_types(method: str) -> dict[str, object]:
-    """Option name -> declared type of a method's keyword argument (object where undeclared)."""
-    from ..methods import method_class, method_options
-
-    cls = method_class(method)
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # an annotation that cannot be resolved: fall back to untyped parsing
-        hints = {}
-    return {name: hints.get(name, object) for name in method_options(method)}
-
-
 def apply_values(config: RunConfig, values: dict, source: str) -> None:
     """Apply {key: value} onto `config`: fields, bare method options and `dataset.<option>` keys."""
-    from ..methods import METHODS
+    from ..methods import METHODS, option_types as declared_option_types
 
     if config.method.lower().replace("-", "_") not in METHODS:
         raise ConfigError(unknown_key_message(config.method, sorted(METHODS), "method"))
-    option_types = method_option_types(config.method)
+    option_types = declared_option_types(config.method)
     for key, value in values.items():
         if key in ("method", "protocol", "dataset", "shots"):
             continue  # chosen before the preset (resolve_config)

@@ -47,7 +47,7 @@ class Predictor:
             weights = pretrained if pretrained is not None else backbone.get("pretrained")
             clip = create_clip(backbone["name"], pretrained=weights, device=self.device)
         trained = list(manifest["classnames"])
-        self.classnames = class_list(classnames) if classnames is not None else trained
+        self.classnames = class_list(classnames, warn_duplicates=False) if classnames is not None else trained
         if not self.classnames:
             raise ValueError("classnames is empty")
         self.model = fastprompt.build(manifest["method"], clip, trained, **manifest["options"])
