@@ -135,7 +135,7 @@ def _eval(args, extra) -> int:
         raise ConfigError("give exactly one of --run DIR (or DIR alone) or --checkpoint PATH")
     if args.dataset is None and (args.subset != "all" or args.mode is not None):
         raise ConfigError("--subset and --mode apply to --dataset; without it the run's own targets are evaluated")
-    overrides = _overrides(argparse.Namespace(overrides=values), extra)
+    overrides = _overrides(argparse.Namespace(overrides=values, root=args.root), extra)
     if args.output:
         _check_output_path(args.output, "--output", folder=False)
     join_torchrun(str(overrides.get("device", "auto")))  # under torchrun every rank evaluates its shard
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", action="append", help="a checkpoint folder or checkpoint.json (repeatable)")
     evaluate.add_argument("--dataset", help="evaluate on this dataset's test split instead: "
                           + ", ".join(DATASET_NAMES))
+    evaluate.add_argument("--root", help="folder holding one folder per dataset (as train's --root; the run's own"
+                          " root by default)")
     evaluate.add_argument("--subset", default="all", choices=["all", "base", "novel"])
     evaluate.add_argument("--mode", choices=["base", "novel"], help="prediction mode (default: by class set)")
     evaluate.add_argument("--output", help="write the results as JSON")

@@ -93,3 +93,27 @@ def test_run_folder_given_twice_is_one_error_line(tmp_path, cli, args, message):
     assert code == 2, (out, err)
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastprompt: error: ") and message in lines[0], err
+
+
+# --- (d) --root, as train takes it ---------------------------------------------------------------------------
+@pytest.mark.parametrize("target", [["runs/x"], ["--checkpoint", "ckpt", "--dataset", "imagefolder"]])
+def test_dash_dash_root_is_the_root_override(target, monkeypatch):
+    """`eval ... --root DIR` is `root=DIR` (train's flag; it used to be read as a second run folder)."""
+    calls = []
+
+    def record(*args):
+        calls.append(args)
+        raise _Stop
+
+    monkeypatch.setattr(run_module, "checkpoints_of_run", lambda run: [f"{run}/seed1"])
+    monkeypatch.setattr(run_module, "evaluate_checkpoints", record)
+    for words in (["--root", "/data"], ["root=/data"]):
+        with pytest.raises(_Stop):
+            main(["eval", *target, *words, "device=cpu"])
+    assert len(calls) == 2 and calls[0] == calls[1], calls
+    assert calls[0][1] == {"device": "cpu", "root": "/data"}
+
+
+def test_dash_dash_root_against_a_different_root_value_is_one_error_line(cli):
+    code, out, err = cli("eval", "runs/x", "--root", "/data", "root=/other", "device=cpu")
+    assert code == 2 and err.strip() == "fastprompt: error: conflicting values for root: --root /data and root=/other"
