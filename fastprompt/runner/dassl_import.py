@@ -371,6 +371,12 @@ def import_dassl(path: str, method: str, classnames, output: str, backbone: str 
     from ..backbone import inspect_clip
     from ..backbones import TINY_CONFIGS, create_clip
 
+    if method not in _LAYOUTS:
+        raise DasslImportError(f"no Dassl importer for method {method!r}; importable: {', '.join(IMPORTABLE)}")
+    output = os.path.abspath(os.path.expanduser(output))
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise DasslImportError(f"output {output} already exists; give a new folder")
+    state, epoch = read_dassl_checkpoint(path)  # a missing or foreign file is the first thing to hear about
     if backbone is None:
         if method == "coop":
             # CoOp saves its context alone, 512 wide for RN50 and ViT-B/16 alike: nothing in the file tells them apart.
@@ -380,12 +386,6 @@ def import_dassl(path: str, method: str, classnames, output: str, backbone: str 
         backbone = "ViT-B-16"
     if pretrained == "auto":
         pretrained = None if backbone in TINY_CONFIGS else "openai"
-    if method not in _LAYOUTS:
-        raise DasslImportError(f"no Dassl importer for method {method!r}; importable: {', '.join(IMPORTABLE)}")
-    output = os.path.abspath(os.path.expanduser(output))
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise DasslImportError(f"output {output} already exists; give a new folder")
-    state, epoch = read_dassl_checkpoint(path)
     clip = create_clip(backbone, pretrained=None)  # the shapes only; the weights load when the checkpoint is used
     _check_backbone(state, clip, backbone)
     layout = _LAYOUTS[method](state, inspect_clip(clip))

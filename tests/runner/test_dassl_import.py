@@ -259,6 +259,13 @@ def test_unknown_learned_key_is_not_dropped(run_import):
     refused(run_import("maple", state), "unknown", "resblocks.3.VPT_shallow")
 
 
+def test_a_missing_or_foreign_file_is_reported_before_the_backbone_question(run_import, tmp_path):
+    # CoOp without --backbone: the file's own problem comes first (it was "name --backbone" for a missing file).
+    refused(run_import("coop", None, backbone=None, file_name="absent.pth.tar"), "Dassl checkpoint not found")
+    (tmp_path / "notes.txt").write_text("epoch 5\n")
+    refused(run_import("coop", None, backbone=None, file_name="notes.txt"), "not a torch checkpoint")
+
+
 def test_not_a_checkpoint(run_import, tmp_path):
     (tmp_path / "notes.txt").write_text("epoch 5, accuracy 90\n")
     refused(run_import("coop", None, file_name="notes.txt"), "not a torch checkpoint")
