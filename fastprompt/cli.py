@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--protocol", help="b2n, fewshot, xd or dg")
     train.add_argument("--dataset", help="training dataset: " + ", ".join(DATASET_NAMES)
                        + " (Dassl names such as OxfordPets are accepted too)")
-    train.add_argument("--root", help="folder holding one folder per dataset")
+    train.add_argument("--root", help="folder holding one folder per dataset (imagefolder: the folder of class"
+                       " folders; csv: the CSV file)")
     train.add_argument("--shots", type=int,
                        help="training images per class, sampled as Dassl does (K of K-shot; default 16; "
                             "the fewshot protocol's papers use 1, 2, 4, 8, 16)")
@@ -306,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", action="append", help="a checkpoint folder or checkpoint.json (repeatable)")
     evaluate.add_argument("--dataset", help="evaluate on this dataset's test split instead: "
                           + ", ".join(DATASET_NAMES))
-    evaluate.add_argument("--root", help="folder holding one folder per dataset (as train's --root; the run's own"
-                          " root by default)")
+    evaluate.add_argument("--root", help="folder holding one folder per dataset, as train's --root (imagefolder:"
+                          " the folder of class folders; csv: the CSV file); the run's own by default")
     evaluate.add_argument("--subset", default="all", choices=["all", "base", "novel"])
     evaluate.add_argument("--mode", choices=["base", "novel"], help="prediction mode (default: by class set)")
     evaluate.add_argument("--output", help="write the results as JSON")

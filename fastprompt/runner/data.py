@@ -57,11 +57,18 @@ def load_dataset(config: RunConfig, name: str, image_size: int) -> DatasetSplits
         options.setdefault("image_size", image_size)
         options.setdefault("seed", 0)  # the drawing seed: the data are the same for every run seed
         return build_dataset("procedural", None, **options)
+    # The benchmarks' root holds one folder per dataset; a user's imagefolder root is the class-folder tree itself,
+    # and a csv dataset's root is the CSV file (fastprompt.data.build_dataset).
+    wants = {"csv": "the CSV file", "imagefolder": "the folder of class folders"}.get(
+        canonical, "the folder holding one folder per dataset")
     if config.root is None:
-        raise ConfigError(f"dataset {canonical!r} needs root=<folder holding one folder per dataset>")
+        raise ConfigError(f"dataset {canonical!r} needs --root (root=): {wants}")
     root = os.path.abspath(os.path.expanduser(config.root))
-    if not os.path.isdir(root):
-        raise ConfigError(f"dataset root {root} does not exist (root={config.root!r})")
+    if not os.path.exists(root):
+        raise ConfigError(f"dataset root {root} does not exist (root={config.root!r}); it should be {wants}")
+    if os.path.isdir(root) != (canonical != "csv"):
+        raise ConfigError(f"dataset root {root} is a {'folder' if os.path.isdir(root) else 'file'}; for dataset"
+                          f" {canonical!r} it should be {wants}")
     return build_dataset(canonical, root, **options)
 
 

@@ -28,7 +28,7 @@ def fails(cli, out, *args, match):
 
 def test_missing_dataset_root(tmp_path, cli):
     fails(cli, tmp_path / "run", *EUROSAT, "--root", tmp_path / "nowhere", match="dataset root")
-    fails(cli, tmp_path / "run", *EUROSAT, match="dataset 'eurosat' needs root=")
+    fails(cli, tmp_path / "run", *EUROSAT, match="dataset 'eurosat' needs --root (root=)")
     (tmp_path / "empty").mkdir()
     err = fails(cli, tmp_path / "run", *EUROSAT, "--root", tmp_path / "empty", match="EuroSAT dataset folder not found")
     assert "run `fastprompt prepare eurosat --root <root>`" in err  # where the expected tree is shown

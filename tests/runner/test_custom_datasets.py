@@ -1,0 +1,59 @@
+"""A user's own data through the CLI: `--dataset imagefolder --root <class-folder tree>` and `--dataset csv --root
+<file.csv>` (fastprompt.data.build_dataset's roots). The runner used to require every root to be a folder, so a CSV
+dataset could not be trained at all ("dataset root x.csv does not exist")."""
+
+import json
+
+import pytest
+
+from runner_support import COLOURS, FAST, write_image
+
+CLASSES = ["red fox", "green frog", "blue jay"]
+ARGS = ["--method", "coop", "--protocol", "fewshot", "--shots", "2", "--seeds", "1", *FAST, "n_ctx=2",
+        "batch_size=2", "epochs=2", "warmup_epochs=0"]
+
+
+@pytest.fixture
+def own_data(tmp_path):
+    """The same images twice: as <root>/{train,test}/<class>/ folders and as a CSV with a split column."""
+    root = tmp_path / "folders"
+    rows = ["path,classname,split"]
+    for label, name in enumerate(CLASSES):
+        for split, count in (("train", 3), ("test", 2)):
+            for k in range(count):
+                relative = f"{split}/{name}/{k}.png"
+                write_image(root / relative, COLOURS[label], seed=label * 10 + k + (5 if split == "test" else 0))
+                rows.append(f"folders/{relative},{name},{split}")
+    table = tmp_path / "images.csv"
+    table.write_text("\n".join(rows) + "\n")
+    return root, table
+
+
+def _results(folder) -> dict:
+    return json.loads((folder / "seed1" / "results.json").read_text())["targets"][0]
+
+
+def test_imagefolder_and_csv_of_the_same_images_train_alike(tmp_path, cli, own_data):
+    folders, table = own_data
+    results = {}
+    for dataset, root in (("imagefolder", folders), ("csv", table)):
+        out = tmp_path / f"run-{dataset}"
+        code, _, err = cli("train", "--dataset", dataset, "--root", root, *ARGS, f"output_dir={out}")
+        assert code == 0, err
+        results[dataset] = _results(out)
+    for target in results.values():
+        assert target["images"] == 2 * len(CLASSES)
+    # The same classes, images, few-shot draw and seed: the same accuracy.
+    assert results["imagefolder"]["accuracy"] == results["csv"]["accuracy"]
+
+
+@pytest.mark.parametrize("dataset, root, message", [
+    ("csv", "folders", "is a folder; for dataset 'csv' it should be the CSV file"),
+    ("imagefolder", "images.csv", "is a file; for dataset 'imagefolder' it should be the folder of class folders"),
+    ("csv", "absent.csv", "does not exist (root="),
+])
+def test_a_root_of_the_wrong_kind_is_one_error_line(tmp_path, cli, own_data, dataset, root, message):
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--dataset", dataset, "--root", tmp_path / root, *ARGS, f"output_dir={out}")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
