@@ -255,7 +255,11 @@ def load_config_file(path: str) -> dict:
         try:
             content = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+            # PyYAML's message spans several lines (context, a caret drawing); one line: the problem and where.
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     else:
         try:
             content = json.loads(text)

@@ -122,6 +122,13 @@ def test_config_files_are_data_json_and_yaml(tmp_path):
     evil.write_text("method: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config_file(str(evil))
+    # A syntax error is one line with its place (PyYAML's own message draws a caret over several lines).
+    unclosed = tmp_path / "unclosed.yaml"
+    unclosed.write_text("epochs: 2\nseeds: [1, 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config_file(str(unclosed))
+    assert str(error.value) == (f"config file {unclosed} is not valid YAML at line 3, column 1: expected ',' or ']',"
+                                " but got '<stream end>'")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
