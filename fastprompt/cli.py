@@ -4,6 +4,7 @@
     fastprompt train ... --resume latest          continue the run in the same output folder
     fastprompt eval runs/maple-b2n-eurosat-16shot           re-evaluate its checkpoints (never trains; or --run DIR)
     fastprompt report runs/*-b2n-* --markdown table.md --csv table.csv
+    fastprompt predict runs/maple-b2n-eurosat-16shot/seed1 photos/ --top 3     the top classes of image files
     fastprompt prepare eurosat --root /data [--download]
     fastprompt bench | demo | info
 
@@ -221,6 +222,33 @@ def _import_dassl(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from .runner.checkpoint import atomic_write_json
+    from .runner.config import ConfigError
+    from .runner.dassl_import import read_classnames
+    from .runner.engine import resolve_device
+    from .runner.predict import Predictor, image_files, top_classes
+
+    for flag, value in (("--top", args.top), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.output:
+        _check_output_path(args.output, "--output", folder=False)
+    device = resolve_device(args.device)
+    files = image_files(args.images)  # every path checked before the model loads
+    classnames = read_classnames(args.classnames) if args.classnames else None
+    predictor = Predictor(args.checkpoint, classnames, device=device, pretrained=args.pretrained, mode=args.mode,
+                          kernels=args.kernels)
+    rows = top_classes(predictor, files, top=args.top, batch_size=args.batch_size)
+    for row in rows:
+        print(f"{row['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in row["top"]))
+    if args.output:
+        atomic_write_json(args.output, {"checkpoint": predictor.checkpoint, "mode": predictor.mode,
+                                        "classnames": list(predictor.classnames), "predictions": rows})
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _bench(args, extra) -> int:
     import subprocess
 
@@ -320,6 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", help="write the Markdown table here")
     report.add_argument("--csv", help="write the CSV table here")
     report.set_defaults(func=_report)
+
+    predict = sub.add_parser(
+        "predict", help="the most probable classes of image files from a trained checkpoint",
+        description="Class probabilities of images (files, or folders of them) from a checkpoint folder, or a run"
+                    " folder of one seed: the images are resized, centre-cropped and normalised as in evaluation, and"
+                    " each gets one line with its --top classes. New class names (--classnames) are fine for every"
+                    " method whose parameters do not depend on the class count.",
+    )
+    predict.add_argument("checkpoint", help="checkpoint folder (runs/<run>/seed1), its checkpoint.json, or a run"
+                         " folder of one seed")
+    predict.add_argument("images", nargs="+", help="image files or folders of images (searched recursively)")
+    predict.add_argument("--classnames", help="text file, one class name per line (default: the trained classes)")
+    predict.add_argument("--top", type=int, default=5, help="classes shown per image (default 5)")
+    predict.add_argument("--mode", choices=["base", "novel"], help="prediction mode (default: by class set)")
+    predict.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N")
+    predict.add_argument("--kernels", default="auto", choices=["auto", "triton", "xformers", "sdpa", "eager"],
+                         help="fastprompt.patch backend (auto: the fast path), or eager: the unpatched model")
+    predict.add_argument("--pretrained", help="CLIP weights, where the checkpoint's record is not on this machine")
+    predict.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default 100)")
+    predict.add_argument("--output", help="also write the predictions as JSON")
+    predict.set_defaults(func=_predict)
 
     dassl = sub.add_parser(
         "import-dassl", help="convert a checkpoint of the papers' Dassl code into a fastprompt checkpoint",

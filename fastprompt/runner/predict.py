@@ -17,7 +17,9 @@ classes and 'novel' otherwise (MMRL's decoupled inference), unless `mode` is giv
 
 A Predictor computes the class set's text features once (PromptedCLIP's inference cache) and reuses them for
 every call, so a call costs the image tower; on a GPU it runs under bf16 autocast unless `amp_dtype` says
-otherwise (None: fp32).
+otherwise (None: fp32). `device='auto'` takes the GPU where there is one (a CLIP passed in stays on its device),
+and the CLIP it creates runs fastprompt's fast path (`kernels`: a patch backend, or 'eager' for the unpatched
+model). `checkpoint` is a checkpoint folder, its checkpoint.json, or a run folder of one seed.
 """
 
 from __future__ import annotations
@@ -32,20 +34,26 @@ from . import checkpoint as ckpt
 
 
 class Predictor:
-    def __init__(self, checkpoint: str, classnames=None, device: str = "cpu", pretrained: str | None = None,
-                 mode: str | None = None, clip=None, amp_dtype="auto"):
+    def __init__(self, checkpoint: str, classnames=None, device: str = "auto", pretrained: str | None = None,
+                 mode: str | None = None, clip=None, amp_dtype="auto", kernels: str = "auto"):
         import fastprompt
         from ..evaluation import _resolve_amp
         from ..text import class_list
 
-        manifest, tensors = ckpt.load_checkpoint(checkpoint)
+        self.checkpoint = os.path.abspath(_checkpoint_of(checkpoint))
+        manifest, tensors = ckpt.load_checkpoint(self.checkpoint)
         self.manifest = manifest
+        if device == "auto":  # the caller's CLIP stays where it is; a CLIP made here goes to the GPU if there is one
+            device = next(clip.parameters()).device if clip is not None else (
+                "cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
         self.amp_dtype = _resolve_amp(amp_dtype, self.device)
         backbone = manifest["backbone"]
         if clip is None:
             weights = pretrained if pretrained is not None else backbone.get("pretrained")
             clip = create_clip(backbone["name"], pretrained=weights, device=self.device)
+            if kernels != "eager":  # the fast path, exact (a CLIP passed in is used as it comes)
+                fastprompt.patch(clip, backend=kernels)
         trained = list(manifest["classnames"])
         self.classnames = class_list(classnames, warn_duplicates=False) if classnames is not None else trained
         if not self.classnames:
@@ -108,8 +116,62 @@ class Predictor:
         return logits.softmax(-1).cpu()
 
 
-def predict(images, classnames, checkpoint: str, device: str = "cpu", pretrained: str | None = None,
-            mode: str | None = None, amp_dtype="auto") -> torch.Tensor:
+def predict(images, classnames, checkpoint: str, device: str = "auto", pretrained: str | None = None,
+            mode: str | None = None, amp_dtype="auto", kernels: str = "auto") -> torch.Tensor:
     """One-call form of Predictor: class probabilities [B, len(classnames)]."""
-    predictor = Predictor(checkpoint, classnames, device=device, pretrained=pretrained, mode=mode, amp_dtype=amp_dtype)
+    predictor = Predictor(checkpoint, classnames, device=device, pretrained=pretrained, mode=mode, amp_dtype=amp_dtype,
+                          kernels=kernels)
     return predictor(images)
+
+
+def _checkpoint_of(path) -> str:
+    """A checkpoint folder or checkpoint.json as given; a run folder (run.json, seed folders) of one seed is that
+    seed's checkpoint, and of several an error that lists them (their prompts differ: the caller picks one)."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "run.json")) or os.path.isfile(os.path.join(path, "checkpoint.json")):
+        return path
+    seeds = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, "checkpoint.json")))
+    if len(seeds) == 1:
+        return os.path.join(path, seeds[0])
+    if not seeds:
+        raise ckpt.CheckpointError(f"{path} is a run folder without a finished checkpoint (no <seed>/checkpoint.json)")
+    raise ckpt.CheckpointError(f"{path} is a run folder of {len(seeds)} seeds; give one of them:"
+                               f" {', '.join(os.path.join(path, seed) for seed in seeds)}")
+
+
+def image_files(paths) -> list[str]:
+    """Image files from files and folders as given: a folder contributes its images, sub-folders included, in sorted
+    order; a file is taken as it is (whatever its extension: open_rgb_image judges it). A missing path is an error."""
+    from ..data.files import is_image_name
+
+    files = []
+    for path in map(os.fspath, paths):
+        if os.path.isdir(path):
+            found = [os.path.join(folder, name) for folder, subfolders, names in sorted(os.walk(path))
+                     for name in sorted(names) if is_image_name(name)]
+            if not found:
+                raise FileNotFoundError(f"no image files in folder {path}")
+            files += found
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image file not found: {path}")
+    if not files:
+        raise ValueError("no images given")
+    return files
+
+
+def top_classes(predictor: Predictor, files: list[str], top: int = 5, batch_size: int = 100) -> list[dict]:
+    """{'image', 'top': [{'class', 'probability'}, ...]} per file, the `top` most probable classes first; images
+    are read and predicted `batch_size` at a time, so any number of files runs in bounded memory."""
+    if top < 1 or batch_size < 1:
+        raise ValueError(f"top and batch_size must be at least 1, got top={top}, batch_size={batch_size}")
+    k = min(top, len(predictor.classnames))
+    rows = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        values, indices = predictor(chunk).topk(k, dim=-1)
+        for path, probabilities, classes in zip(chunk, values.tolist(), indices.tolist(), strict=True):
+            rows.append({"image": path, "top": [{"class": predictor.classnames[c], "probability": p}
+                                                for p, c in zip(probabilities, classes, strict=True)]})
+    return rows
