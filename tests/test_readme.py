@@ -36,7 +36,7 @@ from fastprompt.cli import build_parser, main
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 sys.path.insert(0, str(REPO / "tests" / "runner"))
-from runner_support import build_eurosat  # noqa: E402
+from runner_support import COLOURS, build_eurosat, write_image  # noqa: E402
 
 FAST = ["backbone=tiny", "pretrained=none", "device=cpu", "num_workers=0", "precision=fp32", "epochs=1",
         "warmup_epochs=0", "batch_size=2", "--shots", "2"]
@@ -108,9 +108,19 @@ def test_set_up_block(tmp_path, monkeypatch, capsys):
 
 
 def test_training_block_runs_in_order(tmp_path, monkeypatch, capsys):
-    """The `fastprompt prepare / train / eval / report / --resume` block, top to bottom, in one folder."""
+    """The `fastprompt prepare / train / eval / report / predict / --resume / own data` block, top to bottom, in one
+    folder."""
     data = tmp_path / "data"
     build_eurosat(data)
+    # A user's own data for the imagefolder / csv lines (the same images both ways) and photos/ for predict.
+    rows = ["path,classname"]
+    for label, name in enumerate(["red fox", "green frog", "blue jay", "gold fish"]):
+        for k in range(8):
+            write_image(tmp_path / "my_images" / name / f"{k}.png", COLOURS[label], seed=label * 10 + k)
+            rows.append(f"my_images/{name}/{k}.png,{name}")
+    (tmp_path / "my_images.csv").write_text("\n".join(rows) + "\n")
+    for k in range(2):
+        write_image(tmp_path / "photos" / f"{k}.jpg", COLOURS[k], seed=100 + k)
     monkeypatch.chdir(tmp_path)
     body = fenced_blocks(README)[2][1]
     last_train = None
@@ -126,8 +136,11 @@ def test_training_block_runs_in_order(tmp_path, monkeypatch, capsys):
             last_train = list(words)
         if words[0] == "train":
             words = words + FAST
+            dataset = words[words.index("--dataset") + 1] if "--dataset" in words else "eurosat"
             if "--dry-run" not in words:
-                words += ["--output", "runs/maple-b2n-eurosat-16shot"]
+                words += ["--output", "runs/maple-b2n-eurosat-16shot" if dataset == "eurosat" else f"runs/{dataset}"]
+        elif words[0] == "predict":
+            words = words + ["--device", "cpu"]
         elif words[0] == "report":
             words = ["report"] + sorted(p for w in words[1:] for p in (glob.glob(w) or [w]))
         code, out, err = _fastprompt(words, capsys)
@@ -139,7 +152,11 @@ def test_training_block_runs_in_order(tmp_path, monkeypatch, capsys):
             assert "| maple" in out  # the run's table
         if words[0] == "report":
             assert "eurosat" in out
-    assert seen == ["prepare", "train --dry-run", "train", "eval", "report", "train --resume"], seen
+        if words[0] == "predict":
+            # 2 images; --top 3 capped at the run's 2 base classes (b2n trains on half the fake EuroSAT's 4).
+            assert out.splitlines()[0].startswith("photos/0.jpg: ") and out.count("%") == 2 * 2
+    assert seen == ["prepare", "train --dry-run", "train", "eval", "report", "predict", "train --resume", "train",
+                    "train"], seen
     assert os.path.isfile(tmp_path / "runs" / "maple-b2n-eurosat-16shot" / "summary.json")
 
 
