@@ -16,8 +16,9 @@ method whose parameters do not depend on the class count; the prediction mode is
 classes and 'novel' otherwise (MMRL's decoupled inference), unless `mode` is given.
 
 A Predictor computes the class set's text features once (PromptedCLIP's inference cache) and reuses them for
-every call, so a call costs the image tower; on a GPU it runs under bf16 autocast unless `amp_dtype` says
-otherwise (None: fp32). `device='auto'` takes the GPU where there is one (a CLIP passed in stays on its device),
+every call, so a call costs the image tower; it steps through the evaluation engine (fastprompt.evaluation.EvalStep:
+a CUDA graph for a batch shape seen again). On a GPU it runs bf16 weights under bf16 autocast unless `amp_dtype`
+says otherwise (None: fp32). `device='auto'` takes the GPU where there is one (a CLIP passed in stays on its device),
 and the CLIP it creates runs fastprompt's fast path (`kernels`: a patch backend, or 'eager' for the unpatched
 model). `checkpoint` is a checkpoint folder, its checkpoint.json, or a run folder of one seed.
 """
@@ -30,6 +31,7 @@ import torch
 
 from ..backbones import create_clip
 from ..data import eval_transform, open_rgb_image
+from ..evaluation import EvalStep
 from . import checkpoint as ckpt
 
 
@@ -51,7 +53,9 @@ class Predictor:
         backbone = manifest["backbone"]
         if clip is None:
             weights = pretrained if pretrained is not None else backbone.get("pretrained")
-            clip = create_clip(backbone["name"], pretrained=weights, device=self.device)
+            # Weights in the autocast dtype where it is bf16 (the runner's GPU numerics: bf16 weights, bf16 autocast).
+            precision = "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
+            clip = create_clip(backbone["name"], pretrained=weights, precision=precision, device=self.device)
             if kernels != "eager":  # the fast path, exact (a CLIP passed in is used as it comes)
                 fastprompt.patch(clip, backend=kernels)
         trained = list(manifest["classnames"])
@@ -65,6 +69,9 @@ class Predictor:
             ckpt.load_into(self.model, manifest, tensors)  # re-checks class-specific parameters for the new set
         self.mode = mode or ("base" if self.classnames == trained else "novel")
         self.model.eval()
+        # The evaluation engine's step: the cached class text, the autocast, and a CUDA graph for a batch shape seen
+        # again (a folder predicted in chunks of one size).
+        self._step = EvalStep(self.model, mode=self.mode, amp_dtype=self.amp_dtype, device=self.device)
         self.image_size = int(clip.visual.image_size[0])
         self.transform = eval_transform(self.image_size)
 
@@ -110,10 +117,7 @@ class Predictor:
         """Class probabilities [B, C] (softmax of the method's prediction logits), on the CPU."""
         x = self._batch(images).to(self.device)
         x = x.to(self.model.clip.visual.conv1.weight.dtype)
-        amp = self.amp_dtype
-        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = self.model.predict(self.model(x), self.mode).float()
-        return logits.softmax(-1).cpu()
+        return self._step(x).float().softmax(-1).cpu()
 
 
 def predict(images, classnames, checkpoint: str, device: str = "auto", pretrained: str | None = None,

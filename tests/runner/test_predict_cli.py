@@ -92,3 +92,25 @@ def test_predict_on_a_missing_gpu_is_one_line(tmp_path, cli):
     (tmp_path / "x.png").write_bytes(b"")
     code, _, err = cli("predict", tmp_path, tmp_path / "x.png", "--device", "cuda")
     assert code == 2 and "CUDA is not available on this machine" in err and err.count("\n") == 1
+
+
+@pytest.mark.gpu
+def test_predictor_on_a_gpu_runs_bf16_through_the_evaluation_engine(tmp_path):
+    """device='auto' takes the GPU; the CLIP it creates has bf16 weights and the fast path; a batch shape seen again
+    replays the EvalStep's CUDA graph, with the probabilities of the fp32 CPU predictor up to bf16 rounding."""
+    from fastprompt.runner import checkpoint as ckpt
+
+    donor = fastprompt.build("maple", create_clip("tiny"), ["red fox", "green frog", "blue jay"])
+    with torch.no_grad():
+        for parameter in donor.method.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    ckpt.save_checkpoint(str(tmp_path), donor, "maple", {}, ckpt.backbone_record(donor, "tiny", None))
+    predictor = Predictor(str(tmp_path))
+    assert predictor.device.type == "cuda" and predictor.model.clip.visual.conv1.weight.dtype == torch.bfloat16
+    assert fast_path(predictor.model.clip) is not None
+    x = torch.randn(4, 3, 32, 32)
+    calls = [predictor(x) for _ in range(3)]  # warm-up, capture, replay
+    assert predictor._step.mode_name == "cuda_graph"
+    assert torch.equal(calls[1], calls[2])
+    reference = Predictor(str(tmp_path), device="cpu")(x)
+    torch.testing.assert_close(calls[2], reference, rtol=0, atol=3e-2)
