@@ -66,7 +66,7 @@ if [ "$PART" = S ]; then  # the README's test command's scope, on the GPU: tests
 fi
 if [ "$PART" = A ]; then
   TAILN=25 stage gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_training_engine.py \
-    tests/test_evaluation.py tests/test_text_cache.py tests/kernels/test_eager_call_path.py
+    tests/test_evaluation.py tests/test_text_cache.py tests/kernels/test_eager_call_path.py tests/runner/test_predict_cli.py
   TAILN=6 stage host-gpu 90 python3 bench/device/host_gpu.py maple,coop,mcpl imagenet-b32
   bench train-maple 150 test_bench_train_step.py imagenet-b32 maple eager,tuned,fastprompt
   bench inference 150 test_bench_inference.py imagenet-b100 maple,coop,mmrl,mcpl eager,fastprompt
