@@ -380,7 +380,7 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
                          subset: str = "all", mode: str | None = None, printer=print) -> list[dict]:
     """Evaluate saved checkpoints (never trains). Without `dataset`, on the targets of their own protocol
     (same seeds, same splits as training); with it, on that dataset's test split (`subset`)."""
-    from ..data import subsample_classes
+    from ..data import resolve_dataset_name, subsample_classes
     from .data import Target
 
     join_torchrun(str((overrides or {}).get("device", "auto")))
@@ -395,6 +395,13 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
         if bad:
             raise ConfigError(f"eval cannot change {', '.join(bad)} (only {', '.join(EVAL_OVERRIDES)}, dataset.*): the"
                               " checkpoint fixes the method, its options and the training data")
+        if dataset is not None:
+            # The dataset evaluated on takes the config's dataset slot, so that its root checks apply to it (a
+            # checkpoint trained on the procedural set, as every import-dassl checkpoint records, refused any root);
+            # the training data's own options stay behind unless it is the same dataset.
+            name = dataset if dataset == "procedural" else resolve_dataset_name(dataset)
+            if name != config.dataset:
+                config.dataset, config.dataset_options = name, {}
         apply_values(config, overrides or {}, "override")
         check_config(config)  # eval_batch_size=0 and the like: the checks a new run's values get
         seed = int(manifest.get("seed", config.seeds[0]))

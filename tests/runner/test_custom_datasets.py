@@ -57,3 +57,20 @@ def test_a_root_of_the_wrong_kind_is_one_error_line(tmp_path, cli, own_data, dat
     code, _, err = cli("train", "--dataset", dataset, "--root", tmp_path / root, *ARGS, f"output_dir={out}")
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_a_checkpoint_trained_on_the_procedural_set_evaluates_on_a_dataset_with_a_root(tmp_path, cli, own_data):
+    """eval --checkpoint X --dataset D --root R checks R against D, not against the dataset X was trained on (the
+    procedural set, which takes no root, as every import-dassl checkpoint records: it refused every root)."""
+    folders, table = own_data
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--dataset", "procedural", *ARGS, "dataset.num_test_per_class=2", f"output_dir={run}")
+    assert code == 0, err
+    for dataset, root, images in (("imagefolder", folders, 6), ("csv", table, 6)):
+        output = tmp_path / f"{dataset}.json"
+        code, _, err = cli("eval", "--checkpoint", run / "seed1", "--dataset", dataset, "--root", root, "device=cpu",
+                           "--output", output)
+        assert code == 0, err
+        (target,) = json.loads(output.read_text())["evaluations"][0]["targets"]
+        assert (target["dataset"], target["mode"], target["images"]) == (dataset if dataset != "csv" else "images",
+                                                                         "novel", images)
