@@ -214,12 +214,16 @@ def data_on_device(config: RunConfig, device) -> bool:
 def set_field(config: RunConfig, key: str, value) -> None:
     if key not in FIELDS:
         raise ConfigError(unknown_key_message(key, list(FIELDS)))
-    setattr(config, key, coerce(value, _HINTS[key], key))
+    value = coerce(value, _HINTS[key], key)
+    if key == "root" and value is not None:
+        # Absolute as soon as it is set: the run folder keeps it, and `eval` from another folder reads it back.
+        value = os.path.abspath(os.path.expanduser(value))
+    setattr(config, key, value)
 
 
 def unknown_key_message(key: str, valid: list[str], what: str = "config key") -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
     kind = {"config key": "keys"}.get(what, what + "s")  # "method" -> "Valid methods", as the user wrote it
     return f"unknown {what} {key!r}{hint} Valid {kind}: {', '.join(sorted(valid))}"
 

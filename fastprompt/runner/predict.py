@@ -40,7 +40,7 @@ class Predictor:
                  mode: str | None = None, clip=None, amp_dtype="auto", kernels: str = "auto"):
         import fastprompt
         from ..evaluation import _resolve_amp
-        from ..text import class_list
+        from ..text import class_list, clean_classname
 
         self.checkpoint = os.path.abspath(_checkpoint_of(checkpoint))
         manifest, tensors = ckpt.load_checkpoint(self.checkpoint)
@@ -67,7 +67,9 @@ class Predictor:
         if self.classnames != trained:
             self.model.set_classnames(self.classnames)
             ckpt.load_into(self.model, manifest, tensors)  # re-checks class-specific parameters for the new set
-        self.mode = mode or ("base" if self.classnames == trained else "novel")
+        # Base on the training classes in any order or spelling that cleans alike ('blue_square', 'blue square').
+        same_set = sorted(map(clean_classname, self.classnames)) == sorted(map(clean_classname, trained))
+        self.mode = mode or ("base" if same_set else "novel")
         self.model.eval()
         # The evaluation engine's step: the cached class text, the autocast, and a CUDA graph for a batch shape seen
         # again (a folder predicted in chunks of one size).

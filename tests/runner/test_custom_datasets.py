@@ -74,3 +74,16 @@ def test_a_checkpoint_trained_on_the_procedural_set_evaluates_on_a_dataset_with_
         (target,) = json.loads(output.read_text())["evaluations"][0]["targets"]
         assert (target["dataset"], target["mode"], target["images"]) == (dataset if dataset != "csv" else "images",
                                                                          "novel", images)
+
+
+def test_a_relative_root_is_kept_absolute_and_the_run_evaluates_from_another_folder(tmp_path, cli, own_data,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("train", "--dataset", "imagefolder", "--root", "folders", *ARGS, "output_dir=run")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["root"] == str(tmp_path / "folders")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = cli("eval", tmp_path / "run", "device=cpu")
+    assert code == 0 and "largest difference from the accuracy logged at training time: 0.0000" in out, err

@@ -71,3 +71,8 @@ def test_predict_matches_the_model_rebuilt_from_the_checkpoint(tmp_path, cli):
     assert torch.allclose(predictor(images), expected, atol=1e-6)
     # The training class set predicts in base mode and returns one column per training class.
     assert Predictor(str(folder)).mode == "base" and Predictor(str(folder))(images).shape == (2, 4)
+    # The training classes reordered, or spelled with '_' for ' ': still the base set.
+    trained = list(manifest["classnames"])
+    assert Predictor(str(folder), trained[::-1]).mode == "base"
+    assert Predictor(str(folder), [n.replace(" ", "_") for n in trained]).mode == "base"
+    assert Predictor(str(folder), trained[:-1]).mode == "novel"
