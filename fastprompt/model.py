@@ -185,10 +185,25 @@ class PromptedCLIP(nn.Module):
                 raise ValueError("vision prompts cannot be class-specific")
 
     def set_classnames(self, classnames) -> None:
-        """(Re)build the class prompts, e.g. to evaluate the same prompts on novel classes."""
-        self.prompts: ClassPrompts = tokenize_classes(
+        """(Re)build the class prompts, e.g. to evaluate the same prompts on novel classes. Class-specific prompts
+        (CoOp class_specific=True) have one context per class position: another class count is an error, other
+        names for as many classes a warning (each context stays with its position)."""
+        prompts = tokenize_classes(
             self.tokenizer, self.method.template, classnames, self.info.context_length, self.method.text_slots
         )
+        previous = getattr(self, "prompts", None)
+        if previous is not None and any(s.scope == "class" for s in self.method.text_sources.values()):
+            old, new = list(previous.classnames), list(prompts.classnames)
+            if len(new) != len(old):
+                raise ValueError(f"this model's prompts are class-specific (one context for each of its {len(old)}"
+                                 f" classes): it cannot take {len(new)} classes; build a model for them and train it")
+            if new != old:
+                import warnings
+
+                warnings.warn("class-specific prompts follow position: the context trained for "
+                              f"{old[0]!r} now scores {new[0]!r}, and so on; pass the training classes in their order"
+                              " unless this renaming is meant", UserWarning, stacklevel=2)
+        self.prompts: ClassPrompts = prompts
         sched = self.method.text_schedule
         if sched.mode == "replace" and sched.prompted and sched.edits[0].add != self.method.text_slots:
             raise ValueError(

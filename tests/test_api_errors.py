@@ -116,6 +116,19 @@ def test_option_of_a_compatible_type_is_accepted(tiny_clip, method, option, valu
     assert model(torch.zeros(1, 3, 32, 32)).image_features.shape[0] == 1
 
 
+def test_class_specific_prompts_refuse_another_class_count_and_warn_on_other_names(tiny_clip):
+    model = fastprompt.build("coop", tiny_clip, ["cat", "dog"], class_specific=True)
+    with pytest.raises(ValueError, match=r"^this model's prompts are class-specific \(one context for each of its 2"
+                                         r" classes\): it cannot take 3 classes"):
+        model.set_classnames(["cat", "dog", "owl"])
+    with pytest.warns(UserWarning, match=r"^class-specific prompts follow position: the context trained for 'cat'"
+                                         r" now scores 'dog'"):
+        model.set_classnames(["dog", "cat"])
+    generic = fastprompt.build("coop", tiny_clip, ["cat", "dog"])
+    generic.set_classnames(["cat", "dog", "owl"])  # one context for every class: any class set
+    assert generic(torch.zeros(1, 3, 32, 32)).logits["main"].shape == (1, 3)
+
+
 # --- images --------------------------------------------------------------------------------------------------
 
 

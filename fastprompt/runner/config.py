@@ -347,6 +347,11 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(f"data_on_device must be true, false or auto, got {config.data_on_device!r}")
     if config.device_cache_side is not None and config.data_on_device is False:
         raise ConfigError("device_cache_side is set but data_on_device is false; set data_on_device=true")
+    # Protocols that score other classes (b2n's novel half, xd's other datasets, dg's ImageNet-A/-R subsets).
+    if config.options.get("class_specific") and (config.protocol in ("b2n", "xd") or
+                                                 (config.protocol == "dg" and config.targets is None)):
+        raise ConfigError(f"class_specific=true trains one context per training class, which protocol"
+                          f" {config.protocol} would use on other classes; use protocol fewshot, or class_specific=false")
     if config.gpa and config.method != "promptsrc":
         raise ConfigError(f"gpa (Gaussian prompt aggregation) is PromptSRC's; method is {config.method!r}")
     if config.dataset == "procedural" and config.root is not None:

@@ -87,3 +87,16 @@ def test_a_relative_root_is_kept_absolute_and_the_run_evaluates_from_another_fol
     monkeypatch.chdir(elsewhere)
     code, out, err = cli("eval", tmp_path / "run", "device=cpu")
     assert code == 0 and "largest difference from the accuracy logged at training time: 0.0000" in out, err
+
+
+def test_class_specific_prompts_are_refused_where_other_classes_would_be_scored(tmp_path, cli, own_data):
+    folders, _ = own_data
+    code, _, err = cli("train", "--dataset", "imagefolder", "--root", folders, *ARGS, "--protocol", "b2n",
+                       "class_specific=true", "--dry-run")
+    assert code == 2 and "class_specific=true trains one context per training class, which protocol b2n" in err
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--dataset", "procedural", *ARGS, "class_specific=true", f"output_dir={run}")
+    assert code == 0, err
+    code, _, err = cli("eval", "--checkpoint", run / "seed1", "--dataset", "imagefolder", "--root", folders,
+                       "device=cpu")
+    assert code == 2 and err.count("\n") == 1 and "so they cannot score the classes of imagefolder" in err, err
