@@ -98,6 +98,7 @@ class StepOptions:
     # (`train_step_blas_workspaces`); 0 on CPU. Each is `blas_workspace_size` bytes (`blas_workspace_bytes`).
     blas_workspaces: int = 0
     blas_workspace_size: int = BLAS_WORKSPACE_HOPPER
+    device_type: str = "cuda"  # where the step runs: `suggest` offers the CUDA-only savings on CUDA only
 
     def __post_init__(self):
         if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
@@ -175,7 +176,7 @@ def options_for(patched: bool = True, truncate_text: bool = True, device: str | 
     cuda = torch.device(device).type == "cuda"
     weights = weights_dtype or amp_dtype or torch.float32
     common = dict(weights_dtype=weights, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute,
-                  **_blas(device, blas_workspaces))
+                  device_type=torch.device(device).type, **_blas(device, blas_workspaces))
     if not patched:
         return StepOptions(packed_text=False, full_context=not truncate_text, cache_frozen_layers=False,
                            frozen_weight_ops=False, patched=False, attention="sdpa", **common)
@@ -206,7 +207,7 @@ def options_for_model(model, amp_dtype: torch.dtype | None = None, optimizer: st
 
     report = fast_path(clip)
     common = dict(weights_dtype=weight.dtype, amp_dtype=amp_dtype, optimizer=optimizer, recompute=recompute,
-                  **_blas(weight.device, blas_workspaces))
+                  device_type=weight.device.type, **_blas(weight.device, blas_workspaces))
     pooled = model.pools_last_layer()
     if report is None:
         return StepOptions(packed_text=False, full_context=not model.truncate_text, cache_frozen_layers=False,
@@ -614,7 +615,7 @@ class MemoryEstimate:
         return "\n".join(lines)
 
     def suggest(self, budget_bytes: int) -> "Suggestion":
-        return suggest(self._model, self.batch, budget_bytes, self.options)
+        return suggest(self._model, self.batch, budget_bytes, self.options, cuda=self.options.device_type == "cuda")
 
 
 def predict_peak_memory(model, batch: int, options: StepOptions | None = None) -> MemoryEstimate:
@@ -749,6 +750,11 @@ def suggest(model, batch: int, budget_bytes: int, options: StepOptions | None = 
         if smaller:
             advice += f"; or batch {smaller} without accumulation"
         return Suggestion(budget_bytes, True, advice, tried, opts, batch, smaller)
+    if smaller:  # accumulation keeps the whole batch's images on the device; a smaller batch need not
+        tried.append((f"batch {smaller}", predict_peak_memory(model, smaller, o).total_bytes))
+        advice = (f"fits with every option above and batch {smaller} (batch {batch} does not fit even with one image"
+                  " per micro-batch: its images alone stay on the device)")
+        return Suggestion(budget_bytes, True, advice, tried, o, smaller, smaller)
     return Suggestion(budget_bytes, False, "does not fit even with one image per micro-batch and every option",
                       tried, o, None)
 

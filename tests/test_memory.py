@@ -372,7 +372,23 @@ def test_suggest_names_the_option_that_fits():
     assert f"or batch {tight.smaller_batch} without accumulation" in tight.advice
     impossible = eager.suggest(2**20)
     assert not impossible.fits and "does not fit" in impossible.advice
+    # Between the two: accumulation cannot fit batch 32 (its images stay on the device), a smaller batch can.
+    low, high = (predict_peak_memory(model, b, dataclasses.replace(tight.options, accumulate=a)).total_bytes
+                 for b, a in ((1, 1), (32, 32)))
+    assert low < high
+    squeezed = eager.suggest((low + high) // 2)
+    assert squeezed.fits and squeezed.options.accumulate == 1 and 1 <= squeezed.batch < 32
+    assert squeezed.batch == squeezed.smaller_batch and f"and batch {squeezed.batch} (batch 32" in squeezed.advice
+    assert predict_peak_memory(model, squeezed.batch, squeezed.options).total_bytes <= (low + high) // 2
     assert "GiB" in str(eager) and "saved: text" in str(eager)
+
+
+def test_a_cpu_estimate_suggests_no_cuda_only_saving():
+    on_cpu = predict_for("maple", IMAGENET, 32, device="cpu", amp_dtype=None)
+    assert on_cpu.options.device_type == "cpu" and not on_cpu.options.frozen_weight_ops
+    advice = on_cpu.suggest(int(0.6 * on_cpu.total_bytes))
+    assert advice.fits and not any("CUDA" in what for what, _ in advice.tried), advice.tried
+    assert any("CUDA" in what for what, _ in predict_for("maple", IMAGENET, 32, patched=False).suggest(2**20).tried)
 
 
 def test_accumulation_predicts_one_micro_batch_of_activations_and_the_whole_batch_of_inputs():
