@@ -71,3 +71,20 @@ def test_one_rank_runs_the_plain_text_pass_exactly(tiny_clip, tmp_path):
         dist.destroy_process_group()
     assert sharded.text_sharding.slice_model is None  # no second model: the model's own pass
     assert torch.equal(got.logits["main"], plain(images).logits["main"])
+
+
+def test_the_runner_refuses_fewer_classes_than_processes_before_a_run_starts(monkeypatch):
+    """shard_text=true over 3 processes with 2 classes is one ConfigError naming the key, when the model is built
+    (it was a ValueError traceback from the first text pass, inside a started run)."""
+    import fastprompt
+    from fastprompt.backbones import create_clip
+    from fastprompt.parallel import data_parallel
+    from fastprompt.runner.config import ConfigError, RunConfig
+    from fastprompt.runner.engine import shard_text_if_asked
+
+    monkeypatch.setattr(data_parallel, "world_size", lambda: 3)
+    model = fastprompt.build("coop", create_clip("tiny"), ["cat", "dog"])
+    with pytest.raises(ConfigError, match=r"^shard_text=true gives each of the 3 processes a share of the classes,"
+                                          r" but there are 2; use shard_text=false$"):
+        shard_text_if_asked(model, RunConfig(shard_text=True))
+    assert shard_text_if_asked(model, RunConfig(shard_text=False)) is model

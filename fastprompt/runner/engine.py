@@ -116,6 +116,10 @@ def build_model(config: RunConfig, clip, classnames, seed: int, template: str | 
 def shard_text_if_asked(model, config: RunConfig):
     """Class-sharded text under torchrun when `shard_text` is on (with one process the plain text pass)."""
     if config.shard_text and data_parallel.world_size() > 1:
+        processes, classes = data_parallel.world_size(), len(model.classnames)
+        if classes < processes:  # checked here, before a run starts, rather than at the first text pass
+            raise ConfigError(f"shard_text=true gives each of the {processes} processes a share of the classes, but"
+                              f" there are {classes}; use shard_text=false")
         try:
             model.shard_text_classes()
         except ValueError as error:  # a method whose text depends on the image
