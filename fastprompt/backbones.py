@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
+import re
 import socket
 from urllib.parse import urlparse
 
@@ -90,13 +92,7 @@ def create_clip(
         cast = None if dtype == torch.float32 else dtype
         model = open_clip.CLIP(**TINY_CONFIGS[name], cast_dtype=cast)
         if pretrained:
-            if pretrained.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                state = load_file(pretrained)
-            else:
-                state = torch.load(pretrained, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+            _load_weights_file(model, pretrained, name)
         if cast is not None:
             open_clip.model.convert_weights_to_lp(model, dtype=dtype)
         return model.to(device).eval()
@@ -113,8 +109,47 @@ def create_clip(
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     if pretrained and not os.path.isfile(pretrained):
         _check_weights_reachable(name, pretrained)
-    model = open_clip.create_model(name, pretrained=pretrained, precision=precision_map[precision], device=device)
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, precision=precision_map[precision], device=device)
+    except (RuntimeError, pickle.UnpicklingError, AssertionError, KeyError) as error:  # open_clip asserts shapes too
+        if not (pretrained and os.path.isfile(pretrained)):
+            raise
+        raise WeightsFileError(f"pretrained file {pretrained!r} does not load into {name}: {_first_lines(error)}") from None
     return model.eval()
+
+
+class WeightsFileError(ValueError):
+    """A local weights file that is not a checkpoint of the backbone (corrupt, another format or architecture)."""
+
+
+def _first_lines(error: BaseException, keep: int = 2) -> str:
+    """An exception's message cut to its first problems: load_state_dict lists every mismatched tensor (hundreds
+    of lines for another architecture)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    rest = f" ... ({len(lines) - keep} more)" if len(lines) > keep else ""
+    return " ".join(lines[:keep]) + rest
+
+
+def _load_weights_file(model, path: str, name: str) -> None:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                state = load_file(path)
+            except SafetensorError as error:
+                raise WeightsFileError(f"pretrained file {path!r} is not a safetensors file ({error})") from None
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except pickle.UnpicklingError as error:  # torch's message is a paragraph on weights_only; one line says why
+        text = " ".join(str(error).split())
+        found = re.search(r"Unpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text)
+        why = found.group(1) if found else text[:200]
+        raise WeightsFileError(f"pretrained file {path!r} is not a weights-only torch checkpoint ({why})") from None
+    except (RuntimeError, EOFError, OSError, AttributeError) as error:
+        raise WeightsFileError(f"pretrained file {path!r} does not load into {name}: {_first_lines(error)}") from None
 
 
 def cached_weights(name: str, tag: str) -> str | None:

@@ -434,6 +434,7 @@ def _check_output_path(path: str, what: str, folder: bool) -> None:
 
 def _expected_errors() -> tuple:
     from .backbone import UnsupportedModelError
+    from .backbones import WeightsFileError, WeightsUnavailableError
     from .data import CorruptImageError, DatasetError
     from .parallel.data_parallel import PeerFailed
     from .runner.checkpoint import CheckpointError
@@ -445,7 +446,7 @@ def _expected_errors() -> tuple:
     # OSError: what the operating system refused (permissions, a full disk, a path that vanished) is a problem
     # of the environment, said in one line like bad input; a bug still shows its traceback.
     return (ConfigError, DatasetError, CheckpointError, RunError, CorruptImageError, NonFiniteLossError,
-            UnsupportedModelError, ReportError, OSError, PeerFailed)
+            UnsupportedModelError, ReportError, OSError, PeerFailed, WeightsFileError, WeightsUnavailableError)
 
 
 def main(argv=None) -> int:

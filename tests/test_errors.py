@@ -29,6 +29,39 @@ def test_missing_pretrained_file_is_named(tmp_path):
         create_clip("ViT-B-16", pretrained=str(tmp_path / "nope.pt"))
 
 
+@pytest.mark.parametrize("backbone", ["tiny", "ViT-S-32-alt"])  # fastprompt's own config, open_clip's factory
+def test_a_weights_file_of_another_kind_is_one_line(tmp_path, backbone):
+    from fastprompt.backbones import WeightsFileError
+
+    text = tmp_path / "notes.pt"
+    text.write_text("not weights\n")
+    with pytest.raises(WeightsFileError, match=r"^pretrained file '.*notes.pt' (is not a weights-only torch"
+                                               r" checkpoint|does not load into)"):
+        create_clip(backbone, pretrained=str(text))
+    other = tmp_path / "small.pt"  # another architecture: hundreds of mismatched tensors, two named
+    torch.save(create_clip("small").state_dict(), other)
+    with pytest.raises(WeightsFileError) as error:
+        create_clip(backbone, pretrained=str(other))
+    message = str(error.value)
+    assert message.startswith(f"pretrained file '{other}' does not load into {backbone}: ") and "\n" not in message
+    if backbone == "tiny":  # fastprompt loads the state dict itself: the first mismatches and a count
+        assert "size mismatch" in message and message.endswith("more)"), message
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(bytes(range(50)))
+    with pytest.raises(WeightsFileError, match=r"^pretrained file '.*noise.safetensors' is not a safetensors file"):
+        create_clip("tiny", pretrained=str(noise))
+
+
+def test_the_demo_reports_weights_it_cannot_load_in_one_line(tmp_path, capsys):
+    from fastprompt.cli import main
+
+    bad = tmp_path / "bad.pt"
+    bad.write_text("x\n")
+    assert main(["demo", "--backbone", "tiny", "--pretrained", str(bad), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastprompt: error: pretrained file") and err.count("\n") == 1, err
+
+
 def test_class_name_that_does_not_fit_is_named(tiny_clip):
     long_name = " ".join(["zebra"] * 80)
     with pytest.raises(ValueError, match="class 'zebra zebra.*does not fit.*77"):
