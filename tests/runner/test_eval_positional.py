@@ -42,15 +42,9 @@ class _Stop(Exception):
     """Raised in place of the evaluation, once its arguments are recorded."""
 
 
-@pytest.mark.parametrize("words", [
-    ["eval", "runs/x", "device=cpu"],
-    ["eval", "device=cpu", "runs/x"],
-    ["eval", "--dataset", "procedural", "runs/x", "device=cpu"],
-    ["eval", "device=cpu", "--dataset", "procedural", "runs/x"],
-])
-def test_positional_and_dash_dash_run_evaluate_alike(words, monkeypatch):
-    """What the evaluation is handed (checkpoint folders, overrides, dataset, subset, mode) is the same for
-    `eval RUN ...`, the run anywhere among the words, as for `eval --run RUN ...`."""
+@pytest.fixture
+def recorded(monkeypatch):
+    """The arguments each `eval` hands the evaluation (which then stops with _Stop), in a list."""
     calls = []
 
     def record(*args):
@@ -59,6 +53,19 @@ def test_positional_and_dash_dash_run_evaluate_alike(words, monkeypatch):
 
     monkeypatch.setattr(run_module, "checkpoints_of_run", lambda run: [f"{run}/seed1"])
     monkeypatch.setattr(run_module, "evaluate_checkpoints", record)
+    return calls
+
+
+@pytest.mark.parametrize("words", [
+    ["eval", "runs/x", "device=cpu"],
+    ["eval", "device=cpu", "runs/x"],
+    ["eval", "--dataset", "procedural", "runs/x", "device=cpu"],
+    ["eval", "device=cpu", "--dataset", "procedural", "runs/x"],
+])
+def test_positional_and_dash_dash_run_evaluate_alike(words, recorded):
+    """What the evaluation is handed (checkpoint folders, overrides, dataset, subset, mode) is the same for
+    `eval RUN ...`, the run anywhere among the words, as for `eval --run RUN ...`."""
+    calls = recorded
     dataset = ["--dataset", "procedural"] if "--dataset" in words else []
     for command in (words, ["eval", "--run", "runs/x", *dataset, "device=cpu"]):
         with pytest.raises(_Stop):
@@ -97,16 +104,9 @@ def test_run_folder_given_twice_is_one_error_line(tmp_path, cli, args, message):
 
 # --- (d) --root, as train takes it ---------------------------------------------------------------------------
 @pytest.mark.parametrize("target", [["runs/x"], ["--checkpoint", "ckpt", "--dataset", "imagefolder"]])
-def test_dash_dash_root_is_the_root_override(target, monkeypatch):
+def test_dash_dash_root_is_the_root_override(target, recorded):
     """`eval ... --root DIR` is `root=DIR` (train's flag; it used to be read as a second run folder)."""
-    calls = []
-
-    def record(*args):
-        calls.append(args)
-        raise _Stop
-
-    monkeypatch.setattr(run_module, "checkpoints_of_run", lambda run: [f"{run}/seed1"])
-    monkeypatch.setattr(run_module, "evaluate_checkpoints", record)
+    calls = recorded
     for words in (["--root", "/data"], ["root=/data"]):
         with pytest.raises(_Stop):
             main(["eval", *target, *words, "device=cpu"])
