@@ -281,6 +281,12 @@ def check_compatible(manifest: dict, method: str, backbone_info: dict, backbone_
         )
 
 
+def takes_class_set(manifest: dict, classnames) -> bool:
+    """Whether the checkpoint's prompts can score `classnames`: any class set, except class-specific context (CoOp
+    class_specific=True), which holds one context per training class and needs exactly those classes."""
+    return not manifest["options"].get("class_specific") or list(classnames) == list(manifest["classnames"])
+
+
 def load_into(model, manifest: dict, tensors: dict) -> None:
     """Load the checkpoint tensors into `model.method`, after the method and backbone checks.
 
@@ -288,7 +294,7 @@ def load_into(model, manifest: dict, tensors: dict) -> None:
     context, every deep prompt); class-specific parameters (CoOp class_specific=True) need the same classes.
     """
     check_compatible(manifest, model.method.name, backbone_info(model))
-    if manifest["options"].get("class_specific") and list(model.classnames) != list(manifest["classnames"]):
+    if not takes_class_set(manifest, model.classnames):
         raise CheckpointError(
             f"checkpoint has class-specific context for its {len(manifest['classnames'])} training classes; it"
             f" cannot be used with a different class set ({len(model.classnames)} classes given)"

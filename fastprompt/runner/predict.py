@@ -133,10 +133,12 @@ def predict(images, classnames, checkpoint: str, device: str = "auto", pretraine
 def _checkpoint_of(path) -> str:
     """A checkpoint folder or checkpoint.json as given; a run folder (run.json, seed folders) of one seed is that
     seed's checkpoint, and of several an error that lists them (their prompts differ: the caller picks one)."""
+    from .run import RUN_MANIFEST
+
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "run.json")) or os.path.isfile(os.path.join(path, "checkpoint.json")):
+    if not os.path.isfile(os.path.join(path, RUN_MANIFEST)) or os.path.isfile(os.path.join(path, ckpt.MANIFEST)):
         return path
-    seeds = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, "checkpoint.json")))
+    seeds = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, ckpt.MANIFEST)))
     if len(seeds) == 1:
         return os.path.join(path, seeds[0])
     if not seeds:

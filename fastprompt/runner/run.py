@@ -420,12 +420,11 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
             splits = subsample_classes(load_dataset(config, dataset, image_size), subset)
             same = list(splits.classnames) == list(manifest["classnames"])
             targets = [Target(splits.name, subset, mode or ("base" if same else "novel"), splits)]
-        trained = list(manifest["classnames"])
-        other = [t.dataset for t in targets if list(t.splits.classnames) != trained]
-        if manifest["options"].get("class_specific") and other:
+        other = [t.dataset for t in targets if not ckpt.takes_class_set(manifest, t.splits.classnames)]
+        if other:
             raise ckpt.CheckpointError(
-                f"{folder}: its prompts are class-specific (one context for each of its {len(trained)} training"
-                f" classes), so they cannot score the classes of {', '.join(other)}")
+                f"{folder}: its prompts are class-specific (one context for each of its {len(manifest['classnames'])}"
+                f" training classes), so they cannot score the classes of {', '.join(other)}")
         model = shard_text_if_asked(_model_from_checkpoint(clip, manifest, tensors), config)
         echo(f"evaluating {ckpt.checkpoint_folder(folder)} ({manifest['method']}, seed {seed}, {num.name} on {device})")
         trainer = SeedTrainer(config, clip, device, num, image_size, echo)
