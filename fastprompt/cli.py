@@ -449,7 +449,39 @@ def _expected_errors() -> tuple:
             UnsupportedModelError, ReportError, OSError, PeerFailed, WeightsFileError, WeightsUnavailableError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: a scheduler's time limit or preemption (SLURM, Kubernetes), `kill`, or torchrun stopping
+    the other processes after one failed. A KeyboardInterrupt, so that it ends a command the way Ctrl-C does: a
+    run is marked 'interrupted' in run.json and resumes from its last saved epoch."""
+
+
+def _raise_terminated(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM and return the previous one (None where signals cannot be set: a thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv=None) -> int:
+    previous = _on_sigterm(_raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            _on_sigterm(previous)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -472,6 +504,9 @@ def main(argv=None) -> int:
         where = f" (rank {data_parallel.rank()} of {processes})" if processes > 1 else ""
         print(f"fastprompt: error{where}: {message}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("fastprompt: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + 15
     except KeyboardInterrupt:
         print("fastprompt: interrupted", file=sys.stderr)
         return 130

@@ -283,9 +283,12 @@ def _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, o
         summary = data_parallel.on_main(write_summary, run_dir, config, results, share=True)
     except BaseException as error:
         if manifest is not None:
-            manifest.update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+            interrupted = isinstance(error, KeyboardInterrupt)
+            manifest.update(status="interrupted" if interrupted else "failed",
                             error=f"{type(error).__name__}: {error}", finished=ckpt.now())
             ckpt.atomic_write_json(manifest_path, manifest)
+            if interrupted:
+                echo(f"run interrupted; continue it from its last saved epoch with: fastprompt train --resume {run_dir}")
         raise
     if manifest is not None:
         manifest.update(status="complete", finished=ckpt.now())
