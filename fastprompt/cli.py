@@ -89,6 +89,13 @@ def _overrides(args, extra: list[str]) -> dict:
     return overrides
 
 
+def _names_only_the_folder(overrides: dict, file_values: dict) -> bool:
+    """True when a resume names its output folder and nothing else that a run's config holds."""
+    from .runner.run import RESUMABLE_CHANGES
+
+    return not file_values and "output_dir" in overrides and set(overrides) <= set(RESUMABLE_CHANGES)
+
+
 def _train(args, extra) -> int:
     from .runner.config import ConfigError, format_config, load_config_file, resolve_config
     from .runner.run import config_for_resume, resume_folder, train_run
@@ -105,12 +112,22 @@ def _train(args, extra) -> int:
         _check_output_path(resolved.config.resolved_output_dir(), "output folder", folder=True)
         train_run(resolved)
         return 0
-    if args.resume == "latest":
+    if args.resume == "latest" and _names_only_the_folder(overrides, file_values):
+        # `--resume latest output_dir=DIR`: the run in DIR with the config it started with, as `--resume DIR`
+        # (resolving the defaults here would compare the run with a config nobody asked for).
+        run_dir = os.path.abspath(os.path.expanduser(overrides["output_dir"]))
+        if not os.path.isdir(run_dir):
+            raise ConfigError(f"--resume latest: there is no run to resume at {run_dir}")
+        config = config_for_resume(resume_folder(run_dir), overrides)
+    elif args.resume == "latest":
         resolved = resolve_config(file_values, overrides)
         run_dir = resolved.config.resolved_output_dir()
         if not os.path.isdir(run_dir):
             raise ConfigError(f"--resume latest: there is no run to resume at {run_dir}")
-        config = config_for_resume(resume_folder(run_dir), None, candidate=resolved.config)
+        try:
+            config = config_for_resume(resume_folder(run_dir), None, candidate=resolved.config)
+        except ConfigError as error:
+            raise ConfigError(f"{error} To continue it as it started: fastprompt train --resume {run_dir}") from None
     else:
         if file_values:
             raise ConfigError("--config and --resume PATH conflict: the resumed run's config is stored in its folder")

@@ -85,11 +85,21 @@ def test_resume_by_path_uses_the_stored_config(tmp_path, cli):
     assert read_json(run / "run.json")["status"] == "complete"
 
 
+def test_resume_latest_with_only_the_folder_resumes_the_run_in_it(tmp_path, cli):
+    run = tmp_path / "run"
+    interrupted_run(run, seed=1, epoch=1)
+    code, out, err = cli("train", "--resume", "latest", f"output_dir={run}", "num_workers=0")
+    assert code == 0, err
+    assert "seed 1: resuming after epoch 1" in out
+    assert read_json(run / "run.json")["status"] == "complete"
+
+
 def test_resume_refuses_a_changed_config_and_a_missing_run(tmp_path, cli):
     run = tmp_path / "run"
     interrupted_run(run, seed=1, epoch=1)
     code, _, err = cli("train", *ARGS, f"output_dir={run}", "lr=0.1", "--resume", "latest")
     assert code == 2 and "cannot resume" in err and "lr: 0.0035 -> 0.1" in err
+    assert err.rstrip().endswith(f"To continue it as it started: fastprompt train --resume {run}")
     code, _, err = cli("train", "--resume", run, "epochs=5")
     assert code == 2 and "epochs: 3 -> 5" in err
     code, _, err = cli("train", "--resume", run, f"output_dir={tmp_path / 'elsewhere'}")
