@@ -3,7 +3,7 @@
 Public API (stable; the runner and CLI use only these names):
 
 Datasets
-    build_dataset(name, root=None, **options) -> DatasetSplits
+    build_dataset(name, root=None, /, **options) -> DatasetSplits
         name: a benchmark ("imagenet", "caltech101", "oxford_pets", "stanford_cars",
         "oxford_flowers", "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
         "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"; Dassl names such as

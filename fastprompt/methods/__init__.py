@@ -9,13 +9,11 @@ Options are the keyword arguments of each method class (see its docstring).
 from __future__ import annotations
 
 import inspect
-import numbers
-import types
-import typing
 
 import torch.nn as nn
 
 from ..backbone import inspect_clip
+from ..keywords import accepts, declared_types, plain_number, type_name
 from ._build import BuildContext
 from .coop import CoCoOp, CoOp
 from .deep import IVLP, DeepLanguagePrompting, VPTDeep
@@ -60,33 +58,7 @@ def method_options(name: str) -> dict:
 
 def option_types(name: str) -> dict[str, object]:
     """Option name -> the type its method declares for it (object where undeclared or unresolvable)."""
-    cls = method_class(name)
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # an annotation that cannot be resolved: such options go unchecked
-        hints = {}
-    return {option: hints.get(option, object) for option in method_options(name)}
-
-
-def _accepts(hint, value) -> bool | None:
-    """Whether `value` is of the declared type (an int is a float, a bool is not an int; numpy scalars count as
-    numbers); None where the hint is not a plain type or a union of them, which the method's own checks then judge."""
-    if hint is object or hint is typing.Any:
-        return True
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        verdicts = [_accepts(arg, value) for arg in typing.get_args(hint)]
-        return True if any(verdicts) else (None if None in verdicts else False)
-    if hint is type(None):
-        return value is None
-    if not isinstance(hint, type) or typing.get_origin(hint) is not None:
-        return None
-    if isinstance(value, bool) and hint is not bool:
-        return False
-    if hint is float:  # numpy scalars too: a sweep's values often are
-        return isinstance(value, numbers.Real)
-    if hint is int:
-        return isinstance(value, numbers.Integral)
-    return isinstance(value, hint)
+    return declared_types(method_class(name).__init__, skip=2)
 
 
 def checked_options(name: str, options: dict) -> dict:
@@ -97,15 +69,10 @@ def checked_options(name: str, options: dict) -> dict:
     checked = {}
     for option, value in options.items():
         hint = types_[option]
-        if _accepts(hint, value) is False:
-            declared = str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
+        if accepts(hint, value) is False:
             raise TypeError(f"method {name!r} option {option}={value!r} is of type {type(value).__name__}; "
-                            f"expected {declared} (default {method_options(name)[option]!r})")
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
-            value = int(value)
-        elif isinstance(value, numbers.Real) and not isinstance(value, int | float):
-            value = float(value)
-        checked[option] = value
+                            f"expected {type_name(hint)} (default {method_options(name)[option]!r})")
+        checked[option] = plain_number(value)
     return checked
 
 

@@ -15,12 +15,13 @@ config file < command-line overrides.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import types
 import typing
 from dataclasses import dataclass, field
+
+from ..keywords import closest
 
 PROTOCOLS = ("b2n", "fewshot", "xd", "dg")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16-parity")
@@ -222,8 +223,8 @@ def set_field(config: RunConfig, key: str, value) -> None:
 
 
 def unknown_key_message(key: str, valid: list[str], what: str = "config key") -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    near = closest(key, valid)
+    hint = f"; did you mean {near!r}?" if near else ";"
     kind = {"config key": "keys"}.get(what, what + "s")  # "method" -> "Valid methods", as the user wrote it
     return f"unknown {what} {key!r}{hint} Valid {kind}: {', '.join(sorted(valid))}"
 
@@ -281,6 +282,28 @@ def load_config_file(path: str) -> dict:
     return flat
 
 
+def _set_dataset_option(config: RunConfig, key: str, value, source: str) -> None:
+    """`dataset.<option>=value` converted to the type the dataset's loader declares; an option the dataset does
+    not take is named here, with the closest one, before anything is read (and before a dry run prints)."""
+    from ..data import DatasetError
+    from ..data.registry import dataset_option_types
+
+    option = key[len("dataset."):]
+    try:
+        declared = dataset_option_types(config.dataset)
+    except DatasetError:  # an unknown dataset: resolve_config and check_config name it
+        declared = None
+    if declared is None:
+        config.dataset_options[option] = _parse_untyped(value) if isinstance(value, str) else value
+        return
+    if option not in declared:
+        near = closest(option, declared)
+        hint = f"; did you mean 'dataset.{near}'?" if near else ";"
+        raise ConfigError(f"{source}: dataset {config.dataset!r} has no option {option!r}{hint} its options:"
+                          f" {', '.join(declared) or 'none'}")
+    config.dataset_options[option] = coerce(value, declared[option], key)
+
+
 def apply_values(config: RunConfig, values: dict, source: str) -> None:
     """Apply {key: value} onto `config`: fields, bare method options and `dataset.<option>` keys."""
     from ..methods import METHODS, option_types as declared_option_types
@@ -292,8 +315,7 @@ def apply_values(config: RunConfig, values: dict, source: str) -> None:
         if key in ("method", "protocol", "dataset", "shots"):
             continue  # chosen before the preset (resolve_config)
         if key.startswith("dataset."):
-            parsed = _parse_untyped(value) if isinstance(value, str) else value
-            config.dataset_options[key[len("dataset.") :]] = parsed
+            _set_dataset_option(config, key, value, source)
         elif key in FIELDS:
             set_field(config, key, value)
         elif key in option_types:
@@ -357,6 +379,22 @@ def check_config(config: RunConfig) -> None:
     if config.dataset == "procedural" and config.root is not None:
         raise ConfigError("the procedural dataset is drawn in memory and takes no root; remove --root (or root=)")
     check_method_options(config.method, config.options)
+    _check_names(config)
+
+
+def _check_names(config: RunConfig) -> None:
+    """kernels and device spelled as the runner knows them; whether this machine has the device is the run's
+    check (a dry run may be made on a machine without the GPU the run will use)."""
+    from ..ops.backends import BACKENDS
+
+    kernels = ("auto", *BACKENDS)  # eager is one of BACKENDS: the unpatched reference
+    if config.kernels not in kernels:
+        near = closest(str(config.kernels), kernels)
+        hint = f" (did you mean {near!r}?)" if near else ""
+        raise ConfigError(f"kernels must be one of {', '.join(kernels)}, got {config.kernels!r}{hint}")
+    kind, _, index = str(config.device).partition(":")
+    if config.device != "auto" and (kind not in ("cpu", "cuda") or (index and not index.isdigit())):
+        raise ConfigError(f"device={config.device!r}: the runner runs on auto, cpu, cuda or cuda:N")
 
 
 # Numeric config keys: (lowest, highest, highest allowed?); None = unbounded. Every value must also be finite:

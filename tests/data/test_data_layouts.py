@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from fastprompt.data import DatasetError, build_dataset, dataset_options, known_dataset_names, resolve_dataset_name
@@ -177,6 +178,30 @@ def test_imagenet_r_and_sketch_and_v2_layouts(tmp_path, image_writer, classnames
     ]
 
 
+@pytest.mark.parametrize("name, option, value, expected", [
+    ("procedural", "num_test_per_class", "abc", "int"),
+    ("procedural", "num_classes", 2.5, "int"),
+    ("procedural", "seed", True, "int"),
+    ("dtd", "verify_files", "no", "bool"),
+    ("imagefolder", "val_fraction", "0.2", "float"),
+    ("csv", "name", 3, "str | None"),
+])
+def test_an_option_of_the_wrong_type_is_named_before_anything_is_read(tmp_path, name, option, value, expected):
+    root = None if name == "procedural" else tmp_path / "absent"  # the types are checked before the root
+    if name == "dtd":
+        root = tmp_path
+    with pytest.raises(DatasetError) as error:
+        build_dataset(name, root, **{option: value})
+    assert str(error.value) == (f"dataset {name!r} option {option}={value!r} is of type {type(value).__name__};"
+                                f" expected {expected}")
+
+
+def test_numpy_option_values_are_python_numbers():
+    splits = build_dataset("procedural", num_train_per_class=np.int64(1), num_val_per_class=np.int64(1),
+                           num_test_per_class=np.int64(1), num_classes=np.int64(2), image_size=np.int64(32))
+    assert len(splits.train) == 2 and len(splits.classnames) == 2 and len(splits.test) == 2
+
+
 def test_unknown_dataset_name_lists_the_known_ones():
     with pytest.raises(DatasetError) as error:
         build_dataset("imagenett", "/nonexistent")
@@ -189,8 +214,10 @@ def test_unknown_dataset_name_lists_the_known_ones():
 
 
 def test_unknown_option_and_missing_root_are_errors(tmp_path):
-    with pytest.raises(DatasetError, match=r"does not take option\(s\) \['shots'\]"):
+    with pytest.raises(DatasetError, match="dataset 'dtd' does not take option 'shots'; its options: generate_split,"):
         build_dataset("dtd", tmp_path, shots=4)
+    with pytest.raises(DatasetError, match="does not take option 'split_sed'; did you mean 'split_seed'\\? Its options: generate_split,"):
+        build_dataset("dtd", tmp_path, split_sed=4)
     with pytest.raises(DatasetError, match="needs a root folder"):
         build_dataset("dtd")
     with pytest.raises(DatasetError, match="dtd dataset folder|DescribableTextures dataset folder"):

@@ -67,7 +67,7 @@ def test_batch_larger_than_the_few_shot_set(tmp_path, cli, data_root):
 def test_unknown_keys_and_values(tmp_path, cli):
     fails(cli, tmp_path / "run", "--method", "coop", *PROCEDURAL, *FAST, "epoch=3", match="did you mean 'epochs'")
     fails(cli, tmp_path / "run", "--method", "coop", *PROCEDURAL, *FAST, "dataset.num_tests=3",
-          match="does not take option(s) ['num_tests']")
+          match="dataset 'procedural' has no option 'num_tests'; did you mean 'dataset.num_test_per_class'?")
     fails(cli, tmp_path / "run", "--method", "coop", *PROCEDURAL, *without("precision"), "precision=fp8",
           match="precision must be one of auto, fp32, bf16, fp16-parity")
     fails(cli, tmp_path / "run", "--method", "coop", *PROCEDURAL, *without("backbone"), "backbone=ViT-B-61",

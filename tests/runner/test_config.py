@@ -166,6 +166,34 @@ def test_conflicting_flags_are_errors(tmp_path, cli, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("value, message", [
+    ("kernels=trition", "kernels must be one of auto, triton, xformers, sdpa, eager, got 'trition' (did you mean 'triton'?)"),
+    ("device=tpu", "device='tpu': the runner runs on auto, cpu, cuda or cuda:N"),
+    ("device=cuda:first", "device='cuda:first': the runner runs on"),
+    ("dataset.num_tset_per_class=2", "dataset 'procedural' has no option 'num_tset_per_class'; did you mean"
+                                     " 'dataset.num_test_per_class'? its options: num_train_per_class,"),
+    ("dataset.colour=red", "dataset 'procedural' has no option 'colour'; its options:"),
+    ("dataset.num_test_per_class=abc", "dataset.num_test_per_class: expected an integer, got 'abc'"),
+])
+def test_dry_run_refuses_what_the_run_would_refuse(tmp_path, cli, monkeypatch, value, message):
+    """The names and types a run checks only when it starts (after the backbone loads) are checked by a dry run too:
+    kernels, the device's spelling and the dataset's options."""
+    monkeypatch.chdir(tmp_path)
+    for dry in (["--dry-run"], ["backbone=tiny", "pretrained=none", "output_dir=run"]):
+        code, out, err = cli("train", "--method", "coop", "--dataset", "procedural", value, *dry)
+        assert code == 2 and err.count("\n") == 1 and message in err, (out, err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_dataset_options_take_their_declared_types(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("train", "--method", "coop", "--dataset", "imagefolder", "--root", tmp_path, "--dry-run",
+                         "dataset.val_fraction=0.25", "dataset.split_seed=3", "dataset.template=a {} photo.")
+    assert code == 0, err
+    assert "dataset.val_fraction: null -> 0.25" in out and "dataset.split_seed: null -> 3" in out
+    assert 'dataset.template: null -> "a {} photo."' in out
+
+
 def test_data_on_device_auto_means_on_with_cuda_only():
     from fastprompt.runner.config import data_on_device
 
