@@ -146,7 +146,8 @@ def _eval(args, extra) -> int:
     from .runner.config import ConfigError
     from .runner.results import markdown_table, summarize_run
     from .parallel import data_parallel
-    from .runner.run import checkpoints_of_run, evaluate_checkpoints, join_torchrun, run_name, stored_config
+    from .runner.run import (checkpoints_of_run, evaluate_checkpoints, finished_checkpoints, join_torchrun, run_name,
+                             stored_config)
 
     values, extra = _eval_run_folder(args, extra)
     if bool(args.run) == bool(args.checkpoint):
@@ -157,7 +158,9 @@ def _eval(args, extra) -> int:
     if args.output:
         _check_output_path(args.output, "--output", folder=False)
     join_torchrun(str(overrides.get("device", "auto")))  # under torchrun every rank evaluates its shard
-    folders = checkpoints_of_run(args.run) if args.run else list(args.checkpoint)
+    # A run folder given as --checkpoint: each of its seeds' checkpoints (on --dataset, or on its own targets).
+    folders = checkpoints_of_run(args.run) if args.run else [found for path in args.checkpoint
+                                                            for found in finished_checkpoints(path)]
     outputs = evaluate_checkpoints(folders, overrides, args.dataset, args.subset, args.mode)
     if not data_parallel.is_main():
         return 0  # rank 0 prints the tables and writes --output
@@ -349,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a run folder: evaluate every seed on its own targets (the same as --run RUN)")
     evaluate.add_argument("--run", help="a run folder, as RUN (under torchrun write RUN: torchrun reads --run"
                                " as its own --run-path)")
-    evaluate.add_argument("--checkpoint", action="append", help="a checkpoint folder or checkpoint.json (repeatable)")
+    evaluate.add_argument("--checkpoint", action="append",
+                          help="a checkpoint folder, checkpoint.json, or a run folder for all its seeds (repeatable)")
     evaluate.add_argument("--dataset", help="evaluate on this dataset's test split instead: "
                           + ", ".join(DATASET_NAMES))
     evaluate.add_argument("--root", help="folder holding one folder per dataset, as train's --root (imagefolder:"

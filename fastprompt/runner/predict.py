@@ -131,20 +131,15 @@ def predict(images, classnames, checkpoint: str, device: str = "auto", pretraine
 
 
 def _checkpoint_of(path) -> str:
-    """A checkpoint folder or checkpoint.json as given; a run folder (run.json, seed folders) of one seed is that
-    seed's checkpoint, and of several an error that lists them (their prompts differ: the caller picks one)."""
-    from .run import RUN_MANIFEST
+    """A checkpoint folder or checkpoint.json as given; a run folder of one seed is that seed's checkpoint, and of
+    several an error that lists them (their prompts differ: the caller picks one)."""
+    from .run import finished_checkpoints
 
-    path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, RUN_MANIFEST)) or os.path.isfile(os.path.join(path, ckpt.MANIFEST)):
-        return path
-    seeds = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, ckpt.MANIFEST)))
-    if len(seeds) == 1:
-        return os.path.join(path, seeds[0])
-    if not seeds:
-        raise ckpt.CheckpointError(f"{path} is a run folder without a finished checkpoint (no <seed>/checkpoint.json)")
-    raise ckpt.CheckpointError(f"{path} is a run folder of {len(seeds)} seeds; give one of them:"
-                               f" {', '.join(os.path.join(path, seed) for seed in seeds)}")
+    found = finished_checkpoints(path)
+    if len(found) > 1:
+        raise ckpt.CheckpointError(f"{os.fspath(path)} is a run folder of {len(found)} seeds; give one of them:"
+                                   f" {', '.join(found)}")
+    return found[0]
 
 
 def image_files(paths) -> list[str]:

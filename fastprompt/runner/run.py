@@ -444,6 +444,20 @@ def _model_from_checkpoint(clip, manifest: dict, tensors: dict):
     return model
 
 
+def finished_checkpoints(path) -> list[str]:
+    """A checkpoint folder or checkpoint.json as given; for a run folder (run.json, seed folders) the checkpoints
+    of its seeds that finished training, in seed order (none is an error that says so)."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, RUN_MANIFEST)) or os.path.isfile(os.path.join(path, ckpt.MANIFEST)):
+        return [path]
+    seeds = sorted((name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, ckpt.MANIFEST))),
+                   key=lambda name: (len(name), name))  # seed2 before seed10
+    if not seeds:
+        raise ckpt.CheckpointError(f"{path} is a run folder without a finished checkpoint (no <seed>/checkpoint.json;"
+                                   f" run.json: {status_line(path)})")
+    return [os.path.join(path, seed) for seed in seeds]
+
+
 def checkpoints_of_run(run_dir: str) -> list[str]:
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     if not os.path.isfile(os.path.join(run_dir, RUN_MANIFEST)):

@@ -90,6 +90,19 @@ def test_eval_on_another_class_set_uses_novel_mode_and_writes_json(runs, cli, tm
     assert record["accuracy"] == logged["accuracy"]
 
 
+def test_eval_checkpoint_of_a_run_folder_evaluates_each_seed(runs, cli, tmp_path):
+    """--checkpoint RUN (a run folder, not a seed's checkpoint) stands for its seeds' checkpoints, in seed order."""
+    output = tmp_path / "eval.json"
+    code, out, err = cli("eval", "--checkpoint", runs["coop"], "--dataset", "procedural", "--subset", "novel",
+                         "--output", output, "dataset.num_test_per_class=2")
+    assert code == 0, err
+    evaluations = read_json(output)["evaluations"]
+    assert [e["checkpoint"] for e in evaluations] == [str(runs["coop"] / "seed1"), str(runs["coop"] / "seed2")]
+    for seed, evaluation in zip((1, 2), evaluations, strict=True):
+        logged = read_json(runs["coop"] / f"seed{seed}" / "results.json")["targets"][1]
+        assert evaluation["targets"][0]["accuracy"] == logged["accuracy"]
+
+
 def test_mmrl_decoupled_inference_matches_its_heads(runs):
     """Base accuracy = the paper's fusion alpha*p(z_c) + (1-alpha)*p(z_r); novel accuracy = z_c only (METHODS.md §3.7)."""
     seed_dir = runs["mmrl"] / "seed1"
