@@ -379,6 +379,22 @@ EVAL_OVERRIDES = ("device", "precision", "eval_batch_size", "num_workers", "root
                   "shard_text")
 
 
+def check_eval_overrides(overrides: dict) -> None:
+    """Only EVAL_OVERRIDES and dataset.* keys: a config key the checkpoint fixes is refused as such, a misspelt one
+    is named with the closest key eval takes."""
+    from ..keywords import closest
+
+    allowed = f"eval takes only {', '.join(EVAL_OVERRIDES)}, dataset.*"
+    for key in sorted(overrides):
+        if key in EVAL_OVERRIDES or key.startswith("dataset."):
+            continue
+        near = closest(key, EVAL_OVERRIDES)
+        if key not in FIELDS and near is not None:
+            raise ConfigError(f"unknown key {key!r}; did you mean {near!r}? ({allowed})")
+        raise ConfigError(f"eval cannot change {key} ({allowed}): the checkpoint fixes the method, its options and"
+                          " the training data")
+
+
 def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, dataset: str | None = None,
                          subset: str = "all", mode: str | None = None, printer=print) -> list[dict]:
     """Evaluate saved checkpoints (never trains). Without `dataset`, on the targets of their own protocol
@@ -386,6 +402,7 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
     from ..data import resolve_dataset_name, subsample_classes
     from .data import Target
 
+    check_eval_overrides(overrides or {})
     join_torchrun(str((overrides or {}).get("device", "auto")))
     echo = Echo(printer if data_parallel.is_main() else _silent)  # every rank evaluates its shard; rank 0 prints
     outputs, backbones = [], {}
@@ -394,10 +411,6 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
         if not manifest.get("config"):
             raise ckpt.CheckpointError(f"{folder}: the checkpoint records no run config; evaluate it with predict()")
         config = RunConfig.from_dict(manifest["config"])
-        bad = sorted(k for k in overrides or {} if k not in EVAL_OVERRIDES and not k.startswith("dataset."))
-        if bad:
-            raise ConfigError(f"eval cannot change {', '.join(bad)} (only {', '.join(EVAL_OVERRIDES)}, dataset.*): the"
-                              " checkpoint fixes the method, its options and the training data")
         if dataset is not None:
             # The dataset evaluated on takes the config's dataset slot, so that its root checks apply to it (a
             # checkpoint trained on the procedural set, as every import-dassl checkpoint records, refused any root);

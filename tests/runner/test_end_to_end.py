@@ -103,6 +103,17 @@ def test_eval_checkpoint_of_a_run_folder_evaluates_each_seed(runs, cli, tmp_path
         assert evaluation["targets"][0]["accuracy"] == logged["accuracy"]
 
 
+@pytest.mark.parametrize("value, message", [
+    ("devcie=cpu", "unknown key 'devcie'; did you mean 'device'? (eval takes only device, precision,"),
+    ("lr=0.1", "eval cannot change lr (eval takes only device, precision,"),
+    ("n_ctx=4", "eval cannot change n_ctx (eval takes only"),
+])
+def test_eval_refuses_keys_it_cannot_change_in_one_line(runs, cli, value, message):
+    code, out, err = cli("eval", runs["coop"], value)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert "evaluating" not in out  # refused before any checkpoint loads
+
+
 def test_mmrl_decoupled_inference_matches_its_heads(runs):
     """Base accuracy = the paper's fusion alpha*p(z_c) + (1-alpha)*p(z_r); novel accuracy = z_c only (METHODS.md §3.7)."""
     seed_dir = runs["mmrl"] / "seed1"
