@@ -88,38 +88,85 @@ def table_rows(summaries: list[dict]) -> tuple[list[str], list[list], list[list[
     return _transfer_rows(summaries)
 
 
+def _method_of(summary: dict) -> str:
+    """The run's method: from its stored config (summaries before it was stored: the first word of the name)."""
+    return summary.get("config", {}).get("method") or summary["name"].split()[0]
+
+
+def _dataset_of(summary: dict) -> str:
+    if "b2n" in summary:
+        return summary["b2n"]["dataset"]
+    return next(iter(summary["targets"].values()))["dataset"]
+
+
+def _average_groups(summaries: list[dict]) -> tuple[list[tuple[str, list[dict], bool]], list[str]]:
+    """Runs grouped by method, in order of first appearance: [(method, runs, averaged?)], and one line per group
+    left without an Average row because a dataset is in more than one of its runs (an average over datasets would
+    count that dataset twice). An average over several methods means nothing, so each method gets its own."""
+    groups: dict[str, list[dict]] = {}
+    for summary in summaries:
+        groups.setdefault(_method_of(summary), []).append(summary)
+    result, unaveraged = [], []
+    for method, group in groups.items():
+        datasets = [_dataset_of(s) for s in group]
+        repeated = sorted({d for d in datasets if datasets.count(d) > 1})
+        if repeated:
+            unaveraged.append(f"{method}: {', '.join(repeated)} in more than one run")
+        result.append((method, group, len(group) > 1 and not repeated))
+    return result, unaveraged
+
+
+def _grouped_rows(summaries, row_of, average_of):
+    """Each run's (numeric, formatted) row, grouped by method; a group of runs on two or more distinct datasets is
+    followed by its Average row ("Average" alone when all runs are of one method)."""
+    numeric, pretty = [], []
+    groups, _ = _average_groups(summaries)
+    for method, group, averaged in groups:
+        for summary in group:
+            row, shown = row_of(summary)
+            numeric.append(row)
+            pretty.append(shown)
+        if averaged:
+            label = "Average" if len(groups) == 1 else f"Average {method}"
+            row, shown = average_of(group, label)
+            numeric.append(row)
+            pretty.append(shown)
+    return numeric, pretty
+
+
 def _b2n_rows(summaries):
     header = ["Run", "Dataset", "Seeds", "Base", "Base std", "Novel", "Novel std", "HM"]
-    numeric, pretty = [], []
-    for s in summaries:
+
+    def row_of(s):
         b = s["b2n"]
-        numeric.append([s["name"], b["dataset"], len(s["seeds"]), *b["base"], *b["novel"], b["hm"]])
-        pretty.append(
-            [s["name"], b["dataset"], str(len(s["seeds"])), _pm(b["base"]), _pm(b["novel"]), f"{b['hm']:.2f}"]
-        )
-    if len(summaries) > 1:
-        base = statistics.fmean(s["b2n"]["base"][0] for s in summaries)
-        novel = statistics.fmean(s["b2n"]["novel"][0] for s in summaries)
+        return ([s["name"], b["dataset"], len(s["seeds"]), *b["base"], *b["novel"], b["hm"]],
+                [s["name"], b["dataset"], str(len(s["seeds"])), _pm(b["base"]), _pm(b["novel"]), f"{b['hm']:.2f}"])
+
+    def average_of(group, label):
+        base = statistics.fmean(s["b2n"]["base"][0] for s in group)
+        novel = statistics.fmean(s["b2n"]["novel"][0] for s in group)
         hm = harmonic_mean(base, novel)
-        numeric.append(["Average", f"{len(summaries)} datasets", "", base, "", novel, "", hm])
-        pretty.append(["**Average**", f"{len(summaries)} datasets", "", f"{base:.2f}", f"{novel:.2f}", f"{hm:.2f}"])
-    return header, numeric, pretty
+        return ([label, f"{len(group)} datasets", "", base, "", novel, "", hm],
+                [f"**{label}**", f"{len(group)} datasets", "", f"{base:.2f}", f"{novel:.2f}", f"{hm:.2f}"])
+
+    return (header, *_grouped_rows(summaries, row_of, average_of))
 
 
 def _fewshot_rows(summaries):
     header = ["Run", "Dataset", "Seeds", "Accuracy", "Accuracy std", "Macro-F1", "Macro-F1 std"]
-    numeric, pretty = [], []
-    for s in summaries:
+
+    def row_of(s):
         (target,) = s["targets"].values()
-        numeric.append([s["name"], target["dataset"], len(s["seeds"]), *target["accuracy"], *target["macro_f1"]])
-        pretty.append([s["name"], target["dataset"], str(len(s["seeds"])), _pm(target["accuracy"]),
-                       _pm(target["macro_f1"])])
-    if len(summaries) > 1:
-        acc = statistics.fmean(next(iter(s["targets"].values()))["accuracy"][0] for s in summaries)
-        f1 = statistics.fmean(next(iter(s["targets"].values()))["macro_f1"][0] for s in summaries)
-        numeric.append(["Average", f"{len(summaries)} datasets", "", acc, "", f1, ""])
-        pretty.append(["**Average**", f"{len(summaries)} datasets", "", f"{acc:.2f}", f"{f1:.2f}"])
-    return header, numeric, pretty
+        return ([s["name"], target["dataset"], len(s["seeds"]), *target["accuracy"], *target["macro_f1"]],
+                [s["name"], target["dataset"], str(len(s["seeds"])), _pm(target["accuracy"]), _pm(target["macro_f1"])])
+
+    def average_of(group, label):
+        acc = statistics.fmean(next(iter(s["targets"].values()))["accuracy"][0] for s in group)
+        f1 = statistics.fmean(next(iter(s["targets"].values()))["macro_f1"][0] for s in group)
+        return ([label, f"{len(group)} datasets", "", acc, "", f1, ""],
+                [f"**{label}**", f"{len(group)} datasets", "", f"{acc:.2f}", f"{f1:.2f}"])
+
+    return (header, *_grouped_rows(summaries, row_of, average_of))
 
 
 def _transfer_rows(summaries):
@@ -158,12 +205,18 @@ def markdown_table(summaries: list[dict]) -> str:
         header = [h for h in header if not h.endswith(" std")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in pretty]
+    protocol = summaries[0]["protocol"]
     note = {
-        "b2n": "Accuracy (%) mean ± sample std over seeds; HM of the seed-averaged base and novel; the Average row"
-               " averages base and novel over datasets and takes the HM of those averages.",
+        "b2n": "Accuracy (%) mean ± sample std over seeds; HM of the seed-averaged base and novel.",
         "fewshot": "Accuracy and macro-F1 (%) mean ± sample std over seeds.",
-    }.get(summaries[0]["protocol"], "Accuracy (%) mean ± sample std over seeds; Average over the targets"
-                                    " (source excluded).")
+    }.get(protocol, "Accuracy (%) mean ± sample std over seeds; Average over the targets (source excluded).")
+    if protocol in ("b2n", "fewshot"):
+        groups, unaveraged = _average_groups(summaries)
+        if any(averaged for _, _, averaged in groups):
+            note += (" An Average row averages base and novel over a method's datasets and takes the HM of those"
+                     " averages." if protocol == "b2n" else " An Average row averages a method's datasets.")
+        if unaveraged:
+            note += f" No Average row for {'; '.join(unaveraged)}."
     return "\n".join(lines) + f"\n\n{note}\n"
 
 

@@ -508,8 +508,12 @@ def load_summaries(run_dirs: list[str]) -> list[dict]:
     for run_dir in run_dirs:
         folder = os.path.abspath(os.path.expanduser(run_dir))
         path = os.path.join(folder, "summary.json")
+        if not os.path.isdir(folder):
+            raise RunError(f"{run_dir}: no such run folder")
+        if not os.path.isfile(os.path.join(folder, RUN_MANIFEST)):
+            raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}); report takes the folders that"
+                           " `fastprompt train` wrote")
         if not os.path.isfile(path):
-            state = status_line(folder) if os.path.isfile(os.path.join(folder, RUN_MANIFEST)) else "no run.json"
-            raise RunError(f"{run_dir} has no summary.json (the run is not complete: {state})")
+            raise RunError(f"{run_dir} has no summary.json (the run is not complete: {status_line(folder)})")
         summaries.append(ckpt.read_json(path, "run summary"))
     return summaries

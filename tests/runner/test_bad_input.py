@@ -249,6 +249,9 @@ def test_report_over_different_protocols_and_eval_batch_size(tmp_path, cli):
     one_line_error(cli, "report", b2n, fewshot, "--markdown", table,
                    match="cannot put runs of different protocols in one table (b2n: coop procedural; fewshot: coop"
                          " procedural); report each protocol separately", folder=table)
+    one_line_error(cli, "report", b2n, tmp_path / "absent", match=f"{tmp_path / 'absent'}: no such run folder")
+    one_line_error(cli, "report", b2n, tmp_path, match=f"{tmp_path} is not a run folder (no run.json); report takes"
+                                                       " the folders that `fastprompt train` wrote")
     results = tmp_path / "eval.json"
     one_line_error(cli, "eval", "--run", b2n, "eval_batch_size=0", "--output", results,
                    match="eval_batch_size must be >= 1, got 0", folder=results)

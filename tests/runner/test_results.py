@@ -73,3 +73,31 @@ def test_tables_refuse_mixed_protocols():
         {"dataset": "dtd", "subset": "all", "mode": "base", "accuracy": 1.0, "macro_f1": 1.0}]}])
     with pytest.raises(ValueError, match="different protocols"):
         markdown_table([a, b])
+
+
+def test_each_method_gets_its_own_average_and_no_average_counts_a_dataset_twice():
+    """`report runs/*-b2n-*` over two methods: one Average row per method (an average over methods means nothing),
+    each right after its runs; a method with a dataset in two runs gets no Average row, and the note says why."""
+    maple = [summarize_run("b2n", f"maple {d}", [seed(1, base, novel, d)])
+             for d, base, novel in (("dtd", 80.0, 60.0), ("eurosat", 90.0, 70.0))]
+    coop = [summarize_run("b2n", f"coop {d}", [seed(1, base, novel, d)])
+            for d, base, novel in (("dtd", 70.0, 40.0), ("eurosat", 60.0, 50.0))]
+    rows = list(csv.reader(io.StringIO(csv_table([maple[0], coop[0], maple[1], coop[1]]))))[1:]
+    assert [r[0] for r in rows] == ["maple dtd", "maple eurosat", "Average maple", "coop dtd", "coop eurosat",
+                                    "Average coop"]
+    assert float(rows[2][3]) == 85.0 and float(rows[2][5]) == 65.0
+    assert float(rows[5][3]) == 65.0 and float(rows[5][5]) == 45.0
+    assert float(rows[5][7]) == pytest.approx(harmonic_mean(65.0, 45.0), abs=1e-4)
+
+    again = summarize_run("b2n", "maple dtd", [seed(2, 10.0, 10.0)])
+    text = markdown_table([*maple, again, *coop])
+    assert "Average maple" not in text and "| **Average coop** | 2 datasets |  | 65.00 | 45.00 |" in text
+    assert text.rstrip().endswith("No Average row for maple: dtd in more than one run.")
+    assert "An Average row averages base and novel over a method's datasets" in text
+
+
+def test_a_table_without_an_average_row_does_not_describe_one():
+    (single,) = [summarize_run("b2n", "maple dtd", [seed(1, 80.0, 60.0)])]
+    text = markdown_table([single])
+    assert "Average" not in text
+    assert text.rstrip().endswith("HM of the seed-averaged base and novel.")
