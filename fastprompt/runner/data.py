@@ -105,6 +105,21 @@ def plan(config: RunConfig, full: DatasetSplits, seed: int, image_size: int, loa
     return sampled, targets
 
 
+def short_classes_note(full: DatasetSplits, shots: int) -> str | None:
+    """A line naming the classes with fewer than `shots` training images (Dassl's sampler, like ours, then takes
+    all they have, so the run is not the K-shot run its name says for those classes); None when every class has
+    enough."""
+    counts = [0] * full.num_classes
+    for sample in full.train:
+        counts[sample.label] += 1
+    short = [label for label, count in enumerate(counts) if count < shots]
+    if not full.train or not short:
+        return None
+    fewest = min(short, key=lambda label: counts[label])
+    return (f"note: {len(short)} of {full.num_classes} classes of {full.name} have fewer than {shots} training images"
+            f" (fewest: {full.classnames[fewest]!r} with {counts[fewest]}); they train on all they have")
+
+
 def check_training_set(config: RunConfig, train: DatasetSplits) -> None:
     if not train.train:
         raise ConfigError(f"{train.name}: the training split is empty")

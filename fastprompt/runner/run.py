@@ -27,7 +27,8 @@ from ..parallel import data_parallel
 from . import checkpoint as ckpt
 from . import lock as run_lock
 from .config import FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, check_config, set_field
-from .data import check_training_set, load_dataset, plan, run_image_paths, split_record, verify_paths
+from .data import (check_training_set, load_dataset, plan, run_image_paths, short_classes_note, split_record,
+                   verify_paths)
 from .engine import (SeedTrainer, build_model, load_backbone, numerics, progress_bar, resolve_device,
                      shard_text_if_asked)
 from .results import csv_table, markdown_table, summarize_run
@@ -101,6 +102,9 @@ def prepare(config: RunConfig, echo) -> Prepared:
     echo(f"{config.method} / {config.protocol} on {full.name}: {full.num_classes} classes, {config.shots} shots,"
          f" seeds {list(config.seeds)}, backbone {config.backbone} ({config.pretrained or 'random weights'}),"
          f" {num.name} on {device}")
+    short = short_classes_note(full, config.shots) if config.epochs > 0 else None
+    if short is not None:
+        echo(short)
     return Prepared(config, clip, device, num, image_size, plans)
 
 

@@ -102,3 +102,19 @@ def test_class_specific_prompts_are_refused_where_other_classes_would_be_scored(
     code, _, err = cli("eval", "--checkpoint", run / "seed1", "--dataset", "imagefolder", "--root", folders,
                        "device=cpu")
     assert code == 2 and err.count("\n") == 1 and "so they cannot score the classes of imagefolder" in err, err
+
+
+def test_classes_with_fewer_images_than_shots_are_named(tmp_path, cli, own_data):
+    """Each class has 3 training images: a 4-shot run trains on 3 of each (Dassl's rule) and says so; 2 shots
+    says nothing."""
+    folders, _ = own_data
+    args = [a for a in ARGS if a not in ("--shots", "2")]
+    code, out, err = cli("train", "--dataset", "imagefolder", "--root", folders, *args, "--shots", "4",
+                         f"output_dir={tmp_path / 'four'}")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: 3 of 3 classes of imagefolder have fewer than 4 training images (fewest: 'blue jay' with"
+                     " 3); they train on all they have"], out
+    code, out, err = cli("train", "--dataset", "imagefolder", "--root", folders, *ARGS, f"output_dir={tmp_path / 'two'}")
+    assert code == 0, err
+    assert "fewer than" not in out
