@@ -194,7 +194,12 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
 
 def check_images(model: nn.Module, images: torch.Tensor) -> None:
     visual = model.visual
-    if not torch.is_tensor(images) or not images.is_floating_point():
+    if not torch.is_tensor(images):
+        hint = ("torch.stack a list of [3, H, W] tensors into one batch; for files or PIL images use"
+                " fastprompt.runner.Predictor" if isinstance(images, list | tuple)
+                else "PIL images and files go through fastprompt.data.eval_transform (or fastprompt.runner.Predictor)")
+        raise TypeError(f"images must be a float tensor [B, 3, H, W], got {type(images).__name__}; {hint}")
+    if not images.is_floating_point():
         raise TypeError(
             f"images must be a floating-point tensor, got {getattr(images, 'dtype', type(images).__name__)};"
             " integer pixels need the CLIP normalisation first (fastprompt.data.eval_transform does it)"

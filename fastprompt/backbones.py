@@ -84,7 +84,11 @@ def create_clip(
     if name in TINY_CONFIGS:
         if pretrained:
             if not os.path.isfile(pretrained):
-                raise FileNotFoundError(f"pretrained checkpoint {pretrained!r} not found")
+                looks_like_a_tag = os.sep not in pretrained and "." not in pretrained
+                raise FileNotFoundError(
+                    f"backbone {name!r} has no published weights, so pretrained={pretrained!r} must be a weights"
+                    " file of it (use pretrained=none for random weights)" if looks_like_a_tag
+                    else f"pretrained checkpoint {pretrained!r} not found")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         if dtype is None:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")

@@ -229,7 +229,8 @@ DASSL_IMPORTABLE = ("coop", "cocoop", "maple", "ivlp", "vpt_deep", "promptsrc", 
 
 
 def _import_dassl(args) -> int:
-    from .runner.dassl_import import import_dassl, parse_option, read_classnames
+    from .data.files import read_classnames
+    from .runner.dassl_import import import_dassl, parse_option
 
     pretrained = args.pretrained or "auto"
     if pretrained.lower() == "none":
@@ -245,7 +246,7 @@ def _import_dassl(args) -> int:
 def _predict(args) -> int:
     from .runner.checkpoint import atomic_write_json
     from .runner.config import ConfigError
-    from .runner.dassl_import import read_classnames
+    from .data.files import read_classnames
     from .runner.engine import resolve_device
     from .runner.predict import Predictor, image_files, top_classes
 

@@ -188,11 +188,11 @@ class PromptedCLIP(nn.Module):
         """(Re)build the class prompts, e.g. to evaluate the same prompts on novel classes. Class-specific prompts
         (CoOp class_specific=True) have one context per class position: another class count is an error, other
         names for as many classes a warning (each context stays with its position)."""
-        prompts = tokenize_classes(
-            self.tokenizer, self.method.template, classnames, self.info.context_length, self.method.text_slots
-        )
+        class_specific = any(s.scope == "class" for s in self.method.text_sources.values())
+        prompts = tokenize_classes(self.tokenizer, self.method.template, classnames, self.info.context_length,
+                                   self.method.text_slots, warn_duplicates=not class_specific)
         previous = getattr(self, "prompts", None)
-        if previous is not None and any(s.scope == "class" for s in self.method.text_sources.values()):
+        if previous is not None and class_specific:
             old, new = list(previous.classnames), list(prompts.classnames)
             if len(new) != len(old):
                 raise ValueError(f"this model's prompts are class-specific (one context for each of its {len(old)}"

@@ -35,14 +35,13 @@ def clean_classname(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
-def class_list(classnames, warn_duplicates: bool = True) -> list[str]:
+class DuplicateClassNamesWarning(UserWarning):
+    """Two class names give the same prompt tokens (see tokenize_classes)."""
+
+
+def class_list(classnames) -> list[str]:
     """`classnames` checked and read once into a list: any iterable of strings (a generator is read here, once),
-    not None, a single string or a mapping. Names that clean to the same string give two identical prompts (the
-    same text features: every image scores them equally, and the lower index wins the tie): a warning naming them,
-    not an error, because CLIP's standard ImageNet class names (open_clip's and CoOp's) hold such pairs ('missile',
-    'sunglasses'), and the papers' ImageNet numbers are measured with them. The warning comes once per class list,
-    from the place that tokenizes it (`warn_duplicates=False` for the checks before that), and points at the
-    caller's line outside fastprompt."""
+    not None, a single string or a mapping."""
     if classnames is None:
         raise TypeError("classnames is None; give a list of class names, e.g. ['cat', 'dog']")
     if isinstance(classnames, str | bytes):
@@ -55,25 +54,38 @@ def class_list(classnames, warn_duplicates: bool = True) -> list[str]:
         raise TypeError(
             f"classnames must be an iterable of strings, not {type(classnames).__name__}"
         ) from None
-    first_at: dict[str, int] = {}
-    duplicates = []
     for i, raw in enumerate(names):
         if not isinstance(raw, str):
             raise TypeError(f"class name {i} is {raw!r:.80} of type {type(raw).__name__}, not a string")
-        name = clean_classname(raw)
-        if name in first_at:
-            j = first_at[name]
-            same = f"{names[j]!r}" if names[j] == raw else f"{names[j]!r} and {raw!r}, both {name!r} after cleaning"
-            duplicates.append(f"{same} at positions {j} and {i}")
-        elif name:
-            first_at[name] = i
-    if duplicates and warn_duplicates:
+    return names
+
+
+def _warn_duplicates(classnames: list[str], rows: list[list[int]]) -> None:
+    """Names whose prompts tokenize alike ('cat' twice; 'red_panda' and 'red panda'; 'Crane' and 'crane', which
+    CLIP's lower-casing tokenizer makes one) give identical prompts: the same text features, so every image scores
+    them equally and the lower index wins the tie. A warning naming them, not an error, because CLIP's standard
+    ImageNet class names (open_clip's and CoOp's) hold such pairs ('missile', 'sunglasses') and the papers' ImageNet
+    numbers are measured with them. It points at the caller's line outside fastprompt."""
+    first_at: dict[tuple, int] = {}
+    duplicates = []
+    for i, row in enumerate(rows):
+        j = first_at.setdefault(tuple(row), i)
+        if j == i:
+            continue
+        a, b = classnames[j], classnames[i]
+        if a == b:
+            same = repr(a)
+        elif clean_classname(a) == clean_classname(b):
+            same = f"{a!r} and {b!r}, both {clean_classname(a)!r} after cleaning"
+        else:
+            same = f"{a!r} and {b!r}, the same tokens"
+        duplicates.append(f"{same} at positions {j} and {i}")
+    if duplicates:
         import warnings
 
         warnings.warn(f"duplicate class names ({'; '.join(duplicates[:5])}{'; ...' if len(duplicates) > 5 else ''}):"
                       " their prompts are identical, so they always score the same and the first wins ties",
-                      UserWarning, stacklevel=_caller_outside_package())
-    return names
+                      DuplicateClassNamesWarning, stacklevel=_caller_outside_package())
 
 
 def _caller_outside_package() -> int:
@@ -95,11 +107,13 @@ def tokenize_classes(
     classnames,
     context_length: int,
     slots: int = 0,
+    warn_duplicates: bool = True,
 ) -> ClassPrompts:
     """Tokenize `template.format(name)` for every class with checks.
 
     `slots`: learnable tokens right after SOS (replace mode). Tokens inserted by 'insert' mode take no
-    positional slot, so they do not count against the context length.
+    positional slot, so they do not count against the context length. `warn_duplicates`: warn about names whose
+    prompts tokenize alike (off for class-specific contexts, where each position has a context of its own).
     """
     classnames = class_list(classnames)
     names = [clean_classname(n) for n in classnames]
@@ -130,6 +144,8 @@ def tokenize_classes(
                 f" text context holds {context_length}"
             )
         rows.append(ids)
+    if warn_duplicates:
+        _warn_duplicates(classnames, rows)
     tokens = torch.zeros(len(rows), context_length, dtype=torch.long)
     for i, ids in enumerate(rows):
         tokens[i, : len(ids)] = torch.tensor(ids)

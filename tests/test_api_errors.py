@@ -75,6 +75,20 @@ def test_class_names_equal_after_cleaning_are_named(tiny_clip):
         fastprompt.build("maple", tiny_clip, ["cat", "red_panda", "red  panda"])
 
 
+def test_names_that_differ_only_in_case_are_named(tiny_clip):
+    """CLIP's tokenizer lower-cases: 'Crane' and 'crane' are one prompt."""
+    with pytest.warns(UserWarning, match=r"'Crane' and 'crane', the same tokens at positions 0 and 2") as record:
+        model = fastprompt.build("maple", tiny_clip, ["Crane", "heron", "crane"])
+    assert torch.equal(model.prompts.tokens[0], model.prompts.tokens[2])
+    assert [w.filename for w in _duplicate_warnings(record)] == [__file__]
+
+
+def test_class_specific_contexts_do_not_warn_about_duplicate_names(tiny_clip, recwarn):
+    """Each position has its own context there, so equal names do not give equal prompts."""
+    fastprompt.build("coop", tiny_clip, ["cat", "cat"], class_specific=True)
+    assert _duplicate_warnings(recwarn.list) == []
+
+
 def test_imagenet_class_names_build_with_their_known_duplicates(tiny_clip):
     from open_clip import IMAGENET_CLASSNAMES
 
@@ -103,6 +117,19 @@ def test_option_of_the_wrong_type_is_one_error_naming_it(tiny_clip, method, opti
     with pytest.raises(TypeError, match=rf"^method '{method}' option {option}={value!r} is of type {expected} "
                                         r"\(default "):
         fastprompt.build(method, tiny_clip, ["cat", "dog"], **{option: value})
+
+
+@pytest.mark.parametrize("method, option, value, message", [
+    ("coop", "n_ctx", 0, "n_ctx must be >= 1, got 0"),  # was "text layer 1 has a token source but the schedule ..."
+    ("maple", "depth", 0, "depth must be >= 1, got 0"),
+    ("mmrl", "alpha", 1.5, "alpha must be >= 0 and <= 1, got 1.5"),
+    ("mmrl", "reg_weight", float("inf"), "reg_weight must be a finite number, got inf"),
+    ("promptsrc", "text_weight", np.float32(-1.0), "text_weight must be >= 0, got -1.0"),
+])
+def test_option_out_of_range_is_one_error_naming_it(tiny_clip, method, option, value, message):
+    with pytest.raises(ValueError) as error:
+        fastprompt.build(method, tiny_clip, ["cat", "dog"], **{option: value})
+    assert str(error.value) == f"method {method!r} option {message}"
 
 
 @pytest.mark.parametrize("method, option, value", [
@@ -143,6 +170,11 @@ def test_integer_images_to_the_model(tiny_clip):
     model = fastprompt.build("coop", tiny_clip, ["cat", "dog"])
     with pytest.raises(TypeError, match=r"floating-point tensor, got torch.uint8; integer pixels need the CLIP"):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"^images must be a float tensor \[B, 3, H, W\], got list; torch.stack a list"):
+        model([torch.zeros(3, 32, 32)])
+    with pytest.raises(TypeError, match=r"^images must be a float tensor \[B, 3, H, W\], got Image; PIL images and"
+                                        r" files go through fastprompt.data.eval_transform"):
+        model(Image.new("RGB", (32, 32)))
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +222,16 @@ def test_predict_wrong_kinds_of_input(predictor):
         predictor([Image.new("RGB", (32, 32)), torch.zeros(3, 32, 32)])
     with pytest.raises(ValueError, match=r"^images must have shape \[B, 3, H, W\] or \[3, H, W\], got \(32, 32\)$"):
         predictor(torch.zeros(32, 32))
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "device='tpu' is not a device name (auto, cpu, cuda, cuda:N)"),
+    ("cuda:99", "device='cuda:99' but "),  # no CUDA here, or fewer than 100 GPUs: either is named
+])
+def test_predictor_on_a_device_this_machine_lacks(checkpoint, device, message):
+    with pytest.raises(ValueError) as error:
+        Predictor(checkpoint, ["owl", "dog"], device=device)
+    assert str(error.value).startswith(message), error.value
 
 
 def test_predictor_duplicate_class_names(checkpoint):

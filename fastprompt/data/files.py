@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from .splits import DatasetError
 
@@ -44,3 +45,21 @@ def require_dir(path: str, what: str, hint: str) -> None:
 def require_file(path: str, what: str, hint: str) -> None:
     if not os.path.isfile(path):
         raise DatasetError(f"{what} not found: {path} does not exist; {hint}")
+
+
+_WNID_LINE = re.compile(r"^n\d{8}\s+(\S.*)$")
+
+
+def read_classnames(path: str) -> list[str]:
+    """A class-name file: one name per line in label order, blank lines skipped. A file whose every line is
+    '<wnid> <name>' (CoOp's ImageNet classnames.txt) gives the names."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"class-name file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        lines = [line.strip() for line in handle if line.strip()]
+    if not lines:
+        raise DatasetError(f"class-name file {path} holds no names")
+    matches = [_WNID_LINE.match(line) for line in lines]
+    if all(matches):
+        return [match.group(1) for match in matches]
+    return lines

@@ -9,6 +9,8 @@ Options are the keyword arguments of each method class (see its docstring).
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 
 import torch.nn as nn
 
@@ -61,6 +63,31 @@ def option_types(name: str) -> dict[str, object]:
     return declared_types(method_class(name).__init__, skip=2)
 
 
+# Options with a range, the same for every method that takes them: name -> (lowest, highest) inclusive, None =
+# unbounded. Checked when a model is built and by the runner before anything is read.
+OPTION_RANGES = {
+    "n_ctx": (1, None), "depth": (1, None), "n_tokens": (1, None), "rep_dim": (1, None), "first_layer": (1, None),
+    "text_depth": (0, None), "vision_depth": (0, None), "decoder_layers": (1, None), "meta_hidden": (1, None),
+    "n_text": (0, None), "n_vision": (0, None), "n_add": (0, None), "n_remove": (0, None),
+    "reg_weight": (0, None), "text_weight": (0, None), "image_weight": (0, None), "kl_weight": (0, None),
+    "alpha": (0, 1), "gpa_mean": (0, None), "gpa_std": (0, None),
+}
+
+
+def option_range_problem(option: str, value) -> str | None:
+    """'must be >= 1, got 0' for a number outside OPTION_RANGES (or not finite); None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    low, high = OPTION_RANGES.get(option, (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = " and ".join(b for b in ("" if low is None else f">= {low}", "" if high is None else f"<= {high}")
+                              if b)
+        return f"must be {bounds}, got {value}"
+    return None
+
+
 def checked_options(name: str, options: dict) -> dict:
     """`options` with each checked against its declared type, so that a wrong type is one error naming the option
     (n_ctx='two' used to fail deep inside the method with "'<' not supported between 'int' and 'str'"), and numpy
@@ -72,6 +99,9 @@ def checked_options(name: str, options: dict) -> dict:
         if accepts(hint, value) is False:
             raise TypeError(f"method {name!r} option {option}={value!r} is of type {type(value).__name__}; "
                             f"expected {type_name(hint)} (default {method_options(name)[option]!r})")
+        problem = option_range_problem(option, value)
+        if problem is not None:
+            raise ValueError(f"method {name!r} option {option} {problem}")
         checked[option] = plain_number(value)
     return checked
 
@@ -111,7 +141,7 @@ def build(
         raise TypeError(f"method {name!r} has no option(s) {unknown}; its options: {sorted(known)}")
     options = checked_options(name, options)
     # Checked before any work; a generator is read once, here. The model's tokenization warns of duplicates.
-    classnames = class_list(classnames, warn_duplicates=False)
+    classnames = class_list(classnames)
     info = inspect_clip(clip)
     tokenizer = tokenizer or _default_tokenizer(info)
     ctx = BuildContext(clip, info, tokenizer)

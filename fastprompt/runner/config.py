@@ -424,22 +424,11 @@ def _check_number(key: str, value, low, high, closed_high: bool = True) -> None:
         raise ConfigError(f"{key} must be {' and '.join(b for b in (lower, upper) if b)}, got {value}")
 
 
-# Method options with a range (the methods' own checks come only when the model is built, and some values,
-# like CoOp's n_ctx under a ctx_init, are ignored there without a word): name -> (lowest, highest).
-_OPTION_RANGES = {
-    "n_ctx": (1, None), "depth": (1, None), "n_tokens": (1, None), "rep_dim": (1, None), "first_layer": (1, None),
-    "text_depth": (0, None), "vision_depth": (0, None), "decoder_layers": (1, None), "meta_hidden": (1, None),
-    "n_text": (0, None), "n_vision": (0, None), "n_add": (0, None), "n_remove": (0, None),
-    "reg_weight": (0, None), "text_weight": (0, None), "image_weight": (0, None), "kl_weight": (0, None),
-    "alpha": (0, 1), "gpa_mean": (0, None), "gpa_std": (0, None),
-}
-
-
 def check_method_options(method: str, options: dict) -> None:
     """Every numeric method option finite, and in range where the option has one (n_ctx >= 1, ...); every option
     with a fixed set of values one of them (the method's own `option_choices`, which its constructor checks only
     when the model is built, after the data is read)."""
-    from ..methods import method_class
+    from ..methods import OPTION_RANGES, method_class
 
     choices = method_class(method).option_choices
     for name, value in options.items():
@@ -448,7 +437,7 @@ def check_method_options(method: str, options: dict) -> None:
                               f" (an option of method {method})")
         if value is None or isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        low, high = _OPTION_RANGES.get(name, (None, None))
+        low, high = OPTION_RANGES.get(name, (None, None))
         _check_number(name, value, low, high)
 
 

@@ -430,17 +430,6 @@ def import_dassl(path: str, method: str, classnames, output: str, backbone: str 
     return record
 
 
-def read_classnames(path: str) -> list[str]:
-    """One class name per line (blank lines skipped), in the training label order."""
-    if not os.path.isfile(path):
-        raise DasslImportError(f"class-name file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        names = [line.strip() for line in handle if line.strip()]
-    if not names:
-        raise DasslImportError(f"class-name file {path} holds no names")
-    return names
-
-
 def parse_option(text: str) -> tuple[str, object]:
     """'key=value' -> (key, value); the value as JSON when it parses (numbers, true, null), else the string."""
     key, sep, value = text.partition("=")
@@ -453,4 +442,4 @@ def parse_option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
-__all__ = ["IMPORTABLE", "DasslImportError", "import_dassl", "read_classnames", "read_dassl_checkpoint"]
+__all__ = ["IMPORTABLE", "DasslImportError", "import_dassl", "read_dassl_checkpoint"]

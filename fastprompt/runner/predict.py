@@ -33,6 +33,7 @@ from ..backbones import create_clip
 from ..data import eval_transform, open_rgb_image
 from ..evaluation import EvalStep
 from . import checkpoint as ckpt
+from .engine import resolve_device
 
 
 class Predictor:
@@ -48,7 +49,8 @@ class Predictor:
         if device == "auto":  # the caller's CLIP stays where it is; a CLIP made here goes to the GPU if there is one
             device = next(clip.parameters()).device if clip is not None else (
                 "cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
+        # A device this machine lacks (cuda without a GPU, cuda:3 of 1) is one error naming it, as in the runner.
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.amp_dtype = _resolve_amp(amp_dtype, self.device)
         backbone = manifest["backbone"]
         if clip is None:
@@ -59,7 +61,7 @@ class Predictor:
             if kernels != "eager":  # the fast path, exact (a CLIP passed in is used as it comes)
                 fastprompt.patch(clip, backend=kernels)
         trained = list(manifest["classnames"])
-        self.classnames = class_list(classnames, warn_duplicates=False) if classnames is not None else trained
+        self.classnames = class_list(classnames) if classnames is not None else trained
         if not self.classnames:
             raise ValueError("classnames is empty")
         self.model = fastprompt.build(manifest["method"], clip, trained, **manifest["options"])

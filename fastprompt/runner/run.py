@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 from ..parallel import data_parallel
@@ -43,16 +44,33 @@ class RunError(RuntimeError):
 
 
 class Echo:
-    """Prints a line and appends it to the run's log file once the run folder exists."""
+    """Prints a line and appends it to the run's log file; the lines printed before the run folder exists (the
+    checks' notes) go into the log when its path is set."""
 
     def __init__(self, printer=print):
-        self.printer, self.path = printer, None
+        self.printer, self._path, self._early = printer, None, []
+
+    @property
+    def path(self) -> str | None:
+        return self._path
+
+    @path.setter
+    def path(self, path: str) -> None:
+        self._path = path
+        early, self._early = self._early, []
+        self._write(early)
 
     def __call__(self, line: str) -> None:
         self.printer(line)
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+        if self._path is None:
+            self._early.append(line)
+        else:
+            self._write([line])
+
+    def _write(self, lines: list[str]) -> None:
+        if lines:
+            with open(self._path, "a", encoding="utf-8") as handle:
+                handle.writelines(line + "\n" for line in lines)
 
 
 @dataclass
@@ -210,6 +228,29 @@ def config_for_resume(run_dir: str, overrides: dict | None, candidate: RunConfig
     return config
 
 
+@contextlib.contextmanager
+def duplicate_names_noted_once(echo):
+    """A run builds a model per seed and re-prompts it per target, each time warning about the same duplicate class
+    names (from a line inside fastprompt, up to once per seed and target). Each distinct warning becomes one note
+    line of the run's output and log instead."""
+    from ..text import DuplicateClassNamesWarning
+
+    noted = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DuplicateClassNamesWarning)
+        show = warnings.showwarning
+
+        def note_once(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, DuplicateClassNamesWarning):
+                show(message, category, filename, lineno, file, line)
+            elif str(message) not in noted:
+                noted.add(str(message))
+                echo(f"note: {message}")
+
+        warnings.showwarning = note_once
+        yield
+
+
 def train_run(resolved: ResolvedConfig | None = None, resume_dir: str | None = None, config: RunConfig | None = None,
               printer=print, on_epoch_end=None) -> dict:
     """Train every seed of a config; with `resume_dir` continue that run. Returns the summary."""
@@ -225,10 +266,11 @@ def train_run(resolved: ResolvedConfig | None = None, resume_dir: str | None = N
     # after the checks that must fail before its folder exists.
     held = data_parallel.on_main(_take_lock, run_dir) if resume_dir else None
     try:
-        prepared = prepare(config, echo)
-        if resume_dir is None:
-            held = data_parallel.on_main(_new_run_folder, run_dir)
-        return _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, on_epoch_end)
+        with duplicate_names_noted_once(echo):
+            prepared = prepare(config, echo)
+            if resume_dir is None:
+                held = data_parallel.on_main(_new_run_folder, run_dir)
+            return _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, on_epoch_end)
     finally:
         if held is not None:
             held.release()
@@ -403,12 +445,17 @@ def evaluate_checkpoints(folders: list[str], overrides: dict | None = None, data
                          subset: str = "all", mode: str | None = None, printer=print) -> list[dict]:
     """Evaluate saved checkpoints (never trains). Without `dataset`, on the targets of their own protocol
     (same seeds, same splits as training); with it, on that dataset's test split (`subset`)."""
-    from ..data import resolve_dataset_name, subsample_classes
-    from .data import Target
-
     check_eval_overrides(overrides or {})
     join_torchrun(str((overrides or {}).get("device", "auto")))
     echo = Echo(printer if data_parallel.is_main() else _silent)  # every rank evaluates its shard; rank 0 prints
+    with duplicate_names_noted_once(echo):
+        return _evaluate_checkpoints(folders, overrides, dataset, subset, mode, echo)
+
+
+def _evaluate_checkpoints(folders, overrides, dataset, subset, mode, echo) -> list[dict]:
+    from ..data import resolve_dataset_name, subsample_classes
+    from .data import Target
+
     outputs, backbones = [], {}
     for folder in folders:
         manifest, tensors = ckpt.load_checkpoint(folder)

@@ -74,6 +74,9 @@ def test_unknown_keys_and_values(tmp_path, cli):
           match="unknown backbone 'ViT-B-61'; did you mean ViT-B-16")
     fails(cli, tmp_path / "run", "--method", "coop", *PROCEDURAL, *without("pretrained"),
           f"pretrained={tmp_path / 'w.pt'}", match="w.pt' not found")
+    fails(cli, tmp_path / "run", "--method", "coop", *PROCEDURAL, *without("pretrained"), "pretrained=openai",
+          match="backbone 'tiny' has no published weights, so pretrained='openai' must be a weights file of it (use"
+                " pretrained=none for random weights)")
     fails(cli, tmp_path / "run", "--method", "coop", *PROCEDURAL, *FAST, "device=cuda:7", "device=tpu",
           match="given twice")
 

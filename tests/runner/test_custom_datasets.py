@@ -118,3 +118,25 @@ def test_classes_with_fewer_images_than_shots_are_named(tmp_path, cli, own_data)
     code, out, err = cli("train", "--dataset", "imagefolder", "--root", folders, *ARGS, f"output_dir={tmp_path / 'two'}")
     assert code == 0, err
     assert "fewer than" not in out
+
+
+def test_duplicate_class_names_are_one_note_per_run_and_in_the_log(tmp_path, cli, recwarn):
+    """Folders 'crane bird' and 'crane_bird' name one prompt. The runner builds a model per seed and evaluates per
+    target: one note line in the output and the log, not a warning per build."""
+    root = tmp_path / "birds"
+    for label, name in enumerate(["crane bird", "crane_bird", "heron"]):
+        for k in range(3):
+            write_image(root / name / f"{k}.png", COLOURS[label], seed=label * 10 + k)
+    run = tmp_path / "run"
+    args = [a for a in ARGS if a not in ("--seeds", "1")]
+    code, out, err = cli("train", "--dataset", "imagefolder", "--root", root, *args, "--seeds", "1,2",
+                         "dataset.test_fraction=0.34", f"output_dir={run}")
+    assert code == 0, err
+    note = ("note: duplicate class names ('crane bird' at positions 0 and 1): their prompts are identical, so they"
+            " always score the same and the first wins ties")
+    assert [line for line in out.splitlines() if "duplicate class names" in line] == [note]
+    assert [line for line in (run / "log.txt").read_text().splitlines() if "duplicate class names" in line] == [note]
+    assert not [w for w in recwarn.list if "duplicate class names" in str(w.message)]
+    code, out, err = cli("eval", run, "device=cpu")
+    assert code == 0, err
+    assert [line for line in out.splitlines() if "duplicate class names" in line] == [note]
