@@ -134,6 +134,22 @@ def progress_bar(total: int, desc: str):
                 dynamic_ncols=True)
 
 
+def _format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def time_left(epoch_seconds: list[float], epochs_left: int) -> float:
+    """Seconds the run's remaining epochs take at this session's pace: the mean epoch, leaving out the first
+    where there are later ones (it holds the CUDA graph capture and the kernels' compilation)."""
+    pace = epoch_seconds[1:] or epoch_seconds
+    return sum(pace) / len(pace) * epochs_left
+
+
 def _format_bytes(value: float) -> str:
     if value != value:  # NaN: not measurable here
         return "n/a"
@@ -240,8 +256,13 @@ class SeedTrainer:
                 reset_peak_memory(device)
                 return _epoch_bar(len(loader), f"seed {seed} epoch {epoch}/{config.epochs}")
 
+            epoch_seconds = []  # this session's epochs, for the time left
+            later_seeds = len(config.seeds) - 1 - list(config.seeds).index(seed) if seed in config.seeds else 0
+
             def epoch_end(epoch, lr, stats):
                 stats = _over_ranks(stats)
+                epoch_seconds.append(stats.seconds)
+                epochs_left = config.epochs - epoch + later_seeds * config.epochs
                 peak, peak_kind = peak_memory(device)
                 if gpa is not None:
                     gpa.update(epoch)
@@ -254,7 +275,9 @@ class SeedTrainer:
                           f" {stats.images_per_second:.1f} images/s (loader "
                           f"{'never waited on' if loader_rate == float('inf') else f'{loader_rate:.0f} images/s'}),"
                           f" {peak_kind} {_format_bytes(peak)}"
-                          + (f", {stats.skipped_steps} steps skipped" if stats.skipped_steps else ""))
+                          + (f", {stats.skipped_steps} steps skipped" if stats.skipped_steps else "")
+                          + (f"; run ends in about {_format_duration(time_left(epoch_seconds, epochs_left))}"
+                             if epochs_left else ""))
                 if stats.loader_bound:
                     self.echo(f"  warning: the data loader is the limit ({stats.loader_seconds:.1f} s of"
                               f" {stats.seconds:.1f} s waiting for batches); try data_on_device=true or more"

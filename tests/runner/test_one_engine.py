@@ -61,3 +61,21 @@ def test_the_runner_steps_through_train_step_and_logs_the_loader_rate(counted_st
     assert [h["images"] for h in history] == [6, 6] and all(h["skipped_steps"] == 0 for h in history)
     assert all("loader_images_per_second" in h for h in history)
     assert "images/s (loader " in out
+
+
+def test_each_epoch_line_says_when_the_run_ends(cli, tmp_path):
+    """Two seeds of 3 epochs: every epoch line but the run's last gives the time left for the whole run."""
+    code, out, err = cli("train", "--method", "coop", *PROCEDURAL, "--shots", 1, "--seeds", "1,2", *FAST,
+                         "epochs=3", "batch_size=2", f"output_dir={tmp_path / 'run'}")
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if " epoch " in line and line.startswith("seed ")]
+    assert len(lines) == 6
+    assert all("; run ends in about " in line for line in lines[:-1]) and "run ends" not in lines[-1]
+
+
+def test_time_left_leaves_out_the_first_epoch_and_reads_well():
+    from fastprompt.runner.engine import _format_duration, time_left
+
+    assert time_left([30.0, 2.0, 4.0], 10) == 30.0  # the first epoch held the compilation: pace 3 s
+    assert time_left([5.0], 4) == 20.0
+    assert [_format_duration(s) for s in (7.4, 65, 3599, 3725)] == ["7s", "1m05s", "59m59s", "1h02m"]
