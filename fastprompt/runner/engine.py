@@ -135,6 +135,8 @@ def progress_bar(total: int, desc: str):
 
 
 def _format_duration(seconds: float) -> str:
+    if seconds < 0.5:
+        return "<1s"
     seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"

@@ -78,4 +78,4 @@ def test_time_left_leaves_out_the_first_epoch_and_reads_well():
 
     assert time_left([30.0, 2.0, 4.0], 10) == 30.0  # the first epoch held the compilation: pace 3 s
     assert time_left([5.0], 4) == 20.0
-    assert [_format_duration(s) for s in (7.4, 65, 3599, 3725)] == ["7s", "1m05s", "59m59s", "1h02m"]
+    assert [_format_duration(s) for s in (0.2, 7.4, 65, 3599, 3725)] == ["<1s", "7s", "1m05s", "59m59s", "1h02m"]
