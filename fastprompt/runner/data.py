@@ -123,14 +123,16 @@ def short_classes_note(full: DatasetSplits, shots: int) -> str | None:
 def check_training_set(config: RunConfig, train: DatasetSplits) -> None:
     if not train.train:
         raise ConfigError(f"{train.name}: the training split is empty")
-    if config.batch_size > len(train.train):
-        raise ConfigError(
-            f"batch_size={config.batch_size} is larger than the {config.shots}-shot training set of {train.name}"
-            f" ({len(train.train)} images over {train.num_classes} classes); lower batch_size"
-        )
     try:
-        data_parallel.check_batch(config.batch_size)  # under torchrun each process takes batch_size / N
+        # Under torchrun each process takes 1/N of a batch: of batch_size, or of the whole set where it is smaller
+        # (one batch of all its images per epoch, as Dassl's loader has it).
+        data_parallel.check_batch(min(config.batch_size, len(train.train)))
     except ValueError as error:
+        if len(train.train) < config.batch_size:
+            raise ConfigError(f"the training set of {train.name} holds {len(train.train)} images, fewer than"
+                              f" batch_size={config.batch_size}, so each epoch is one batch of all of them; that"
+                              f" batch does not split over the {data_parallel.world_size()} processes torchrun"
+                              " started (use a number of processes that divides it)") from None
         raise ConfigError(str(error)) from None
 
 
@@ -214,7 +216,8 @@ def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, gener
     dataset = train.dataset("train", train_transform(image_size, scale=tuple(config.crop_scale)))
     if data_parallel.world_size() > 1:  # torchrun: this process's slice of every global batch
         return data_parallel.sharded_loader(dataset, config.batch_size, generator, workers, pin_memory)
-    # Dassl drops the last incomplete batch when the set holds at least one batch (check_training_set).
+    # Dassl drops the last incomplete batch when the set holds at least one batch; a smaller set comes here with
+    # batch_size lowered to its size (SeedTrainer.train): one batch of all its images per epoch.
     # The shuffle order and the workers' base seed come from `generator`, which the resumable state saves.
     # Workers decode and augment ahead of the step (4 batches each); no persistent workers, so that a resumed run
     # seeds its workers exactly as an uninterrupted one does at the same epoch.

@@ -166,7 +166,7 @@ class SeedTrainer:
         self.image_size, self.echo = image_size, echo
         self.workers = worker_count(config, device)
 
-    def _memory_line(self, model) -> str:
+    def _memory_line(self, model, batch_size: int) -> str:
         """The predicted peak of this run's step on this GPU (fastprompt.memory), per process under torchrun."""
         from ..memory import memory_line, options_for_model, train_step_blas_workspaces
 
@@ -174,7 +174,7 @@ class SeedTrainer:
                                     blas_workspaces=train_step_blas_workspaces(cuda_graph=True))
         options = dataclasses.replace(options, accumulate=self.config.accumulate)
         _, total = torch.cuda.mem_get_info(self.device)
-        return memory_line(model, self.config.batch_size // data_parallel.world_size(), options, total)
+        return memory_line(model, batch_size // data_parallel.world_size(), options, total)
 
     # --- evaluation -----------------------------------------------------------------------------------
     def evaluate_targets(self, model, targets: list[Target]) -> list[dict]:
@@ -202,8 +202,7 @@ class SeedTrainer:
         return records
 
     # --- training -------------------------------------------------------------------------------------
-    def _loader(self, train, generator):
-        config = self.config
+    def _loader(self, train, generator, config: RunConfig):
         if data_on_device(config, self.device):
             with progress_bar(len(train.train), "decoding onto the device") as bar:
                 data = DeviceAugmentedSet(train, self.image_size, config.crop_scale, self.device,
@@ -220,7 +219,8 @@ class SeedTrainer:
 
         Every step goes through fastprompt.training.TrainStep (the library's one engine): CUDA graph on a GPU,
         non-finite steps skipped on the device, the learning rate in a device tensor set once per epoch. The
-        loaders drop the last incomplete batch, as Dassl's training sampler does."""
+        loaders drop the last incomplete batch, and a training set smaller than one batch is one batch of all its
+        images per epoch, as Dassl's loader has it (drop_last only when the set holds a whole batch)."""
         config, device = self.config, self.device
         template = template_for(config, train)
         model = build_model(config, self.clip, train.classnames, seed, template)
@@ -250,9 +250,14 @@ class SeedTrainer:
             sync = data_parallel.GradientMean() if data_parallel.world_size() > 1 else None
             step = TrainStep(model, optimizer, amp_dtype=self.num.amp_dtype, accumulate=self.config.accumulate,
                              grad_sync=sync)
+            loader_config = config
+            if len(train.train) < config.batch_size:
+                loader_config = dataclasses.replace(config, batch_size=len(train.train))
+                self.echo(f"seed {seed}: the training set holds {len(train.train)} images, fewer than"
+                          f" batch_size={config.batch_size}: each epoch is one batch of all of them, as in Dassl")
             if device.type == "cuda":  # before the first step: an out-of-memory run says so, with the way out
-                self.echo(f"seed {seed}: {self._memory_line(model)}")
-            loader = self._loader(train, generator)
+                self.echo(f"seed {seed}: {self._memory_line(model, loader_config.batch_size)}")
+            loader = self._loader(train, generator, loader_config)
 
             def progress_for_epoch(epoch):
                 reset_peak_memory(device)

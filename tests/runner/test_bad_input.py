@@ -59,11 +59,6 @@ def test_corrupt_test_image_stops_before_the_run_starts(tmp_path, cli, data_root
     assert str(bad) in err
 
 
-def test_batch_larger_than_the_few_shot_set(tmp_path, cli, data_root):
-    fails(cli, tmp_path / "run", *EUROSAT, "--root", data_root, "batch_size=64",
-          match="batch_size=64 is larger than the 2-shot training set of eurosat (4 images over 2 classes)")
-
-
 def test_unknown_keys_and_values(tmp_path, cli):
     fails(cli, tmp_path / "run", "--method", "coop", *PROCEDURAL, *FAST, "epoch=3", match="did you mean 'epochs'")
     fails(cli, tmp_path / "run", "--method", "coop", *PROCEDURAL, *FAST, "dataset.num_tests=3",

@@ -79,3 +79,36 @@ def test_time_left_leaves_out_the_first_epoch_and_reads_well():
     assert time_left([30.0, 2.0, 4.0], 10) == 30.0  # the first epoch held the compilation: pace 3 s
     assert time_left([5.0], 4) == 20.0
     assert [_format_duration(s) for s in (0.2, 7.4, 65, 3599, 3725)] == ["<1s", "7s", "1m05s", "59m59s", "1h02m"]
+
+
+@pytest.mark.parametrize("on_device", ["false", "true"])
+def test_a_set_smaller_than_a_batch_is_one_batch_per_epoch_as_in_dassl(counted_steps, cli, tmp_path, on_device):
+    """Dassl's loader drops the last incomplete batch only when the set holds a whole batch (drop_last=is_train and
+    len(data_source) >= batch_size): CoOp's 1-shot EuroSAT (10 images, batch 32) trains one batch of 10 per epoch.
+    The runner refused such runs."""
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--method", "coop", *PROCEDURAL, "--shots", 1, "--seeds", "1", *FAST, "epochs=3",
+                         "batch_size=32", f"data_on_device={on_device}", f"output_dir={run}")
+    assert code == 0, err
+    # b2n trains the 4 base classes x 1 shot = 4 images: one step of 4 per epoch.
+    assert counted_steps["train_step"] == 3 == counted_steps["optimizer"]
+    assert [h["images"] for h in read_json(run / "seed1" / "results.json")["history"]] == [4, 4, 4]
+    assert ("seed 1: the training set holds 4 images, fewer than batch_size=32: each epoch is one batch of all of"
+            " them, as in Dassl") in out
+    assert read_json(run / "run.json")["config"]["batch_size"] == 32  # the run's config is what was asked
+
+
+def test_under_torchrun_a_set_smaller_than_a_batch_must_split_over_the_processes(monkeypatch):
+    from fastprompt.data import procedural_splits
+    from fastprompt.parallel import data_parallel
+    from fastprompt.runner.config import ConfigError, resolve_config
+    from fastprompt.runner.data import check_training_set
+
+    config = resolve_config(overrides={"method": "coop", "dataset": "procedural", "batch_size": "32"}).config
+    train = procedural_splits(num_train_per_class=1, num_classes=5, image_size=32)  # 5 images
+    monkeypatch.setattr(data_parallel, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="holds 5 images, fewer than batch_size=32, so each epoch is one batch of"
+                                          " all of them; that batch does not split over the 2 processes"):
+        check_training_set(config, train)
+    monkeypatch.setattr(data_parallel, "world_size", lambda: 5)
+    check_training_set(config, train)
