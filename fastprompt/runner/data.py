@@ -1,7 +1,7 @@
 """The runner's data side: which splits a protocol trains and evaluates on, loaders, and split hashes.
 
 Everything that can fail on bad input (a missing root, a split file naming absent files, an image that
-does not decode, a batch larger than the few-shot set) fails here, before a run folder is created.
+does not decode, a batch that does not split over the torchrun processes) fails here, before a run folder is created.
 """
 
 from __future__ import annotations
