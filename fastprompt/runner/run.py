@@ -528,8 +528,12 @@ def checkpoints_of_run(run_dir: str) -> list[str]:
         raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST})")
     config = stored_config(run_dir)
     folders = []
+    training, holder = run_lock.holder(run_dir)
     for seed in config.seeds:
         folder = _seed_dir(run_dir, seed)
+        if not os.path.isfile(os.path.join(folder, ckpt.MANIFEST)) and training:
+            raise ckpt.CheckpointError(f"{folder} has no checkpoint yet: the run is being trained now by"
+                                       f" {run_lock.describe(holder)}; evaluate it when that finishes")
         if not os.path.isfile(os.path.join(folder, ckpt.MANIFEST)):
             raise ckpt.CheckpointError(
                 f"{folder} has no checkpoint (the seed did not finish training); eval never trains: run"

@@ -65,7 +65,8 @@ def test_a_second_train_is_refused_and_a_killed_one_is_stale(tmp_path, cli):
         code, _, err = cli(*SLOW, f"output_dir={run}")
         assert code == 2 and f"status 'running': it is being trained now by {holder}" in err, err
         code, _, err = cli("eval", "--run", run)
-        assert code == 2 and f"being trained now by {holder}" in err, err
+        assert code == 2 and f"has no checkpoint yet: the run is being trained now by {holder}; evaluate it when" \
+            " that finishes" in err, err
         assert first.poll() is None  # the refusals did not disturb the first process
     finally:
         first.kill()  # SIGKILL: no handler runs, run.json keeps status 'running'
