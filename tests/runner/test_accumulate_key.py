@@ -56,4 +56,6 @@ def test_the_runner_memory_line_reads_the_run(monkeypatch, tiny_clip):
     import dataclasses
 
     expected = memory_line(model, 4, dataclasses.replace(options, accumulate=2), 2**40)
-    assert trainer._memory_line(model) == expected and expected.endswith("of 1024.0 GiB")
+    assert trainer._memory_line(model, config.batch_size) == expected and expected.endswith("of 1024.0 GiB")
+    # A set smaller than a batch trains batches of the whole set: the line predicts that batch.
+    assert trainer._memory_line(model, 2) == memory_line(model, 2, dataclasses.replace(options, accumulate=2), 2**40)
