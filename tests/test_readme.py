@@ -36,7 +36,7 @@ from fastprompt.cli import build_parser, main
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 sys.path.insert(0, str(REPO / "tests" / "runner"))
-from runner_support import COLOURS, build_eurosat, write_image  # noqa: E402
+from runner_support import COLOURS, build_eurosat, build_imagenet, write_image  # noqa: E402
 
 FAST = ["backbone=tiny", "pretrained=none", "device=cpu", "num_workers=0", "precision=fp32", "epochs=1",
         "warmup_epochs=0", "batch_size=2", "--shots", "2"]
@@ -112,6 +112,7 @@ def test_training_block_runs_in_order(tmp_path, monkeypatch, capsys):
     folder."""
     data = tmp_path / "data"
     build_eurosat(data)
+    build_imagenet(data)  # the eval line that scores the EuroSAT prompts on another dataset
     # A user's own data for the imagefolder / csv lines (the same images both ways) and photos/ for predict.
     rows = ["path,classname"]
     for label, name in enumerate(["red fox", "green frog", "blue jay", "gold fish"]):
@@ -148,15 +149,17 @@ def test_training_block_runs_in_order(tmp_path, monkeypatch, capsys):
         assert "Traceback" not in err
         seen.append(words[0] + (" --resume" if "--resume" in words else "")
                     + (" --dry-run" if "--dry-run" in words else ""))
-        if words[0] == "eval":
+        if words[0] == "eval" and "--checkpoint" in words:
+            assert out.count("imagenet ") == 3  # each of the run's 3 seeds on the other dataset
+        elif words[0] == "eval":
             assert "| maple" in out  # the run's table
         if words[0] == "report":
             assert "eurosat" in out
         if words[0] == "predict":
             # 2 images; --top 3 capped at the run's 2 base classes (b2n trains on half the fake EuroSAT's 4).
             assert out.splitlines()[0].startswith("photos/0.jpg: ") and out.count("%") == 2 * 2
-    assert seen == ["prepare", "train --dry-run", "train", "eval", "report", "predict", "train --resume", "train",
-                    "train"], seen
+    assert seen == ["prepare", "train --dry-run", "train", "eval", "eval", "report", "predict", "train --resume",
+                    "train", "train"], seen
     assert os.path.isfile(tmp_path / "runs" / "maple-b2n-eurosat-16shot" / "summary.json")
 
 
