@@ -80,11 +80,14 @@ def run_demo(
     echo=print,
 ) -> dict:
     device = _check_options(method, backbone, epochs, shots, test_per_class, batch_size, lr, device, kernels)
-    # On a GPU the frozen weights are bf16 and the step runs under bf16 autocast (the runner's default there).
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    # The runner's precision=auto: on a GPU bf16 frozen weights under bf16 autocast, or before Ampere fp16 weights
+    # without autocast (the papers' numerics); fp32 on a CPU.
+    from .runner.engine import numerics
+
+    num = numerics("auto", device)
+    amp_dtype = num.amp_dtype
     torch.manual_seed(seed)
-    clip = create_clip(backbone, pretrained=pretrained, device=device,
-                       precision="bf16" if amp_dtype is not None else "fp32")
+    clip = create_clip(backbone, pretrained=pretrained, device=device, precision=num.clip_precision)
     if kernels != "eager":
         # The product's fast path (exact): fused blocks, packed text; Triton kernels on CUDA.
         patch(clip, backend=kernels)

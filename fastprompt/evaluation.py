@@ -32,8 +32,13 @@ AUTO = "auto"
 
 
 def default_amp_dtype(device) -> torch.dtype | None:
-    """bf16 autocast on a GPU, none (fp32) elsewhere: what evaluate and predict use unless told."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else None
+    """bf16 autocast on a GPU that computes bf16 natively, fp16 autocast on an older one (V100, T4: the dtype CLIP
+    was released in), none (fp32) elsewhere: what evaluate and predict use unless told."""
+    from .ops.backends import computes_bf16
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.bfloat16 if computes_bf16(device) else torch.float16
 
 
 def _resolve_amp(amp_dtype, device) -> torch.dtype | None:
@@ -106,7 +111,8 @@ class EvalStep:
         model: a PromptedCLIP (or anything `logits_fn` understands); put in eval mode.
         mode: prediction mode, 'base' or 'novel'.
         classes: the number of classes the metrics count (default: len(model.classnames)).
-        amp_dtype: 'auto' (bf16 on CUDA, none on CPU), torch.bfloat16, torch.float16 or None.
+        amp_dtype: 'auto' (default_amp_dtype: bf16 on CUDA, fp16 before Ampere, none on CPU), torch.bfloat16,
+            torch.float16 or None.
         cuda_graph: 'auto' (capture on CUDA, fall back with a logged reason), True (capture or raise), False.
         warmup_steps: eager batches before the capture (at least 1: it fills the model's cache).
         logits_fn: (model, images, mode) -> logits [B, C]; default `prompted_logits`.

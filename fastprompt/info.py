@@ -52,7 +52,8 @@ def info() -> dict:
     rows, ops = [], []
     for device in devices:
         name = "cpu" if device["type"] == "cpu" else f"cuda:{device['index']}"
-        dtype = torch.float32 if device["type"] == "cpu" else torch.bfloat16
+        dtype = torch.float32 if device["type"] == "cpu" else (
+            torch.bfloat16 if backends.computes_bf16(name) else torch.float16)  # what 'auto' precision computes in
         report = backends.backend_report(name, dtype)
         rows.extend(report)
         ops.extend(_op_plan(name, dtype, report))
@@ -78,20 +79,16 @@ def _triton_mode(devices: list[dict]) -> str:
 def _op_plan(device: str, dtype: torch.dtype, attention_rows: list[dict]) -> list[dict]:
     """What each op of a CLIP patched with backend='auto' on `device` runs on, and why.
 
-    The LayerNorm/MLP rule is the one fastprompt.fast.patch applies (_resolve_kernels): the Triton kernels
-    on a CUDA device where they import, PyTorch ops elsewhere; coupling maps are grouped into one launch
+    The LayerNorm/MLP rule is the one fastprompt.fast.patch applies (backends.block_kernels_problem): the Triton
+    kernels on a CUDA device of compute capability >= 8.0 where they import, PyTorch ops elsewhere; coupling maps are grouped into one launch
     exactly when LayerNorm/MLP run on Triton (FastPath.groups_coupling_maps). Attention is the backend
     that fastprompt.ops.backends' auto selection picks for a head_dim-64 request on that device.
     tests/test_info.py checks these claims against a really patched CLIP."""
-    problem = backends.triton_import_problem()
+    problem = backends.block_kernels_problem(device)
     on_cuda = device.startswith("cuda")
-    triton = on_cuda and problem is None
-    if triton:
-        why = f"fastprompt's Triton kernels ({'interpreted' if backends.triton_interpreted() else 'compiled'})"
-    elif on_cuda:
-        why = f"Triton cannot run: {problem}"
-    else:
-        why = "the Triton kernels are used on CUDA devices only"
+    triton = problem is None
+    why = (f"fastprompt's Triton kernels ({'interpreted' if backends.triton_interpreted() else 'compiled'})"
+           if triton else problem)
     plan = [
         ("LayerNorm", "triton" if triton else "pytorch",
          "fp32 statistics, input gradient only for frozen weights" if triton else why),

@@ -74,7 +74,7 @@ def test_evaluate_equals_a_per_batch_reference(method, mode, tiny_clip):
 def test_eval_step_on_cpu_runs_eagerly_and_says_why(tiny_clip):
     model = fastprompt.build("coop", tiny_clip, NAMES)
     step = EvalStep(model)
-    assert step.amp_dtype is None and default_amp_dtype("cpu") is None and default_amp_dtype("cuda") == torch.bfloat16
+    assert step.amp_dtype is None and default_amp_dtype("cpu") is None  # CUDA: tests/test_pre_ampere.py
     x, y = _batches([3], len(NAMES))[0]
     logits = step(x, y)
     assert step.mode_name == "eager" and "CUDA graphs need CUDA tensors" in step.graph_reason

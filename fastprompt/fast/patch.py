@@ -266,14 +266,10 @@ def _resolve_kernels(model: nn.Module, backend: str, info, mlp_gemm: str = "auto
     device = next(model.parameters()).device
     reasons = []
     if backend == "auto":
-        problem = backends.triton_import_problem()
-        if device.type == "cuda" and problem is None:
-            norm_mlp = "triton"
-        else:
-            norm_mlp = "torch"
-            reasons.append(
-                f"LayerNorm/MLP use PyTorch ops: {'no CUDA device' if device.type != 'cuda' else problem}"
-            )
+        problem = backends.block_kernels_problem(device)
+        norm_mlp = "triton" if problem is None else "torch"
+        if problem is not None:
+            reasons.append(f"LayerNorm/MLP use PyTorch ops: {problem}")
         attention = "auto"
     else:
         norm_mlp = "triton" if backend == "triton" else "torch"

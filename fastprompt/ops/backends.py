@@ -210,6 +210,35 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+# fastprompt's Triton kernels are written, compiled (CI compiles them for sm_90) and measured for Ampere and
+# later GPUs: native bf16 and the tensor-core paths they use. 'auto' gives older GPUs (V100, T4) PyTorch ops, and
+# the precision defaults give them fp16 where they would give bf16 (computes_bf16).
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def computes_bf16(device) -> bool:
+    """A CUDA device that computes bf16 natively (compute capability >= 8.0); False for every other device."""
+    device = torch.device(device)
+    return device.type == "cuda" and _cuda_capability(_device_index(device)) >= TRITON_MIN_CAPABILITY
+
+
+def block_kernels_problem(device) -> str | None:
+    """Why backend='auto' runs LayerNorm, the MLP and the coupling maps as PyTorch ops on `device`, or None where
+    it runs fastprompt's Triton kernels: a CUDA device of compute capability >= 8.0 on which they import. One
+    rule for fastprompt.patch and `fastprompt info`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "the Triton kernels are used on CUDA devices only"
+    problem = triton_import_problem()
+    if problem is not None:
+        return f"Triton cannot run: {problem}"
+    capability = _cuda_capability(_device_index(device))
+    if capability < TRITON_MIN_CAPABILITY:
+        need, has = (".".join(map(str, c)) for c in (TRITON_MIN_CAPABILITY, capability))
+        return f"fastprompt's Triton kernels are built for compute capability >= {need}; {device} has {has}"
+    return None
+
+
 @functools.cache
 def triton_import_problem() -> str | None:
     """None if fastprompt's Triton kernels import, else why not."""
@@ -398,7 +427,7 @@ _REGISTRY: dict[str, Backend] = {
     # sdpa's (see fastprompt.kernels.attention).
     "triton": TritonBackend("triton", devices=("cuda", "cpu"), dtypes=_FLOAT_DTYPES,
                             device_dtypes=(("cuda", (torch.float16, torch.bfloat16)), ("cpu", (torch.float32,))),
-                            head_dims=(64, 80, 128), min_cuda_capability=(8, 0)),
+                            head_dims=(64, 80, 128), min_cuda_capability=TRITON_MIN_CAPABILITY),
     "xformers": XformersBackend("xformers", devices=("cuda",), dtypes=_FLOAT_DTYPES, max_head_dim=256),
     "sdpa": SdpaBackend("sdpa", devices=("cuda", "cpu"), dtypes=_FLOAT_DTYPES + (torch.float64,)),
     "eager": Backend("eager", devices=("cuda", "cpu", "mps", "xpu"),

@@ -61,7 +61,11 @@ def resolve_device(name: str) -> torch.device:
 
 def numerics(precision: str, device: torch.device) -> Numerics:
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        # bf16 where the GPU computes it natively; before Ampere (V100, T4) the papers' own fp16 numerics, which
+        # they were trained with on such GPUs; fp32 on a CPU.
+        from ..ops.backends import computes_bf16
+
+        precision = "fp32" if device.type != "cuda" else "bf16" if computes_bf16(device) else "fp16-parity"
     if precision == "fp32":
         return Numerics("fp32", None, None, "fp32")
     if precision == "bf16":

@@ -55,8 +55,9 @@ class Predictor:
         backbone = manifest["backbone"]
         if clip is None:
             weights = pretrained if pretrained is not None else backbone.get("pretrained")
-            # Weights in the autocast dtype where it is bf16 (the runner's GPU numerics: bf16 weights, bf16 autocast).
-            precision = "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
+            # Weights in the autocast dtype where it is a half type (the runner's GPU numerics: bf16 weights under
+            # bf16 autocast; fp16 before Ampere).
+            precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
             clip = create_clip(backbone["name"], pretrained=weights, precision=precision, device=self.device)
             if kernels != "eager":  # the fast path, exact (a CLIP passed in is used as it comes)
                 fastprompt.patch(clip, backend=kernels)

@@ -79,8 +79,9 @@ def test_evaluate_never_updates_and_reports_metrics(tiny_clip):
 
 
 def test_precision_modes():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert numerics("auto", cpu).name == "fp32" and numerics("auto", cuda).name == "bf16"
+    # auto on CUDA depends on the GPU's compute capability: tests/test_pre_ampere.py.
+    cpu = torch.device("cpu")
+    assert numerics("auto", cpu).name == "fp32"
     bf16 = numerics("bf16", cpu)
     assert (bf16.clip_precision, bf16.amp_dtype, bf16.input_dtype) == ("bf16", torch.bfloat16, None)
     parity = numerics("fp16-parity", cpu)
