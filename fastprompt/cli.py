@@ -288,8 +288,19 @@ def _bench(args, extra) -> int:
 
 
 # --- parser --------------------------------------------------------------------------------------------
+def _installed_version() -> str:
+    """The installed distribution's version, read from its metadata (importing fastprompt would import torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastprompt")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastprompt", description="Fast prompt learning on frozen CLIP.")
+    parser.add_argument("--version", action="version", version=f"fastprompt {_installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train and evaluate a method on the embedded procedural dataset")

@@ -46,6 +46,12 @@ def test_help_imports_no_torch(args):
     assert "usage: fastprompt" in out
 
 
+def test_version_is_the_package_version_without_torch():
+    code, heavy, out, _ = _probe("--version")
+    assert code == 0 and heavy == "-"
+    assert out.splitlines()[0] == f"fastprompt {fastprompt.__version__}"
+
+
 @pytest.mark.parametrize("args, message", [
     (["demo", "--method", "nope"], "invalid choice: 'nope'"),
     (["train", "--shots", "many"], "invalid int value: 'many'"),

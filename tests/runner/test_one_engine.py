@@ -49,6 +49,13 @@ def test_the_demo_steps_through_train_step(counted_steps):
     assert len(result["losses"]) == 2 and "device cpu" in lines[0]
 
 
+def test_the_demo_trains_a_set_smaller_than_its_batch_as_one_batch(counted_steps):
+    lines = []
+    run_demo(backbone="tiny", epochs=2, shots=1, test_per_class=1, batch_size=16, device="cpu", echo=lines.append)
+    assert counted_steps["train_step"] == 2  # 8 classes x 1 shot = 8 images: one step per epoch
+    assert "the training set holds 8 images, fewer than batch_size=16: each epoch is one batch of all of them" in lines
+
+
 def test_the_runner_steps_through_train_step_and_logs_the_loader_rate(counted_steps, cli, tmp_path):
     run = tmp_path / "run"
     code, out, err = cli("train", "--method", "coop", *PROCEDURAL, "--shots", 2, "--seeds", "1", *FAST,
