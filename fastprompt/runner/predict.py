@@ -105,24 +105,42 @@ class Predictor:
             ) from None
         if not images:
             raise ValueError("no images given: the list of images is empty")
-        tensors = []
-        for i, image in enumerate(images):
-            if isinstance(image, str | os.PathLike):
-                image = open_rgb_image(os.fspath(image))
-            elif not hasattr(image, "convert"):
+        for i, image in enumerate(images):  # every item's kind checked before any file is read
+            if not isinstance(image, str | os.PathLike) and not hasattr(image, "convert"):
                 raise TypeError(
                     f"image {i} is of type {type(image).__name__}; a list holds file paths or PIL images (a batch of"
                     " tensors goes in as one float tensor [B, 3, H, W])"
                 )
-            tensors.append(self.transform(image))
-        return torch.stack(tensors)
+        # Decoded and transformed on threads (PIL and torch release the GIL), in order: the first bad file in the
+        # list is the error, as it was one at a time.
+        return torch.stack(list(self._threads().map(self._prepare_one, images)))
+
+    def _prepare_one(self, image) -> torch.Tensor:
+        if isinstance(image, str | os.PathLike):
+            image = open_rgb_image(os.fspath(image))
+        return self.transform(image)
+
+    def _threads(self):
+        if getattr(self, "_pool", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                            thread_name_prefix="fastprompt-predict")
+        return self._pool
+
+    def prepare(self, images) -> torch.Tensor:
+        """The model's input for `images` (file paths, PIL images, or a normalised float tensor), on the CPU."""
+        return self._batch(images)
 
     @torch.no_grad()
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, C] of a prepared batch (Predictor.prepare), on the CPU."""
+        x = x.to(self.device).to(self.model.clip.visual.conv1.weight.dtype)
+        return self._step(x).float().softmax(-1).cpu()
+
     def __call__(self, images) -> torch.Tensor:
         """Class probabilities [B, C] (softmax of the method's prediction logits), on the CPU."""
-        x = self._batch(images).to(self.device)
-        x = x.to(self.model.clip.visual.conv1.weight.dtype)
-        return self._step(x).float().softmax(-1).cpu()
+        return self.classify(self.prepare(images))
 
 
 def predict(images, classnames, checkpoint: str, device: str = "auto", pretrained: str | None = None,
@@ -172,12 +190,20 @@ def top_classes(predictor: Predictor, files: list[str], top: int = 5, batch_size
     are read and predicted `batch_size` at a time, so any number of files runs in bounded memory."""
     if top < 1 or batch_size < 1:
         raise ValueError(f"top and batch_size must be at least 1, got top={top}, batch_size={batch_size}")
+    from concurrent.futures import ThreadPoolExecutor
+
     k = min(top, len(predictor.classnames))
+    chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
     rows = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        values, indices = predictor(chunk).topk(k, dim=-1)
-        for path, probabilities, classes in zip(chunk, values.tolist(), indices.tolist(), strict=True):
-            rows.append({"image": path, "top": [{"class": predictor.classnames[c], "probability": p}
-                                                for p, c in zip(probabilities, classes, strict=True)]})
+    # The next chunk is read while this one is classified, so the device does not wait for the decoding.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastprompt-prefetch") as ahead:
+        pending = ahead.submit(predictor.prepare, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            x = pending.result()
+            if i + 1 < len(chunks):
+                pending = ahead.submit(predictor.prepare, chunks[i + 1])
+            values, indices = predictor.classify(x).topk(k, dim=-1)
+            for path, probabilities, classes in zip(chunk, values.tolist(), indices.tolist(), strict=True):
+                rows.append({"image": path, "top": [{"class": predictor.classnames[c], "probability": p}
+                                                    for p, c in zip(probabilities, classes, strict=True)]})
     return rows

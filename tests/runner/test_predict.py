@@ -76,3 +76,38 @@ def test_predict_matches_the_model_rebuilt_from_the_checkpoint(tmp_path, cli):
     assert Predictor(str(folder), trained[::-1]).mode == "base"
     assert Predictor(str(folder), [n.replace(" ", "_") for n in trained]).mode == "base"
     assert Predictor(str(folder), trained[:-1]).mode == "novel"
+
+
+def test_top_classes_reads_many_files_on_threads_in_order_and_names_the_first_bad_one(tmp_path, cli):
+    """Files are decoded on threads and the next chunk while one is classified: the rows come in the files' order
+    and equal one-image-at-a-time predictions; a corrupt file is the error, the first in order where two are."""
+    import pytest
+
+    from fastprompt.data.splits import CorruptImageError
+    from fastprompt.runner.predict import top_classes
+
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--method", "coop", *PROCEDURAL, "--shots", 1, "--seeds", 1, *FAST, "epochs=1",
+                       "warmup_epochs=0", "batch_size=2", f"output_dir={run}")
+    assert code == 0, err
+    predictor = Predictor(str(run / "seed1"), device="cpu")
+    splits = procedural_splits(num_train_per_class=2, image_size=32)
+    files = []
+    for i in range(7):
+        path = tmp_path / "images" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        splits.loader(splits.train[i].path).save(path)
+        files.append(str(path))
+    rows = top_classes(predictor, files, top=2, batch_size=3)  # chunks of 3, 3 and 1
+    assert [row["image"] for row in rows] == files
+    for row, path in zip(rows, files, strict=True):
+        one = predictor([path])[0]
+        values, indices = one.topk(2)
+        assert [t["class"] for t in row["top"]] == [predictor.classnames[i] for i in indices.tolist()]
+        assert [t["probability"] for t in row["top"]] == pytest.approx(values.tolist(), abs=1e-6)
+
+    for bad in (5, 2):
+        with open(files[bad], "wb") as handle:
+            handle.write(b"not an image")
+        with pytest.raises(CorruptImageError, match=f"cannot decode image {files[bad]}"):
+            top_classes(predictor, files, top=1, batch_size=3)
