@@ -46,10 +46,10 @@ class Predictor:
         self.checkpoint = os.path.abspath(_checkpoint_of(checkpoint))
         manifest, tensors = ckpt.load_checkpoint(self.checkpoint)
         self.manifest = manifest
-        if device == "auto":  # the caller's CLIP stays where it is; a CLIP made here goes to the GPU if there is one
-            device = next(clip.parameters()).device if clip is not None else (
-                "cuda" if torch.cuda.is_available() else "cpu")
-        # A device this machine lacks (cuda without a GPU, cuda:3 of 1) is one error naming it, as in the runner.
+        if device == "auto" and clip is not None:  # the caller's CLIP stays where it is
+            device = next(clip.parameters()).device
+        # 'auto': the GPU where there is one; a device this machine lacks (cuda without a GPU, cuda:3 of 1) is one
+        # error naming it, as in the runner.
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.amp_dtype = _resolve_amp(amp_dtype, self.device)
         backbone = manifest["backbone"]
@@ -80,7 +80,8 @@ class Predictor:
         self.image_size = int(clip.visual.image_size[0])
         self.transform = eval_transform(self.image_size)
 
-    def _batch(self, images) -> torch.Tensor:
+    def prepare(self, images) -> torch.Tensor:
+        """The model's input for `images` (file paths, PIL images, or a normalised float tensor), on the CPU."""
         if torch.is_tensor(images):
             # Checked here, before the cast to the weights' dtype below would turn uint8 pixels into
             # unnormalised floats that predict quietly wrong classes.
@@ -127,10 +128,6 @@ class Predictor:
             self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                             thread_name_prefix="fastprompt-predict")
         return self._pool
-
-    def prepare(self, images) -> torch.Tensor:
-        """The model's input for `images` (file paths, PIL images, or a normalised float tensor), on the CPU."""
-        return self._batch(images)
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
