@@ -37,6 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from .machine import usable_cpus
+
 CHECKPOINT_FORMAT = "fastprompt.checkpoint/1"
 STATE_FORMAT = "fastprompt.train-state/1"
 TENSORS, MANIFEST = "checkpoint.safetensors", "checkpoint.json"
@@ -141,6 +143,7 @@ def environment(device: torch.device | None = None) -> dict:
         "git_commit": git_commit(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus(),
         "argv": list(sys.argv),
     }
     if device is not None and device.type == "cuda":

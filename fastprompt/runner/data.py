@@ -28,6 +28,7 @@ from ..data import (
 )
 from ..parallel import data_parallel
 from .config import ConfigError, RunConfig
+from .machine import usable_cpus
 from .presets import DATASET_TEMPLATE_METHODS
 
 
@@ -169,7 +170,7 @@ def verify_paths(paths: list[str], progress=None) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(16, usable_cpus())) as pool:
         for _ in pool.map(open_rgb_image, paths):
             if progress is not None:
                 progress(1)
@@ -208,7 +209,7 @@ def worker_count(config: RunConfig, device: torch.device) -> int:
         return config.num_workers
     if device.type == "cpu" or platform.system() != "Linux":
         return 0  # CPU training competes with workers; spawn-based platforms pay a large start cost
-    return min(8, os.cpu_count() or 1)
+    return min(8, usable_cpus())
 
 
 def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, generator: torch.Generator, workers: int,

@@ -34,6 +34,7 @@ from ..data import eval_transform, open_rgb_image
 from ..evaluation import EvalStep
 from . import checkpoint as ckpt
 from .engine import resolve_device
+from .machine import usable_cpus
 
 
 class Predictor:
@@ -125,7 +126,7 @@ class Predictor:
         if getattr(self, "_pool", None) is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+            self._pool = ThreadPoolExecutor(max_workers=min(8, usable_cpus()),
                                             thread_name_prefix="fastprompt-predict")
         return self._pool
 
