@@ -2,6 +2,7 @@
 
     fastprompt train --method maple --protocol b2n --dataset eurosat --root /data seeds=1,2,3 [--dry-run]
     fastprompt train ... --resume latest          continue the run in the same output folder
+    fastprompt sweep --method maple --root /data          every dataset x seed, several runs at a time
     fastprompt eval runs/maple-b2n-eurosat-16shot           re-evaluate its checkpoints (never trains; or --run DIR)
     fastprompt report runs/*-b2n-* --markdown table.md --csv table.csv
     fastprompt predict runs/maple-b2n-eurosat-16shot/seed1 photos/ --top 3     the top classes of image files
@@ -138,6 +139,34 @@ def _train(args, extra) -> int:
         config = config_for_resume(run_dir, overrides)
     train_run(config=config, resume_dir=config.resolved_output_dir())
     return 0
+
+
+# --- sweep ---------------------------------------------------------------------------------------------
+def _sweep(args, extra) -> int:
+    from .parallel import data_parallel
+    from .runner.config import ConfigError, load_config_file
+    from .runner.sweep import device_slots, job_state, plan_sweep, run_sweep
+
+    if data_parallel.world_size() > 1 or "LOCAL_RANK" in os.environ:
+        raise ConfigError("a sweep starts its own processes, one per run: run it without torchrun")
+    overrides = _overrides(argparse.Namespace(overrides=args.overrides), extra)
+    file_values = load_config_file(args.config) if args.config else {}
+    sweep = plan_sweep(args.method, args.protocol, args.datasets, args.shots, args.seeds, args.root, file_values,
+                       overrides, args.output)
+    slots = device_slots(args.devices, args.jobs_per_device)
+    if args.dry_run:
+        jobs = sweep.jobs()
+        print(f"# {len(jobs)} runs in {sweep.output_dir}, {len(slots)} at a time on"
+              f" {', '.join(sorted({slot.label.split('#')[0] for slot in slots}))}; each is")
+        print("# fastprompt train " + " ".join(sweep.train_arguments(jobs[0])))
+        for job in jobs:
+            print(f"{job.name}: {job_state(job)}")
+        return 0
+    if args.output is None:
+        print(f"sweep folder: {sweep.output_dir}")
+    _check_output_path(sweep.output_dir, "--output", folder=True)
+    outcome = run_sweep(sweep, slots)
+    return 1 if outcome["failed"] else 0
 
 
 # --- eval ----------------------------------------------------------------------------------------------
@@ -358,6 +387,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the effective config and its diff; train nothing")
     train.add_argument("overrides", nargs="*", help="key=value config overrides")
     train.set_defaults(func=_train, takes_extra=True)
+
+    sweep = sub.add_parser(
+        "sweep", help="train a method over datasets x seeds (x shots), several runs at a time on the devices",
+        description="Every (dataset, shots, seed) is a `fastprompt train` run in a process of its own, in a folder of"
+                    " its own under --output; --jobs-per-device of them run on each device until all are done, and"
+                    " the seeds are merged into one table (summary.md; `fastprompt report OUTPUT`). A failed run ends"
+                    " only itself. Run the same command again to continue: complete runs are kept, interrupted and"
+                    " failed ones resume.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  fastprompt sweep --method maple --root /data                       (b2n: 11 datasets x seeds 1,2,3)\n"
+            "  fastprompt sweep --method coop --protocol fewshot --shots all --datasets dtd,eurosat --root /data\n"
+            "  fastprompt sweep --method mmrl --protocol xd --root /data --devices 0,1 --jobs-per-device 2\n"
+            "config overrides are key=value, as for train (lr=0.002, n_ctx=4); --dry-run lists the runs"
+        ),
+    )
+    sweep.add_argument("--method", required=True, help="prompt method: " + ", ".join(sorted(METHOD_NAMES)))
+    sweep.add_argument("--protocol", default="b2n", help="b2n (default), fewshot, xd or dg")
+    sweep.add_argument("--datasets", default="all",
+                       help="comma-separated training datasets, or all (default): the 11 benchmarks for b2n and"
+                            " fewshot, imagenet for xd and dg")
+    sweep.add_argument("--root", help="folder holding one folder per dataset")
+    sweep.add_argument("--shots", default="16", help="training images per class (default 16); fewshot: a list such"
+                       " as 1,2,4,8,16, or all")
+    sweep.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    sweep.add_argument("--output", help="sweep folder (default runs/sweep-<method>-<protocol>)")
+    sweep.add_argument("--config", help="JSON or YAML file of config keys, for every run")
+    sweep.add_argument("--devices", default="auto",
+                       help="auto (every visible GPU, else the CPU), cpu, or GPU indices such as 0,1,3")
+    sweep.add_argument("--jobs-per-device", type=int, default=1,
+                       help="runs at a time on each device (default 1; a few-shot run uses a fraction of a GPU:"
+                            " fastprompt.memory.predict_for says how much)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their states; start nothing")
+    sweep.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    sweep.set_defaults(func=_sweep, takes_extra=True)
 
     evaluate = sub.add_parser("eval", help="evaluate saved checkpoints (never trains)")
     evaluate.add_argument("run_folder", nargs="?", metavar="RUN",

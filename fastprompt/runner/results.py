@@ -104,8 +104,12 @@ def _average_groups(summaries: list[dict]) -> tuple[list[tuple[str, list[dict], 
     left without an Average row because a dataset is in more than one of its runs (an average over datasets would
     count that dataset twice). An average over several methods means nothing, so each method gets its own."""
     groups: dict[str, list[dict]] = {}
+    # Few-shot runs of several shot counts (a sweep's --shots 1,2,4,8,16): one group per method and shot count.
+    shots = {summary.get("config", {}).get("shots") for summary in summaries}
+    by_shots = summaries[0]["protocol"] == "fewshot" and len(shots) > 1 and None not in shots
     for summary in summaries:
-        groups.setdefault(_method_of(summary), []).append(summary)
+        key = _method_of(summary) + (f" {summary['config']['shots']}-shot" if by_shots else "")
+        groups.setdefault(key, []).append(summary)
     result, unaveraged = [], []
     for method, group in groups.items():
         datasets = [_dataset_of(s) for s in group]

@@ -195,7 +195,19 @@ def resume_folder(path: str) -> str:
     for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
         if os.path.isfile(os.path.join(candidate, RUN_MANIFEST)):
             return candidate
-    raise RunError(f"nothing to resume at {path}: no {RUN_MANIFEST} there (nor in its parents)")
+    raise RunError(f"nothing to resume at {path}: no {RUN_MANIFEST} there (nor in its parents){_sweep_hint(path)}")
+
+
+def _sweep_hint(path: str) -> str:
+    """For a sweep's folder given where a run folder is wanted: what to do instead."""
+    from .sweep import is_sweep
+
+    if not is_sweep(path):
+        return ""
+    runs = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, RUN_MANIFEST)))
+    example = f" (e.g. {os.path.join(path, runs[0])})" if runs else ""
+    return (f"; it is a sweep's folder: run the `fastprompt sweep` command that made it again to continue it, and"
+            f" give one of its runs here{example}")
 
 
 def stored_config(run_dir: str) -> RunConfig:
@@ -525,7 +537,7 @@ def finished_checkpoints(path) -> list[str]:
 def checkpoints_of_run(run_dir: str) -> list[str]:
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     if not os.path.isfile(os.path.join(run_dir, RUN_MANIFEST)):
-        raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST})")
+        raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}){_sweep_hint(run_dir)}")
     config = stored_config(run_dir)
     folders = []
     training, holder = run_lock.holder(run_dir)
@@ -559,12 +571,25 @@ def checkpoints_of_run(run_dir: str) -> list[str]:
 
 
 def load_summaries(run_dirs: list[str]) -> list[dict]:
+    """The summaries of run folders and of sweep folders (one per dataset of a sweep, its seeds merged)."""
+    from .sweep import is_sweep, sweep_summaries
+
     summaries = []
     for run_dir in run_dirs:
         folder = os.path.abspath(os.path.expanduser(run_dir))
         path = os.path.join(folder, "summary.json")
         if not os.path.isdir(folder):
             raise RunError(f"{run_dir}: no such run folder")
+        if is_sweep(folder):
+            found, missing = sweep_summaries(folder)
+            if not found:
+                raise RunError(f"{run_dir}: no dataset of the sweep has all its seeds complete yet (waiting:"
+                               f" {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''})")
+            if missing:
+                print(f"fastprompt: note: {run_dir}: the table leaves out the datasets with runs not complete yet"
+                      f" ({', '.join(missing)})", file=sys.stderr)
+            summaries += found
+            continue
         if not os.path.isfile(os.path.join(folder, RUN_MANIFEST)):
             raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}); report takes the folders that"
                            " `fastprompt train` wrote")
