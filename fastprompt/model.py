@@ -213,6 +213,9 @@ class PromptedCLIP(nn.Module):
         self._inference_caches = {}
         self._key_dicts = None
         self._packed = None
+        # Counts class sets: a captured training graph reads this set's buffers by address, so TrainStep
+        # re-captures when it changes (the buffers above are rebuilt and the old ones freed).
+        self.class_set_version = getattr(self, "class_set_version", -1) + 1
         self._device_copies = {}
         # The longest prompt, read from the host here once per class set: a step slices with it and reads nothing.
         self._max_length = self.prompts.max_length

@@ -231,6 +231,11 @@ def _signature(images: torch.Tensor, labels: torch.Tensor) -> tuple:
     return tuple((tuple(t.shape), t.dtype, t.device) for t in (images, labels))
 
 
+def _class_set(model):
+    """Which class set a model's prompt buffers belong to (PromptedCLIP.class_set_version; None for other models)."""
+    return getattr(model, "class_set_version", None)
+
+
 def _hyperparameters(optimizer) -> tuple:
     """The optimizer settings a captured graph has baked in (host-side numbers, not tensors)."""
     plain = (bool, int, float, str, type(None), tuple)
@@ -301,6 +306,7 @@ class TrainStep:
         self._graph_failed = False
         self._signature = None  # shapes the graph was captured for
         self._hyper = None
+        self._class_set = None
         self._warm = 0
         self._static: tuple | None = None
         self._logged: set[str] = set()
@@ -343,6 +349,12 @@ class TrainStep:
             return self._no_graph(f"batch shapes {shapes} differ from the captured "
                                   f"{', '.join(str(s[0]) for s in self._signature)}; such steps run eagerly",
                                   images, labels, permanent=False)
+        if self._graph is not None and _class_set(self.model) != self._class_set:
+            # The graph reads the old class set's prompt buffers, which set_classnames freed: one eager step builds
+            # the new ones (it reads the packing from the host, which a capture cannot), then a new capture.
+            logger.info("TrainStep: the model's class set changed (set_classnames); re-capturing the CUDA graph")
+            self._graph, self._static = None, None
+            self._warm = self.warmup_steps - 1
         if self._graph is not None and _hyperparameters(self.optimizer) != self._hyper:
             logger.info("TrainStep: optimizer hyperparameters changed; re-capturing the CUDA graph")
             self._graph = None
@@ -481,6 +493,7 @@ class TrainStep:
         self._graph = graph
         self._static = (static_images, static_labels, static_loss)
         self._hyper = _hyperparameters(self.optimizer)
+        self._class_set = _class_set(self.model)
         logger.info("TrainStep: captured the training step in a CUDA graph for shapes %s",
                     [tuple(t.shape) for t in (images, labels)])
 

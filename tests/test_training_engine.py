@@ -111,6 +111,53 @@ def test_a_failed_capture_falls_back_to_eager_with_the_reason(tiny_clip, monkeyp
     assert [r.message for r in caplog.records if "capture failed" in r.message][0].endswith("running eagerly")
 
 
+class _FakeGraph:
+    """Stands in for a captured CUDA graph on a CPU: a replay runs the step on the static tensors, and fails if the
+    model's class set changed since the capture, as a real replay would then read freed prompt buffers."""
+
+    def __init__(self, step):
+        self.step, self.class_set = step, step.model.class_set_version
+
+    def replay(self):
+        assert self.step.model.class_set_version == self.class_set, "replayed a graph of another class set"
+        images, labels, loss = self.step._static
+        loss.copy_(self.step._run_step(images, labels))
+
+
+def test_a_new_class_set_is_recaptured_after_one_eager_step(tiny_clip, monkeypatch):
+    """set_classnames (evaluating novel classes mid-training, then back) rebuilds the prompt buffers a training
+    graph reads: the step must not replay the old graph, but take one eager step (building the new buffers, which
+    reads the host) and capture again. The steps are the plain loop's throughout."""
+    captures = []
+
+    def capture(self, images, labels):
+        captures.append(self.model.class_set_version)
+        self._graph = _FakeGraph(self)
+        self._static = (images.clone(), labels.clone(), torch.zeros(()))
+        self._hyper = training._hyperparameters(self.optimizer)
+        self._class_set = training._class_set(self.model)
+
+    monkeypatch.setattr(training, "_graph_problem", lambda images: None)
+    monkeypatch.setattr(TrainStep, "_capture", capture)
+    batches = _batches(8)
+    reference = _model(tiny_clip, "coop")
+    expected = _plain_loop(reference, torch.optim.SGD(reference.trainable_parameters(), lr=0.05, momentum=0.9,
+                                                      weight_decay=5e-4), batches)
+    model = _model(tiny_clip, "coop")
+    step = TrainStep(model, make_optimizer(model.trainable_parameters(), lr=0.05), warmup_steps=2)
+    losses = []
+    for k, (images, labels) in enumerate(batches):
+        if k == 4:  # an evaluation on other classes between two steps, then the training classes again
+            model.set_classnames(["purple hexagon", "orange oval"])
+            model.set_classnames(NAMES)
+        losses.append(step(images, labels))
+    # warm-up 2, capture at step 3 (run by the graph), replay at 4; new class set: eager step 5, capture at 6.
+    assert captures == [0, 2]
+    assert step.mode == "cuda_graph"
+    torch.testing.assert_close(torch.stack(losses).double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    _assert_close_state(model, reference)
+
+
 def test_cuda_graph_required_on_cpu_is_an_error(tiny_clip):
     model = _model(tiny_clip, "coop")
     step = TrainStep(model, make_optimizer(model.trainable_parameters()), cuda_graph=True)
@@ -239,6 +286,26 @@ def test_fit_sets_each_epochs_learning_rate_through_the_device_tensor():
 
 
 # --- GPU tier: the graph path itself ----------------------------------------------------------------------
+@pytest.mark.gpu
+def test_a_graphed_prompted_step_follows_a_class_set_change(tiny_clip, caplog):
+    """A real capture of a prompted model, then an evaluation's set_classnames and back between steps: the graphed
+    steps equal eager twins' throughout (a stale replay would read freed prompt buffers)."""
+    models = [_model(tiny_clip, "maple").cuda() for _ in range(2)]
+    steps = [TrainStep(m, make_optimizer(m.trainable_parameters(), lr=0.05), warmup_steps=2, cuda_graph=graph)
+             for m, graph in zip(models, (True, False))]
+    with caplog.at_level(logging.INFO, logger="fastprompt.training"):
+        for k, (images, labels) in enumerate(_batches(8, device="cuda")):
+            if k == 4:
+                for m in models:
+                    m.set_classnames(["purple hexagon", "orange oval"])
+                    m.set_classnames(NAMES)
+            graphed, eager = (step(images, labels) for step in steps)
+            torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    assert steps[0].mode == "cuda_graph"
+    assert sum("captured the training step" in r.message for r in caplog.records) == 2
+    _assert_close_state(*models, tol=1e-5)
+
+
 @pytest.mark.gpu
 def test_graph_replays_equal_eager_steps_without_recapture_on_an_lr_change(caplog):
     torch.manual_seed(0)
