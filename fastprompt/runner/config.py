@@ -98,6 +98,9 @@ class RunConfig:
     # --- outputs --------------------------------------------------------------------------------------
     output_dir: str | None = _help("run folder (default runs/<method>-<protocol>-<dataset>-<shots>shot)", default=None)
     save_every: int = _help("epochs between resumable training states", default=1)
+    eval_every: int = _help("also evaluate the targets after every N-th epoch (the epoch's own weights; novel"
+                            " accuracy per epoch), logged and kept in results.json's history; 0: only at the end",
+                            default=0)
 
     def to_dict(self) -> dict:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -401,7 +404,8 @@ def _check_names(config: RunConfig) -> None:
 # a NaN passes every comparison, and lr=nan trained an all-NaN checkpoint that was reported complete.
 _RANGES = {
     "shots": (1, None, True), "batch_size": (1, None, True), "eval_batch_size": (1, None, True), "accumulate": (1, None, True),
-    "max_bad_steps": (1, None, True), "save_every": (1, None, True), "epochs": (0, None, True),
+    "max_bad_steps": (1, None, True), "save_every": (1, None, True), "eval_every": (0, None, True),
+    "epochs": (0, None, True),
     "warmup_epochs": (0, None, True), "num_workers": (-1, None, True),
     "lr": (0, None, True), "warmup_lr": (0, None, True), "weight_decay": (0, None, True),
     "momentum": (0, 1, False),

@@ -230,5 +230,7 @@ def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, gener
 
 def eval_loader(config: RunConfig, splits: DatasetSplits, image_size: int, workers: int, pin_memory: bool = False):
     dataset = data_parallel.shard(splits.dataset("test", eval_transform(image_size)))  # this process's share
+    # A generator of its own: a DataLoader draws its workers' base seed from the global RNG otherwise, which the
+    # in-process training augmentation reads, so an evaluation during training (eval_every) would change the run.
     return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, generator=torch.Generator())

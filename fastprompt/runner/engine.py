@@ -205,6 +205,16 @@ class SeedTrainer:
         model.set_classnames(trained[0])
         return records
 
+    def _evaluate_during_training(self, model, targets: list[Target], seed: int, epoch: int) -> list[dict]:
+        """eval_every: the targets scored with this epoch's weights, the model left in training mode with its
+        training class set (TrainStep re-captures its graph for the rebuilt prompt buffers). Nothing here draws from
+        the training's random streams, so the run trains exactly as without it."""
+        self.echo(f"seed {seed} epoch {epoch}: evaluating the targets (eval_every={self.config.eval_every})")
+        records = self.evaluate_targets(model, targets)
+        model.train()
+        return [{key: record[key] for key in ("dataset", "subset", "mode", "accuracy", "macro_f1")}
+                for record in records]
+
     # --- training -------------------------------------------------------------------------------------
     def _loader(self, train, generator, config: RunConfig):
         if data_on_device(config, self.device):
@@ -293,6 +303,8 @@ class SeedTrainer:
                     self.echo(f"  warning: the data loader is the limit ({stats.loader_seconds:.1f} s of"
                               f" {stats.seconds:.1f} s waiting for batches); try data_on_device=true or more"
                               " num_workers")
+                if config.eval_every and epoch % config.eval_every == 0 and epoch < config.epochs:
+                    history[-1]["targets"] = self._evaluate_during_training(model, targets, seed, epoch)
                 if epoch % config.save_every == 0 or epoch == config.epochs:
                     data_parallel.on_main(ckpt.save_state, state_dir, epoch, model, optimizer, generator, device,
                                           gpa, history)

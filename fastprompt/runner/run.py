@@ -36,7 +36,7 @@ from .results import csv_table, markdown_table, summarize_run
 
 RUN_MANIFEST = "run.json"
 # Keys that may change when a run is resumed: they do not change the training trajectory.
-RESUMABLE_CHANGES = ("num_workers", "eval_batch_size", "output_dir")
+RESUMABLE_CHANGES = ("num_workers", "eval_batch_size", "eval_every", "output_dir")
 
 
 class RunError(RuntimeError):
