@@ -4,7 +4,7 @@
     fastprompt train ... --resume latest          continue the run in the same output folder
     fastprompt sweep --method maple --root /data          every dataset x seed, several runs at a time
     fastprompt eval runs/maple-b2n-eurosat-16shot           re-evaluate its checkpoints (never trains; or --run DIR)
-    fastprompt report runs/*-b2n-* --markdown table.md --csv table.csv
+    fastprompt report runs/*-b2n-* --markdown table.md --csv table.csv --latex table.tex
     fastprompt predict runs/maple-b2n-eurosat-16shot/seed1 photos/ --top 3     the top classes of image files
     fastprompt prepare eurosat --root /data [--download]
     fastprompt bench | demo | info
@@ -236,10 +236,10 @@ def _eval_run_folder(args, extra: list[str]) -> tuple[list[str], list[str]]:
 
 def _report(args) -> int:
     from .runner.checkpoint import atomic_write_text
-    from .runner.results import csv_table, markdown_table
+    from .runner.results import csv_table, latex_table, markdown_table
     from .runner.run import load_summaries
 
-    for option, path in (("--markdown", args.markdown), ("--csv", args.csv)):
+    for option, path in (("--markdown", args.markdown), ("--csv", args.csv), ("--latex", args.latex)):
         if path:
             _check_output_path(path, option, folder=False)
     summaries = load_summaries(args.runs)
@@ -249,6 +249,8 @@ def _report(args) -> int:
         atomic_write_text(args.markdown, text)
     if args.csv:
         atomic_write_text(args.csv, csv_table(summaries))
+    if args.latex:
+        atomic_write_text(args.latex, latex_table(summaries))
     return 0
 
 
@@ -445,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+")
     report.add_argument("--markdown", help="write the Markdown table here")
     report.add_argument("--csv", help="write the CSV table here")
+    report.add_argument("--latex", help="write the table as a LaTeX tabular (booktabs) here")
     report.set_defaults(func=_report)
 
     predict = sub.add_parser(

@@ -143,7 +143,7 @@ def test_training_block_runs_in_order(tmp_path, monkeypatch, capsys):
         elif words[0] == "predict":
             words = words + ["--device", "cpu"]
         elif words[0] == "report":
-            words = ["report"] + sorted(p for w in words[1:] for p in (glob.glob(w) or [w]))
+            words = ["report"] + [p for w in words[1:] for p in (sorted(glob.glob(w)) or [w])]
         code, out, err = _fastprompt(words, capsys)
         assert code == 0, f"`fastprompt {' '.join(words)}` exited {code}: {err}"
         assert "Traceback" not in err
@@ -155,6 +155,7 @@ def test_training_block_runs_in_order(tmp_path, monkeypatch, capsys):
             assert "| maple" in out  # the run's table
         if words[0] == "report":
             assert "eurosat" in out
+            assert (tmp_path / "table.tex").read_text().startswith(r"\begin{tabular}")
         if words[0] == "predict":
             # 2 images; --top 3 capped at the run's 2 base classes (b2n trains on half the fake EuroSAT's 4).
             assert out.splitlines()[0].startswith("photos/0.jpg: ") and out.count("%") == 2 * 2

@@ -1,4 +1,4 @@
-"""Aggregating seeds and datasets into the papers' tables (METHODS.md §2), as Markdown and CSV.
+"""Aggregating seeds and datasets into the papers' tables (METHODS.md §2), as Markdown, CSV and LaTeX.
 
 Conventions:
 * Per target, accuracy and macro-F1 are averaged over seeds; the spread is the sample standard deviation
@@ -201,12 +201,16 @@ def _transfer_rows(summaries):
     return header, numeric, [pretty_header, *pretty]
 
 
-def markdown_table(summaries: list[dict]) -> str:
+def _shown_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The header and formatted rows a printed table shows (mean ± std in one cell)."""
     header, _, pretty = table_rows(summaries)
     if summaries[0]["protocol"] in ("xd", "dg"):
-        header, pretty = pretty[0], pretty[1:]
-    else:
-        header = [h for h in header if not h.endswith(" std")]
+        return pretty[0], pretty[1:]
+    return [h for h in header if not h.endswith(" std")], pretty
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    header, pretty = _shown_rows(summaries)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in pretty]
     protocol = summaries[0]["protocol"]
@@ -232,3 +236,29 @@ def csv_table(summaries: list[dict]) -> str:
     for row in numeric:
         writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in row])
     return buffer.getvalue()
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex_cell(text: str) -> str:
+    text = "".join(_LATEX_SPECIAL.get(c, c) for c in str(text))
+    bold = text.startswith("**") and text.endswith("**")
+    text = text.strip("*") if bold else text
+    text = text.replace(" ± ", r" $\pm$ ").replace("–", "--")
+    return rf"\textbf{{{text}}}" if bold else text
+
+
+def latex_table(summaries: list[dict]) -> str:
+    """The Markdown table's cells as a LaTeX tabular (booktabs rules), for a paper's source: special characters
+    escaped, ± as $\\pm$, the Average rows bold and set off by a rule."""
+    header, pretty = _shown_rows(summaries)
+    lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(_latex_cell(h) for h in header) + r" \\", r"\midrule"]
+    for row in pretty:
+        if str(row[0]).startswith("**"):
+            lines.append(r"\midrule")
+        lines.append(" & ".join(_latex_cell(c) for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 
-from fastprompt.runner.results import aggregate_seeds, csv_table, harmonic_mean, markdown_table, summarize_run
+from fastprompt.runner.results import (aggregate_seeds, csv_table, harmonic_mean, latex_table, markdown_table,
+                                       summarize_run)
 
 
 def seed(seed, base, novel, dataset="dtd"):
@@ -101,3 +102,25 @@ def test_a_table_without_an_average_row_does_not_describe_one():
     text = markdown_table([single])
     assert "Average" not in text
     assert text.rstrip().endswith("HM of the seed-averaged base and novel.")
+
+
+def test_latex_table_is_the_markdown_table_for_a_paper_source():
+    """Two datasets of one method, one of them with LaTeX's special characters in its name: escaped cells, ± as
+    $\\pm$, and the Average row bold below a rule (the numbers: means and sample stds of the seeds by hand)."""
+    runs = [summarize_run("b2n", "maple fgvc_aircraft", [seed(1, 40.0, 30.0, "fgvc_aircraft"),
+                                                          seed(2, 42.0, 34.0, "fgvc_aircraft")]),
+            summarize_run("b2n", "maple dtd", [seed(1, 80.0, 60.0), seed(2, 80.0, 60.0)])]
+    hm_aircraft = 2 * 41.0 * 32.0 / 73.0
+    hm_average = 2 * 60.5 * 46.0 / 106.5
+    assert latex_table(runs).splitlines() == [
+        r"\begin{tabular}{lrrrrr}",
+        r"\toprule",
+        r"Run & Dataset & Seeds & Base & Novel & HM \\",
+        r"\midrule",
+        rf"maple fgvc\_aircraft & fgvc\_aircraft & 2 & 41.00 $\pm$ 1.41 & 32.00 $\pm$ 2.83 & {hm_aircraft:.2f} \\",
+        r"maple dtd & dtd & 2 & 80.00 $\pm$ 0.00 & 60.00 $\pm$ 0.00 & 68.57 \\",
+        r"\midrule",
+        rf"\textbf{{Average}} & 2 datasets &  & 60.50 & 46.00 & {hm_average:.2f} \\",
+        r"\bottomrule",
+        r"\end{tabular}",
+    ]
