@@ -6,6 +6,7 @@
     fastprompt eval runs/maple-b2n-eurosat-16shot           re-evaluate its checkpoints (never trains; or --run DIR)
     fastprompt report runs/*-b2n-* --markdown table.md --csv table.csv --latex table.tex
     fastprompt predict runs/maple-b2n-eurosat-16shot/seed1 photos/ --top 3     the top classes of image files
+    fastprompt export runs/coop-b2n-dtd-16shot/seed1 --output dtd.safetensors  CoOp as one matrix for plain CLIP
     fastprompt prepare eurosat --root /data [--download]
     fastprompt bench | demo | info
 
@@ -254,6 +255,20 @@ def _report(args) -> int:
     return 0
 
 
+# --- export --------------------------------------------------------------------------------------------
+def _export(args) -> int:
+    from .data.files import read_classnames
+    from .runner.export import export_classifier
+
+    _check_output_path(args.output, "--output", folder=False)
+    classnames = read_classnames(args.classnames) if args.classnames else None
+    metadata = export_classifier(args.checkpoint, args.output, classnames, args.pretrained)
+    count = len(__import__("json").loads(metadata["classnames"]))
+    print(f"wrote {args.output}: {metadata['method']} classifier over {count} classes for {metadata['backbone']}"
+          f" ({metadata['pretrained']}); {metadata['usage']}")
+    return 0
+
+
 # --- import-dassl --------------------------------------------------------------------------------------
 # Literal like METHOD_NAMES (no torch import for --help); equals fastprompt.runner.dassl_import.IMPORTABLE.
 DASSL_IMPORTABLE = ("coop", "cocoop", "maple", "ivlp", "vpt_deep", "promptsrc", "mmrl")
@@ -471,6 +486,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="also write the predictions as JSON")
     predict.set_defaults(func=_predict)
 
+    export = sub.add_parser(
+        "export", help="a text-prompt method's classifier as one matrix over plain CLIP image features",
+        description="Write the class set's normalised text features and the logit scale (safetensors) of a CoOp,"
+                    " deep-language or zero-shot checkpoint: with an unmodified open_clip model, logits ="
+                    " logit_scale * normalize(clip.encode_image(images)) @ text_features.T gives the method's"
+                    " predictions at the image tower's cost. Methods that prompt the image tower or condition the"
+                    " text on the image are refused.",
+    )
+    export.add_argument("checkpoint", help="checkpoint folder (runs/<run>/seed1), its checkpoint.json, or a run"
+                        " folder of one seed")
+    export.add_argument("--output", required=True, help="the .safetensors file to write")
+    export.add_argument("--classnames", help="text file, one class name per line (default: the trained classes)")
+    export.add_argument("--pretrained", help="CLIP weights, where the checkpoint's record is not on this machine")
+    export.set_defaults(func=_export)
+
     dassl = sub.add_parser(
         "import-dassl", help="convert a checkpoint of the papers' Dassl code into a fastprompt checkpoint",
         description="Convert output/.../model.pth.tar-N (or model-best.pth.tar) of the official CoOp, CoCoOp,"
@@ -540,6 +570,7 @@ def _expected_errors() -> tuple:
     from .parallel.data_parallel import PeerFailed
     from .runner.checkpoint import CheckpointError
     from .runner.config import ConfigError
+    from .runner.export import ExportError
     from .runner.results import ReportError
     from .runner.run import RunError
     from .training import NonFiniteLossError
@@ -547,7 +578,8 @@ def _expected_errors() -> tuple:
     # OSError: what the operating system refused (permissions, a full disk, a path that vanished) is a problem
     # of the environment, said in one line like bad input; a bug still shows its traceback.
     return (ConfigError, DatasetError, CheckpointError, RunError, CorruptImageError, NonFiniteLossError,
-            UnsupportedModelError, ReportError, OSError, PeerFailed, WeightsFileError, WeightsUnavailableError)
+            UnsupportedModelError, ReportError, ExportError, OSError, PeerFailed, WeightsFileError,
+            WeightsUnavailableError)
 
 
 class Terminated(KeyboardInterrupt):

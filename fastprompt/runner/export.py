@@ -1,0 +1,84 @@
+"""A trained text-prompt method as a fixed linear classifier over plain CLIP image features.
+
+Where a method prompts only the text tower and its text does not depend on the image (CoOp, deep language
+prompting, zero-shot CLIP), its predictions are `logit_scale * normalize(clip.encode_image(x)) @ W.T` with W the
+class set's normalised text features, computed once. Exported, W needs neither fastprompt nor the prompts at
+inference: an unmodified open_clip model and one matrix product, at the image tower's own cost.
+
+    fastprompt export runs/coop-b2n-dtd-16shot/seed1 --output dtd-coop.safetensors [--classnames new.txt]
+
+The file (safetensors) holds `text_features` [C, E] (float32, unit rows) and `logit_scale` (float32, exp'd), and
+its metadata the class names (JSON), method, backbone name and weights, and where it came from. Methods that prompt
+the image tower or condition the text on the image are refused: no fixed matrix gives their predictions. Before
+writing, the matrix is checked against the model itself on a probe batch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..method import PromptMethod
+from . import checkpoint as ckpt
+
+CLASSIFIER_FORMAT = "fastprompt.classifier/1"
+
+
+class ExportError(ValueError):
+    """The checkpoint's method has no fixed-classifier form; the message says why and what to use instead."""
+
+
+def fixed_classifier_problem(model) -> str | None:
+    """Why `model`'s predictions are not a fixed classifier over plain CLIP image features (None when they are)."""
+    method = model.method
+    if method.vision_schedule.prompted or len(method.vision_sources):
+        return "it prompts the image tower too, so its image features are not plain CLIP's"
+    if method.per_image_text():
+        return "its text prompts depend on each image, so its class features change with the image"
+    if type(method).heads is not PromptMethod.heads or type(method).predict is not PromptMethod.predict:
+        return "its logits are not one cosine product of image and class features"
+    return None
+
+
+def export_classifier(checkpoint: str, output: str, classnames=None, pretrained: str | None = None) -> dict:
+    """Write `checkpoint`'s classifier for `classnames` (default: its training classes) to `output`; returns the
+    metadata written. fp32 on the CPU: the matrix is computed once, exactly."""
+    from safetensors.torch import save
+
+    from .predict import Predictor
+
+    predictor = Predictor(checkpoint, classnames, device="cpu", pretrained=pretrained, amp_dtype=None,
+                          kernels="eager")
+    model, manifest = predictor.model, predictor.manifest
+    problem = fixed_classifier_problem(model)
+    if problem is not None:
+        raise ExportError(f"{manifest['method']} cannot be exported as a fixed classifier: {problem}; use"
+                          " `fastprompt predict` or fastprompt.runner.Predictor")
+    with torch.no_grad():
+        text_features = torch.nn.functional.normalize(model.inference_cache().text[0].float(), dim=-1)
+        logit_scale = model.clip.logit_scale.exp().float()
+    _check_against_the_model(predictor, text_features, logit_scale)
+    backbone = manifest["backbone"]
+    metadata = {"format": CLASSIFIER_FORMAT, "method": manifest["method"], "classnames": json.dumps(
+        list(predictor.classnames)), "backbone": backbone["name"],
+        "pretrained": str((pretrained if pretrained is not None else backbone.get("pretrained")) or "none"),
+        "checkpoint": predictor.checkpoint,
+        "usage": "logits = logit_scale * normalize(clip.encode_image(images)) @ text_features.T"}
+    tensors = {"text_features": text_features.contiguous(), "logit_scale": logit_scale.reshape(())}
+    ckpt.atomic_write_bytes(output, save(tensors, metadata=metadata))
+    return metadata
+
+
+def _check_against_the_model(predictor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> None:
+    """The exported product must give the model's own logits (a probe batch of random images)."""
+    generator = torch.Generator().manual_seed(0)
+    size = predictor.image_size
+    images = torch.randn(4, 3, size, size, generator=generator)
+    with torch.no_grad():
+        expected = predictor.model.predict(predictor.model(images), predictor.mode).float()
+        image_features = torch.nn.functional.normalize(predictor.model.clip.encode_image(images).float(), dim=-1)
+        got = logit_scale * image_features @ text_features.T
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-3):
+        raise ExportError(f"the fixed classifier does not reproduce {predictor.manifest['method']}'s logits"
+                          f" (largest difference {(got - expected).abs().max().item():.3g}); not written")
