@@ -624,9 +624,14 @@ def _main(argv) -> int:
         print(f"fastprompt: error: {error}", file=sys.stderr)
         return 2
     try:
-        if getattr(args, "takes_extra", False):
-            return args.func(args, extra)
-        return args.func(args)
+        code = args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is met below rather than at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`fastprompt report ... | head`): stop quietly, as other command-line tools do; the
+        # interpreter's own flush of stdout at exit would fail again, so stdout becomes /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except _expected_errors() as error:
         from .parallel import data_parallel
 

@@ -286,3 +286,17 @@ def test_help_of_patch_holds_the_explanation():
     assert isinstance(clip.transformer.resblocks[0], before_class) and list(clip.state_dict()) == before_keys
     fastprompt.unpatch(clip)
     assert type(clip.transformer.resblocks[0]) is before_class
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`fastprompt ... | head`: the reader goes away; the command stops with status 141 (as SIGPIPE would end a C
+    tool) and prints nothing, instead of an error line or Python's 'Exception ignored ... BrokenPipeError'."""
+    read, write = os.pipe()
+    os.close(read)  # a reader that has gone before the first line
+    try:
+        result = subprocess.run([sys.executable, "-m", "fastprompt", "train", "--method", "coop", "--dataset",
+                                 "procedural", "--dry-run"], stdout=write, stderr=subprocess.PIPE, text=True,
+                                timeout=300)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")

@@ -132,6 +132,7 @@ def plan_sweep(method: str, protocol: str, datasets: str, shots: str, seeds: str
     from ..data.protocols import CROSS_DATASET_TARGETS, FEW_SHOT_SHOTS
     from .config import resolve_config
 
+    method, protocol = method.strip().lower().replace("-", "_"), protocol.strip().lower()  # as train reads them
     for key in overrides:
         if key in SET_PER_JOB:
             raise ConfigError(f"{key}= is set per job by the sweep; give {SET_PER_JOB[key]} instead")
