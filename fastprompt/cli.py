@@ -245,6 +245,10 @@ def _report(args) -> int:
             _check_output_path(path, option, folder=False)
     summaries = load_summaries(args.runs)
     text = markdown_table(summaries)
+    if args.paper:
+        from .runner.paper import paper_comparison
+
+        text += "\n" + paper_comparison(summaries)
     print(text)
     if args.markdown:
         atomic_write_text(args.markdown, text)
@@ -463,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", help="write the Markdown table here")
     report.add_argument("--csv", help="write the CSV table here")
     report.add_argument("--latex", help="write the table as a LaTeX tabular (booktabs) here")
+    report.add_argument("--paper", action="store_true",
+                        help="also each figure beside the papers' published one and the difference (runs of the"
+                             " papers' setting: ViT-B-16, openai weights, their shots)")
     report.set_defaults(func=_report)
 
     predict = sub.add_parser(

@@ -129,7 +129,9 @@ def plan_sweep(method: str, protocol: str, datasets: str, shots: str, seeds: str
                file_values: dict, overrides: dict, output_dir: str | None) -> Sweep:
     """The sweep the command line asks for, every job's config checked as `fastprompt train` checks it (a bad
     override is one error before anything starts, not one failure per job)."""
-    from ..data.protocols import CROSS_DATASET_TARGETS, FEW_SHOT_SHOTS
+    from ..data import resolve_dataset_name
+    from ..data.protocols import CROSS_DATASET_TARGETS, FEW_SHOT_SHOTS, protocol_plan
+    from ..data.splits import DatasetError
     from .config import resolve_config
 
     method, protocol = method.strip().lower().replace("-", "_"), protocol.strip().lower()  # as train reads them
@@ -146,9 +148,6 @@ def plan_sweep(method: str, protocol: str, datasets: str, shots: str, seeds: str
     if datasets == "all":
         names = ("imagenet", *CROSS_DATASET_TARGETS)
     else:
-        from ..data import resolve_dataset_name
-        from ..data.splits import DatasetError
-
         names = []
         for name in _split_list(datasets, "--datasets"):
             try:
@@ -167,8 +166,6 @@ def plan_sweep(method: str, protocol: str, datasets: str, shots: str, seeds: str
         "runs", f"sweep-{method}-{protocol}")))
     # Absolute, as every job's command and sweep.json hold it: the same sweep run again from another folder.
     root = os.path.abspath(os.path.expanduser(root)) if root is not None else None
-    from ..data.protocols import protocol_plan
-
     # The xd / dg runs evaluate on other datasets: their folders are needed as much as the training one.
     needed = [name for dataset in names for name, _ in protocol_plan(protocol, dataset).targets]
     _check_dataset_folders(list(dict.fromkeys(needed)), root)
@@ -397,9 +394,13 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
              " is in logs/; fix the cause and run the same command again (complete runs are kept, failed ones resume)")
     else:
         summaries = write_sweep_summary(sweep.output_dir)
+        from .paper import paper_comparison
         from .results import markdown_table
 
         echo("\n" + markdown_table(summaries))
+        comparison = paper_comparison(summaries)
+        if comparison.startswith("|"):  # some run of the papers' setting: its figures beside the papers'
+            echo(comparison)
     return {"complete": done, "failed": [job.name for job, _ in failed], "summaries": summaries}
 
 
