@@ -231,6 +231,38 @@ def _setting_problem(summary: dict, shots: int | None) -> str | None:
     return ", ".join(differs) or None
 
 
+# The config keys that change what is trained; a run that changed one of its preset's is still compared, and the
+# note names the change (the others: folders, devices, loaders, evaluation batch, kernels, seeds).
+TRAINING_KEYS = ("optimizer", "lr", "weight_decay", "momentum", "epochs", "warmup_epochs", "warmup_lr", "batch_size",
+                 "crop_scale", "gpa", "options", "dataset_options")
+
+
+def preset_changes(config: dict) -> list[str]:
+    """`key preset -> run` for each training key where the run's config differs from its paper preset."""
+    from .config import ConfigError, resolve_config
+
+    try:
+        preset = resolve_config({}, {"method": config["method"], "protocol": config["protocol"],
+                                     "dataset": config["dataset"], "shots": str(config["shots"])}).config.to_dict()
+    except (ConfigError, KeyError, ValueError):
+        return []  # a config this release cannot resolve (an older method option): nothing to compare it with
+    from ..methods import method_options
+
+    defaults = method_options(config["method"])  # an option neither sets is the method's default
+    changes = []
+    for key in TRAINING_KEYS:
+        ours, theirs = config.get(key), preset.get(key)
+        if key == "options":
+            ours, theirs = {**defaults, **(ours or {})}, {**defaults, **theirs}
+        if isinstance(theirs, dict):
+            ours = ours or {}
+            changes += [f"{name} {theirs.get(name)!r} -> {ours.get(name)!r}" for name in sorted(set(ours) | set(theirs))
+                        if ours.get(name) != theirs.get(name)]
+        elif ours != theirs and not (isinstance(theirs, list) and list(ours or ()) == theirs):
+            changes.append(f"{key} {theirs!r} -> {ours!r}")
+    return changes
+
+
 def _b2n_rows(summaries, notes):
     rows, by_method = [], {}
     for s in summaries:
@@ -308,6 +340,9 @@ def paper_comparison(summaries: list[dict]) -> str:
                       f" {PAPER_WEIGHTS} weights{', 16 shots' if protocol != 'fewshot' else ''})")
         else:
             comparable.append(s)
+            changed = preset_changes(s["config"])
+            if changed:
+                notes.add(f"compared though it changed its paper preset: {s['name']} ({', '.join(changed)})")
     if comparable:
         if protocol == "b2n":
             header, rows = _b2n_rows(comparable, notes)

@@ -102,3 +102,20 @@ def test_report_paper_flag(tmp_path, cli):
     assert "| coop procedural |" in out
     assert "No run here ran the papers' setting. Not compared: coop procedural (backbone tiny, weights random," \
            " 2 shots;" in out
+
+
+def test_a_run_that_changed_its_paper_preset_is_compared_with_the_change_named():
+    from fastprompt.runner.config import resolve_config
+
+    def config(**changes):
+        values = {"method": "coop", "protocol": "b2n", "dataset": "dtd", "shots": "16", "device": "cpu",
+                  "root": "/data", "seeds": "1", **changes}  # device, root, seeds: not training changes
+        return resolve_config({}, values).config.to_dict()
+
+    run = b2n_run("coop", "dtd", 79.44, 41.18)
+    run["config"] = config(epochs="10", n_ctx="4")
+    text = paper_comparison([run])
+    assert "| coop dtd | dtd | 79.44 (79.44, +0.00) |" in text
+    assert "Compared though it changed its paper preset: coop dtd (epochs 200 -> 10, n_ctx 16 -> 4)." in text
+    run["config"] = config()
+    assert "changed its paper preset" not in paper_comparison([run])
