@@ -119,3 +119,16 @@ def test_a_run_that_changed_its_paper_preset_is_compared_with_the_change_named()
     assert "Compared though it changed its paper preset: coop dtd (epochs 200 -> 10, n_ctx 16 -> 4)." in text
     run["config"] = config()
     assert "changed its paper preset" not in paper_comparison([run])
+
+
+@pytest.mark.parametrize("protocol", ["b2n", "xd", "dg", "fewshot"])
+def test_each_preset_as_resolved_has_no_changes_from_itself(protocol):
+    from fastprompt.cli import METHOD_NAMES
+    from fastprompt.runner.config import resolve_config
+    from fastprompt.runner.paper import preset_changes
+
+    for method in METHOD_NAMES:
+        for dataset in ("imagenet", "eurosat") if protocol in ("b2n", "fewshot") else ("imagenet",):
+            config = resolve_config({}, {"method": method, "protocol": protocol, "dataset": dataset,
+                                         "shots": "16"}).config.to_dict()
+            assert preset_changes(config) == [], (method, protocol, dataset)
