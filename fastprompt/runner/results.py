@@ -38,14 +38,36 @@ def aggregate_seeds(seed_results: list[dict]) -> dict:
         for record in result["targets"]:
             key = record["dataset"] if record["subset"] == "all" else f"{record['dataset']}/{record['subset']}"
             entry = by_key.setdefault(key, {"dataset": record["dataset"], "subset": record["subset"],
-                                            "accuracy": [], "macro_f1": []})
+                                            "accuracy": [], "macro_f1": [], "seed_ids": []})
             entry["accuracy"].append(record["accuracy"])
             entry["macro_f1"].append(record["macro_f1"])
+            entry["seed_ids"].append(result.get("seed"))
     return {
         key: {"dataset": e["dataset"], "subset": e["subset"], "seeds": len(e["accuracy"]),
-              "accuracy": mean_std(e["accuracy"]), "macro_f1": mean_std(e["macro_f1"])}
+              "accuracy": mean_std(e["accuracy"]), "macro_f1": mean_std(e["macro_f1"]),
+              "per_seed": [[seed, accuracy] for seed, accuracy in zip(e["seed_ids"], e["accuracy"], strict=True)]}
         for key, e in by_key.items()
     }
+
+
+# A seed this far from the median of its run's seeds is named under the table: CoOp's DTD gave 12 % with one seed
+# and 63 % with another (KaiyangZhou/CoOp#24), a diverged run or a bad split that a mean ± std hides in plain sight.
+OUTLIER_POINTS = 10.0
+
+
+def outlier_seeds(summaries: list[dict]) -> list[str]:
+    """'<run> <target> seed S (acc; median M)' for each seed more than OUTLIER_POINTS from its run's median (runs of
+    three or more seeds; summaries written before per-seed values were kept are skipped)."""
+    found = []
+    for summary in summaries:
+        for key, target in summary["targets"].items():
+            values = target.get("per_seed") or []
+            if len(values) < 3:
+                continue
+            middle = statistics.median(accuracy for _, accuracy in values)
+            found += [f"{summary['name']}: {key} seed {seed} ({accuracy:.2f}; median {middle:.2f})"
+                      for seed, accuracy in values if abs(accuracy - middle) > OUTLIER_POINTS]
+    return found
 
 
 def summarize_run(protocol: str, name: str, seed_results: list[dict]) -> dict:
@@ -225,6 +247,10 @@ def markdown_table(summaries: list[dict]) -> str:
                      " averages." if protocol == "b2n" else " An Average row averages a method's datasets.")
         if unaveraged:
             note += f" No Average row for {'; '.join(unaveraged)}."
+    outliers = outlier_seeds(summaries)
+    if outliers:
+        note += (f" Seeds more than {OUTLIER_POINTS:.0f} points from their run's median (a diverged run or a bad"
+                 f" split? see its log): {'; '.join(outliers)}.")
     return "\n".join(lines) + f"\n\n{note}\n"
 
 

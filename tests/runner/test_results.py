@@ -124,3 +124,17 @@ def test_latex_table_is_the_markdown_table_for_a_paper_source():
         r"\bottomrule",
         r"\end{tabular}",
     ]
+
+
+def test_a_seed_far_from_its_runs_median_is_named_under_the_table():
+    """CoOp's DTD: 12 % with one seed, 63 % with the others (KaiyangZhou/CoOp#24): named with its seed, value and
+    the median, so a diverged run is not averaged away unnoticed; spreads of a few points are not named."""
+    diverged = summarize_run("b2n", "coop dtd", [seed(1, 80.0, 63.0), seed(2, 79.0, 12.0), seed(3, 81.0, 61.0)])
+    assert diverged["targets"]["dtd/novel"]["per_seed"] == [[1, 63.0], [2, 12.0], [3, 61.0]]
+    steady = summarize_run("b2n", "maple dtd", [seed(1, 80.0, 60.0), seed(2, 78.0, 55.0), seed(3, 82.0, 64.0)])
+    note = markdown_table([diverged, steady]).strip().splitlines()[-1]
+    assert note.endswith("Seeds more than 10 points from their run's median (a diverged run or a bad split? see its"
+                         " log): coop dtd: dtd/novel seed 2 (12.00; median 61.00).")
+    assert "Seeds more than" not in markdown_table([steady])
+    two = summarize_run("b2n", "coop eurosat", [seed(1, 90.0, 70.0), seed(2, 90.0, 20.0)])
+    assert "Seeds more than" not in markdown_table([two])  # two seeds: no median to stand apart from
