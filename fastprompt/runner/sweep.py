@@ -305,6 +305,19 @@ def _job_result(job: Job) -> str:
     return ", ".join(parts[:4]) + (f" (+{len(parts) - 4} targets)" if len(parts) > 4 else "")
 
 
+def _killed(returncode: int) -> str | None:
+    """What a job ended by a signal it did not handle was told (None for an exit of its own)."""
+    if returncode >= 0:
+        return None
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if name == "SIGKILL":
+        return "killed by SIGKILL: out of host memory (the kernel's OOM killer) or kill -9 (running the sweep again resumes it)"
+    return f"killed by {name} (running the sweep again resumes it)"
+
+
 def _last_error(log_path: str) -> str:
     """The job's error line (`fastprompt: error: ...`), else its last line."""
     try:
@@ -378,7 +391,7 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
                     done += 1
                     echo(f"  {job.name} complete in {took}: {_job_result(job)} ({done}/{len(jobs)} complete)")
                 else:
-                    why = _last_error(_log_path(sweep, job))
+                    why = _killed(process.returncode) or _last_error(_log_path(sweep, job))
                     failed.append((job, why))
                     echo(f"  {job.name} FAILED after {took} (exit {process.returncode}): {why}"
                          f" [log: {_log_path(sweep, job)}]")

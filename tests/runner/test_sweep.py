@@ -262,3 +262,11 @@ def test_few_shot_tables_of_several_shot_counts_average_per_shot_count():
     assert [r[0] for r in rows] == ["coop dtd 1-shot", "coop eurosat 1-shot", "Average coop 1-shot",
                                     "coop dtd 16-shot", "coop eurosat 16-shot", "Average coop 16-shot"]
     assert float(rows[2][3]) == 45.0 and float(rows[5][3]) == 70.0
+
+
+def test_a_job_killed_by_a_signal_is_said_so():
+    from fastprompt.runner.sweep import _killed
+
+    assert _killed(0) is None and _killed(2) is None
+    assert _killed(-9).startswith("killed by SIGKILL: out of host memory")
+    assert _killed(-11) == "killed by SIGSEGV (running the sweep again resumes it)"
