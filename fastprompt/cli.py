@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train, takes_extra=True)
 
     sweep = sub.add_parser(
-        "sweep", help="train a method over datasets x seeds (x shots), several runs at a time on the devices",
-        description="Every (dataset, shots, seed) is a `fastprompt train` run in a process of its own, in a folder of"
+        "sweep", help="train methods over datasets x seeds (x shots), several runs at a time on the devices",
+        description="Every (method, dataset, shots, seed) is a `fastprompt train` run in a process of its own, in a folder of"
                     " its own under --output; --jobs-per-device of them run on each device until all are done, and"
                     " the seeds are merged into one table (summary.md; `fastprompt report OUTPUT`). A failed run ends"
                     " only itself. Run the same command again to continue: complete runs are kept, interrupted and"
@@ -420,12 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  fastprompt sweep --method maple --root /data                       (b2n: 11 datasets x seeds 1,2,3)\n"
+            "  fastprompt sweep --method clip,coop,cocoop,maple --root /data      (a paper's table: 4 methods)\n"
             "  fastprompt sweep --method coop --protocol fewshot --shots all --datasets dtd,eurosat --root /data\n"
             "  fastprompt sweep --method mmrl --protocol xd --root /data --devices 0,1 --jobs-per-device 2\n"
-            "config overrides are key=value, as for train (lr=0.002, n_ctx=4); --dry-run lists the runs"
+            "config overrides are key=value, as for train (lr=0.002, n_ctx=4: a method option goes to the methods that take"
+            " it); --dry-run lists the runs"
         ),
     )
-    sweep.add_argument("--method", required=True, help="prompt method: " + ", ".join(sorted(METHOD_NAMES)))
+    sweep.add_argument("--method", required=True, help="prompt method, or several (maple,coop: one table, an Average"
+                       " row each): " + ", ".join(sorted(METHOD_NAMES)))
     sweep.add_argument("--protocol", default="b2n", help="b2n (default), fewshot, xd or dg")
     sweep.add_argument("--datasets", default="all",
                        help="comma-separated training datasets, or all (default): the 11 benchmarks for b2n and"

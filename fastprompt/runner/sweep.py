@@ -1,18 +1,19 @@
-"""A sweep: one method x protocol over datasets x shots x seeds, packed onto the machine's devices.
+"""A sweep: methods x protocol over datasets x shots x seeds, packed onto the machine's devices.
 
-The papers' tables are many small runs (the base-to-novel table alone is 11 datasets x 3 seeds), each using a
-fraction of a GPU. A sweep makes every (dataset, shots, seed) a run of its own, trained by `fastprompt train` in a
-process of its own, and keeps `--jobs-per-device` of them running on each device until all are done:
+The papers' tables are many small runs (the base-to-novel table alone is 11 datasets x 3 seeds per method), each
+using a fraction of a GPU. A sweep makes every (method, dataset, shots, seed) a run of its own, trained by
+`fastprompt train` in a process of its own, and keeps `--jobs-per-device` of them running on each device until all
+are done:
 
     <output>/
-        sweep.json      what the sweep trains (method, protocol, datasets, shots, seeds, root, config values)
+        sweep.json      what the sweep trains (methods, protocol, datasets, shots, seeds, root, config values)
         config.json     the --config file's values, as every job reads them
         run.lock        while a sweep process drives the folder (lock.py)
         sweep.log       the sweep's own lines
-        <dataset>-<shots>shot-seed<S>/   one run folder per job (run.py)
+        <method>-<dataset>-<shots>shot-seed<S>/   one run folder per job (run.py)
         logs/<job>.log  each job's own output
-        summary.json, summary.md, summary.csv   one row per dataset (and shots), its seeds merged; written when
-                        every job is complete, and what `fastprompt report <output>` reads
+        summary.json, summary.md, summary.csv   one row per method and dataset (and shots), its seeds merged;
+                        written when every job is complete, and what `fastprompt report <output>` reads
 
 A job is a separate process so that a crash, an out-of-memory error or a bad dataset ends that job only: the others
 go on, and the failures are listed at the end. Running the same command again continues the sweep: complete runs are
@@ -46,6 +47,7 @@ STOP_GRACE_S = 120.0  # how long stopped jobs get to save and mark their runs be
 @dataclasses.dataclass(frozen=True)
 class Job:
     name: str
+    method: str
     dataset: str
     shots: int
     seed: int
@@ -64,7 +66,7 @@ class Slot:
 
 @dataclasses.dataclass
 class Sweep:
-    method: str
+    methods: tuple[str, ...]
     protocol: str
     datasets: tuple[str, ...]
     shots: tuple[int, ...]
@@ -76,24 +78,28 @@ class Sweep:
 
     def definition(self) -> dict:
         """What sweep.json stores and a later run of the same command must match."""
-        return {"format": SWEEP_FORMAT, "method": self.method, "protocol": self.protocol,
+        return {"format": SWEEP_FORMAT, "methods": list(self.methods), "protocol": self.protocol,
                 "datasets": list(self.datasets), "shots": list(self.shots), "seeds": list(self.seeds),
                 "root": self.root, "config_file_values": self.file_values, "overrides": self.overrides}
 
     def jobs(self) -> list[Job]:
-        """Every (dataset, shots, seed), the largest class sets first (ImageNet's runs take longest: started
-        first, they do not end the sweep alone), then more shots first, then by seed."""
+        """Every (method, dataset, shots, seed), the largest class sets first (ImageNet's runs take longest:
+        started first, they do not end the sweep alone), then more shots first, then by method and seed."""
         from ..data.layouts import BENCHMARKS
 
-        jobs = [Job(f"{dataset}-{shots}shot-seed{seed}", dataset, shots, seed,
-                    os.path.join(self.output_dir, f"{dataset}-{shots}shot-seed{seed}"),
-                    getattr(BENCHMARKS.get(dataset), "num_classes", 0))
-                for dataset in self.datasets for shots in self.shots for seed in self.seeds]
-        return sorted(jobs, key=lambda j: (-j.classes, -j.shots, self.datasets.index(j.dataset), j.seed))
+        def job(method, dataset, shots, seed):
+            name = f"{method}-{dataset}-{shots}shot-seed{seed}"
+            return Job(name, method, dataset, shots, seed, os.path.join(self.output_dir, name),
+                       getattr(BENCHMARKS.get(dataset), "num_classes", 0))
+
+        jobs = [job(method, dataset, shots, seed) for method in self.methods for dataset in self.datasets
+                for shots in self.shots for seed in self.seeds]
+        return sorted(jobs, key=lambda j: (-j.classes, -j.shots, self.datasets.index(j.dataset),
+                                           self.methods.index(j.method), j.seed))
 
     def train_arguments(self, job: Job) -> list[str]:
         """`fastprompt train` arguments that start `job`'s run."""
-        arguments = ["--method", self.method, "--protocol", self.protocol, "--dataset", job.dataset,
+        arguments = ["--method", job.method, "--protocol", self.protocol, "--dataset", job.dataset,
                      "--shots", str(job.shots), "--seeds", str(job.seed), "--output", job.run_dir]
         if self.root is not None and job.dataset != "procedural":  # drawn in memory: it refuses a root
             arguments += ["--root", self.root]
@@ -103,12 +109,14 @@ class Sweep:
 
     def job_overrides(self, job: Job) -> dict:
         """The overrides `job` gets: a `dataset.<option>` goes to the datasets that take that option only (the
-        procedural set's num_test_per_class, a split file's generate_split), the others to every job."""
+        procedural set's num_test_per_class, a split file's generate_split), a method option (n_ctx, depth) to the
+        methods that take it only, the config keys to every job."""
         from ..data.registry import dataset_options
+        from ..methods import method_options
+        from .config import FIELDS
 
-        takes = set(dataset_options(job.dataset))
-        return {key: value for key, value in self.overrides.items()
-                if not key.startswith("dataset.") or key.removeprefix("dataset.") in takes}
+        takes = {f"dataset.{name}" for name in dataset_options(job.dataset)} | set(method_options(job.method))
+        return {key: value for key, value in self.overrides.items() if key in FIELDS or key in takes}
 
 
 def _split_list(text: str, what: str, convert=str) -> tuple:
@@ -125,7 +133,7 @@ def _split_list(text: str, what: str, convert=str) -> tuple:
     return values
 
 
-def plan_sweep(method: str, protocol: str, datasets: str, shots: str, seeds: str, root: str | None,
+def plan_sweep(methods: str, protocol: str, datasets: str, shots: str, seeds: str, root: str | None,
                file_values: dict, overrides: dict, output_dir: str | None) -> Sweep:
     """The sweep the command line asks for, every job's config checked as `fastprompt train` checks it (a bad
     override is one error before anything starts, not one failure per job)."""
@@ -134,7 +142,9 @@ def plan_sweep(method: str, protocol: str, datasets: str, shots: str, seeds: str
     from ..data.splits import DatasetError
     from .config import resolve_config
 
-    method, protocol = method.strip().lower().replace("-", "_"), protocol.strip().lower()  # as train reads them
+    # Read as train reads them (case, '-'); several methods: one table with an Average row per method.
+    method_names = _split_list(",".join(m.strip().lower().replace("-", "_") for m in methods.split(",")), "--method")
+    protocol = protocol.strip().lower()
     for key in overrides:
         if key in SET_PER_JOB:
             raise ConfigError(f"{key}= is set per job by the sweep; give {SET_PER_JOB[key]} instead")
@@ -163,21 +173,23 @@ def plan_sweep(method: str, protocol: str, datasets: str, shots: str, seeds: str
                           " count (give one value)")
     seed_values = _split_list(seeds, "--seeds", int)
     output = os.path.abspath(os.path.expanduser(output_dir or os.path.join(
-        "runs", f"sweep-{method}-{protocol}")))
+        "runs", f"sweep-{'-'.join(method_names)}-{protocol}")))
     # Absolute, as every job's command and sweep.json hold it: the same sweep run again from another folder.
     root = os.path.abspath(os.path.expanduser(root)) if root is not None else None
     # The xd / dg runs evaluate on other datasets: their folders are needed as much as the training one.
     needed = [name for dataset in names for name, _ in protocol_plan(protocol, dataset).targets]
     _check_dataset_folders(list(dict.fromkeys(needed)), root)
-    sweep = Sweep(method, protocol, tuple(names), tuple(shot_counts), seed_values, root, dict(file_values),
+    sweep = Sweep(method_names, protocol, tuple(names), tuple(shot_counts), seed_values, root, dict(file_values),
                   {key: str(value) for key, value in overrides.items()}, output)
     jobs = sweep.jobs()
     for key in sweep.overrides:
-        if key.startswith("dataset.") and not any(key in sweep.job_overrides(job) for job in jobs):
-            raise ConfigError(f"{key}: no dataset of the sweep ({', '.join(names)}) has the option"
-                              f" {key.removeprefix('dataset.')!r}")
+        if not any(key in sweep.job_overrides(job) for job in jobs):
+            what = (f"no dataset of the sweep ({', '.join(names)}) has the option {key.removeprefix('dataset.')!r}"
+                    if key.startswith("dataset.") else
+                    f"neither a config key nor an option of {', '.join(method_names)}")
+            raise ConfigError(f"{key}: {what}")
     for job in jobs:
-        values = dict(sweep.job_overrides(job), method=method, protocol=protocol, dataset=job.dataset,
+        values = dict(sweep.job_overrides(job), method=job.method, protocol=protocol, dataset=job.dataset,
                       shots=str(job.shots), seeds=str(job.seed), output_dir=job.run_dir)
         if root is not None and job.dataset != "procedural":
             values["root"] = root
@@ -369,7 +381,9 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
     pending = [job for job in jobs if states[job.name] != "complete"]
     done = len(jobs) - len(pending)
     resumed = sum(states[job.name] == "resume" for job in pending)
-    echo(f"sweep {sweep.method} {sweep.protocol}: {len(jobs)} runs ({len(sweep.datasets)} datasets x"
+    echo(f"sweep {','.join(sweep.methods)} {sweep.protocol}: {len(jobs)} runs"
+         + (f" ({len(sweep.methods)} methods x " if len(sweep.methods) > 1 else " (")
+         + f"{len(sweep.datasets)} datasets x"
          f" {len(sweep.shots)} shots x {len(sweep.seeds)} seeds) in {sweep.output_dir}; {done} complete already,"
          f" {resumed} to resume, {len(pending) - resumed} to start; {len(slots)} at a time on"
          f" {', '.join(sorted({slot.label.split('#')[0] for slot in slots}))}")
@@ -462,31 +476,31 @@ def is_sweep(folder: str) -> bool:
 
 
 def sweep_summaries(sweep_dir: str) -> tuple[list[dict], list[str]]:
-    """One summary per (dataset, shots) of the sweep whose seeds are all complete, the seeds merged as one run's
-    (results.aggregate_seeds); and the names of the jobs not complete yet."""
+    """One summary per (method, dataset, shots) of the sweep whose seeds are all complete, the seeds merged as one
+    run's (results.aggregate_seeds); and the names of the jobs not complete yet."""
     from .results import summarize_run
     from .run import RUN_MANIFEST, _complete, _seed_dir
 
     stored = ckpt.read_json(os.path.join(sweep_dir, SWEEP_MANIFEST), "sweep manifest")
     if stored.get("format") != SWEEP_FORMAT:
         raise ConfigError(f"{sweep_dir}/{SWEEP_MANIFEST} is not a fastprompt sweep ({stored.get('format')!r})")
-    sweep = Sweep(stored["method"], stored["protocol"], tuple(stored["datasets"]), tuple(stored["shots"]),
+    sweep = Sweep(tuple(stored["methods"]), stored["protocol"], tuple(stored["datasets"]), tuple(stored["shots"]),
                   tuple(stored["seeds"]), stored["root"], stored["config_file_values"], stored["overrides"],
                   os.path.abspath(sweep_dir))
     several_shots = len(sweep.shots) > 1
     summaries, missing = [], []
-    for dataset in sweep.datasets:
-        for shots in sweep.shots:
-            jobs = [j for j in sweep.jobs() if j.dataset == dataset and j.shots == shots]
-            results = [_complete(_seed_dir(j.run_dir, j.seed)) if job_state(j) == "complete" else None for j in jobs]
-            if any(result is None for result in results):
-                missing += [j.name for j, result in zip(jobs, results, strict=True) if result is None]
-                continue
-            name = f"{sweep.method} {dataset}" + (f" {shots}-shot" if several_shots else "")
-            summary = summarize_run(sweep.protocol, name, results)
-            config = ckpt.read_json(os.path.join(jobs[0].run_dir, RUN_MANIFEST), "run manifest")["config"]
-            summary["config"] = dict(config, seeds=list(sweep.seeds), output_dir=sweep.output_dir)
-            summaries.append(summary)
+    all_jobs = sweep.jobs()
+    for method, dataset, shots in ((m, d, k) for m in sweep.methods for d in sweep.datasets for k in sweep.shots):
+        jobs = [j for j in all_jobs if (j.method, j.dataset, j.shots) == (method, dataset, shots)]
+        results = [_complete(_seed_dir(j.run_dir, j.seed)) if job_state(j) == "complete" else None for j in jobs]
+        if any(result is None for result in results):
+            missing += [j.name for j, result in zip(jobs, results, strict=True) if result is None]
+            continue
+        name = f"{method} {dataset}" + (f" {shots}-shot" if several_shots else "")
+        summary = summarize_run(sweep.protocol, name, results)
+        config = ckpt.read_json(os.path.join(jobs[0].run_dir, RUN_MANIFEST), "run manifest")["config"]
+        summary["config"] = dict(config, seeds=list(sweep.seeds), output_dir=sweep.output_dir)
+        summaries.append(summary)
     return summaries, missing
 
 

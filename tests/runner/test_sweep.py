@@ -37,13 +37,13 @@ def test_parallel_sweep_makes_the_runs_train_makes_one_after_the_other(tmp_path,
     code, out, err = run_sweep_process(*SWEEP, "--datasets", "procedural", "--seeds", "1,2", "--jobs-per-device", "2",
                                        "--output", sweep, "epochs=2")
     assert code == 0, err
-    assert "2 at a time on cpu" in out and "procedural-2shot-seed2 complete" in out
+    assert "2 at a time on cpu" in out and "coop-procedural-2shot-seed2 complete" in out
     code, _, err = cli("train", "--method", "coop", "--dataset", "procedural", "--shots", 2, "--seeds", "1,2", *TINY,
                        "device=cpu", "epochs=2", f"output_dir={plain}")
     assert code == 0, err
 
     for seed in (1, 2):
-        run = sweep / f"procedural-2shot-seed{seed}"
+        run = sweep / f"coop-procedural-2shot-seed{seed}"
         assert read_json(run / "run.json")["status"] == "complete"
         assert read_json(run / "run.json")["config"]["seeds"] == [seed]
         ours, reference = seed_results(run, seed), seed_results(plain, seed)
@@ -53,7 +53,7 @@ def test_parallel_sweep_makes_the_runs_train_makes_one_after_the_other(tmp_path,
         assert trained.keys() == expected.keys()
         for name in expected:
             assert (trained[name] == expected[name]).all(), name
-        assert (sweep / "logs" / f"procedural-2shot-seed{seed}.log").is_file()
+        assert (sweep / "logs" / f"coop-procedural-2shot-seed{seed}.log").is_file()
         if len(os.sched_getaffinity(0)) >= 2:  # two jobs at once: each pinned to its half of the cores
             assert read_json(run / "run.json")["environment"]["usable_cpus"] == len(os.sched_getaffinity(0)) // 2
 
@@ -71,29 +71,43 @@ def test_parallel_sweep_makes_the_runs_train_makes_one_after_the_other(tmp_path,
     assert "2 complete already, 0 to resume, 0 to start" in out and "started" not in out
 
 
+def test_several_methods_make_one_table_and_method_options_go_where_they_apply(tmp_path, cli):
+    sweep = tmp_path / "sweep"
+    code, out, err = run_sweep_process("sweep", "--method", "coop,vpt_deep", "--devices", "cpu", "--shots", "2",
+                                       *TINY, "--datasets", "procedural", "--seeds", "1", "--jobs-per-device", "2",
+                                       "--output", sweep, "epochs=2", "n_ctx=4")
+    assert code == 0, err
+    assert "2 runs (2 methods x 1 datasets x 1 shots x 1 seeds)" in out
+    coop, vpt = (read_json(sweep / f"{m}-procedural-2shot-seed1" / "run.json")["config"] for m in ("coop", "vpt_deep"))
+    assert coop["method"] == "coop" and coop["options"]["n_ctx"] == 4  # n_ctx went to the method that takes it
+    assert vpt["method"] == "vpt_deep" and "n_ctx" not in vpt["options"]
+    table = (sweep / "summary.md").read_text()
+    assert "| coop procedural |" in table and "| vpt_deep procedural |" in table
+
+
 def test_a_failed_run_ends_only_itself_and_the_same_command_continues(tmp_path, cli):
     root, sweep = tmp_path / "data", tmp_path / "sweep"
     (root / "eurosat").mkdir(parents=True)  # a dataset folder without its images: that run fails as it starts
     args = [*SWEEP, "--datasets", "procedural,eurosat", "--seeds", "1", "--root", root, "--output", sweep, "epochs=2"]
     code, out, err = run_sweep_process(*args)
     assert code == 1, err
-    assert "procedural-2shot-seed1 complete" in out
-    failure = next(line for line in out.splitlines() if "eurosat-2shot-seed1 FAILED" in line)
+    assert "coop-procedural-2shot-seed1 complete" in out
+    failure = next(line for line in out.splitlines() if "coop-eurosat-2shot-seed1 FAILED" in line)
     assert "fastprompt: error: " in failure and "EuroSAT" in failure and str(sweep / "logs") in failure
-    assert "1 of 2 runs failed: eurosat-2shot-seed1" in out
+    assert "1 of 2 runs failed: coop-eurosat-2shot-seed1" in out
     assert not (sweep / "summary.json").exists()
     # report: the complete dataset, and a note naming what is missing.
     code, out, err = cli("report", sweep)
     assert code == 0, err
     assert "| coop procedural |" in out and "eurosat" not in out
-    assert "eurosat-2shot-seed1" in err
+    assert "coop-eurosat-2shot-seed1" in err
 
     shutil.rmtree(root / "eurosat")
     build_eurosat(root)
     code, out, err = run_sweep_process(*args)
     assert code == 0, err
     assert "1 complete already, 0 to resume, 1 to start" in out
-    assert "started procedural" not in out and "eurosat-2shot-seed1 complete" in out
+    assert "started procedural" not in out and "coop-eurosat-2shot-seed1 complete" in out
     table = (sweep / "summary.md").read_text()
     assert "| coop procedural |" in table and "| coop eurosat |" in table and "| **Average** | 2 datasets |" in table
 
@@ -113,7 +127,7 @@ def test_sigterm_stops_every_run_resumably_and_the_same_command_finishes_them(tm
             "epochs=40", "batch_size=4"]
     process = subprocess.Popen([sys.executable, "-m", "fastprompt", *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    logs = [sweep / f"procedural-2shot-seed{seed}" / "log.txt" for seed in (1, 2)]
+    logs = [sweep / f"coop-procedural-2shot-seed{seed}" / "log.txt" for seed in (1, 2)]
     try:
         wait_for(lambda: all(log.exists() and "epoch 2/40" in log.read_text() for log in logs), 240,
                  "epoch 2 in both runs")
@@ -126,7 +140,7 @@ def test_sigterm_stops_every_run_resumably_and_the_same_command_finishes_them(tm
     assert err.strip().splitlines()[-1] == "fastprompt: terminated (SIGTERM)"
     assert "sweep stopped: 2 runs interrupted" in out
     for seed in (1, 2):
-        run = sweep / f"procedural-2shot-seed{seed}"
+        run = sweep / f"coop-procedural-2shot-seed{seed}"
         assert read_json(run / "run.json")["status"] == "interrupted"
         assert not (run / "run.lock").exists()  # each job ended (its lock went with it), none was killed mid-write
 
@@ -134,7 +148,7 @@ def test_sigterm_stops_every_run_resumably_and_the_same_command_finishes_them(tm
     assert code == 0, err
     assert "0 complete already, 2 to resume, 0 to start" in out
     for seed in (1, 2):
-        run = sweep / f"procedural-2shot-seed{seed}"
+        run = sweep / f"coop-procedural-2shot-seed{seed}"
         assert "resuming after epoch" in (run / "log.txt").read_text()
         assert len(seed_results(run, seed)["history"]) == 40
 
@@ -151,6 +165,7 @@ def test_sigterm_stops_every_run_resumably_and_the_same_command_finishes_them(tm
     (["--datasets", "nosuch"], "--datasets: unknown dataset 'nosuch'"),
     (["lr=abc"], "lr"),
     (["dataset.generate_split=true"], "no dataset of the sweep (procedural) has the option 'generate_split'"),
+    (["depth=3"], "depth: neither a config key nor an option of coop"),
 ])
 def test_bad_input_is_one_line_before_anything_starts(tmp_path, cli, extra, message):
     code, out, err = cli(*SWEEP, "--datasets", "procedural", "--output", tmp_path / "sweep", *extra)
@@ -171,7 +186,7 @@ def test_a_folder_of_another_sweep_or_of_something_else_is_refused(tmp_path, cli
     assert "holds a sweep started with other settings (overrides: epochs=2 now 3, lr=0.1 is new)" in err
     for command in (("eval", sweep), ("train", "--resume", sweep)):  # a run's command given the sweep's folder
         code, _, err = cli(*command)
-        assert code == 2 and "it is a sweep's folder" in err and str(sweep / "procedural-2shot-seed1") in err
+        assert code == 2 and "it is a sweep's folder" in err and str(sweep / "coop-procedural-2shot-seed1") in err
 
     other = tmp_path / "other"
     other.mkdir()
@@ -193,26 +208,32 @@ def test_jobs_start_with_the_largest_class_sets():
     from fastprompt.data.protocols import CROSS_DATASET_TARGETS
     from fastprompt.runner.sweep import Sweep
 
-    sweep = Sweep("maple", "b2n", ("imagenet", *CROSS_DATASET_TARGETS), (16,), (1, 2), "/data", {}, {}, "/out")
+    sweep = Sweep(("maple",), "b2n", ("imagenet", *CROSS_DATASET_TARGETS), (16,), (1, 2), "/data", {}, {}, "/out")
     jobs = sweep.jobs()
     assert [j.dataset for j in jobs[::2]] == ["imagenet", "sun397", "stanford_cars", "oxford_flowers", "food101",
                                                "ucf101", "caltech101", "fgvc_aircraft", "dtd", "oxford_pets",
                                                "eurosat"]
-    assert [j.seed for j in jobs[:2]] == [1, 2] and jobs[0].run_dir == "/out/imagenet-16shot-seed1"
-    fewshot = Sweep("coop", "fewshot", ("dtd",), (1, 16, 4), (1,), "/data", {}, {}, "/out").jobs()
-    assert [j.name for j in fewshot] == ["dtd-16shot-seed1", "dtd-4shot-seed1", "dtd-1shot-seed1"]
+    assert [j.seed for j in jobs[:2]] == [1, 2] and jobs[0].run_dir == "/out/maple-imagenet-16shot-seed1"
+    fewshot = Sweep(("coop",), "fewshot", ("dtd",), (1, 16, 4), (1,), "/data", {}, {}, "/out").jobs()
+    assert [j.name for j in fewshot] == ["coop-dtd-16shot-seed1", "coop-dtd-4shot-seed1", "coop-dtd-1shot-seed1"]
 
 
 def test_dataset_options_go_to_the_datasets_that_take_them():
     from fastprompt.runner.sweep import Sweep
 
-    sweep = Sweep("coop", "b2n", ("procedural", "eurosat"), (2,), (1,), "/data", {},
-                  {"lr": "0.1", "dataset.num_test_per_class": "2", "dataset.generate_split": "true"}, "/out")
-    procedural, eurosat = sorted(sweep.jobs(), key=lambda j: j.dataset != "procedural")
-    assert sweep.job_overrides(procedural) == {"lr": "0.1", "dataset.num_test_per_class": "2"}
-    assert sweep.job_overrides(eurosat) == {"lr": "0.1", "dataset.generate_split": "true"}
+    sweep = Sweep(("coop", "vpt_deep"), "b2n", ("procedural", "eurosat"), (2,), (1,), "/data", {},
+                  {"lr": "0.1", "dataset.num_test_per_class": "2", "dataset.generate_split": "true", "n_ctx": "4",
+                   "vision_depth": "6"}, "/out")
+    jobs = {(j.method, j.dataset): j for j in sweep.jobs()}
+    procedural, eurosat = jobs["coop", "procedural"], jobs["coop", "eurosat"]
+    assert sweep.job_overrides(procedural) == {"lr": "0.1", "dataset.num_test_per_class": "2", "n_ctx": "4"}
+    assert sweep.job_overrides(eurosat) == {"lr": "0.1", "dataset.generate_split": "true", "n_ctx": "4"}
+    # vpt_deep's prompts are vision tokens: n_ctx is CoOp's option, vision_depth VPT's.
+    assert sweep.job_overrides(jobs["vpt_deep", "eurosat"]) == {"lr": "0.1", "dataset.generate_split": "true",
+                                                                 "vision_depth": "6"}
     assert "--root" not in sweep.train_arguments(procedural)  # drawn in memory, it refuses a root
-    assert sweep.train_arguments(eurosat)[-4:] == ["--root", "/data", "lr=0.1", "dataset.generate_split=true"]
+    assert sweep.train_arguments(eurosat)[-5:] == ["--root", "/data", "lr=0.1", "dataset.generate_split=true",
+                                                   "n_ctx=4"]
 
 
 def test_device_slots_follow_the_visible_gpus_and_share_the_cores(monkeypatch):
