@@ -8,7 +8,8 @@
 #                                   #   against the plain run (issue 12)
 #   bash bench/device/run.sh A      # ~6 min: GPU tests of the engine, evaluation, cache and eager op path;
 #                                   #   host vs GPU time; MaPLe train steps (eager, tuned, fastprompt); inference
-#   bash bench/device/run.sh B      # ~6 min: runner epochs, the other methods' train steps and inference
+#   bash bench/device/run.sh B      # ~6 min: runner epochs, the other methods' train steps and inference, a
+#                                   #   two-method sweep on GPU 0 (fastprompt sweep, two runs at a time)
 #   bash bench/device/run.sh C      # ~9 min: the kernel tests compiled in bf16/fp16, the GPU test tier of the
 #                                   #   methods and the runner, a one-process torchrun run against the plain run,
 #                                   #   the frozen MLP's fc1 plans: Triton epilogue GEMM vs cuBLAS + activation pass (issue 9 item 2),
@@ -76,6 +77,10 @@ if [ "$PART" = B ]; then
   bench train-rest 150 test_bench_train_step.py imagenet-b32 coop,cocoop,vpt_deep,mpl,mudpt,mmrl,mcpl eager,fastprompt
   bench inference-rest 100 test_bench_inference.py imagenet-b100 cocoop,vpt_deep,mpl,mudpt eager,fastprompt
   TAILN=6 stage image-tower 75 python3 bench/device/image_tower.py maple 100
+  # fastprompt sweep on the GPU: two methods x two seeds, two runs at a time on GPU 0 (CUDA_VISIBLE_DEVICES per job)
+  TAILN=8 stage sweep-gpu 60 python3 -m fastprompt sweep --method coop,maple --datasets procedural --seeds 1,2 \
+    --shots 2 --devices 0 --jobs-per-device 2 --output "$OUT/sweep-gpu" backbone=tiny pretrained=none epochs=2 \
+    num_workers=0 dataset.num_test_per_class=2 dataset.num_val_per_class=1
 fi
 if [ "$PART" = C ]; then
   TAILN=25 stage kernel-tests 170 python3 -m pytest -q -p no:cacheprovider -x -rfE tests/kernels
