@@ -238,8 +238,10 @@ def device_slots(devices: str, jobs_per_device: int) -> list[Slot]:
         raise ConfigError(f"--devices: no GPU {', '.join(map(str, wrong))} here (GPUs 0 to {count - 1} are visible)")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     physical = [part.strip() for part in visible.split(",")] if visible else [str(i) for i in range(count)]
+    # Round-robin over the GPUs: the first jobs (and the last, when fewer remain than slots) spread over every GPU
+    # before any GPU takes a second one.
     return _share_cores([Slot(f"cuda:{i}" + ("" if k == 0 else f"#{k}"), {"CUDA_VISIBLE_DEVICES": physical[i]})
-                         for i in indices for k in range(jobs_per_device)])
+                         for k in range(jobs_per_device) for i in indices])
 
 
 def _share_cores(slots: list[Slot]) -> list[Slot]:
@@ -326,7 +328,8 @@ def _killed(returncode: int) -> str | None:
     except ValueError:
         name = f"signal {-returncode}"
     if name == "SIGKILL":
-        return "killed by SIGKILL: out of host memory (the kernel's OOM killer) or kill -9 (running the sweep again resumes it)"
+        return ("killed by SIGKILL: out of host memory (the kernel's OOM killer) or kill -9 (running the sweep again"
+                " resumes it)")
     return f"killed by {name} (running the sweep again resumes it)"
 
 
@@ -400,6 +403,7 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
             for process in [p for p in running if p.poll() is not None]:
                 job, slot, started = running.pop(process)
                 free.append(slot)
+                free.sort(key=slots.index)  # every GPU's first slot before any second one, as at the start
                 took = _format_duration(time.monotonic() - started)
                 if process.returncode == 0 and job_state(job) == "complete":
                     done += 1

@@ -247,8 +247,9 @@ def test_device_slots_follow_the_visible_gpus_and_share_the_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7, 8}, raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")  # this process's GPU 1 is the machine's GPU 6
     slots = device_slots("1,2", 2)
+    # Round-robin: two jobs go to two GPUs, not both to the first.
     assert [(s.label, s.env["CUDA_VISIBLE_DEVICES"], s.cpus) for s in slots] == [
-        ("cuda:1", "6", (0, 1)), ("cuda:1#1", "6", (2, 3)), ("cuda:2", "7", (4, 5)), ("cuda:2#1", "7", (6, 7))]
+        ("cuda:1", "6", (0, 1)), ("cuda:2", "7", (2, 3)), ("cuda:1#1", "6", (4, 5)), ("cuda:2#1", "7", (6, 7))]
     assert {s.env["OMP_NUM_THREADS"] for s in slots} == {"2"}
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in device_slots("auto", 1)] == ["4", "6", "7"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
