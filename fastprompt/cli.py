@@ -411,11 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser(
         "sweep", help="train methods over datasets x seeds (x shots), several runs at a time on the devices",
-        description="Every (method, dataset, shots, seed) is a `fastprompt train` run in a process of its own, in a folder of"
-                    " its own under --output; --jobs-per-device of them run on each device until all are done, and"
-                    " the seeds are merged into one table (summary.md; `fastprompt report OUTPUT`). A failed run ends"
-                    " only itself. Run the same command again to continue: complete runs are kept, interrupted and"
-                    " failed ones resume.",
+        description="Every (method, dataset, shots, seed) is a `fastprompt train` run in a process of its own, in a"
+                    " folder of its own under --output; --jobs-per-device of them run on each device until all are"
+                    " done, and the seeds are merged into one table (summary.md; `fastprompt report OUTPUT`). A failed"
+                    " run ends only itself. Run the same command again to continue: complete runs are kept,"
+                    " interrupted and failed ones resume.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "examples:\n"
@@ -423,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  fastprompt sweep --method clip,coop,cocoop,maple --root /data      (a paper's table: 4 methods)\n"
             "  fastprompt sweep --method coop --protocol fewshot --shots all --datasets dtd,eurosat --root /data\n"
             "  fastprompt sweep --method mmrl --protocol xd --root /data --devices 0,1 --jobs-per-device 2\n"
-            "config overrides are key=value, as for train (lr=0.002, n_ctx=4: a method option goes to the methods that take"
-            " it); --dry-run lists the runs"
+            "config overrides are key=value, as for train (lr=0.002, n_ctx=4: a method option goes to the methods"
+            " that take it); --dry-run lists the runs"
         ),
     )
     sweep.add_argument("--method", required=True, help="prompt method, or several (maple,coop: one table, an Average"

@@ -4,7 +4,8 @@ Figures as printed in the sources (METHODS.md §6 of the design notes): ViT-B/16
 papers' presets, mean of 3 seeds. Base-to-novel: MMRL Table 1 (its CLIP, CoOp, CoCoOp and MaPLe rows equal the
 MaPLe repository's); the averages of VPT-deep, deep language prompting and IVLP from the MaPLe repository's model
 zoo and MuDPT's from its Table III (no per-dataset figures). Cross-dataset: MMRL Table 2 (MuDPT: its Table II).
-Domain generalisation: MMRL's domain-generalisation table (MuDPT: its Table IV). Few-shot: MMRL Tables 10-11 (K = 1, 2, 4, 8, 16).
+Domain generalisation: MMRL's domain-generalisation table (MuDPT: its Table IV). Few-shot: MMRL Tables 10-11
+(K = 1, 2, 4, 8, 16).
 A run is compared only when it ran that setting (backbone ViT-B-16, pretrained openai, the table's shots); other
 runs are named in the note with what differs. A difference is a fact about two numbers, not a verdict: the papers
 report 3 seeds, and the few-shot splits, the software versions and the machine move results by a point or more.
@@ -109,21 +110,38 @@ B2N = {  # MMRL Table 1: (base, novel, HM)
     },
 }
 XD = {  # MMRL Table 2 (MuDPT: its Table II): source ImageNet, the ten targets, their average
-    "coop": {'imagenet': 71.51, 'caltech101': 93.7, 'oxford_pets': 89.14, 'stanford_cars': 64.51, 'oxford_flowers': 68.71, 'food101': 85.3, 'fgvc_aircraft': 18.47, 'sun397': 64.15, 'dtd': 41.92, 'eurosat': 46.39, 'ucf101': 66.55, 'average': 63.88},
-    "cocoop": {'imagenet': 71.02, 'caltech101': 94.43, 'oxford_pets': 90.14, 'stanford_cars': 65.32, 'oxford_flowers': 71.88, 'food101': 86.06, 'fgvc_aircraft': 22.94, 'sun397': 67.36, 'dtd': 45.73, 'eurosat': 45.37, 'ucf101': 68.21, 'average': 65.74},
-    "maple": {'imagenet': 70.72, 'caltech101': 93.53, 'oxford_pets': 90.49, 'stanford_cars': 65.57, 'oxford_flowers': 72.23, 'food101': 86.2, 'fgvc_aircraft': 24.74, 'sun397': 67.01, 'dtd': 46.49, 'eurosat': 48.06, 'ucf101': 68.69, 'average': 66.3},
-    "promptsrc": {'imagenet': 71.27, 'caltech101': 93.6, 'oxford_pets': 90.25, 'stanford_cars': 65.7, 'oxford_flowers': 70.25, 'food101': 86.15, 'fgvc_aircraft': 23.9, 'sun397': 67.1, 'dtd': 46.87, 'eurosat': 45.5, 'ucf101': 68.75, 'average': 65.81},
-    "mmrl": {'imagenet': 72.03, 'caltech101': 94.67, 'oxford_pets': 91.43, 'stanford_cars': 66.1, 'oxford_flowers': 72.77, 'food101': 86.4, 'fgvc_aircraft': 26.3, 'sun397': 67.57, 'dtd': 45.9, 'eurosat': 53.1, 'ucf101': 68.27, 'average': 67.25},
-    "mudpt": {'imagenet': 72.13, 'caltech101': 94.07, 'oxford_pets': 90.74, 'stanford_cars': 65.58, 'oxford_flowers': 71.8, 'food101': 86.13, 'fgvc_aircraft': 24.12, 'sun397': 67.38, 'dtd': 45.3, 'eurosat': 47.14, 'ucf101': 69.0, 'average': 66.13},
+    "coop": {"imagenet": 71.51, "caltech101": 93.7, "oxford_pets": 89.14, "stanford_cars": 64.51, "oxford_flowers":
+             68.71, "food101": 85.3, "fgvc_aircraft": 18.47, "sun397": 64.15, "dtd": 41.92, "eurosat": 46.39,
+             "ucf101": 66.55, "average": 63.88},
+    "cocoop": {"imagenet": 71.02, "caltech101": 94.43, "oxford_pets": 90.14, "stanford_cars": 65.32,
+               "oxford_flowers": 71.88, "food101": 86.06, "fgvc_aircraft": 22.94, "sun397": 67.36, "dtd": 45.73,
+               "eurosat": 45.37, "ucf101": 68.21, "average": 65.74},
+    "maple": {"imagenet": 70.72, "caltech101": 93.53, "oxford_pets": 90.49, "stanford_cars": 65.57,
+              "oxford_flowers": 72.23, "food101": 86.2, "fgvc_aircraft": 24.74, "sun397": 67.01, "dtd": 46.49,
+              "eurosat": 48.06, "ucf101": 68.69, "average": 66.3},
+    "promptsrc": {"imagenet": 71.27, "caltech101": 93.6, "oxford_pets": 90.25, "stanford_cars": 65.7,
+                  "oxford_flowers": 70.25, "food101": 86.15, "fgvc_aircraft": 23.9, "sun397": 67.1, "dtd": 46.87,
+                  "eurosat": 45.5, "ucf101": 68.75, "average": 65.81},
+    "mmrl": {"imagenet": 72.03, "caltech101": 94.67, "oxford_pets": 91.43, "stanford_cars": 66.1, "oxford_flowers":
+             72.77, "food101": 86.4, "fgvc_aircraft": 26.3, "sun397": 67.57, "dtd": 45.9, "eurosat": 53.1, "ucf101":
+             68.27, "average": 67.25},
+    "mudpt": {"imagenet": 72.13, "caltech101": 94.07, "oxford_pets": 90.74, "stanford_cars": 65.58,
+              "oxford_flowers": 71.8, "food101": 86.13, "fgvc_aircraft": 24.12, "sun397": 67.38, "dtd": 45.3,
+              "eurosat": 47.14, "ucf101": 69.0, "average": 66.13},
 }
 DG = {
-    "clip": {'imagenet': 66.73, 'imagenetv2': 60.83, 'imagenet_sketch': 46.15, 'imagenet_a': 47.77, 'imagenet_r': 73.96},
+    "clip": {"imagenet": 66.73, "imagenetv2": 60.83, "imagenet_sketch": 46.15, "imagenet_a": 47.77, "imagenet_r":
+             73.96},
     "coop": {'imagenet': 71.51, 'imagenetv2': 64.2, 'imagenet_sketch': 47.99, 'imagenet_a': 49.71, 'imagenet_r': 75.21},
-    "cocoop": {'imagenet': 71.02, 'imagenetv2': 64.07, 'imagenet_sketch': 48.75, 'imagenet_a': 50.63, 'imagenet_r': 76.18},
-    "maple": {'imagenet': 70.72, 'imagenetv2': 64.07, 'imagenet_sketch': 49.15, 'imagenet_a': 50.9, 'imagenet_r': 76.98},
-    "promptsrc": {'imagenet': 71.27, 'imagenetv2': 64.35, 'imagenet_sketch': 49.55, 'imagenet_a': 50.9, 'imagenet_r': 77.8},
+    "cocoop": {"imagenet": 71.02, "imagenetv2": 64.07, "imagenet_sketch": 48.75, "imagenet_a": 50.63, "imagenet_r":
+               76.18},
+    "maple": {"imagenet": 70.72, "imagenetv2": 64.07, "imagenet_sketch": 49.15, "imagenet_a": 50.9, "imagenet_r":
+              76.98},
+    "promptsrc": {"imagenet": 71.27, "imagenetv2": 64.35, "imagenet_sketch": 49.55, "imagenet_a": 50.9,
+                  "imagenet_r": 77.8},
     "mmrl": {'imagenet': 72.03, 'imagenetv2': 64.47, 'imagenet_sketch': 49.17, 'imagenet_a': 51.2, 'imagenet_r': 77.53},
-    "mudpt": {'imagenet': 72.13, 'imagenetv2': 64.92, 'imagenet_sketch': 49.31, 'imagenet_a': 49.61, 'imagenet_r': 77.02},
+    "mudpt": {"imagenet": 72.13, "imagenetv2": 64.92, "imagenet_sketch": 49.31, "imagenet_a": 49.61, "imagenet_r":
+              77.02},
 }
 FEWSHOT = {  # MMRL Tables 10-11: accuracy at K = 1, 2, 4, 8, 16
     "coop": {
@@ -205,7 +223,8 @@ B2N_AVERAGES = {  # methods with an 11-dataset average only: (base, novel, HM)
     "mudpt": (82.71, 74.5, 78.39),  # MuDPT Table III
 }
 SOURCES = {"b2n": "MMRL Table 1; averages of vpt_deep, deep_language, ivlp: MaPLe repository; mudpt: MuDPT Table III",
-           "xd": "MMRL Table 2; mudpt: MuDPT Table II", "dg": "MMRL's domain-generalisation table; mudpt: MuDPT Table IV",
+           "xd": "MMRL Table 2; mudpt: MuDPT Table II",
+           "dg": "MMRL's domain-generalisation table; mudpt: MuDPT Table IV",
            "fewshot": "MMRL Tables 10-11"}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 from PIL import Image
@@ -60,3 +61,13 @@ def build_imagenet(root, train=3, val=2):
 def read_json(path):
     with open(path) as handle:
         return json.load(handle)
+
+
+def wait_for(predicate, seconds, what):
+    """Poll `predicate` until it holds; fail naming `what` after `seconds` (the subprocess tests' clock)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

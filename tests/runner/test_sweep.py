@@ -1,4 +1,4 @@
-"""`fastprompt sweep`: every (dataset, shots, seed) a `fastprompt train` process of its own, several at a time.
+"""`fastprompt sweep`: every (method, dataset, shots, seed) a `fastprompt train` process of its own, a few at once.
 
 The reference is the plain runner: the sweep's runs must be the runs `fastprompt train` makes one after the other
 (same results, same trained tensors), a failed run must end only itself, a stopped sweep must continue where it
@@ -9,10 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from runner_support import FAST, build_eurosat, read_json
+from runner_support import FAST, build_eurosat, read_json, wait_for
 from safetensors.torch import load_file
 
 # The sweep assigns devices itself (device= is refused), so FAST without its device=cpu; --devices cpu instead.
@@ -107,18 +106,10 @@ def test_a_failed_run_ends_only_itself_and_the_same_command_continues(tmp_path, 
     code, out, err = run_sweep_process(*args)
     assert code == 0, err
     assert "1 complete already, 0 to resume, 1 to start" in out
-    assert "started procedural" not in out and "coop-eurosat-2shot-seed1 complete" in out
+    assert "started coop-procedural" not in out and "coop-eurosat-2shot-seed1 complete" in out
     table = (sweep / "summary.md").read_text()
     assert "| coop procedural |" in table and "| coop eurosat |" in table and "| **Average** | 2 datasets |" in table
 
-
-def wait_for(predicate, seconds, what):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigterm_stops_every_run_resumably_and_the_same_command_finishes_them(tmp_path):

@@ -6,20 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-from runner_support import FAST, PROCEDURAL, read_json
+from runner_support import FAST, PROCEDURAL, read_json, wait_for
 
 ARGS = ["--method", "coop", *PROCEDURAL, "--shots", "2", "--seeds", "1", *FAST, "epochs=60", "batch_size=4"]
 
-
-def wait_for(predicate, seconds, what):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigterm_marks_the_run_interrupted_and_it_resumes(tmp_path, cli):
