@@ -14,6 +14,7 @@ are done:
         logs/<job>.log  each job's own output
         summary.json, summary.md, summary.csv   one row per method and dataset (and shots), its seeds merged;
                         written when every job is complete, and what `fastprompt report <output>` reads
+        paper.md        the same runs beside the papers' published figures, when any ran the papers' setting
 
 A job is a separate process so that a crash, an out-of-memory error or a bad dataset ends that job only: the others
 go on, and the failures are listed at the end. Running the same command again continues the sweep: complete runs are
@@ -431,6 +432,7 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
         echo("\n" + markdown_table(summaries))
         comparison = paper_comparison(summaries)
         if comparison.startswith("|"):  # some run of the papers' setting: its figures beside the papers'
+            ckpt.atomic_write_text(os.path.join(sweep.output_dir, "paper.md"), comparison)
             echo(comparison)
     return {"complete": done, "failed": [job.name for job, _ in failed], "summaries": summaries}
 
