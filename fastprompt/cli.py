@@ -269,7 +269,7 @@ def _export(args) -> int:
     metadata = export_classifier(args.checkpoint, args.output, classnames, args.pretrained)
     count = len(__import__("json").loads(metadata["classnames"]))
     print(f"wrote {args.output}: {metadata['method']} classifier over {count} classes for {metadata['backbone']}"
-          f" ({metadata['pretrained']}); {metadata['usage']}")
+          f" (pretrained={metadata['pretrained']}); {metadata['usage']}")
     return 0
 
 
