@@ -320,6 +320,23 @@ def _job_result(job: Job) -> str:
     return ", ".join(parts[:4]) + (f" (+{len(parts) - 4} targets)" if len(parts) > 4 else "")
 
 
+def time_left(pending: list[Job], running: list[tuple[Job, float]], took: dict, slots: int) -> float | None:
+    """Seconds until the sweep ends, roughly: each job not done is expected to take what the finished jobs of its
+    method, dataset and shots took (else what all finished jobs took, on average); a running job has run for its
+    elapsed seconds already. The work left is spread over the slots. None before any job finished."""
+    if not took:
+        return None
+    overall = sum(took.values()) / len(took)
+
+    def expected(job: Job) -> float:
+        alike = [seconds for (method, dataset, shots, _), seconds in took.items()
+                 if (method, dataset, shots) == (job.method, job.dataset, job.shots)]
+        return sum(alike) / len(alike) if alike else overall
+
+    work = sum(expected(job) for job in pending) + sum(max(0.0, expected(job) - ran) for job, ran in running)
+    return work / max(1, slots)
+
+
 def _killed(returncode: int) -> str | None:
     """What a job ended by a signal it did not handle was told (None for an exit of its own)."""
     if returncode >= 0:
@@ -385,15 +402,20 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
     pending = [job for job in jobs if states[job.name] != "complete"]
     done = len(jobs) - len(pending)
     resumed = sum(states[job.name] == "resume" for job in pending)
-    echo(f"sweep {','.join(sweep.methods)} {sweep.protocol}: {len(jobs)} runs"
-         + (f" ({len(sweep.methods)} methods x " if len(sweep.methods) > 1 else " (")
-         + f"{len(sweep.datasets)} datasets x"
-         f" {len(sweep.shots)} shots x {len(sweep.seeds)} seeds) in {sweep.output_dir}; {done} complete already,"
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}" + ("s" if n != 1 else "")
+
+    axes = [count(len(sweep.methods), "method")] if len(sweep.methods) > 1 else []
+    axes += [count(len(sweep.datasets), "dataset"), count(len(sweep.shots), "shot count"),
+             count(len(sweep.seeds), "seed")]
+    echo(f"sweep {','.join(sweep.methods)} {sweep.protocol}: {count(len(jobs), 'run')} ({' x '.join(axes)})"
+         f" in {sweep.output_dir}; {done} complete already,"
          f" {resumed} to resume, {len(pending) - resumed} to start; {len(slots)} at a time on"
          f" {', '.join(sorted({slot.label.split('#')[0] for slot in slots}))}")
     free = list(slots)
     running: dict = {}  # Popen -> (job, slot, start time)
     failed: list[tuple[Job, str]] = []
+    took: dict = {}  # (method, dataset, shots, seed) -> seconds, of the jobs this process saw complete
     try:
         while pending or running:
             while free and pending:
@@ -405,14 +427,20 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
                 job, slot, started = running.pop(process)
                 free.append(slot)
                 free.sort(key=slots.index)  # every GPU's first slot before any second one, as at the start
-                took = _format_duration(time.monotonic() - started)
+                seconds = time.monotonic() - started
+                took_text = _format_duration(seconds)
                 if process.returncode == 0 and job_state(job) == "complete":
                     done += 1
-                    echo(f"  {job.name} complete in {took}: {_job_result(job)} ({done}/{len(jobs)} complete)")
+                    took[(job.method, job.dataset, job.shots, job.seed)] = seconds
+                    now = time.monotonic()
+                    left = time_left(pending, [(j, now - t) for j, _, t in running.values()], took, len(slots))
+                    echo(f"  {job.name} complete in {took_text}: {_job_result(job)} ({done}/{len(jobs)} complete"
+                         + (f"; the sweep ends in about {_format_duration(left)})" if left and (pending or running)
+                            else ")"))
                 else:
                     why = _killed(process.returncode) or _last_error(_log_path(sweep, job))
                     failed.append((job, why))
-                    echo(f"  {job.name} FAILED after {took} (exit {process.returncode}): {why}"
+                    echo(f"  {job.name} FAILED after {took_text} (exit {process.returncode}): {why}"
                          f" [log: {_log_path(sweep, job)}]")
     except BaseException as error:  # Ctrl-C, SIGTERM (cli.Terminated), or a failure of the sweep itself
         _stop(running, echo)

@@ -76,7 +76,7 @@ def test_several_methods_make_one_table_and_method_options_go_where_they_apply(t
                                        *TINY, "--datasets", "procedural", "--seeds", "1", "--jobs-per-device", "2",
                                        "--output", sweep, "epochs=2", "n_ctx=4")
     assert code == 0, err
-    assert "2 runs (2 methods x 1 datasets x 1 shots x 1 seeds)" in out
+    assert "2 runs (2 methods x 1 dataset x 1 shot count x 1 seed)" in out
     coop, vpt = (read_json(sweep / f"{m}-procedural-2shot-seed1" / "run.json")["config"] for m in ("coop", "vpt_deep"))
     assert coop["method"] == "coop" and coop["options"]["n_ctx"] == 4  # n_ctx went to the method that takes it
     assert vpt["method"] == "vpt_deep" and "n_ctx" not in vpt["options"]
@@ -283,3 +283,19 @@ def test_a_job_killed_by_a_signal_is_said_so():
     assert _killed(0) is None and _killed(2) is None
     assert _killed(-9).startswith("killed by SIGKILL: out of host memory")
     assert _killed(-11) == "killed by SIGSEGV (running the sweep again resumes it)"
+
+
+def test_time_left_expects_each_job_to_take_what_its_kind_took():
+    from fastprompt.runner.sweep import Sweep, time_left
+
+    jobs = {j.name: j for j in Sweep(("coop",), "b2n", ("imagenet", "dtd"), (16,), (1, 2, 3), "/d", {}, {},
+                                     "/o").jobs()}
+    took = {("coop", "imagenet", 16, 1): 600.0, ("coop", "dtd", 16, 1): 60.0}
+    pending = [jobs["coop-imagenet-16shot-seed3"], jobs["coop-dtd-16shot-seed3"]]
+    running = [(jobs["coop-imagenet-16shot-seed2"], 500.0), (jobs["coop-dtd-16shot-seed2"], 90.0)]
+    # pending: 600 + 60; running: 100 left of ImageNet's 600, DTD's already past its 60 (0); over 2 slots.
+    assert time_left(pending, running, took, 2) == (600 + 60 + 100 + 0) / 2
+    assert time_left(pending, running, {}, 2) is None  # nothing finished: no estimate
+    # A kind not seen yet takes the mean of all finished jobs.
+    eurosat = Sweep(("coop",), "b2n", ("eurosat",), (16,), (1,), "/d", {}, {}, "/o").jobs()
+    assert time_left(eurosat, [], took, 1) == 330.0
