@@ -359,6 +359,8 @@ def paper_comparison(summaries: list[dict]) -> str:
                       f" {PAPER_WEIGHTS} weights{', 16 shots' if protocol != 'fewshot' else ''})")
         else:
             comparable.append(s)
+            if len(s["seeds"]) < 3:
+                notes.add(f"the papers average 3 seeds; {s['name']} has {len(s['seeds'])}")
             changed = preset_changes(s["config"])
             if changed:
                 notes.add(f"compared though it changed its paper preset: {s['name']} ({', '.join(changed)})")

@@ -119,6 +119,15 @@ def test_a_run_that_changed_its_paper_preset_is_compared_with_the_change_named()
     assert "Compared though it changed its paper preset: coop dtd (epochs 200 -> 10, n_ctx 16 -> 4)." in text
     run["config"] = config()
     assert "changed its paper preset" not in paper_comparison([run])
+    assert "seeds" not in paper_comparison([run])  # 3 seeds, as the papers
+
+
+def test_fewer_seeds_than_the_papers_are_noted():
+    one = summarize_run("b2n", "maple dtd", [{"seed": 1, "targets": [
+        {"dataset": "dtd", "subset": "base", "mode": "base", "accuracy": 80.0, "macro_f1": 0.0},
+        {"dataset": "dtd", "subset": "novel", "mode": "novel", "accuracy": 60.0, "macro_f1": 0.0}]}])
+    one["config"] = {"method": "maple", "backbone": "ViT-B-16", "pretrained": "openai", "shots": 16}
+    assert "The papers average 3 seeds; maple dtd has 1." in paper_comparison([one])
 
 
 @pytest.mark.parametrize("protocol", ["b2n", "xd", "dg", "fewshot"])
