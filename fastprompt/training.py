@@ -236,6 +236,12 @@ def _class_set(model):
     return getattr(model, "class_set_version", None)
 
 
+def _storage_marks(params) -> tuple:
+    """Where the first and last trained tensors live: a move or cast of the model gives every parameter new storage,
+    and two addresses tell it at the cost of two calls per step (not one per parameter)."""
+    return (params[0].data_ptr(), params[-1].data_ptr()) if params else ()
+
+
 def _hyperparameters(optimizer) -> tuple:
     """The optimizer settings a captured graph has baked in (host-side numbers, not tensors)."""
     plain = (bool, int, float, str, type(None), tuple)
@@ -307,6 +313,7 @@ class TrainStep:
         self._signature = None  # shapes the graph was captured for
         self._hyper = None
         self._class_set = None
+        self._storages = None
         self._warm = 0
         self._static: tuple | None = None
         self._logged: set[str] = set()
@@ -349,10 +356,13 @@ class TrainStep:
             return self._no_graph(f"batch shapes {shapes} differ from the captured "
                                   f"{', '.join(str(s[0]) for s in self._signature)}; such steps run eagerly",
                                   images, labels, permanent=False)
-        if self._graph is not None and _class_set(self.model) != self._class_set:
-            # The graph reads the old class set's prompt buffers, which set_classnames freed: one eager step builds
-            # the new ones (it reads the packing from the host, which a capture cannot), then a new capture.
-            logger.info("TrainStep: the model's class set changed (set_classnames); re-capturing the CUDA graph")
+        if self._graph is not None and (_class_set(self.model) != self._class_set
+                                        or _storage_marks(self._params) != self._storages):
+            # The graph reads tensors by address: the old class set's prompt buffers (set_classnames frees them),
+            # or the parameters' old storage (model.to(), .half(), `p.data = ...` give them new storage). One eager
+            # step builds what is new (the packing is read from the host, which a capture cannot), then a capture.
+            logger.info("TrainStep: the model's class set or its parameters' storage changed; re-capturing the"
+                        " CUDA graph")
             self._graph, self._static = None, None
             self._warm = self.warmup_steps - 1
         if self._graph is not None and _hyperparameters(self.optimizer) != self._hyper:
@@ -494,6 +504,7 @@ class TrainStep:
         self._static = (static_images, static_labels, static_loss)
         self._hyper = _hyperparameters(self.optimizer)
         self._class_set = _class_set(self.model)
+        self._storages = _storage_marks(self._params)
         logger.info("TrainStep: captured the training step in a CUDA graph for shapes %s",
                     [tuple(t.shape) for t in (images, labels)])
 

@@ -117,11 +117,47 @@ class _FakeGraph:
 
     def __init__(self, step):
         self.step, self.class_set = step, step.model.class_set_version
+        self.storage = [p.data_ptr() for p in step._params]
 
     def replay(self):
         assert self.step.model.class_set_version == self.class_set, "replayed a graph of another class set"
+        assert [p.data_ptr() for p in self.step._params] == self.storage, "replayed a graph of freed parameters"
         images, labels, loss = self.step._static
         loss.copy_(self.step._run_step(images, labels))
+
+
+def test_parameters_in_new_storage_are_recaptured_after_one_eager_step(tiny_clip, monkeypatch):
+    """A move or cast of the model (here: each trained tensor's data replaced by a copy, the values unchanged) gives
+    the parameters new storage; a replay would update the old, freed storage. Steps equal the plain loop's."""
+    captures = []
+
+    def capture(self, images, labels):
+        captures.append(len(captures))
+        self._graph = _FakeGraph(self)
+        self._static = (images.clone(), labels.clone(), torch.zeros(()))
+        self._hyper = training._hyperparameters(self.optimizer)
+        self._class_set = training._class_set(self.model)
+        self._storages = training._storage_marks(self._params)
+
+    monkeypatch.setattr(training, "_graph_problem", lambda images: None)
+    monkeypatch.setattr(TrainStep, "_capture", capture)
+    batches = _batches(8)
+    reference = _model(tiny_clip, "coop")
+    expected = _plain_loop(reference, torch.optim.SGD(reference.trainable_parameters(), lr=0.05, momentum=0.9,
+                                                      weight_decay=5e-4), batches)
+    model = _model(tiny_clip, "coop")
+    step = TrainStep(model, make_optimizer(model.trainable_parameters(), lr=0.05), warmup_steps=2)
+    losses = []
+    for k, (images, labels) in enumerate(batches):
+        if k == 4:
+            with torch.no_grad():
+                for p in model.trainable_parameters():
+                    p.data = p.data.clone()
+        losses.append(step(images, labels))
+    assert len(captures) == 2
+    torch.testing.assert_close(torch.stack(losses).double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    _assert_close_state(model, reference)
 
 
 def test_a_new_class_set_is_recaptured_after_one_eager_step(tiny_clip, monkeypatch):
@@ -136,6 +172,7 @@ def test_a_new_class_set_is_recaptured_after_one_eager_step(tiny_clip, monkeypat
         self._static = (images.clone(), labels.clone(), torch.zeros(()))
         self._hyper = training._hyperparameters(self.optimizer)
         self._class_set = training._class_set(self.model)
+        self._storages = training._storage_marks(self._params)
 
     monkeypatch.setattr(training, "_graph_problem", lambda images: None)
     monkeypatch.setattr(TrainStep, "_capture", capture)
