@@ -126,44 +126,9 @@ class _FakeGraph:
         loss.copy_(self.step._run_step(images, labels))
 
 
-def test_parameters_in_new_storage_are_recaptured_after_one_eager_step(tiny_clip, monkeypatch):
-    """A move or cast of the model (here: each trained tensor's data replaced by a copy, the values unchanged) gives
-    the parameters new storage; a replay would update the old, freed storage. Steps equal the plain loop's."""
-    captures = []
-
-    def capture(self, images, labels):
-        captures.append(len(captures))
-        self._graph = _FakeGraph(self)
-        self._static = (images.clone(), labels.clone(), torch.zeros(()))
-        self._hyper = training._hyperparameters(self.optimizer)
-        self._class_set = training._class_set(self.model)
-        self._storages = training._storage_marks(self._params)
-
-    monkeypatch.setattr(training, "_graph_problem", lambda images: None)
-    monkeypatch.setattr(TrainStep, "_capture", capture)
-    batches = _batches(8)
-    reference = _model(tiny_clip, "coop")
-    expected = _plain_loop(reference, torch.optim.SGD(reference.trainable_parameters(), lr=0.05, momentum=0.9,
-                                                      weight_decay=5e-4), batches)
-    model = _model(tiny_clip, "coop")
-    step = TrainStep(model, make_optimizer(model.trainable_parameters(), lr=0.05), warmup_steps=2)
-    losses = []
-    for k, (images, labels) in enumerate(batches):
-        if k == 4:
-            with torch.no_grad():
-                for p in model.trainable_parameters():
-                    p.data = p.data.clone()
-        losses.append(step(images, labels))
-    assert len(captures) == 2
-    torch.testing.assert_close(torch.stack(losses).double(), torch.tensor(expected, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-6)
-    _assert_close_state(model, reference)
-
-
-def test_a_new_class_set_is_recaptured_after_one_eager_step(tiny_clip, monkeypatch):
-    """set_classnames (evaluating novel classes mid-training, then back) rebuilds the prompt buffers a training
-    graph reads: the step must not replay the old graph, but take one eager step (building the new buffers, which
-    reads the host) and capture again. The steps are the plain loop's throughout."""
+def _stand_in_graph_run(tiny_clip, monkeypatch, between_steps):
+    """Eight CoOp steps through a TrainStep whose 'graph' is a _FakeGraph, `between_steps(model)` called before the
+    fifth; the steps must equal the plain loop's. Returns the class-set versions each capture saw."""
     captures = []
 
     def capture(self, images, labels):
@@ -184,15 +149,39 @@ def test_a_new_class_set_is_recaptured_after_one_eager_step(tiny_clip, monkeypat
     step = TrainStep(model, make_optimizer(model.trainable_parameters(), lr=0.05), warmup_steps=2)
     losses = []
     for k, (images, labels) in enumerate(batches):
-        if k == 4:  # an evaluation on other classes between two steps, then the training classes again
-            model.set_classnames(["purple hexagon", "orange oval"])
-            model.set_classnames(NAMES)
+        if k == 4:
+            between_steps(model)
         losses.append(step(images, labels))
-    # warm-up 2, capture at step 3 (run by the graph), replay at 4; new class set: eager step 5, capture at 6.
-    assert captures == [0, 2]
     assert step.mode == "cuda_graph"
-    torch.testing.assert_close(torch.stack(losses).double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(losses).double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
     _assert_close_state(model, reference)
+    return captures
+
+
+def test_parameters_in_new_storage_are_recaptured_after_one_eager_step(tiny_clip, monkeypatch):
+    """A move or cast of the model (here: each trained tensor's data replaced by a copy, the values unchanged) gives
+    the parameters new storage; a replay would update the old, freed storage."""
+
+    def new_storage(model):
+        with torch.no_grad():
+            for p in model.trainable_parameters():
+                p.data = p.data.clone()
+
+    assert len(_stand_in_graph_run(tiny_clip, monkeypatch, new_storage)) == 2
+
+
+def test_a_new_class_set_is_recaptured_after_one_eager_step(tiny_clip, monkeypatch):
+    """set_classnames (evaluating novel classes mid-training, then back) rebuilds the prompt buffers a training
+    graph reads: the step must not replay the old graph, but take one eager step (building the new buffers, which
+    reads the host) and capture again."""
+
+    def evaluate_other_classes(model):
+        model.set_classnames(["purple hexagon", "orange oval"])
+        model.set_classnames(NAMES)
+
+    # warm-up 2, capture at step 3 (run by the graph), replay at 4; new class set: eager step 5, capture at 6.
+    assert _stand_in_graph_run(tiny_clip, monkeypatch, evaluate_other_classes) == [0, 2]
 
 
 def test_cuda_graph_required_on_cpu_is_an_error(tiny_clip):
