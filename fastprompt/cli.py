@@ -146,7 +146,7 @@ def _train(args, extra) -> int:
 def _sweep(args, extra) -> int:
     from .parallel import data_parallel
     from .runner.config import ConfigError, load_config_file
-    from .runner.sweep import device_slots, job_state, plan_sweep, run_sweep
+    from .runner.sweep import device_names, device_slots, job_state, plan_sweep, run_sweep
 
     if data_parallel.world_size() > 1 or "LOCAL_RANK" in os.environ:
         raise ConfigError("a sweep starts its own processes, one per run: run it without torchrun")
@@ -157,8 +157,7 @@ def _sweep(args, extra) -> int:
     slots = device_slots(args.devices, args.jobs_per_device)
     if args.dry_run:
         jobs = sweep.jobs()
-        print(f"# {len(jobs)} runs in {sweep.output_dir}, {len(slots)} at a time on"
-              f" {', '.join(sorted({slot.label.split('#')[0] for slot in slots}))}; each is")
+        print(f"# {len(jobs)} runs in {sweep.output_dir}, {len(slots)} at a time on {device_names(slots)}; each is")
         print("# fastprompt train " + " ".join(sweep.train_arguments(jobs[0])))
         for job in jobs:
             print(f"{job.name}: {job_state(job)}")
@@ -261,13 +260,15 @@ def _report(args) -> int:
 
 # --- export --------------------------------------------------------------------------------------------
 def _export(args) -> int:
+    import json
+
     from .data.files import read_classnames
     from .runner.export import export_classifier
 
     _check_output_path(args.output, "--output", folder=False)
     classnames = read_classnames(args.classnames) if args.classnames else None
     metadata = export_classifier(args.checkpoint, args.output, classnames, args.pretrained)
-    count = len(__import__("json").loads(metadata["classnames"]))
+    count = len(json.loads(metadata["classnames"]))
     print(f"wrote {args.output}: {metadata['method']} classifier over {count} classes for {metadata['backbone']}"
           f" (pretrained={metadata['pretrained']}); {metadata['usage']}")
     return 0

@@ -80,8 +80,8 @@ def _op_plan(device: str, dtype: torch.dtype, attention_rows: list[dict]) -> lis
     """What each op of a CLIP patched with backend='auto' on `device` runs on, and why.
 
     The LayerNorm/MLP rule is the one fastprompt.fast.patch applies (backends.block_kernels_problem): the Triton
-    kernels on a CUDA device of compute capability >= 8.0 where they import, PyTorch ops elsewhere; coupling maps are grouped into one launch
-    exactly when LayerNorm/MLP run on Triton (FastPath.groups_coupling_maps). Attention is the backend
+    kernels on a CUDA device of compute capability >= 8.0 where they import, PyTorch ops elsewhere; coupling maps
+    are grouped into one launch exactly when LayerNorm/MLP run on Triton (FastPath.groups_coupling_maps). Attention is the backend
     that fastprompt.ops.backends' auto selection picks for a head_dim-64 request on that device.
     tests/test_info.py checks these claims against a really patched CLIP."""
     problem = backends.block_kernels_problem(device)

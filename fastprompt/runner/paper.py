@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 
-from .results import harmonic_mean
+from .results import harmonic_mean, markdown_lines
 
 PAPER_BACKBONE, PAPER_WEIGHTS = "ViT-B-16", "openai"
 FEW_SHOT_KS = (1, 2, 4, 8, 16)
@@ -371,9 +371,7 @@ def paper_comparison(summaries: list[dict]) -> str:
             header, rows = _fewshot_rows(comparable, notes)
         else:
             header, rows = _transfer_rows(protocol, comparable, notes)
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        text = "\n".join(lines) + f"\n\nPaper figures: {SOURCES[protocol]}; Δ = this run − the paper."
+        text = "\n".join(markdown_lines(header, rows)) + f"\n\nPaper figures: {SOURCES[protocol]}; Δ = this run − the paper."
     else:
         text = "No run here ran the papers' setting."
     if notes:

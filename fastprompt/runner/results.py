@@ -38,14 +38,14 @@ def aggregate_seeds(seed_results: list[dict]) -> dict:
         for record in result["targets"]:
             key = record["dataset"] if record["subset"] == "all" else f"{record['dataset']}/{record['subset']}"
             entry = by_key.setdefault(key, {"dataset": record["dataset"], "subset": record["subset"],
-                                            "accuracy": [], "macro_f1": [], "seed_ids": []})
+                                            "accuracy": [], "macro_f1": [], "per_seed": []})
             entry["accuracy"].append(record["accuracy"])
             entry["macro_f1"].append(record["macro_f1"])
-            entry["seed_ids"].append(result.get("seed"))
+            entry["per_seed"].append([result.get("seed"), record["accuracy"]])
     return {
         key: {"dataset": e["dataset"], "subset": e["subset"], "seeds": len(e["accuracy"]),
               "accuracy": mean_std(e["accuracy"]), "macro_f1": mean_std(e["macro_f1"]),
-              "per_seed": [[seed, accuracy] for seed, accuracy in zip(e["seed_ids"], e["accuracy"], strict=True)]}
+              "per_seed": e["per_seed"]}
         for key, e in by_key.items()
     }
 
@@ -231,10 +231,15 @@ def _shown_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
     return [h for h in header if not h.endswith(" std")], pretty
 
 
+def markdown_lines(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, one line per row."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def markdown_table(summaries: list[dict]) -> str:
     header, pretty = _shown_rows(summaries)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in pretty]
+    lines = markdown_lines(header, pretty)
     protocol = summaries[0]["protocol"]
     note = {
         "b2n": "Accuracy (%) mean ± sample std over seeds; HM of the seed-averaged base and novel.",

@@ -27,6 +27,7 @@ jobs running at once split this process's cores between them (each pinned to its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -36,6 +37,8 @@ import time
 from . import checkpoint as ckpt
 from . import lock as run_lock
 from .config import ConfigError
+from .engine import _format_duration
+from .run import Echo
 
 SWEEP_MANIFEST = "sweep.json"
 SWEEP_FORMAT = "fastprompt.sweep/1"
@@ -76,6 +79,13 @@ class Sweep:
     file_values: dict
     overrides: dict
     output_dir: str
+
+    @classmethod
+    def from_definition(cls, stored: dict, output_dir: str) -> Sweep:
+        """The sweep a sweep.json describes (definition's inverse)."""
+        return cls(tuple(stored["methods"]), stored["protocol"], tuple(stored["datasets"]), tuple(stored["shots"]),
+                   tuple(stored["seeds"]), stored["root"], stored["config_file_values"], stored["overrides"],
+                   output_dir)
 
     def definition(self) -> dict:
         """What sweep.json stores and a later run of the same command must match."""
@@ -245,12 +255,19 @@ def device_slots(devices: str, jobs_per_device: int) -> list[Slot]:
                          for k in range(jobs_per_device) for i in indices])
 
 
+def device_names(slots: list[Slot]) -> str:
+    """'cuda:0, cuda:1' (or 'cpu'): the devices the slots run on."""
+    return ", ".join(sorted({slot.label.split("#")[0] for slot in slots}))
+
+
 def _share_cores(slots: list[Slot]) -> list[Slot]:
     """Each slot its own equal share of this process's cores (pinned, and as many intra-op threads), so that the
     jobs' training threads, image decoding and loader workers do not fight over the same cores; with fewer cores
     than slots, one thread each and no pinning."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    if not cores or len(cores) < len(slots):
+    from .machine import usable_cores
+
+    cores = usable_cores()
+    if len(cores) < len(slots):
         return [dataclasses.replace(slot, env=dict(slot.env, OMP_NUM_THREADS="1")) for slot in slots]
     share = len(cores) // len(slots)
     return [dataclasses.replace(slot, env=dict(slot.env, OMP_NUM_THREADS=str(share)),
@@ -308,12 +325,6 @@ def _prepare_folder(sweep: Sweep) -> None:
     ckpt.atomic_write_json(path, sweep.definition())
 
 
-def _format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
 def _job_result(job: Job) -> str:
     summary = ckpt.read_json(os.path.join(job.run_dir, "summary.json"), "run summary")
     parts = [f"{key} {value['accuracy'][0]:.2f}" for key, value in summary["targets"].items()]
@@ -362,20 +373,9 @@ def _last_error(log_path: str) -> str:
     return (errors or lines or ["(empty log)"])[-1]
 
 
-class _Echo:
-    """Lines to stdout and to sweep.log."""
-
-    def __init__(self, path: str, printer=print):
-        self.path, self.printer = path, printer
-
-    def __call__(self, line: str) -> None:
-        self.printer(line, flush=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-
-
 # --- running ----------------------------------------------------------------------------------------------------
-def run_sweep(sweep: Sweep, slots: list[Slot], poll_s: float = 0.5, printer=print) -> dict:
+def run_sweep(sweep: Sweep, slots: list[Slot], poll_s: float = 0.5,
+              printer=functools.partial(print, flush=True)) -> dict:
     """Train every job not complete yet, `len(slots)` at a time; returns {'complete', 'failed', 'summaries'}.
     Ctrl-C / SIGTERM (cli.Terminated) stops the running jobs gracefully and is raised again."""
     _prepare_folder(sweep)
@@ -384,7 +384,8 @@ def run_sweep(sweep: Sweep, slots: list[Slot], poll_s: float = 0.5, printer=prin
     except run_lock.LockHeld as error:
         raise ConfigError(str(error)) from None
     try:
-        echo = _Echo(os.path.join(sweep.output_dir, "sweep.log"), printer)
+        echo = Echo(printer)  # the run's echo: each line printed and appended to sweep.log
+        echo.path = os.path.join(sweep.output_dir, "sweep.log")
         return _run_locked(sweep, slots, poll_s, echo)
     finally:
         held.release()
@@ -410,8 +411,7 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
              count(len(sweep.seeds), "seed")]
     echo(f"sweep {','.join(sweep.methods)} {sweep.protocol}: {count(len(jobs), 'run')} ({' x '.join(axes)})"
          f" in {sweep.output_dir}; {done} complete already,"
-         f" {resumed} to resume, {len(pending) - resumed} to start; {len(slots)} at a time on"
-         f" {', '.join(sorted({slot.label.split('#')[0] for slot in slots}))}")
+         f" {resumed} to resume, {len(pending) - resumed} to start; {len(slots)} at a time on {device_names(slots)}")
     free = list(slots)
     running: dict = {}  # Popen -> (job, slot, start time)
     failed: list[tuple[Job, str]] = []
@@ -518,9 +518,7 @@ def sweep_summaries(sweep_dir: str) -> tuple[list[dict], list[str]]:
     stored = ckpt.read_json(os.path.join(sweep_dir, SWEEP_MANIFEST), "sweep manifest")
     if stored.get("format") != SWEEP_FORMAT:
         raise ConfigError(f"{sweep_dir}/{SWEEP_MANIFEST} is not a fastprompt sweep ({stored.get('format')!r})")
-    sweep = Sweep(tuple(stored["methods"]), stored["protocol"], tuple(stored["datasets"]), tuple(stored["shots"]),
-                  tuple(stored["seeds"]), stored["root"], stored["config_file_values"], stored["overrides"],
-                  os.path.abspath(sweep_dir))
+    sweep = Sweep.from_definition(stored, os.path.abspath(sweep_dir))
     several_shots = len(sweep.shots) > 1
     summaries, missing = [], []
     all_jobs = sweep.jobs()
