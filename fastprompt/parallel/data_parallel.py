@@ -328,9 +328,15 @@ class ShardedDeviceBatches:
 
     def __iter__(self):
         data = self.data
-        for keys in self.batches:
+        # The epoch's keys at once (ShardedBatches draws them all when the epoch starts), so that the labels are
+        # gathered on the device from one copy of the indices, not one blocking copy per batch (DeviceAugmentedSet).
+        epoch = list(self.batches)
+        labels = data.labels_in_order(torch.tensor([index for keys in epoch for index, _ in keys], dtype=torch.long))
+        at = 0
+        for keys in epoch:
             crops = [_seeded(seed, data.crop, data.images[index]) for index, seed in keys]
-            yield data.normalise(torch.stack(crops)), data.labels[[index for index, _ in keys]]
+            yield data.normalise(torch.stack(crops)), labels[at:at + len(keys)]
+            at += len(keys)
 
 
 def shard(dataset):

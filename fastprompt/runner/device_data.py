@@ -90,6 +90,11 @@ class DeviceAugmentedSet:
         normalisation of the stacked uint8 crops (bit-identical to stacking `augment` of each)."""
         return self.normalise(torch.stack([self.crop(self.images[i]) for i in indices]))
 
+    def labels_in_order(self, order: torch.Tensor) -> torch.Tensor:
+        """The labels of the samples at `order` (host indices), gathered on the device: one host-to-device copy for
+        a whole epoch, so that no batch copies anything to the device."""
+        return self.labels[order.to(self.device)]
+
     def batches(self, batch_size: int, generator: torch.Generator):
         """Shuffled batches (the last incomplete one dropped, as the DataLoader path does)."""
         return _Batches(self, batch_size, generator)
@@ -103,7 +108,12 @@ class _Batches:
         return len(self.data) // self.batch_size
 
     def __iter__(self):
-        order = torch.randperm(len(self.data), generator=self.generator).tolist()
+        order = torch.randperm(len(self.data), generator=self.generator)
+        # The epoch's labels in order, gathered on the device from one copy of the order: a batch's labels are then
+        # a slice. Indexing the device labels with each batch's Python list instead copied that list to the device
+        # per batch, a blocking copy that waited for every queued kernel (the previous training step's), so host and
+        # GPU time added up.
+        labels = self.data.labels_in_order(order)
+        host_order = order.tolist()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield self.data.batch(index), self.data.labels[index]
+            yield self.data.batch(host_order[start : start + self.batch_size]), labels[start : start + self.batch_size]

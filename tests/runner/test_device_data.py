@@ -1,9 +1,12 @@
 """The on-device few-shot set augments like the PIL path (fastprompt.data.train_transform): the same crop
 boxes and flips for the same torch seed, bit-identical pixels for a crop that is the whole image at the
-target size, pixels within a few uint8 levels otherwise, and batches that cover the set once per epoch."""
+target size, pixels within a few uint8 levels otherwise, and batches that cover the set once per epoch without
+copying anything from the host to the device per batch."""
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torchvision import transforms as T
 
 from fastprompt.data import CLIP_STD, procedural_splits, train_transform
@@ -107,3 +110,96 @@ def test_a_batch_is_each_images_augmentation_normalised_once():
     assert torch.equal(batch, per_image)
     normalisation = ops.ops["aten::div"] + ops.ops["aten::sub"]
     assert normalisation == 3, ops.ops  # / 255, - mean, / std once for the batch
+
+
+class HostToDevice(TorchFunctionMode):
+    """Inside, every call that brings host data into an op on another device is recorded: a device tensor indexed
+    with a Python list or a host tensor, host tensors (other than 0-dim scalars) mixed into a device op, a host
+    tensor moved or copied to the device, a tensor built from Python data on the device. On a GPU each is a
+    blocking copy that waits for every queued kernel. The "meta" device stands in for the GPU on a CPU machine."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", repr(func))
+        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        on_device = [t for t in leaves if t.device.type != "cpu"]
+        host = [t for t in leaves if t.device.type == "cpu" and t.dim() > 0]
+        index_lists = name == "__getitem__" and any(isinstance(x, (list, tuple)) for x in pytree.tree_leaves(
+            args[1:], is_leaf=lambda x: isinstance(x, list)))
+        moved = name in ("to", "cuda", "copy_", "tensor", "as_tensor") and self._moves_to_device(name, args, kwargs)
+        if (on_device and (host or index_lists)) or moved:
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _moves_to_device(name, args, kwargs) -> bool:
+        if name in ("tensor", "as_tensor"):
+            return torch.device(kwargs.get("device") or "cpu").type != "cpu"
+        if name == "copy_":
+            return args[0].device.type != "cpu" and args[1].device.type == "cpu"
+        targets = [a for a in args[1:] if isinstance(a, (str, torch.device))] + [kwargs.get("device")]
+        return args[0].device.type == "cpu" and any(t is not None and torch.device(t).type != "cpu"
+                                                    for t in targets) or name == "cuda"
+
+
+def test_the_host_to_device_watch_sees_each_kind_of_transfer():
+    labels, index = torch.arange(6, device="meta"), torch.tensor([1, 2])
+    for transfer in (lambda: labels[[1, 2]], lambda: labels[index], lambda: labels.index_select(0, index),
+                     lambda: index.to("meta"), lambda: torch.tensor([1, 2], device="meta"),
+                     lambda: labels[:2].copy_(index)):
+        with HostToDevice() as watch:
+            transfer()
+        assert watch.calls, transfer
+    with HostToDevice() as watch:
+        labels[2:4] * torch.tensor(3) + labels[index.to("meta")][0]
+    assert watch.calls == ["to"]
+
+
+def _epoch_batches_copy_nothing(batches) -> list:
+    """The batches after the first, iterated under the watch (the first copies the epoch's order to the device)."""
+    iterator = iter(batches)
+    next(iterator)
+    with HostToDevice() as watch:
+        rest = list(iterator)
+    assert rest and watch.calls == [], watch.calls
+    return rest
+
+
+def test_a_batch_copies_nothing_from_the_host_to_the_device():
+    splits = procedural_splits(num_train_per_class=4, image_size=32, num_classes=3)
+    data = DeviceAugmentedSet(splits, 32, (0.5, 1.0), "meta")
+    _epoch_batches_copy_nothing(data.batches(2, torch.Generator().manual_seed(0)))
+
+
+def test_the_data_parallel_slices_copy_nothing_from_the_host_to_the_device():
+    from fastprompt.parallel.data_parallel import ShardedDeviceBatches
+
+    splits = procedural_splits(num_train_per_class=4, image_size=32, num_classes=3)
+    data = DeviceAugmentedSet(splits, 32, (0.5, 1.0), "meta")
+    _epoch_batches_copy_nothing(ShardedDeviceBatches(data, 4, torch.Generator().manual_seed(0), rank=1, world=2))
+
+
+def test_each_batch_has_the_labels_of_its_images_in_the_generators_order():
+    splits = procedural_splits(num_train_per_class=3, image_size=32, num_classes=4)
+    data = DeviceAugmentedSet(splits, 32, (0.5, 1.0), "cpu")
+    expected = [splits.train[i].label for i in torch.randperm(12, generator=torch.Generator().manual_seed(5))]
+    labels = [labels for _, labels in data.batches(5, torch.Generator().manual_seed(5))]
+    assert [t.tolist() for t in labels] == [expected[0:5], expected[5:10]]  # the last 2 dropped
+
+
+@pytest.mark.gpu
+def test_iterating_batches_on_a_gpu_does_not_synchronise():
+    splits = procedural_splits(num_train_per_class=4, image_size=32, num_classes=3)
+    data = DeviceAugmentedSet(splits, 32, (0.5, 1.0), "cuda")
+    iterator = iter(data.batches(2, torch.Generator().manual_seed(0)))
+    next(iterator)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = list(iterator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(rest) == 5
