@@ -237,9 +237,10 @@ def _class_set(model):
 
 
 def _storage_marks(params) -> tuple:
-    """Where the first and last trained tensors live: a move or cast of the model gives every parameter new storage,
-    and two addresses tell it at the cost of two calls per step (not one per parameter)."""
-    return (params[0].data_ptr(), params[-1].data_ptr()) if params else ()
+    """Where every trained tensor lives: a move or cast of the model gives the parameters new storage, and so does
+    `p.data = ...` for one of them; a replay would then update freed storage. One address read per parameter per
+    replay (MCPL's 101 tensors: about 10 us, beside a replay that runs no Python)."""
+    return tuple(p.data_ptr() for p in params)
 
 
 def _hyperparameters(optimizer) -> tuple:

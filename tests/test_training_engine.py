@@ -126,9 +126,9 @@ class _FakeGraph:
         loss.copy_(self.step._run_step(images, labels))
 
 
-def _stand_in_graph_run(tiny_clip, monkeypatch, between_steps):
-    """Eight CoOp steps through a TrainStep whose 'graph' is a _FakeGraph, `between_steps(model)` called before the
-    fifth; the steps must equal the plain loop's. Returns the class-set versions each capture saw."""
+def _stand_in_graph_run(tiny_clip, monkeypatch, between_steps, method="coop"):
+    """Eight steps of `method` through a TrainStep whose 'graph' is a _FakeGraph, `between_steps(model)` called before
+    the fifth; the steps must equal the plain loop's. Returns the class-set versions each capture saw."""
     captures = []
 
     def capture(self, images, labels):
@@ -142,10 +142,10 @@ def _stand_in_graph_run(tiny_clip, monkeypatch, between_steps):
     monkeypatch.setattr(training, "_graph_problem", lambda images: None)
     monkeypatch.setattr(TrainStep, "_capture", capture)
     batches = _batches(8)
-    reference = _model(tiny_clip, "coop")
+    reference = _model(tiny_clip, method)
     expected = _plain_loop(reference, torch.optim.SGD(reference.trainable_parameters(), lr=0.05, momentum=0.9,
                                                       weight_decay=5e-4), batches)
-    model = _model(tiny_clip, "coop")
+    model = _model(tiny_clip, method)
     step = TrainStep(model, make_optimizer(model.trainable_parameters(), lr=0.05), warmup_steps=2)
     losses = []
     for k, (images, labels) in enumerate(batches):
@@ -169,6 +169,19 @@ def test_parameters_in_new_storage_are_recaptured_after_one_eager_step(tiny_clip
                 p.data = p.data.clone()
 
     assert len(_stand_in_graph_run(tiny_clip, monkeypatch, new_storage)) == 2
+
+
+def test_one_parameter_in_new_storage_is_recaptured(tiny_clip, monkeypatch):
+    """One of MaPLe's 27 trained tensors, neither the first nor the last, given new storage (`p.data = ...`, as a
+    hand-loaded prompt would be): every parameter's address is checked, not a sample of them."""
+
+    def one_new_storage(model):
+        params = list(model.trainable_parameters())
+        assert len(params) > 2
+        with torch.no_grad():
+            params[len(params) // 2].data = params[len(params) // 2].data.clone()
+
+    assert len(_stand_in_graph_run(tiny_clip, monkeypatch, one_new_storage, method="maple")) == 2
 
 
 def test_a_new_class_set_is_recaptured_after_one_eager_step(tiny_clip, monkeypatch):
