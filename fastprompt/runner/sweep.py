@@ -331,18 +331,34 @@ def _job_result(job: Job) -> str:
     return ", ".join(parts[:4]) + (f" (+{len(parts) - 4} targets)" if len(parts) > 4 else "")
 
 
-def time_left(pending: list[Job], running: list[tuple[Job, float]], took: dict, slots: int) -> float | None:
+def time_left(pending: list[Job], running: list[tuple[Job, float]], took: dict, slots: int,
+              sizes: dict | None = None) -> float | None:
     """Seconds until the sweep ends, roughly: each job not done is expected to take what the finished jobs of its
-    method, dataset and shots took (else what all finished jobs took, on average); a running job has run for its
-    elapsed seconds already. The work left is spread over the slots. None before any job finished."""
+    method, dataset and shots took; a kind not finished yet, its size (classes x shots, the training images up to
+    the protocol's split) at the rate of the finished jobs of its method per unit of size (else of all finished
+    jobs), so that the small datasets after ImageNet are not expected to take ImageNet's time (the presets'
+    epochs per dataset and the evaluation are left out of this size). `sizes` maps a finished job's key to its
+    classes x shots. A running job has run for its elapsed seconds already. The work left is spread over the slots. None before any
+    job finished."""
     if not took:
         return None
+    sizes = sizes or {}
+
+    def rate(keys) -> float | None:
+        known = [key for key in keys if sizes.get(key)]
+        return sum(took[k] for k in known) / sum(sizes[k] for k in known) if known else None
+
     overall = sum(took.values()) / len(took)
+    any_rate = rate(list(took))
 
     def expected(job: Job) -> float:
         alike = [seconds for (method, dataset, shots, _), seconds in took.items()
                  if (method, dataset, shots) == (job.method, job.dataset, job.shots)]
-        return sum(alike) / len(alike) if alike else overall
+        if alike:
+            return sum(alike) / len(alike)
+        per_unit = rate([key for key in took if key[0] == job.method]) or any_rate
+        size = job.classes * job.shots
+        return per_unit * size if per_unit is not None and size else overall
 
     work = sum(expected(job) for job in pending) + sum(max(0.0, expected(job) - ran) for job, ran in running)
     return work / max(1, slots)
@@ -416,6 +432,7 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
     running: dict = {}  # Popen -> (job, slot, start time)
     failed: list[tuple[Job, str]] = []
     took: dict = {}  # (method, dataset, shots, seed) -> seconds, of the jobs this process saw complete
+    sizes: dict = {}  # the same keys -> classes x shots
     try:
         while pending or running:
             while free and pending:
@@ -431,9 +448,11 @@ def _run_locked(sweep: Sweep, slots: list[Slot], poll_s: float, echo) -> dict:
                 took_text = _format_duration(seconds)
                 if process.returncode == 0 and job_state(job) == "complete":
                     done += 1
-                    took[(job.method, job.dataset, job.shots, job.seed)] = seconds
+                    key = (job.method, job.dataset, job.shots, job.seed)
+                    took[key], sizes[key] = seconds, job.classes * job.shots
                     now = time.monotonic()
-                    left = time_left(pending, [(j, now - t) for j, _, t in running.values()], took, len(slots))
+                    left = time_left(pending, [(j, now - t) for j, _, t in running.values()], took, len(slots),
+                                     sizes)
                     echo(f"  {job.name} complete in {took_text}: {_job_result(job)} ({done}/{len(jobs)} complete"
                          + (f"; the sweep ends in about {_format_duration(left)})" if left and (pending or running)
                             else ")"))

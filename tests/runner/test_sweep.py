@@ -296,6 +296,17 @@ def test_time_left_expects_each_job_to_take_what_its_kind_took():
     # pending: 600 + 60; running: 100 left of ImageNet's 600, DTD's already past its 60 (0); over 2 slots.
     assert time_left(pending, running, took, 2) == (600 + 60 + 100 + 0) / 2
     assert time_left(pending, running, {}, 2) is None  # nothing finished: no estimate
-    # A kind not seen yet takes the mean of all finished jobs.
+    # Without sizes, a kind not seen yet takes the mean of all finished jobs.
     eurosat = Sweep(("coop",), "b2n", ("eurosat",), (16,), (1,), "/d", {}, {}, "/o").jobs()
     assert time_left(eurosat, [], took, 1) == 330.0
+    # With them, its classes x shots at its method's rate per unit: (600 + 60) s over (1000 + 47) x 16 units, times
+    # EuroSAT's 10 x 16; not ImageNet's scale.
+    sizes = {("coop", "imagenet", 16, 1): 1000 * 16, ("coop", "dtd", 16, 1): 47 * 16}
+    assert eurosat[0].classes == 10
+    assert time_left(eurosat, [], took, 1, sizes) == pytest.approx(660 / (1047 * 16) * 160)
+    # Another method's jobs count only when the job's own method has none finished.
+    maple = Sweep(("maple",), "b2n", ("eurosat",), (16,), (1,), "/d", {}, {}, "/o").jobs()
+    took_maple = {**took, ("maple", "dtd", 16, 1): 94.0}
+    sizes_maple = {**sizes, ("maple", "dtd", 16, 1): 47 * 16}
+    assert time_left(maple, [], took_maple, 1, sizes_maple) == pytest.approx(94 / 47 * 10)
+    assert time_left(maple, [], took, 1, sizes) == pytest.approx(660 / (1047 * 16) * 160)
