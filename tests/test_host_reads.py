@@ -46,12 +46,15 @@ class HostReads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.reads: list[tuple[str, list[str]]] = []
+        self.registered_ops: set[str] = set()  # fastprompt's torch.library ops: the traced path, not the eager one
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
         if name in VALUE_OPS or _value_sized(name, args, kwargs):
             self._record(name)
+        if name.startswith("fastprompt::"):
+            self.registered_ops.add(name)
         return func(*args, **kwargs)
 
     def _record(self, what: str) -> None:
@@ -104,16 +107,30 @@ def small_clip():
 
 @pytest.fixture
 def no_op_launches(kernel_device, monkeypatch):
-    """On a CPU every interpreted Triton launch returns at once (the host side runs, no kernel does)."""
+    """On a CPU every interpreted Triton launch returns at once (the host side runs, no kernel does). Everywhere,
+    fastprompt's eager/traced gate answers as in an eager step: it says "traced" under any Python dispatch mode,
+    the watch's included, which would send every op through its registered torch.library op instead of the call
+    path an eager step takes (fastprompt.ops._library.direct_call_ok)."""
     if kernel_device == "cpu":
         import triton.runtime.interpreter as interpreter
 
         monkeypatch.setattr(interpreter.InterpretedFunction, "run", lambda self, *args, **kwargs: None)
+    from fastprompt.ops import _library
+
+    original = _library.direct_call_ok
+    for module in list(sys.modules.values()):
+        if module is not None and getattr(module, "direct_call_ok", None) is original:
+            monkeypatch.setattr(module, "direct_call_ok", lambda x: type(x) is torch.Tensor)
     return kernel_device
 
 
 def _model(small_clip, method, device):
-    clip = copy.deepcopy(small_clip).to(device)
+    if device == "cuda":  # bf16 frozen weights, as the runner loads them on a GPU (the Triton kernels' dtypes)
+        from fastprompt.backbones import create_clip
+
+        clip = create_clip("small", precision="bf16", device=device)
+    else:
+        clip = copy.deepcopy(small_clip)
     fastprompt.patch(clip, backend="triton")
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -166,6 +183,7 @@ def test_a_warm_training_step_reads_nothing_back(method, small_clip, no_op_launc
     with _watched(device) as watch:
         step(images, labels)
     assert watch.reads == []
+    assert watch.registered_ops == set()  # the eager call path was watched
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -179,3 +197,4 @@ def test_a_warm_evaluation_batch_reads_nothing_back(method, small_clip, no_op_la
         evaluation(images, labels)
         evaluation(images)
     assert watch.reads == []
+    assert watch.registered_ops == set()
