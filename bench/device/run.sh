@@ -6,8 +6,8 @@
 #                                   #   inference at batch 100
 #                                   #   (issue 8), the glue fusions and the GEMM question (issue 9), one-GPU torchrun
 #                                   #   against the plain run (issue 12)
-#   bash bench/device/run.sh A      # ~6 min: GPU tests of the engine, evaluation, cache and eager op path;
-#                                   #   host vs GPU time; MaPLe train steps (eager, tuned, fastprompt); inference
+#   bash bench/device/run.sh A      # ~7 min: GPU tests of the engine, evaluation, cache and eager op path;
+#                                   #   no host reads or syncs per step (test_host_reads.py); host vs GPU time; MaPLe train steps (eager, tuned, fastprompt); inference
 #   bash bench/device/run.sh B      # ~6 min: runner epochs, the other methods' train steps and inference, a
 #                                   #   two-method sweep on GPU 0 (fastprompt sweep, two runs at a time)
 #   bash bench/device/run.sh C      # ~9 min: the kernel tests compiled in bf16/fp16, the GPU test tier of the
@@ -68,6 +68,10 @@ fi
 if [ "$PART" = A ]; then
   TAILN=25 stage gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_training_engine.py \
     tests/test_evaluation.py tests/test_text_cache.py tests/kernels/test_eager_call_path.py tests/runner/test_predict_cli.py
+  # No value read back to the host by a warm step or evaluation batch, every method, under CUDA's sync debug mode;
+  # device-held batches without host-to-device copies
+  TAILN=8 stage host-reads 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_host_reads.py \
+    tests/runner/test_device_data.py
   TAILN=6 stage host-gpu 90 python3 bench/device/host_gpu.py maple,coop,mcpl imagenet-b32
   bench train-maple 150 test_bench_train_step.py imagenet-b32 maple eager,tuned,fastprompt
   bench inference 150 test_bench_inference.py imagenet-b100 maple,coop,mmrl,mcpl eager,fastprompt
