@@ -520,6 +520,7 @@ class EpochStats:
     loader_seconds: float = 0.0  # wall time spent waiting for the next batch
     steps: int = 0
     delivered: int = 0  # images the loader delivered (skipped steps included)
+    starved_steps: int | None = None  # steps whose batch came when the device had no work left (CUDA; else None)
 
     @property
     def images_per_second(self) -> float:
@@ -532,8 +533,22 @@ class EpochStats:
 
     @property
     def loader_bound(self) -> bool:
-        """The loop spent more than a quarter of the epoch waiting for data: the loader is the limit."""
-        return self.seconds > 0 and self.loader_seconds > 0.25 * self.seconds
+        """The loader is the limit: the loop spent more than a quarter of the epoch waiting for data and, on a GPU,
+        the device had run out of work when most batches came. There the host runs ahead of the device, so time in
+        the loader is hidden behind queued steps (a device-held set's augmentation of the next batch runs while the
+        GPU computes the last step), and a host held up by a full launch queue waits inside the loader too: its
+        share of the epoch alone would blame the loader for a GPU-bound run."""
+        if not (self.seconds > 0 and self.loader_seconds > 0.25 * self.seconds):
+            return False
+        return self.starved_steps is None or self.starved_steps > self.steps / 2
+
+
+def _device_idle(device: torch.device) -> bool | None:
+    """Whether `device` has finished all the work queued on its current stream, asked without waiting (CUDA); None
+    where work runs as it is issued (CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).query()
 
 
 def _sync(device: torch.device) -> None:
@@ -563,7 +578,7 @@ def train_epoch(step: TrainStep, batches, *, device=None, progress=None, log_eve
     warned = 0
     _sync(device)
     start = time.perf_counter()
-    loader_seconds, count, delivered = 0.0, 0, 0
+    loader_seconds, count, delivered, starved = 0.0, 0, 0, None
 
     def report(index: int) -> StepTotals:
         nonlocal warned
@@ -586,6 +601,9 @@ def train_epoch(step: TrainStep, batches, *, device=None, progress=None, log_eve
         except StopIteration:
             break
         loader_seconds += time.perf_counter() - waited
+        idle = _device_idle(device)
+        if idle is not None:
+            starved = (starved or 0) + idle
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if input_dtype is not None:
@@ -602,7 +620,7 @@ def train_epoch(step: TrainStep, batches, *, device=None, progress=None, log_eve
     _sync(device)
     seconds = time.perf_counter() - start
     return EpochStats(loss=totals.mean_loss, images=totals.images, seconds=seconds, skipped_steps=totals.skipped,
-                      loader_seconds=loader_seconds, steps=count, delivered=delivered)
+                      loader_seconds=loader_seconds, steps=count, delivered=delivered, starved_steps=starved)
 
 
 def fit(step: TrainStep, batches, epochs: int, lr_of_epoch, *, start_epoch: int = 1, device=None,

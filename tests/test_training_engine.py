@@ -453,6 +453,51 @@ def test_a_slow_loader_is_reported_as_the_limit():
     assert stats.loader_images_per_second == pytest.approx(12 / stats.loader_seconds)
     fast = train_epoch(step, data)
     assert not fast.loader_bound
+    assert stats.starved_steps is None and fast.starved_steps is None  # a CPU runs work as it is issued
+
+
+def _slow_loader(data, seconds):
+    import time as _time
+
+    for batch in data:
+        _time.sleep(seconds)
+        yield batch
+
+
+@pytest.mark.parametrize("device_idle, blamed", [(True, True), (False, False)])
+def test_on_a_gpu_the_loader_is_blamed_only_when_batches_find_the_device_idle(monkeypatch, device_idle, blamed):
+    """On a GPU the host runs ahead: a loader taking half the epoch is hidden when the device still has queued
+    steps each time a batch comes (GPU-bound), and the limit when the device has run out of work. The device's
+    answer is stood in for here (training._device_idle; a CUDA stream's query() on a GPU, tested in the GPU tier)."""
+    model = torch.nn.Linear(3, 2)
+    step = TrainStep(model, make_optimizer(model.parameters(), lr=0.1), loss_fn=_linear_loss)
+    data = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(4)]
+    asked = []
+    monkeypatch.setattr(training, "_device_idle", lambda device: asked.append(device) or device_idle)
+    stats = train_epoch(step, _slow_loader(data, 0.05))
+    assert len(asked) == 4 and stats.loader_seconds > 0.25 * stats.seconds
+    assert stats.starved_steps == (4 if device_idle else 0)
+    assert stats.loader_bound is blamed
+
+
+@pytest.mark.gpu
+def test_a_gpu_bound_epoch_does_not_blame_a_slow_loader():
+    """Each step keeps the GPU busy 40 ms (a spinning kernel); the loader sleeps 15 ms per batch: a third of the
+    epoch is spent in the loader, hidden behind the queued steps. With no GPU work the same loader is the limit."""
+    model = torch.nn.Linear(3, 2).cuda()
+    data = [(torch.randn(4, 3, device="cuda"), torch.randn(4, 2, device="cuda")) for _ in range(8)]
+    cycles = 80_000_000  # 40 ms at 2 GHz, more at lower clocks
+
+    def busy_loss(m, x, y):
+        torch.cuda._sleep(cycles)
+        return _linear_loss(m, x, y)
+
+    busy = train_epoch(TrainStep(model, make_optimizer(model.parameters(), lr=0.1), loss_fn=busy_loss,
+                                 cuda_graph=False), _slow_loader(data, 0.015), device="cuda")
+    assert busy.loader_seconds > 0.25 * busy.seconds and busy.starved_steps <= 2 and not busy.loader_bound
+    idle = train_epoch(TrainStep(model, make_optimizer(model.parameters(), lr=0.1), loss_fn=_linear_loss,
+                                 cuda_graph=False), _slow_loader(data, 0.015), device="cuda")
+    assert idle.starved_steps >= 6 and idle.loader_bound
 
 
 @pytest.mark.parametrize("optimizer", ["fused sgd", "fused adamw"])
