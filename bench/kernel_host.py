@@ -2,14 +2,22 @@
 
 bench/kernel_path.py counts the ops a GPU step dispatches; this times the Python and dispatcher work behind them. The
 model is patched with the Triton kernels (allowed on a CPU under TRITON_INTERPRET=1) and every Triton launch is made a
-no-op, so a training step (forward, loss, backward, the guarded fused optimizer step) runs all of fastprompt's
+no-op (or, with --launch jit, goes through Triton's own launch path to a no-op launcher), so a training step (forward, loss, backward, the guarded fused optimizer step) runs all of fastprompt's
 wrappers, launchers, autograd Functions and aten ops for real, and no kernel. The backbone has ViT-B/16's depth (12 +
 12 blocks, 77-token causal text, the real tokenizer and 1,000 ImageNet names) at width 64 with one head of 64, so the
-aten arithmetic that remains is small beside the host work. What it cannot see: the GPU launcher's own cost per
-Triton launch (a C call here stubbed away) and the GPU's time; bench/device/host_gpu.py measures those on a GPU.
+aten arithmetic that remains is small beside the host work. What it cannot see: the C launcher's own cost per
+Triton launch and the GPU's time; bench/device/host_gpu.py measures those on a GPU.
 
     python -m bench.kernel_host maple,coop [classes] [batch]     # a JSON line per method: median host ms per step
     python -m bench.kernel_host maple 100 2 --tree /tmp/old     # the same, timing another checkout's fastprompt
+    python -m bench.kernel_host maple,coop 10 1 --launch jit    # compiled kernels' launch path (no TRITON_INTERPRET)
+
+`--launch jit-triton` times the same step with every launch going through Triton's JIT launch path
+(JITFunction.run: binding, per-argument specialisation, cache key, grid, launch metadata) up to a no-op launcher
+(bench.proxy.jit_launches): the Python cost each launch adds on a GPU host, which the default stub (the
+interpreter's launcher replaced) leaves out. `--launch jit` launches as fastprompt does on a GPU
+(fastprompt.kernels._launch: Triton's path once per key, then the compiled kernel's launcher directly). What
+remains unseen is the C launcher's own cost (argument marshalling and cuLaunchKernelEx) and the GPU's time.
 
 `--tree DIR` imports fastprompt from the checkout DIR (a `git worktree` of an older commit) instead of this one, with
 DIR/kernels as fastprompt.kernels as an install maps it: the same proxy and helpers (bench/proxy.py, which imports
@@ -39,16 +47,51 @@ CONFIG = dict(
 )
 
 
-def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int = 15, warmup: int = 3) -> dict:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("run with TRITON_INTERPRET=1: patch(backend='triton') is refused on a CPU otherwise")
+# The functions through which fastprompt's launchers and backend choice ask whether Triton is interpreted. With
+# launch='jit' they answer yes although the kernels are compiled ones: that is what lets CPU tensors through the
+# launchers' device checks and patch(backend='triton') on a CPU; the launchers then take the GPU's configurations
+# (the only interpreter-specific choice, grouped_mlp's fp32 chunk, is the one a GPU's bf16 takes).
+_INTERPRETER_QUESTIONS = (("fastprompt.kernels.attention", "interpreted"),
+                          ("fastprompt.kernels.linear_act", "_uses_interpreter"),
+                          ("fastprompt.kernels.layer_norm", "_uses_interpreter"),
+                          ("fastprompt.kernels.grouped_mlp", "_uses_interpreter"),
+                          ("fastprompt.ops.backends", "triton_interpreted"))
+
+
+def _launches(launch: str):
+    """The context that makes Triton launches no-ops: the interpreter's launcher stubbed ('stub'), or Triton's own JIT
+    launch path with a stand-in launcher ('jit', bench.proxy.jit_launches)."""
+    import importlib
+
+    from .proxy import counted_triton_launches, jit_launches
+
+    if launch == "stub":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("run with TRITON_INTERPRET=1: patch(backend='triton') is refused on a CPU otherwise")
+        return counted_triton_launches()
+    if launch not in ("jit", "jit-triton"):
+        raise ValueError(f"launch must be 'stub', 'jit' or 'jit-triton', got {launch!r}")
+    for module, name in _INTERPRETER_QUESTIONS:
+        setattr(importlib.import_module(module), name, lambda: True)
+    try:
+        from fastprompt.kernels import _launch
+    except ImportError:  # a checkout before fastprompt's own launcher (--tree): Triton's path is the only one
+        pass
+    else:
+        _launch.ENABLED = launch == "jit"
+        _launch.clear()
+    return jit_launches()
+
+
+def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int = 15, warmup: int = 3,
+                     launch: str = "stub") -> dict:
     import fastprompt
     from fastprompt.backbones import TINY_CONFIGS, create_clip
     from fastprompt.training import TrainStep, make_optimizer
 
-    from .proxy import classnames, counted_triton_launches, python_calls, step_seconds
+    from .proxy import classnames, python_calls, step_seconds
 
-    with counted_triton_launches() as launches:  # every launch: counted, no kernel runs
+    with _launches(launch) as launches:  # every launch: counted, no kernel runs
         TINY_CONFIGS.setdefault(BACKBONE, CONFIG)
         clip = create_clip(BACKBONE, precision="fp32", device="cpu")
         # The frozen MLP's first-GEMM plan a CUDA device takes (fastprompt.ops.gemm_plan), not the CPU's: the op
@@ -74,7 +117,7 @@ def host_ms_per_step(method: str, classes: int = 100, batch: int = 2, steps: int
         calls = python_calls(step, images, labels)
     return {"method": method, "classes": classes, "batch": batch, "backbone": BACKBONE,
             "checkout": os.path.dirname(os.path.dirname(os.path.abspath(fastprompt.__file__))),
-            "mlp_gemm": mlp_gemm,
+            "mlp_gemm": mlp_gemm, "launch": launch,
             "host_ms_per_step": round(statistics.median(times), 2), "host_ms_min": round(min(times), 2),
             "steps": steps, "threads": torch.get_num_threads(), **calls,
             "triton_launches_per_step": sum(launches.values()), "triton_launches": dict(sorted(launches.items()))}
@@ -114,12 +157,20 @@ def main(argv=None) -> int:
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
         del argv[at:at + 2]
+    launch = "stub"
+    if "--launch" in argv:
+        at = argv.index("--launch")
+        if at + 1 >= len(argv) or argv[at + 1] not in ("stub", "jit", "jit-triton"):
+            raise SystemExit("--launch takes stub (the interpreter's launcher stubbed), jit (compiled kernels launched"
+                             " as fastprompt does) or jit-triton (every launch through Triton's JITFunction.run)")
+        launch = argv[at + 1]
+        del argv[at:at + 2]
     methods = argv[0].split(",") if argv else ["maple"]
     classes = int(argv[1]) if len(argv) > 1 else 100
     batch = int(argv[2]) if len(argv) > 2 else 2
     torch.set_num_threads(1)
     for method in methods:
-        print(json.dumps(host_ms_per_step(method, classes, batch)), flush=True)
+        print(json.dumps(host_ms_per_step(method, classes, batch, launch=launch)), flush=True)
     return 0
 
 

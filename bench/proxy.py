@@ -1,5 +1,6 @@
 """What the CPU host proxies share (bench/host.py, bench/kernel_host.py, bench/kernel_path.py): the class names, the
-step timer, the Python-call count and the counted no-op Triton launcher. Nothing here imports fastprompt, so bench/kernel_host.py can time another
+step timer, the Python-call count, the counted no-op Triton launcher (interpreter) and Triton's own JIT launch path
+with a counted no-op launcher. Nothing here imports fastprompt, so bench/kernel_host.py can time another
 checkout's code (`--tree`, an A/B against an older commit) with the same helpers.
 """
 
@@ -67,3 +68,69 @@ def counted_triton_launches():
         yield launches
     finally:
         interpreter.InterpretedFunction.run = run
+
+
+@contextlib.contextmanager
+def jit_launches():
+    """Inside, Triton launches take Triton's own JIT launch path (JITFunction.run: argument binding, the
+    specialisation of every argument, the cache key, the grid, the launch metadata) up to the launcher, which is a
+    no-op counted per kernel: the host cost of each launch on a GPU less the C launcher's own. Needs kernels
+    compiled by @triton.jit, so TRITON_INTERPRET must be unset for the whole process. A stand-in driver answers
+    device 0, stream 0 and an sm_90 target; the first launch of each specialisation stores a stand-in compiled
+    kernel where Triton's compile would store the real one, so nothing is compiled. Yields the Counter; Triton's
+    driver and compile step are put back on exit."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("jit_launches needs compiled @triton.jit kernels: run without TRITON_INTERPRET=1")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import CompiledKernel
+    from triton.runtime import driver as drivers
+    from triton.runtime.jit import JITFunction
+
+    launches: Counter = Counter()
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    class Compiled:
+        """What JITFunction.run reads of a CompiledKernel: its own launch_metadata (what it does per launch differs
+        between Triton releases: 3.7 builds a dict per launch for its always-present hook chain), loaded handles, and
+        `run`, the launcher, here counting."""
+        function, packed_metadata, src = 1, (), None  # a loaded kernel's handle (stands in for one), no metadata
+        launch_metadata = CompiledKernel.launch_metadata
+
+        def __init__(self, name: str):
+            self.name = name
+
+        def _init_handles(self):
+            pass
+
+        def run(self, *args):
+            launches[self.name] += 1
+
+    stored_keys = []
+
+    def stored(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = Compiled(self.fn.__name__)
+        self.device_caches[device][0][key] = kernel
+        stored_keys.append((self.device_caches[device][0], key))
+        return kernel
+
+    active, compile_step = drivers._active, JITFunction._do_compile
+    drivers.set_active(Driver())
+    JITFunction._do_compile = stored
+    try:
+        yield launches
+    finally:
+        JITFunction._do_compile = compile_step
+        drivers._active = active
+        for cache, key in stored_keys:  # no stand-in outlives the context (a later one counts into its own Counter)
+            cache.pop(key, None)

@@ -148,6 +148,37 @@ def test_kernel_path_host_time_runs_the_real_wrappers_without_kernels():
     assert record["triton_launches_per_step"] == 242
 
 
+def test_kernel_host_jit_launches_take_the_compiled_kernels_launch_paths():
+    """`--launch jit-triton`: the same MaPLe and CoOp steps with each launch going through Triton's JITFunction.run
+    (binding, specialisation, cache key, launch metadata) to a no-op launcher, in a process without TRITON_INTERPRET
+    (compiled @triton.jit kernels, nothing compiled): the same launches as the stubbed interpreter's, each adding
+    Triton's own Python calls (at least JITFunction.run and its grid lambda). `--launch jit`, fastprompt's direct
+    path (fastprompt.kernels._launch), makes the same launches with fewer Python calls than Triton's path."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    runs = {}
+    for launch in ("stub", "jit", "jit-triton"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if launch == "stub":
+            env["TRITON_INTERPRET"] = "1"
+        done = subprocess.run([sys.executable, "-m", "bench.kernel_host", "maple,coop", "10", "1", "--launch", launch],
+                              capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[launch] = [json.loads(line) for line in done.stdout.splitlines()[-2:]]
+    for stub, jit, triton_path in zip(runs["stub"], runs["jit"], runs["jit-triton"]):
+        assert (stub["launch"], jit["launch"], triton_path["launch"]) == ("stub", "jit", "jit-triton")
+        assert stub["method"] == jit["method"] == triton_path["method"]
+        # the same launches, each method counted in its own context
+        assert jit["triton_launches"] == triton_path["triton_launches"] == stub["triton_launches"]
+        launches = jit["triton_launches_per_step"]
+        assert launches == (242 if jit["method"] == "maple" else 180)
+        assert triton_path["python_calls_per_step"] >= stub["python_calls_per_step"] + 2 * launches
+        assert triton_path["c_calls_per_step"] > stub["c_calls_per_step"] and triton_path["host_ms_min"] > 0
+        assert jit["python_calls_per_step"] < triton_path["python_calls_per_step"]
+    refused = subprocess.run([sys.executable, "-m", "bench.kernel_host", "maple", "--launch", "fast"],
+                             capture_output=True, text=True, cwd=repo, timeout=120)
+    assert refused.returncode != 0 and "--launch takes stub" in refused.stderr
+
+
 def test_kernel_host_tree_imports_fastprompt_and_its_kernels_from_the_other_checkout(tmp_path):
     """`--tree DIR` (an A/B against an older commit): fastprompt comes from DIR/fastprompt and fastprompt.kernels
     from DIR/kernels, not from this checkout's editable install; a directory that is not a checkout is refused."""

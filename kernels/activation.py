@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._host import cdiv, check_same_device
 from .linear_act import ACTIVATIONS, activation_derivative, apply_activation, require_kernel_device
 
@@ -73,7 +74,7 @@ def check_activation_args(pre, activation: str, grad=None) -> None:
 def _launch(pre, grad, activation: str):
     n = pre.numel()
     if n:
-        activation_kernel[(cdiv(n, _BLOCK),)](
+        launch(activation_kernel, (cdiv(n, _BLOCK),),
             pre, pre if grad is None else grad, pre, n,
             ACTIVATION=ACTIVATIONS[activation], GRAD_MODE=grad is not None,
             BLOCK=_BLOCK, num_warps=_NUM_WARPS,

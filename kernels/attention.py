@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._host import cdiv, next_power_of_2
 
 GPU_DTYPES = (torch.float16, torch.bfloat16)
@@ -344,7 +345,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     if LQ == 0 or B * H == 0:
         return out, lse2
     bm, bn, warps, stages = dense_config("fwd", D)
-    _dense_fwd_kernel[(B * H, cdiv(LQ, bm))](
+    launch(_dense_fwd_kernel, (B * H, cdiv(LQ, bm)),
         q, k, v, out, lse2,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -382,13 +383,13 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
     # dQ first: its kernel writes delta, which the dK/dV kernel reads.
     bm, bn, warps, stages = dense_config("dq", D)
-    _dense_bwd_dq_kernel[(B * H, cdiv(LQ, bm))](
+    launch(_dense_bwd_dq_kernel, (B * H, cdiv(LQ, bm)),
         q, k, v, out, grad_out, lse2, delta, dq, *qkv_strides, *out.stride()[:3], *grad_out.stride()[:3],
         *dq.stride()[:3], *args,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
     )
     bm, bn, warps, stages = dense_config("dkdv", D)
-    _dense_bwd_dkdv_kernel[(B * H, cdiv(LK, bn))](
+    launch(_dense_bwd_dkdv_kernel, (B * H, cdiv(LK, bn)),
         q, k, v, grad_out, lse2, delta, dk, dv, *qkv_strides, *grad_out.stride()[:3], *dk.stride()[:3], *args,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
     )

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._host import cdiv
 from .attention import (
     block_d,
@@ -467,7 +468,7 @@ def _check_prefix(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index) -> None
 def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse2, seq_ids, cu_seqlens, prefix_index, prefix_seqs, scale):
     T, H, D = q.shape
     bm, bn, warps, stages = prefix_config("fwd", D)
-    _prefix_fwd_kernel[(cdiv(T, bm), H)](
+    launch(_prefix_fwd_kernel, (cdiv(T, bm), H),
         q, k, v, prefix_k, prefix_v, out, lse2, seq_ids, cu_seqlens,
         prefix_index if prefix_index is not None else seq_ids,  # not read without an index
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *prefix_k.stride()[:3], *prefix_v.stride()[:3],
@@ -558,7 +559,7 @@ def _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, out, lse2, dq, dk, dv
     scale2 = qk_scale_log2(scale)
     suffix_strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
     bm, bn, warps, stages = prefix_config("dq", D)
-    _prefix_bwd_dq_kernel[(cdiv(T, bm), H)](
+    launch(_prefix_bwd_dq_kernel, (cdiv(T, bm), H),
         q, k, v, prefix_k, prefix_v, out, grad_out, lse2, delta, dq, seq_ids, cu_seqlens,
         prefix_index if prefix_index is not None else seq_ids,  # not read without an index
         *suffix_strides, *prefix_k.stride()[:3], *prefix_v.stride()[:3], *out.stride()[:2], *grad_out.stride()[:2],
@@ -567,7 +568,7 @@ def _launch_dq_dkdv(grad_out, q, k, v, prefix_k, prefix_v, out, lse2, dq, dk, dv
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=BLOCK_P, num_warps=warps, num_stages=stages, **meta,
     )
     bm, bn, warps, stages = prefix_config("dkdv", D)
-    _prefix_bwd_dkdv_suffix_kernel[(cdiv(T, bn), H)](
+    launch(_prefix_bwd_dkdv_suffix_kernel, (cdiv(T, bn), H),
         q, k, v, grad_out, lse2, delta, dk, dv, seq_ids, cu_seqlens,
         *suffix_strides, *grad_out.stride()[:2], *dk.stride()[:2], T, scale2, scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
@@ -591,7 +592,7 @@ def _launch_prefix_gradient(grad_out, q, prefix_k, prefix_v, lse2, delta, dpk, d
     n_chunks = chunk_group.numel()
     part_dk = torch.empty((n_chunks, H, P, D), dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
-    _prefix_bwd_partial_kernel[(n_chunks, H, p_blocks)](
+    launch(_prefix_bwd_partial_kernel, (n_chunks, H, p_blocks),
         q, prefix_k, prefix_v, grad_out, lse2, delta, part_dk, part_dv,
         token_order if token_order is not None else chunk_start,  # not read when not permuted
         chunk_start, chunk_group,
@@ -601,7 +602,7 @@ def _launch_prefix_gradient(grad_out, q, prefix_k, prefix_v, lse2, delta, dpk, d
     )
     if dpk.stride() != dpv.stride():
         raise ValueError("the prefix gradients dpk and dpv must share one layout")
-    _prefix_bwd_reduce_kernel[(G, H, p_blocks)](
+    launch(_prefix_bwd_reduce_kernel, (G, H, p_blocks),
         part_dk, part_dv, chunk_offsets, dpk, dpv, *dpk.stride()[:3], H, P, scale, int(accumulate),
         BLOCK_P=BLOCK_P, CHUNK_TILE=REDUCE_CHUNK_TILE, num_warps=REDUCE_NUM_WARPS, **meta,
     )

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._host import cdiv, check_same_device
 
 from fastprompt.kernels.linear_act import require_kernel_device
@@ -394,7 +395,7 @@ def grouped_linear_forward(x, weight, bias):
     y = torch.empty((groups, n, dout), device=x.device, dtype=x.dtype)
     cfg = grouped_config(x.dtype)
     grid = (groups, cdiv(dout, cfg["BLOCK_C"]), cdiv(n, cfg["BLOCK_M"]))
-    grouped_linear_fwd_kernel[grid](
+    launch(grouped_linear_fwd_kernel, grid,
         x, weight, bias, y, n, din, dout,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_C"],
         INPUT_PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"],
@@ -413,7 +414,7 @@ def grouped_linear_backward(dy, x, weight):
     db = torch.empty((groups, dout), device=x.device, dtype=x.dtype)
     cfg = grouped_config(x.dtype)
     grid = (groups, cdiv(din, cfg["BLOCK_C"]))
-    grouped_linear_bwd_kernel[grid](
+    launch(grouped_linear_bwd_kernel, grid,
         dy, x, weight, dx, dw, db, n, din, dout,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_OUT=cfg["BLOCK_C"], BLOCK_IN=cfg["BLOCK_C"],
         INPUT_PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"],
@@ -430,7 +431,7 @@ def grouped_bottleneck_forward(x, w1, b1, w2, b2):
     hidden, dout = w1.shape[1], w2.shape[1]
     h = torch.empty((groups, n, hidden), device=x.device, dtype=x.dtype)
     y = torch.empty((groups, n, dout), device=x.device, dtype=x.dtype)
-    grouped_bottleneck_fwd_kernel[(groups,)](
+    launch(grouped_bottleneck_fwd_kernel, (groups,),
         x, w1, b1, w2, b2, h, y, n, din, hidden, dout, INPUT_PRECISION=_precision(x.dtype), **grouped_config(x.dtype)
     )
     return y, h
@@ -446,7 +447,7 @@ def grouped_bottleneck_backward(dy, x, h, w1, w2):
     dx, dw1, dw2 = torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
     db1 = torch.empty((groups, hidden), device=x.device, dtype=x.dtype)
     db2 = torch.empty((groups, dout), device=x.device, dtype=x.dtype)
-    grouped_bottleneck_bwd_kernel[(groups,)](
+    launch(grouped_bottleneck_bwd_kernel, (groups,),
         dy, x, h, w1, w2, dpre, dx, dw1, db1, dw2, db2, n, din, hidden, dout,
         INPUT_PRECISION=_precision(x.dtype), **grouped_config(x.dtype),
     )  # fmt: skip

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._host import check_same_device, next_power_of_2
 
 # Widest supported row: CLIP towers go up to 1664 (ViT-bigG); each power-of-two block up to
@@ -265,7 +266,7 @@ def layer_norm_forward(x, weight, bias, eps: float, residual=None, splice=None):
     res = residual if residual is not None else x
     sum_out = s if s is not None else y
     stride_new_group, stride_new_row, *splice_rows = splice_args
-    layer_norm_fwd_kernel[(rows,)](
+    launch(layer_norm_fwd_kernel, (rows,),
         x, res, weight, bias, y, sum_out, mean, rstd, new,
         d, x.stride(0), res.stride(0), y.stride(0), sum_out.stride(0), stride_new_group, stride_new_row,
         float(eps), int(residual is not None), *splice_rows,
@@ -325,7 +326,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, d_sum=None, param_grads: bool
     if rows > 0:
         block, num_warps = layer_norm_config(d)
         dsum = d_sum if d_sum is not None else dy
-        layer_norm_bwd_kernel[(programs,)](
+        launch(layer_norm_bwd_kernel, (programs,),
             dy, x, weight, mean, rstd, dsum, dx, dw_part, db_part, dnew,
             rows, d, dy.stride(0), x.stride(0), dsum.stride(0), dx.stride(0),
             int(d_sum is not None), int(param_grads), *splice_args,

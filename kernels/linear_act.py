@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._host import cdiv, check_same_device
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "quick_gelu": 4}
@@ -221,7 +222,7 @@ def _launch(x, weight, bias, activation: str, grad):
     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
     g = grad if grad is not None else out
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
-    linear_act_kernel[grid](
+    launch(linear_act_kernel, grid,
         x, weight, bias, g, out, m, n, k,
         x.stride(0), weight.stride(0), g.stride(0), out.stride(0),
         ACTIVATION=ACTIVATIONS[activation], GRAD_MODE=grad is not None,

@@ -1,7 +1,9 @@
 """Host time vs GPU time of the fastprompt training step (target: wall time without a graph <= 1.3x GPU time).
 
 GPU time = the CUDA-graph replay of the step (no host work inside it); wall = the same step, same model and
-optimizer, through TrainStep(cuda_graph=False); host = the CPU time of issuing it. On a GPU; from the repo root:
+optimizer, through TrainStep(cuda_graph=False); host = the CPU time of issuing it; and the wall time of that step
+with every Triton launch through Triton's own launch path (fastprompt.kernels._launch off). On a GPU; from the repo
+root:
     python bench/device/host_gpu.py maple,coop imagenet-b32        # writes $OUT/host_gpu.json (or /tmp)
     python bench/device/host_gpu.py maple tiny-c4-b8 --smoke        # CPU, tiny: CI keeps the script runnable
 It also writes $OUT/host_gpu_profile_<method>.txt: cProfile of a few no-graph steps on the GPU machine's own host
@@ -58,9 +60,20 @@ for method in methods:
         eager(images, labels)
     host_ms = (time.process_time() - t) / 5 * 1e3
     sync()
+    # The same no-graph step with every Triton launch through Triton's own JITFunction.run (fastprompt.kernels.
+    # _launch off): what the direct launch path saves on this host.
+    from fastprompt.kernels import _launch
+
+    direct = _launch.ENABLED
+    _launch.ENABLED = False
+    try:
+        wall_triton_ms = timed(eager, images, labels)
+    finally:
+        _launch.ENABLED = direct
     rec = dict(method=method, workload=workload.name, graph_mode=mode, gpu_ms_graph=round(graph_ms, 3),
                wall_ms_no_graph=round(wall_ms, 3), host_cpu_ms_no_graph=round(host_ms, 3),
-               ratio=round(wall_ms / graph_ms, 3))
+               ratio=round(wall_ms / graph_ms, 3), direct_launch=direct,
+               wall_ms_no_graph_triton_launch=round(wall_triton_ms, 3))
     print(json.dumps(rec), flush=True)
     out.append(rec)
     profile = cProfile.Profile()
