@@ -99,7 +99,10 @@ def launch(kernel, grid: tuple, *args, **options) -> None:
     device = active.get_current_device()
     key = _key(device, args, options)
     entries = _entries.get(id(kernel))
-    entry = entries.get(key) if entries is not None and key is not None else None
+    try:
+        entry = entries.get(key) if entries is not None and key is not None else None
+    except TypeError:  # an option of an unhashable value: Triton's path, every time
+        key = entry = None
     if entry is None:
         compiled = kernel[grid](*args, **options)  # Triton's own path: compiles or finds, and launches
         if key is not None and getattr(compiled, "function", None) is not None:
