@@ -71,7 +71,13 @@ def _triton_mode(devices: list[dict]) -> str:
         return ("interpreter (TRITON_INTERPRET=1): the kernels run on the CPU, slowly, and only where"
                 " patch(clip, backend='triton') asks for them; auto never picks them")
     if any(d["type"] == "cuda" for d in devices):
-        return "compiled, on the CUDA devices below"
+        from .kernels import _launch
+
+        launches = ("launched through the compiled kernels' launchers once Triton has chosen them"
+                    " (fastprompt.kernels._launch)" if _launch.ENABLED else
+                    f"launched through Triton's own path (fastprompt.kernels._launch was checked against Triton"
+                    f" {' and '.join(_launch.CHECKED_RELEASES)}, not this one)")
+        return f"compiled, on the CUDA devices below; {launches}"
     return ("installed, but no kernel runs: Triton compiles for CUDA GPUs and there is none here"
             " (TRITON_INTERPRET=1 runs the kernels on the CPU, for tests)")
 

@@ -64,3 +64,19 @@ def test_mlp_row_names_the_first_gemm_plan_patch_takes():
         assert said.endswith(why)
     cuda = gemm_plan.measurement_for("cuda")
     assert all(part in _mlp_plan("cuda")[1] for part in (cuda.device, cuda.date, cuda.commit))
+
+
+def test_triton_mode_on_a_gpu_says_how_kernels_are_launched(monkeypatch):
+    """With a CUDA device, the report says whether launches take the compiled kernels' launchers directly (a checked
+    Triton release) or Triton's own path, naming the checked releases."""
+    from fastprompt import info as info_module
+    from fastprompt.kernels import _launch
+
+    gpu = [{"type": "cuda", "index": 0}]
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    assert info_module._triton_mode(gpu) == ("compiled, on the CUDA devices below; launched through the compiled"
+                                             " kernels' launchers once Triton has chosen them"
+                                             " (fastprompt.kernels._launch)")
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    assert info_module._triton_mode(gpu).endswith("launched through Triton's own path (fastprompt.kernels._launch"
+                                                  " was checked against Triton 3.6 and 3.7, not this one)")
