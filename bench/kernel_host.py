@@ -47,23 +47,10 @@ CONFIG = dict(
 )
 
 
-# The functions through which fastprompt's launchers and backend choice ask whether Triton is interpreted. With
-# launch='jit' they answer yes although the kernels are compiled ones: that is what lets CPU tensors through the
-# launchers' device checks and patch(backend='triton') on a CPU; the launchers then take the GPU's configurations
-# (the only interpreter-specific choice, grouped_mlp's fp32 chunk, is the one a GPU's bf16 takes).
-_INTERPRETER_QUESTIONS = (("fastprompt.kernels.attention", "interpreted"),
-                          ("fastprompt.kernels.linear_act", "_uses_interpreter"),
-                          ("fastprompt.kernels.layer_norm", "_uses_interpreter"),
-                          ("fastprompt.kernels.grouped_mlp", "_uses_interpreter"),
-                          ("fastprompt.ops.backends", "triton_interpreted"))
-
-
 def _launches(launch: str):
     """The context that makes Triton launches no-ops: the interpreter's launcher stubbed ('stub'), or Triton's own JIT
     launch path with a stand-in launcher ('jit', bench.proxy.jit_launches)."""
-    import importlib
-
-    from .proxy import counted_triton_launches, jit_launches
+    from .proxy import answer_interpreted, counted_triton_launches, jit_launches
 
     if launch == "stub":
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -71,8 +58,7 @@ def _launches(launch: str):
         return counted_triton_launches()
     if launch not in ("jit", "jit-triton"):
         raise ValueError(f"launch must be 'stub', 'jit' or 'jit-triton', got {launch!r}")
-    for module, name in _INTERPRETER_QUESTIONS:
-        setattr(importlib.import_module(module), name, lambda: True)
+    answer_interpreted()
     try:
         from fastprompt.kernels import _launch
     except ImportError:  # a checkout before fastprompt's own launcher (--tree): Triton's path is the only one

@@ -70,15 +70,35 @@ def counted_triton_launches():
         interpreter.InterpretedFunction.run = run
 
 
+# The functions through which fastprompt's launchers and backend choice ask whether Triton is interpreted: answered
+# yes, CPU tensors pass the launchers' device checks and patch(backend='triton') is allowed on a CPU, while
+# jit_launches runs compiled kernels' launch path (the launchers then take the GPU's configurations: the only
+# interpreter-specific choice, grouped_mlp's fp32 chunk, is the one a GPU's bf16 takes).
+INTERPRETER_QUESTIONS = (("fastprompt.kernels.attention", "interpreted"),
+                         ("fastprompt.kernels.linear_act", "_uses_interpreter"),
+                         ("fastprompt.kernels.layer_norm", "_uses_interpreter"),
+                         ("fastprompt.kernels.grouped_mlp", "_uses_interpreter"),
+                         ("fastprompt.ops.backends", "triton_interpreted"))
+
+
+def answer_interpreted() -> None:
+    """fastprompt's "is Triton interpreted?" questions answered yes for the rest of the process (see above)."""
+    import importlib
+
+    for module, name in INTERPRETER_QUESTIONS:
+        setattr(importlib.import_module(module), name, lambda: True)
+
+
 @contextlib.contextmanager
-def jit_launches():
+def jit_launches(on_launch=None):
     """Inside, Triton launches take Triton's own JIT launch path (JITFunction.run: argument binding, the
     specialisation of every argument, the cache key, the grid, the launch metadata) up to the launcher, which is a
     no-op counted per kernel: the host cost of each launch on a GPU less the C launcher's own. Needs kernels
     compiled by @triton.jit, so TRITON_INTERPRET must be unset for the whole process. A stand-in driver answers
     device 0, stream 0 and an sm_90 target; the first launch of each specialisation stores a stand-in compiled
-    kernel where Triton's compile would store the real one, so nothing is compiled. Yields the Counter; Triton's
-    driver and compile step are put back on exit."""
+    kernel where Triton's compile would store the real one, so nothing is compiled. `on_launch(kernel, arguments)`,
+    when given, sees every launcher call. Yields the Counter; Triton's driver and compile step are put back on
+    exit."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -104,17 +124,19 @@ def jit_launches():
         """What JITFunction.run reads of a CompiledKernel: its own launch_metadata (what it does per launch differs
         between Triton releases: 3.7 builds a dict per launch for its always-present hook chain), loaded handles, and
         `run`, the launcher, here counting."""
-        function, packed_metadata, src = 1, (), None  # a loaded kernel's handle (stands in for one), no metadata
+        packed_metadata, src = ("packed",), None
         launch_metadata = CompiledKernel.launch_metadata
 
         def __init__(self, name: str):
-            self.name = name
+            self.name, self.function = name, object()  # a loaded kernel's handle, one per compiled kernel
 
         def _init_handles(self):
             pass
 
         def run(self, *args):
             launches[self.name] += 1
+            if on_launch is not None:
+                on_launch(self, args)
 
     stored_keys = []
 

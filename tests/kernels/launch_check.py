@@ -1,9 +1,10 @@
 """Run by tests/kernels/test_launch.py in a process without TRITON_INTERPRET (compiled @triton.jit kernels): every
 Triton launch of whole training and evaluation steps, made through fastprompt.kernels._launch.launch, is also made
 through Triton's own path (kernel[grid](...)), and the two must reach the same compiled kernel with the same
-launcher arguments. A stand-in driver (device 0, stream 0, an sm_90 target) and a stand-in compile step (a recording
-kernel per Triton cache key, where Triton would store the compiled one) let it run on a CPU; nothing is compiled or
-launched. Prints one JSON line: launches compared, how many took the direct path, and the first mismatch if any.
+launcher arguments. A stand-in driver (device 0, stream 0, an sm_90 target) and a stand-in compile step (a compiled
+kernel per Triton cache key, where Triton would store the real one) let it run on a CPU; nothing is compiled or
+launched (bench.proxy.jit_launches). Prints one JSON line: launches compared, how many took the direct path, and
+the first mismatch if any.
 
     python tests/kernels/launch_check.py maple,coop [--misorder] [--disabled]
     (--misorder: a broken launcher, to be caught; --disabled: fastprompt's direct path off)
@@ -11,69 +12,24 @@ launched. Prints one JSON line: launches compared, how many took the direct path
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("launch_check needs compiled @triton.jit kernels: run it without TRITON_INTERPRET=1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: bench/
+
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import CompiledKernel  # noqa: E402
-from triton.runtime import driver as drivers  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
-
-class StandInDriver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
+from bench.proxy import answer_interpreted, jit_launches  # noqa: E402
 
 calls: list[tuple] = []  # (compiled kernel, launcher arguments) of each launch, in order
-
-
-class Recording:
-    """What a launch reads of a CompiledKernel; `run` records its arguments."""
-
-    packed_metadata, src = ("packed",), None
-    launch_metadata = CompiledKernel.launch_metadata
-
-    def __init__(self, name: str, key):
-        self.name, self.key, self.function = name, key, object()  # a loaded kernel's handle, one per kernel
-
-    def _init_handles(self):
-        pass
-
-    def run(self, *args):
-        calls.append((self, args))
-
-
-def stand_in_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-    kernel = Recording(self.fn.__name__, key)
-    self.device_caches[device][0][key] = kernel
-    return kernel
-
-
-drivers.set_active(StandInDriver())
-JITFunction._do_compile = stand_in_compile
-
-# fastprompt's launchers accept CPU tensors when they believe Triton is interpreted (the kernels here are compiled).
-for module, name in (("fastprompt.kernels.attention", "interpreted"),
-                     ("fastprompt.kernels.linear_act", "_uses_interpreter"),
-                     ("fastprompt.kernels.layer_norm", "_uses_interpreter"),
-                     ("fastprompt.kernels.grouped_mlp", "_uses_interpreter"),
-                     ("fastprompt.ops.backends", "triton_interpreted")):
-    setattr(importlib.import_module(module), name, lambda: True)
+answer_interpreted()  # fastprompt's launchers accept CPU tensors (the kernels here are compiled ones)
 
 from fastprompt.kernels import _launch  # noqa: E402
 
@@ -157,5 +113,6 @@ if __name__ == "__main__":
         argv.remove("--misorder")
         tail = _launch._tail
         _launch._tail = lambda kernel, positionals, options: tuple(reversed(tail(kernel, positionals, options)))
-    main(argv[0].split(",") if argv else ["maple"])
+    with jit_launches(on_launch=lambda kernel, arguments: calls.append((kernel, arguments))):
+        main(argv[0].split(",") if argv else ["maple"])
     print(json.dumps(report))
