@@ -3,18 +3,20 @@
 `kernel[grid](*args, **options)` goes through JITFunction.run on every call: it binds the arguments, specialises
 each one (type, 16-byte alignment of pointers, integers equal to 1 or divisible by 16), builds the cache key, looks
 the compiled kernel up, reads the launch metadata and calls the compiled kernel's launcher. Measured on a CPU with
-Triton's own code up to a no-op launcher (`python -m bench.kernel_host ... --launch jit`), that is 15-20 us per
-launch, 3.5-5 ms of a MaPLe training step's 242 launches when no CUDA graph replays them.
+Triton's own code up to a no-op launcher (`python -m bench.kernel_host ... --launch jit-triton`), that is 9-10 us
+per launch over the launcher's own, 2.6-4.6 ms of a training step (MaPLe: 242 launches) when no CUDA graph replays
+them; this path costs about 3.5 us (bench/results/host-kernel-path-cpu.json, `launch_path`).
 
 `launch(kernel, grid, *args, **options)` does the same launch. The first call with a given key goes through
 Triton's own path (which compiles or finds the kernel, and launches it) and remembers the compiled kernel Triton
 returned; later calls with the same key call that kernel's launcher directly with the arguments JITFunction.run
 would pass it: (grid, stream, function, packed metadata, launch metadata, the launch hooks, every argument of the
-signature in order with the defaults filled in; the launch metadata only when a launch hook will read it). The key is finer than Triton's specialisation, so a key seen before
-means Triton would pick the same compiled kernel: the current device, every option and constexpr by value, the
-knobs that enter Triton's options (debug, instrumentation mode), each tensor's dtype and whether its address is
-16-byte aligned, each other argument's type and exact value. Anything else (another argument type, a callable grid,
-a kernel with pre-run hooks, the interpreter, a Triton release whose launch call was not checked) takes Triton's
+signature in order with the defaults filled in), the launch metadata built only when a launch hook will read it
+(the launchers hand it to the hooks and to nothing else). The key is finer than Triton's specialisation, so a key
+seen before means Triton would pick the same compiled kernel: the current device, every option and constexpr by
+value, the knobs that enter Triton's options (debug, instrumentation mode), each tensor's dtype and address modulo
+16, each other argument's type and exact value. Anything else (another argument type, a grid that is not a tuple, a
+kernel with pre-run hooks, the interpreter, a Triton release whose launch call was not checked) takes Triton's
 path. What this leaves out of JITFunction.run is its check that the module globals a kernel read have not changed
 since it was compiled, a guard for code edited at run time.
 
@@ -27,8 +29,6 @@ from __future__ import annotations
 
 import torch
 import triton
-from triton.knobs import HookChain as _HookChain
-from triton.runtime.driver import driver as _driver
 
 # Releases whose JITFunction.run was read and whose launch call this reproduces.
 CHECKED_RELEASES = ("3.6", "3.7")
@@ -39,20 +39,19 @@ def checked_release(version: str) -> bool:
     return ".".join(version.split(".")[:2]) in CHECKED_RELEASES
 
 
-ENABLED = checked_release(triton.__version__)  # else every launch takes Triton's path
+try:  # the names this path reads from Triton (present in the checked releases)
+    from triton.knobs import HookChain as _HookChain
+    from triton.runtime.driver import driver as _driver
+    from triton.runtime.jit import JITFunction as _JIT
+except ImportError:  # another release: Triton's path only
+    _HookChain = _driver = _JIT = None
+ENABLED = checked_release(triton.__version__) and _JIT is not None  # else every launch takes Triton's path
 _CACHE_LIMIT = 512  # keys per kernel; past it the kernel's entries are dropped (a run of ever-changing shapes)
 _MISSING = object()
-_entries: dict[int, dict] = {}  # id(kernel) -> {key: (compiled kernel, names of the signature after the positionals)}
+_entries: dict[int, dict] = {}  # id(kernel) -> {key: (compiled kernel, the signature after the positionals)}
 _tails: dict[tuple, tuple] = {}  # (id(kernel), positional count, option names) -> the rest of the signature
 
 
-def _jit_type():
-    from triton.runtime.jit import JITFunction
-
-    return JITFunction
-
-
-_JIT = _jit_type()
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -91,7 +90,7 @@ def _tail(kernel, positionals: int, options) -> tuple:
 def launch(kernel, grid: tuple, *args, **options) -> None:
     """kernel[grid](*args, **options), through the compiled kernel's launcher once Triton has chosen it for this key.
     `options` holds the constexpr arguments and the compile options (num_warps, num_stages)."""
-    if not ENABLED or type(kernel) is not _JIT or kernel.pre_run_hooks \
+    if not ENABLED or type(kernel) is not _JIT or type(grid) is not tuple or kernel.pre_run_hooks \
             or getattr(triton.knobs.runtime, "add_stages_inspection_hook", None) is not None:
         kernel[grid](*args, **options)
         return
