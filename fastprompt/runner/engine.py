@@ -290,6 +290,8 @@ class SeedTrainer:
                 history.append({"epoch": epoch, "lr": lr, "loss": stats.loss, "images": stats.images,
                                 "seconds": stats.seconds, "images_per_second": stats.images_per_second,
                                 "loader_images_per_second": _finite_or_none(stats.loader_images_per_second),
+                                # batches that found the GPU out of work (None on a CPU): the data kept it waiting
+                                "starved_steps": stats.starved_steps,
                                 "skipped_steps": stats.skipped_steps, "peak_memory_bytes": peak})
                 loader_rate = stats.loader_images_per_second
                 self.echo(f"seed {seed} epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, lr {lr:.3g},"

@@ -67,6 +67,7 @@ def test_the_runner_steps_through_train_step_and_logs_the_loader_rate(counted_st
     history = read_json(run / "seed1" / "results.json")["history"]
     assert [h["images"] for h in history] == [6, 6] and all(h["skipped_steps"] == 0 for h in history)
     assert all("loader_images_per_second" in h for h in history)
+    assert all(h["starved_steps"] is None for h in history)  # asked of a CUDA stream only
     assert "images/s (loader " in out
 
 
