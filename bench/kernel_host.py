@@ -62,8 +62,8 @@ def _launches(launch: str):
     try:
         from fastprompt.kernels import _launch
     except ImportError:  # a checkout before fastprompt's own launcher (--tree): Triton's path is the only one
-        pass
-    else:
+        _launch = None
+    if _launch is not None:
         _launch.ENABLED = launch == "jit"
         _launch.clear()
     return jit_launches()

@@ -50,8 +50,6 @@ _CACHE_LIMIT = 512  # keys per kernel; past it the kernel's entries are dropped 
 _MISSING = object()
 _entries: dict[int, dict] = {}  # id(kernel) -> {key: (compiled kernel, the signature after the positionals)}
 _tails: dict[tuple, tuple] = {}  # (id(kernel), positional count, option names) -> the rest of the signature
-
-
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -111,17 +111,15 @@ def no_op_launches(kernel_device, monkeypatch):
     fastprompt's eager/traced gate answers as in an eager step: it says "traced" under any Python dispatch mode,
     the watch's included, which would send every op through its registered torch.library op instead of the call
     path an eager step takes (fastprompt.ops._library.direct_call_ok)."""
+    from bench.kernel_path import _eager_gates
+
     if kernel_device == "cpu":
         import triton.runtime.interpreter as interpreter
 
         monkeypatch.setattr(interpreter.InterpretedFunction, "run", lambda self, *args, **kwargs: None)
-    from fastprompt.ops import _library
-
-    original = _library.direct_call_ok
-    for module in list(sys.modules.values()):
-        if module is not None and getattr(module, "direct_call_ok", None) is original:
-            monkeypatch.setattr(module, "direct_call_ok", lambda x: type(x) is torch.Tensor)
-    return kernel_device
+    restore = _eager_gates(lambda x: type(x) is torch.Tensor)
+    yield kernel_device
+    restore()
 
 
 def _model(small_clip, method, device):

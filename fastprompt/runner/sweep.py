@@ -338,8 +338,8 @@ def time_left(pending: list[Job], running: list[tuple[Job, float]], took: dict, 
     the protocol's split) at the rate of the finished jobs of its method per unit of size (else of all finished
     jobs), so that the small datasets after ImageNet are not expected to take ImageNet's time (the presets'
     epochs per dataset and the evaluation are left out of this size). `sizes` maps a finished job's key to its
-    classes x shots. A running job has run for its elapsed seconds already. The work left is spread over the slots. None before any
-    job finished."""
+    classes x shots. A running job has run for its elapsed seconds already. The work left is spread over the
+    slots. None before any job finished."""
     if not took:
         return None
     sizes = sizes or {}
