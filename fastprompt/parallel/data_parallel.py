@@ -334,8 +334,8 @@ class ShardedDeviceBatches:
         labels = data.labels_in_order(torch.tensor([index for keys in epoch for index, _ in keys], dtype=torch.long))
         at = 0
         for keys in epoch:
-            crops = [_seeded(seed, data.crop, data.images[index]) for index, seed in keys]
-            yield data.normalise(torch.stack(crops)), labels[at:at + len(keys)]
+            boxes = [_seeded(seed, data.draw, data.images[index]) for index, seed in keys]
+            yield data.render([index for index, _ in keys], boxes), labels[at:at + len(keys)]
             at += len(keys)
 
 

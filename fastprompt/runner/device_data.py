@@ -13,9 +13,20 @@ by the resampling implementation (torchvision's tensor bicubic vs PIL's, at most
 crop that covers the whole image at the target size is bit-identical. Images keep their own sizes (a list
 of tensors), so crops are taken from full-resolution pixels; `max_side` optionally shrinks the shorter side
 before caching to bound memory, at the cost of cropping from a downscaled image.
+
+A batch's boxes and flips are drawn on the host first (`draw`, image by image in the PIL path's order), then
+rendered (`render`) by one of two resamplers:
+- "kernel": fastprompt.kernels.crop_resize, the whole batch in one launch from the images where they lie
+  (torchvision's pixels: PyTorch's antialiased bicubic, its rounding, the flip and the normalisation), on CUDA
+  devices that run fastprompt's Triton kernels. Image by image, torchvision's tensor ops cost 5-6 launches per
+  image and ~1.7 ms of host time per batch of 32 (bench/data_host.py), beside a ~14 ms training step.
+- "torchvision": those ops image by image, then one normalisation of the stacked crops: every other device, and
+  the reference the kernel is tested against.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -49,9 +60,14 @@ class DeviceAugmentedSet:
         max_side: int | None = None,
         progress=None,
         ratio: tuple[float, float] = _RATIO,
+        resampler: str = "auto",
     ):
         self.device = torch.device(device)
+        self.resampler = _resampler(resampler, self.device)
         self.image_size, self.scale, self.ratio = image_size, tuple(scale), tuple(ratio)
+        # get_params' log of the ratio range (in the default dtype, as it computes it) and a host tensor to draw into.
+        self._log_ratio = tuple(float(v) for v in torch.log(torch.tensor(self.ratio)))
+        self._uniform = torch.empty(1)
         self.images: list[torch.Tensor] = []
         samples = splits.train
         iterator = progress(samples) if progress is not None else samples
@@ -67,14 +83,46 @@ class DeviceAugmentedSet:
     def nbytes(self) -> int:
         return sum(t.numel() for t in self.images)
 
-    def crop(self, image: torch.Tensor) -> torch.Tensor:
-        """One image's random resized crop and flip, still uint8 CHW (the PIL path's draws, in its order)."""
-        top, left, height, width = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+    def draw(self, image: torch.Tensor) -> tuple[int, int, int, int, int]:
+        """One image's random box and flip, (top, left, height, width, flip): the PIL path's draws from torch's
+        global RNG, in its order and with its values (RandomResizedCrop.get_params, then RandomHorizontalFlip's
+        torch.rand(1) < 0.5), with fewer ops: the log of the ratio range once per set rather than per image, the
+        uniform draws into one reused 1-element tensor (the same generator calls as torch.empty(1).uniform_ and
+        torch.rand(1)), the exp still torch's in the default dtype. 12 us an image instead of get_params' 33 on the
+        host, the larger part of a batch's host time once the kernel renders it; a test holds the draws and the
+        generator's state after them to torchvision's."""
+        height, width = image.shape[-2], image.shape[-1]
+        area, (scale_low, scale_high), (log_low, log_high) = height * width, self.scale, self._log_ratio
+        uniform = self._uniform
+        for _ in range(10):
+            target_area = area * uniform.uniform_(scale_low, scale_high).item()
+            aspect = torch.exp(uniform.uniform_(log_low, log_high)).item()
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, size=(1,)).item()
+                left = torch.randint(0, width - w + 1, size=(1,)).item()
+                break
+        else:  # get_params' fallback: the central crop nearest the ratio range, no draw
+            in_ratio = float(width) / float(height)
+            if in_ratio < min(self.ratio):
+                w, h = width, int(round(width / min(self.ratio)))
+            elif in_ratio > max(self.ratio):
+                w, h = int(round(height * max(self.ratio))), height
+            else:
+                w, h = width, height
+            top, left = (height - h) // 2, (width - w) // 2
+        return top, left, h, w, int(uniform.uniform_(0, 1).item() < 0.5)
+
+    def _render_one(self, image: torch.Tensor, box) -> torch.Tensor:
+        top, left, height, width, flip = box
         size = [self.image_size, self.image_size]
         crop = F.resized_crop(image, top, left, height, width, size, InterpolationMode.BICUBIC, antialias=True)
-        if torch.rand(1) < 0.5:
-            crop = F.hflip(crop)
-        return crop
+        return F.hflip(crop) if flip else crop
+
+    def crop(self, image: torch.Tensor) -> torch.Tensor:
+        """One image's random resized crop and flip, still uint8 CHW (torchvision's ops; the PIL path's draws)."""
+        return self._render_one(image, self.draw(image))
 
     def normalise(self, crops: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, H, W] -> CLIP-normalised float32, elementwise (a batch at once: three launches per batch
@@ -85,10 +133,20 @@ class DeviceAugmentedSet:
         """One image: the PIL path's crop, resize, flip and normalisation on a uint8 CHW tensor."""
         return self.normalise(self.crop(image))
 
+    def render(self, indices, boxes) -> torch.Tensor:
+        """The images at `indices` cropped and flipped as `boxes` (from `draw`) say, [B, 3, size, size] float32,
+        normalised: one kernel launch, or torchvision's ops per image and one normalisation of the stacked crops."""
+        images = [self.images[i] for i in indices]
+        if self.resampler == "kernel":
+            from ..kernels.crop_resize import crop_resize
+
+            return crop_resize(images, boxes, self.image_size, self.mean.view(3), self.std.view(3))
+        return self.normalise(torch.stack([self._render_one(image, box) for image, box in zip(images, boxes)]))
+
     def batch(self, indices) -> torch.Tensor:
-        """The augmented images at `indices`, [B, 3, size, size] float32: each image's crop in order, then one
-        normalisation of the stacked uint8 crops (bit-identical to stacking `augment` of each)."""
-        return self.normalise(torch.stack([self.crop(self.images[i]) for i in indices]))
+        """The augmented images at `indices`: each image's draws in order, then the batch rendered at once
+        (equal to stacking `augment` of each with the same draws)."""
+        return self.render(indices, [self.draw(self.images[i]) for i in indices])
 
     def labels_in_order(self, order: torch.Tensor) -> torch.Tensor:
         """The labels of the samples at `order` (host indices), gathered on the device: one host-to-device copy for
@@ -117,3 +175,23 @@ class _Batches:
         host_order = order.tolist()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             yield self.data.batch(host_order[start : start + self.batch_size]), labels[start : start + self.batch_size]
+
+
+RESAMPLERS = ("auto", "kernel", "torchvision")
+
+
+def _resampler(choice: str, device: torch.device) -> str:
+    """auto: the Triton kernel where fastprompt runs its kernels (fastprompt.ops.backends.block_kernels_problem),
+    torchvision elsewhere; "kernel" on a device that cannot run it is one clear error."""
+    if choice not in RESAMPLERS:
+        raise ValueError(f"resampler must be one of {RESAMPLERS}, got {choice!r}")
+    from ..ops.backends import block_kernels_problem, triton_interpreted
+
+    problem = block_kernels_problem(device)
+    if device.type == "cpu" and triton_interpreted():
+        problem = None  # the interpreter runs the kernel on the CPU (tests)
+    if choice == "auto":
+        return "kernel" if problem is None and device.type == "cuda" else "torchvision"
+    if choice == "kernel" and problem is not None:
+        raise ValueError(f"resampler 'kernel' cannot run on {device}: {problem}")
+    return choice

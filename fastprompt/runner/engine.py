@@ -156,6 +156,10 @@ def time_left(epoch_seconds: list[float], epochs_left: int) -> float:
     return sum(pace) / len(pace) * epochs_left
 
 
+_RESAMPLER_WORDS = {"kernel": "fastprompt's crop_resize kernel, one launch per batch",
+                    "torchvision": "torchvision's ops, image by image"}
+
+
 def _format_bytes(value: float) -> str:
     if value != value:  # NaN: not measurable here
         return "n/a"
@@ -221,7 +225,8 @@ class SeedTrainer:
             with progress_bar(len(train.train), "decoding onto the device") as bar:
                 data = DeviceAugmentedSet(train, self.image_size, config.crop_scale, self.device,
                                           config.device_cache_side, progress=lambda it: _tick(it, bar))
-            self.echo(f"  few-shot set on {self.device}: {len(data)} images, {_format_bytes(data.nbytes())}")
+            self.echo(f"  few-shot set on {self.device}: {len(data)} images, {_format_bytes(data.nbytes())}, "
+                      f"augmented there by {_RESAMPLER_WORDS[data.resampler]}")
             if data_parallel.world_size() > 1:
                 return data_parallel.ShardedDeviceBatches(data, config.batch_size, generator)
             return data.batches(config.batch_size, generator)

@@ -59,6 +59,28 @@ def test_random_crops_match_the_pil_path_within_resampling_error():
     assert sum(other_seed_error) / len(other_seed_error) > 10 * sum(mean_error) / len(mean_error)
 
 
+@pytest.mark.parametrize("shape, scale", [((3, 60, 45), (0.08, 1.0)), ((3, 31, 90), (0.5, 1.0)),
+                                          ((3, 4, 200), (0.5, 1.0)), ((3, 200, 4), (0.5, 1.0)),
+                                          ((3, 20, 20), (1.0, 1.0))])
+def test_draws_are_torchvisions_and_leave_the_generator_where_it_leaves_it(shape, scale):
+    """draw() against RandomResizedCrop.get_params + RandomHorizontalFlip's draw: the same boxes and flips for
+    many seeds, the fallback central crops of images no box of the ratio range fits (4x200), and the same generator
+    state afterwards (the next draw of anything agrees)."""
+    splits = procedural_splits(num_train_per_class=1, image_size=32, num_classes=2)
+    data = DeviceAugmentedSet(splits, 32, scale, "cpu")
+    image = torch.zeros(shape, dtype=torch.uint8)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        theirs = [(*T.RandomResizedCrop.get_params(image, list(scale), list(data.ratio)), int(torch.rand(1) < 0.5))
+                  for _ in range(5)]
+        after_theirs = torch.rand(3)
+        torch.manual_seed(seed)
+        ours = [data.draw(image) for _ in range(5)]
+        assert ours == theirs and torch.equal(torch.rand(3), after_theirs), seed
+    if shape[1] == 4:  # no box fits: get_params' central crop, every time
+        assert {box[:4] for box in ours} == {(0, 97, 4, 5)}
+
+
 def test_batch_statistics_match_the_pil_path():
     splits = procedural_splits(num_train_per_class=4, image_size=48)
     data = DeviceAugmentedSet(splits, 32, (0.08, 1.0), "cpu")

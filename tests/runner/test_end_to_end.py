@@ -193,7 +193,7 @@ def test_few_shot_with_the_training_set_on_the_device(tmp_path, cli):
                          "--shots", 2, "--seeds", 3, *FAST, "epochs=2", "batch_size=4", "n_ctx=4",
                          "data_on_device=true", f"output_dir={run}")
     assert code == 0, err
-    assert "few-shot set on cpu: 8 images" in out
+    assert "few-shot set on cpu: 8 images" in out and "augmented there by torchvision's ops, image by image" in out
     (target,) = read_json(run / "seed3" / "results.json")["targets"]
     assert (target["dataset"], target["subset"], target["mode"], target["images"]) == ("imagenet", "all", "base", 8)
     assert "| coop imagenet | imagenet | 1 |" in (run / "summary.md").read_text()
