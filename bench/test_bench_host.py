@@ -214,3 +214,18 @@ def test_python_calls_counts_one_step():
     counts = host.python_calls(step, torch.zeros(1), None)
     assert counts["python_calls_per_step"] == 1 + 7  # the step and seven helper calls
     assert counts["c_calls_per_step"] >= 1  # range()
+
+
+def test_data_host_times_both_renderings_of_a_batch():
+    """bench/data_host.py: a batch of the runner's on-device augmentation rendered by torchvision's ops image by image
+    and by the crop_resize kernel (one launch, to a no-op launcher); CI keeps the proxy runnable, its figures are in
+    bench/results/host-data-cpu.json."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "bench.data_host", "8", "16"], capture_output=True, text=True, env=env,
+                          cwd=str(Path(__file__).resolve().parent.parent), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.splitlines()[-1])
+    assert (record["batch"], record["images"], record["size"]) == (8, 16, 16)
+    assert record["kernel_launches_per_batch"] == 1.0
+    assert 0 < record["draws_us_per_batch"] and 0 < record["kernel_us_per_batch"]
+    assert 0 < record["torchvision_us_per_batch"]
