@@ -90,7 +90,8 @@ from .splits import (
     clean_classname,
     open_rgb_image,
 )
-from .transforms import CLIP_MEAN, CLIP_STD, MMRL_CROP_SCALE, eval_transform, train_transform
+from .transforms import (CLIP_MEAN, CLIP_STD, MMRL_CROP_SCALE, eval_pixels_transform, eval_transform, normalise_pixels,
+                         train_transform)
 
 __all__ = [
     "BENCHMARKS",
@@ -121,10 +122,12 @@ __all__ = [
     "dataset_options",
     "download_dataset",
     "download_file",
+    "eval_pixels_transform",
     "eval_transform",
     "known_dataset_names",
     "load_csv",
     "load_image_folder",
+    "normalise_pixels",
     "open_rgb_image",
     "procedural_splits",
     "protocol_plan",

@@ -167,6 +167,14 @@ class ProceduralLoader:
     def __init__(self, seed: int, image_size: int):
         self.seed, self.image_size = seed, image_size
 
+    # Equal loaders render equal images: the runner's evaluation cache (fastprompt.runner.eval_cache) recognises a
+    # procedural set loaded again by its loader.
+    def __eq__(self, other) -> bool:
+        return type(other) is ProceduralLoader and (self.seed, self.image_size) == (other.seed, other.image_size)
+
+    def __hash__(self) -> int:
+        return hash((ProceduralLoader, self.seed, self.image_size))
+
     def __call__(self, key: str) -> Image.Image:
         try:
             split, label, index = key.split("/")

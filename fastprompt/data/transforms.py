@@ -65,3 +65,23 @@ def eval_transform(
             T.Normalize(mean, std),
         ]
     )
+
+
+def eval_pixels_transform(size: int = 224) -> T.Compose:
+    """eval_transform's pixels before ToTensor: PIL image -> uint8 3 x size x size tensor. A quarter of the bytes
+    of the normalised float tensor to carry from a loader's workers (and to keep, fastprompt.runner.eval_cache);
+    `normalise_pixels` then gives exactly eval_transform's values."""
+    _check_size(size)
+    return T.Compose([T.Lambda(_to_rgb), T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.PILToTensor()])
+
+
+def normalise_pixels(pixels, mean: tuple[float, float, float] = CLIP_MEAN,
+                     std: tuple[float, float, float] = CLIP_STD):
+    """uint8 [..., 3, H, W] -> float32 CLIP-normalised, on the pixels' device: ToTensor's x / 255 then Normalize's
+    (x - mean) / std, the same fp32 operations, so the values are bit-identical to eval_transform's."""
+    import torch
+
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32) / 255 - mean_t) / std_t

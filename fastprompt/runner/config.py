@@ -95,6 +95,12 @@ class RunConfig:
         "with data_on_device: shrink images so the shorter side is at most this before caching (none = as is)",
         default=None,
     )
+    eval_cache: object = _help(
+        "keep a test split's decoded pixels in host memory after its first evaluation, for the next seed's or"
+        " epoch's: true (within 3/4 of the available memory), false, or auto (within half of it, when the process"
+        " evaluates a split more than once)",
+        default="auto",
+    )
     # --- outputs --------------------------------------------------------------------------------------
     output_dir: str | None = _help("run folder (default runs/<method>-<protocol>-<dataset>-<shots>shot)", default=None)
     save_every: int = _help("epochs between resumable training states", default=1)
@@ -370,6 +376,12 @@ def check_config(config: RunConfig) -> None:
                                  "no": False, "off": False}.get(spelled, spelled)
     if config.data_on_device not in (True, False, "auto"):
         raise ConfigError(f"data_on_device must be true, false or auto, got {config.data_on_device!r}")
+    if isinstance(config.eval_cache, str):
+        spelled = config.eval_cache.strip().lower()
+        config.eval_cache = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False,
+                             "no": False, "off": False}.get(spelled, spelled)
+    if config.eval_cache not in (True, False, "auto"):
+        raise ConfigError(f"eval_cache must be true, false or auto, got {config.eval_cache!r}")
     if config.device_cache_side is not None and config.data_on_device is False:
         raise ConfigError("device_cache_side is set but data_on_device is false; set data_on_device=true")
     # Protocols that score other classes (b2n's novel half, xd's other datasets, dg's ImageNet-A/-R subsets).

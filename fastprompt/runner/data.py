@@ -19,7 +19,7 @@ from ..data import (
     DOMAIN_GENERALISATION_TARGETS,
     DatasetSplits,
     build_dataset,
-    eval_transform,
+    eval_pixels_transform,
     open_rgb_image,
     resolve_dataset_name,
     sample_few_shot,
@@ -229,7 +229,9 @@ def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, gener
 
 
 def eval_loader(config: RunConfig, splits: DatasetSplits, image_size: int, workers: int, pin_memory: bool = False):
-    dataset = data_parallel.shard(splits.dataset("test", eval_transform(image_size)))  # this process's share
+    """(uint8 pixels, labels) batches of this process's share of the test split: eval_transform's pixels before
+    ToTensor, normalised on the device by the caller (fastprompt.runner.eval_cache)."""
+    dataset = data_parallel.shard(splits.dataset("test", eval_pixels_transform(image_size)))
     # A generator of its own: a DataLoader draws its workers' base seed from the global RNG otherwise, which the
     # in-process training augmentation reads, so an evaluation during training (eval_every) would change the run.
     return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,

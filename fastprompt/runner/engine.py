@@ -27,6 +27,7 @@ from ..training import EpochStats, TrainStep, fit, lr_at, make_optimizer, peak_m
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, data_on_device
 from .data import Target, eval_loader, template_for, train_loader, worker_count
+from .eval_cache import EvalCache, split_key
 from .device_data import DeviceAugmentedSet
 
 
@@ -169,10 +170,13 @@ def _format_bytes(value: float) -> str:
 class SeedTrainer:
     """Trains one seed's model and evaluates it; the run (run.py) owns folders, seeds and tables."""
 
-    def __init__(self, config: RunConfig, clip, device: torch.device, num: Numerics, image_size: int, echo=print):
+    def __init__(self, config: RunConfig, clip, device: torch.device, num: Numerics, image_size: int, echo=print,
+                 eval_cache: EvalCache | None = None):
         self.config, self.clip, self.device, self.num = config, clip, device, num
         self.image_size, self.echo = image_size, echo
         self.workers = worker_count(config, device)
+        # The test splits' pixels kept between evaluations (eval_cache.py); the run shares one across its seeds.
+        self.eval_cache = eval_cache if eval_cache is not None else EvalCache(0)
 
     def _memory_line(self, model, batch_size: int) -> str:
         """The predicted peak of this run's step on this GPU (fastprompt.memory), per process under torchrun."""
@@ -193,17 +197,23 @@ class SeedTrainer:
             if template is not None:
                 model.method.template = template
             model.set_classnames(target.splits.classnames)
-            loader = eval_loader(config, target.splits, self.image_size, self.workers, self.device.type == "cuda")
-            # Under torchrun the loader holds this rank's share of the test set and the counts are summed.
+            # Under torchrun this process evaluates its share of the test set and the counts are summed.
+            key = split_key(target.splits, self.image_size)
+            kept = self.eval_cache.holds(key)
+            batches = self.eval_cache.batches(
+                key, lambda: eval_loader(config, target.splits, self.image_size, self.workers,
+                                         self.device.type == "cuda"),
+                self.image_size, config.eval_batch_size, self.device)
             sharded = data_parallel.world_size() > 1
-            with progress_bar(len(loader.dataset), f"eval {target.key}") as bar:
-                metrics = evaluate(model, loader, self.device, mode=target.mode, amp_dtype=self.num.amp_dtype,
+            with progress_bar(len(data_parallel.shard(target.splits.test)), f"eval {target.key}") as bar:
+                metrics = evaluate(model, batches, self.device, mode=target.mode, amp_dtype=self.num.amp_dtype,
                                    input_dtype=self.num.input_dtype, progress=bar.update,
                                    reduce=data_parallel.all_reduce_sum_ if sharded else None)
             records.append({"dataset": target.dataset, "subset": target.subset, "mode": target.mode,
                             "classes": target.splits.num_classes, **metrics})
             self.echo(f"  {target.key:<28} ({target.mode:5}) accuracy {metrics['accuracy']:6.2f}%  "
-                      f"macro-F1 {metrics['macro_f1']:6.2f}%  ({metrics['images']} images)")
+                      f"macro-F1 {metrics['macro_f1']:6.2f}%  ({metrics['images']} images"
+                      + (", pixels kept from an earlier pass)" if kept else ")"))
         if trained[1] is not None:
             model.method.template = trained[1]
         model.set_classnames(trained[0])

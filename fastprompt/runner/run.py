@@ -32,6 +32,7 @@ from .data import (check_training_set, load_dataset, plan, run_image_paths, shor
                    verify_paths)
 from .engine import (SeedTrainer, build_model, load_backbone, numerics, progress_bar, resolve_device,
                      shard_text_if_asked)
+from .eval_cache import EvalCache
 from .results import csv_table, markdown_table, summarize_run
 
 RUN_MANIFEST = "run.json"
@@ -323,7 +324,10 @@ def _train_locked(resolved, resume_dir, config, prepared, run_dir, echo, held, o
     # None on ranks other than 0, which never write run.json.
     manifest = data_parallel.on_main(_start_manifest, resolved, resume_dir, config, prepared, run_dir, echo, held,
                                      share=False)
-    trainer = SeedTrainer(config, prepared.clip, prepared.device, prepared.num, prepared.image_size, echo)
+    # Each seed evaluates the same test splits (and eval_every again during training): kept after the first pass.
+    evaluations = len(config.seeds) * (1 + (config.epochs // config.eval_every if config.eval_every else 0))
+    trainer = SeedTrainer(config, prepared.clip, prepared.device, prepared.num, prepared.image_size, echo,
+                          EvalCache.for_process(config.eval_cache, evaluations, prepared.device))
     results = []
     try:
         for seed in config.seeds:
@@ -434,7 +438,7 @@ def write_summary(run_dir: str, config: RunConfig, results: list[dict]) -> dict:
 
 # --- evaluation of saved checkpoints ------------------------------------------------------------------------
 EVAL_OVERRIDES = ("device", "precision", "eval_batch_size", "num_workers", "root", "targets", "pretrained",
-                  "shard_text")
+                  "shard_text", "eval_cache")
 
 
 def check_eval_overrides(overrides: dict) -> None:
@@ -468,7 +472,7 @@ def _evaluate_checkpoints(folders, overrides, dataset, subset, mode, echo) -> li
     from ..data import resolve_dataset_name, subsample_classes
     from .data import Target
 
-    outputs, backbones = [], {}
+    outputs, backbones, caches = [], {}, {}
     for folder in folders:
         manifest, tensors = ckpt.load_checkpoint(folder)
         if not manifest.get("config"):
@@ -506,7 +510,9 @@ def _evaluate_checkpoints(folders, overrides, dataset, subset, mode, echo) -> li
                 f" training classes), so they cannot score the classes of {', '.join(other)}")
         model = shard_text_if_asked(_model_from_checkpoint(clip, manifest, tensors), config)
         echo(f"evaluating {ckpt.checkpoint_folder(folder)} ({manifest['method']}, seed {seed}, {num.name} on {device})")
-        trainer = SeedTrainer(config, clip, device, num, image_size, echo)
+        # One cache per device for all the checkpoints (a run's seeds share their test splits).
+        cache = caches.setdefault(str(device), EvalCache.for_process(config.eval_cache, len(folders), device))
+        trainer = SeedTrainer(config, clip, device, num, image_size, echo, cache)
         records = trainer.evaluate_targets(model, targets)
         outputs.append({"checkpoint": ckpt.checkpoint_folder(folder), "seed": seed, "targets": records})
     return outputs

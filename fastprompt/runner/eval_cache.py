@@ -1,0 +1,107 @@
+"""The runner's evaluation batches: uint8 pixels from the loader, normalised on the device, kept between evaluations.
+
+Evaluating is decoding: a ViT-B/16 scores thousands of images a second on a GPU, while the loader's workers decode
+and resize JPEGs at a few hundred a second each, so an ImageNet test pass (50,000 images) takes tens of seconds of
+loading for a few seconds of model. A run evaluates the same test split once per seed (three by default), again
+every `eval_every` epochs, and `fastprompt eval` once per checkpoint. So:
+
+- The loader's workers hand over eval_transform's pixels as uint8 (fastprompt.data.eval_pixels_transform): a quarter
+  of the bytes of normalised float32 to pass between processes and to copy to the device, where
+  `normalise_pixels` gives exactly eval_transform's values (the same fp32 operations; a test holds them equal).
+- An EvalCache keeps a test split's pixels and labels in host memory (pinned on a CUDA machine, so that each batch
+  goes to the device without blocking) after its first pass, and later passes read them there: no decoding, the
+  same batches, bit-identical metrics. A split is kept only within the cache's budget: by default (`eval_cache=
+  auto`) half the memory the machine has available (fastprompt.runner.machine.available_memory), shared by the
+  processes of this node under torchrun, and only when the process will evaluate a split more than once;
+  `eval_cache=true` keeps splits within three quarters of it even for one evaluation, `false` never keeps one.
+
+A split is recognised by its dataset, root, the hash of its (path, label) list and class names, its loader (the
+function or object that opens a path: equal loaders give equal images), the image size, and this process's shard
+of it under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..data import DatasetSplits, normalise_pixels
+from ..parallel import data_parallel
+from . import machine
+
+
+@dataclass
+class _Kept:
+    pixels: torch.Tensor  # uint8 [N, 3, size, size], host
+    labels: torch.Tensor  # int64 [N], host
+
+
+class EvalCache:
+    """Test splits' pixels kept in host memory, within `budget_bytes` in all."""
+
+    def __init__(self, budget_bytes: int = 0, pin_memory: bool = False):
+        self.budget_bytes, self.pin_memory = max(0, int(budget_bytes)), pin_memory
+        self.used_bytes = 0
+        self._kept: dict[tuple, _Kept] = {}
+
+    @classmethod
+    def for_process(cls, setting, evaluations: int, device: torch.device) -> EvalCache:
+        """The cache for a process that evaluates each of its splits `evaluations` times on `device`, as `setting`
+        (the eval_cache option: 'auto', True or False) asks."""
+        if setting is False or (setting == "auto" and evaluations < 2):
+            return cls(0)
+        available = machine.available_memory()
+        if available is None:  # memory unknown (not Linux): keep nothing rather than risk swapping
+            return cls(0)
+        share = 2 if setting == "auto" else 4 / 3
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's processes on this node
+        return cls(int(available / share / processes), pin_memory=device.type == "cuda")
+
+    def holds(self, key: tuple) -> bool:
+        return key in self._kept
+
+    def batches(self, key: tuple, make_loader, size: int, batch_size: int, device: torch.device):
+        """(normalised float32 images, labels) on `device`, batch by batch: from the kept pixels of `key` if held,
+        else from `make_loader()` (a DataLoader of (uint8 pixels, labels)), keeping them if they fit."""
+        kept = self._kept.get(key)
+        if kept is not None:
+            for start in range(0, kept.labels.shape[0], batch_size):
+                pixels = kept.pixels[start:start + batch_size].to(device, non_blocking=True)
+                labels = kept.labels[start:start + batch_size].to(device, non_blocking=True)
+                yield normalise_pixels(pixels), labels
+            return
+        loader = make_loader()
+        count = len(loader.dataset)
+        nbytes = count * 3 * size * size
+        kept = self._allocate(count, size) if 0 < nbytes <= self.budget_bytes - self.used_bytes else None
+        at = 0
+        for pixels, labels in loader:
+            if kept is not None:
+                kept.pixels[at:at + labels.shape[0]].copy_(pixels)
+                kept.labels[at:at + labels.shape[0]].copy_(labels)
+            at += labels.shape[0]
+            yield normalise_pixels(pixels.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        if kept is not None and at == count:  # a whole pass (an interrupted one keeps nothing)
+            self._kept[key] = kept
+            self.used_bytes += nbytes
+
+    def _allocate(self, count: int, size: int) -> _Kept | None:
+        try:
+            return _Kept(torch.empty(count, 3, size, size, dtype=torch.uint8, pin_memory=self.pin_memory),
+                         torch.empty(count, dtype=torch.int64, pin_memory=self.pin_memory))
+        except RuntimeError:  # pinning refused (a locked-memory limit): evaluate without keeping
+            return None
+
+    def clear(self) -> None:
+        self._kept.clear()
+        self.used_bytes = 0
+
+
+def split_key(splits: DatasetSplits, image_size: int) -> tuple:
+    """What identifies a test split's pixels (see the module docstring)."""
+    from .data import split_hash
+
+    return (splits.name, splits.path_prefix, split_hash(splits, "test"), splits.loader, image_size,
+            data_parallel.rank(), data_parallel.world_size())
