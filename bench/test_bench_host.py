@@ -229,3 +229,15 @@ def test_data_host_times_both_renderings_of_a_batch():
     assert record["kernel_launches_per_batch"] == 1.0
     assert 0 < record["draws_us_per_batch"] and 0 < record["kernel_us_per_batch"]
     assert 0 < record["torchvision_us_per_batch"]
+
+
+def test_eval_decode_times_a_decoding_pass_and_a_kept_pass():
+    """bench/eval_decode.py: the runner's evaluation batches over ImageNet-sized JPEGs, decoded once and then read
+    from the kept pixels (figures in bench/results/eval-decode-cpu.json)."""
+    done = subprocess.run([sys.executable, "-m", "bench.eval_decode", "12", "64"], capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parent.parent), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.splitlines()[-1])
+    assert (record["images"], record["size"]) == (12, 64) and record["jpeg_kb"] > 20
+    # Decoding a 500 x 375 JPEG takes milliseconds; reading 64 x 64 kept pixels, microseconds.
+    assert 0 < record["kept_pass_s"] < record["decode_pass_s"]
