@@ -76,12 +76,21 @@ def eval_pixels_transform(size: int = 224) -> T.Compose:
                       T.PILToTensor()])
 
 
+_NORMALISATION: dict = {}  # (device, mean, std) -> (mean, std) tensors [3, 1, 1] on that device
+
+
 def normalise_pixels(pixels, mean: tuple[float, float, float] = CLIP_MEAN,
                      std: tuple[float, float, float] = CLIP_STD):
     """uint8 [..., 3, H, W] -> float32 CLIP-normalised, on the pixels' device: ToTensor's x / 255 then Normalize's
-    (x - mean) / std, the same fp32 operations, so the values are bit-identical to eval_transform's."""
+    (x - mean) / std, the same fp32 operations, so the values are bit-identical to eval_transform's. The mean and
+    std go to a device once: building them per batch would copy from the host each time, a copy that waits for
+    the kernels queued before it."""
     import torch
 
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    key = (pixels.device, tuple(mean), tuple(std))
+    constants = _NORMALISATION.get(key)
+    if constants is None:
+        constants = _NORMALISATION[key] = tuple(
+            torch.tensor(values, dtype=torch.float32, device=pixels.device).view(3, 1, 1) for values in (mean, std))
+    mean_t, std_t = constants
     return (pixels.to(torch.float32) / 255 - mean_t) / std_t

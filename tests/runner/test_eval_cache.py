@@ -168,3 +168,28 @@ def test_eval_of_several_checkpoints_shares_the_kept_pixels(tmp_path, cli, monke
     assert out.count("pixels kept from an earlier pass") == 2  # seed 2's base and novel targets
     images = sum(target["images"] for target in read_json(run / "seed1" / "results.json")["targets"])
     assert sum(1 for split in rendered if split == "test") == images  # seed 1's pass only
+
+
+def test_kept_batches_copy_only_their_pixels_and_labels_to_the_device():
+    """After the first batch, a pass over kept pixels moves each batch's pixels and labels to the device and nothing
+    else from the host (the normalisation's constants went once): "meta" stands in for the GPU."""
+    from test_device_data import HostToDevice
+
+    source, cache = CountingLoader(count=12), EvalCache(10_000)
+    list(cache.batches("k", source, 8, 4, torch.device("meta")))
+    with HostToDevice() as watch:
+        batches = list(cache.batches("k", source, 8, 4, torch.device("meta")))
+    assert len(batches) == 3 and watch.calls == ["to", "to"] * 3, watch.calls
+
+
+@pytest.mark.gpu
+def test_evaluation_batches_on_a_gpu_do_not_synchronise():
+    source, cache = CountingLoader(count=12), EvalCache(10_000, pin_memory=True)
+    device = torch.device("cuda")
+    first = [images.clone() for images, _ in cache.batches("k", source, 8, 4, device)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kept = [images for images, _ in cache.batches("k", source, 8, 4, device)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
