@@ -204,12 +204,18 @@ def template_for(config: RunConfig, splits: DatasetSplits) -> str | None:
 
 
 # --- loaders -------------------------------------------------------------------------------------------
-def worker_count(config: RunConfig, device: torch.device) -> int:
+def worker_count(config: RunConfig, device: torch.device, evaluation: bool = False) -> int:
+    """Loader worker processes: `num_workers`, or automatically none on a CPU device (the model's ops need the
+    cores) and on spawn-based platforms, else up to 8 for training and, for evaluation, every core this process
+    has less one for itself (up to 32): evaluation runs nothing else on the host, and its first pass over a test
+    split is decoding-bound (a 500 x 375 JPEG to 224 px is ~5 ms of a core: bench/eval_decode.py). Under torchrun
+    the processes on this node share its cores."""
     if config.num_workers >= 0:
         return config.num_workers
     if device.type == "cpu" or platform.system() != "Linux":
         return 0  # CPU training competes with workers; spawn-based platforms pay a large start cost
-    return min(8, usable_cpus())
+    cores = max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return min(32, max(1, cores - 1)) if evaluation else min(8, cores)
 
 
 def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, generator: torch.Generator, workers: int,

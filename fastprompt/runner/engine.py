@@ -174,7 +174,7 @@ class SeedTrainer:
                  eval_cache: EvalCache | None = None):
         self.config, self.clip, self.device, self.num = config, clip, device, num
         self.image_size, self.echo = image_size, echo
-        self.workers = worker_count(config, device)
+        self.workers, self.eval_workers = worker_count(config, device), worker_count(config, device, evaluation=True)
         # The test splits' pixels kept between evaluations (eval_cache.py); the run shares one across its seeds.
         self.eval_cache = eval_cache if eval_cache is not None else EvalCache(0)
 
@@ -201,7 +201,7 @@ class SeedTrainer:
             key = split_key(target.splits, self.image_size)
             kept = self.eval_cache.holds(key)
             batches = self.eval_cache.batches(
-                key, lambda: eval_loader(config, target.splits, self.image_size, self.workers,
+                key, lambda: eval_loader(config, target.splits, self.image_size, self.eval_workers,
                                          self.device.type == "cuda"),
                 self.image_size, config.eval_batch_size, self.device)
             sharded = data_parallel.world_size() > 1

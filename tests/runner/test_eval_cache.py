@@ -193,3 +193,21 @@ def test_evaluation_batches_on_a_gpu_do_not_synchronise():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(a, b) for a, b in zip(first, kept))
+
+
+def test_evaluation_loaders_take_the_cores_training_leaves(monkeypatch):
+    from fastprompt.runner import data
+
+    monkeypatch.setattr(data.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(data, "usable_cpus", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = RunConfig()
+    assert (data.worker_count(auto, cuda), data.worker_count(auto, cuda, evaluation=True)) == (8, 15)
+    assert data.worker_count(auto, cpu, evaluation=True) == 0  # the model's ops need the cores
+    assert data.worker_count(RunConfig(num_workers=3), cuda, evaluation=True) == 3  # asked for: as asked
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's four processes on this node share its 16 cores
+    assert (data.worker_count(auto, cuda), data.worker_count(auto, cuda, evaluation=True)) == (4, 3)
+    monkeypatch.setattr(data, "usable_cpus", lambda: 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert data.worker_count(auto, cuda, evaluation=True) == 1
