@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastprompt.data import (eval_pixels_transform, eval_transform, normalise_pixels, procedural_splits,
                              subsample_classes)
 from fastprompt.data.procedural import ProceduralLoader
-from fastprompt.runner import machine
+from fastprompt.runner import eval_cache, machine
 from fastprompt.runner.config import ConfigError, RunConfig, check_config
 from fastprompt.runner.eval_cache import EvalCache, split_key
 from runner_support import FAST, PROCEDURAL, read_json
@@ -52,7 +52,7 @@ def _pass(cache, key, source, size=8, batch=4):
 def test_a_kept_split_gives_the_same_batches_without_its_loader():
     source, cache = CountingLoader(), EvalCache(10_000)
     first = _pass(cache, "k", source)
-    assert cache.holds("k") and cache.used_bytes == 10 * 3 * 8 * 8 and source.builds == 1
+    assert cache.holds("k") and cache.used_bytes == 10 * 3 * 8 * 8 + 10 * 8 and source.builds == 1
     second = _pass(cache, "k", source)
     assert source.builds == 1  # nothing decoded again
     assert [labels.tolist() for _, labels in second] == [labels.tolist() for _, labels in first]
@@ -63,7 +63,7 @@ def test_a_kept_split_gives_the_same_batches_without_its_loader():
 
 def test_nothing_is_kept_over_budget_or_from_an_interrupted_pass():
     source = CountingLoader()
-    small = EvalCache(10 * 3 * 8 * 8 - 1)
+    small = EvalCache(10 * 3 * 8 * 8 + 10 * 8 - 1)
     _pass(small, "k", source)
     assert not small.holds("k") and small.used_bytes == 0
     cache = EvalCache(10_000)
@@ -73,8 +73,28 @@ def test_nothing_is_kept_over_budget_or_from_an_interrupted_pass():
     assert not cache.holds("k")
     _pass(cache, "k", source)
     assert cache.holds("k") and source.builds == 3
-    _pass(cache, "other", CountingLoader(count=50))  # 9,600 bytes, more than the 8,080 left
-    assert not cache.holds("other") and cache.used_bytes == 10 * 3 * 8 * 8
+    _pass(cache, "other", CountingLoader(count=50))  # 10,000 bytes, more than the 8,000 left
+    assert not cache.holds("other") and cache.used_bytes == 10 * 3 * 8 * 8 + 10 * 8
+
+
+def test_kept_pixels_live_in_chunks_and_any_batch_size_reads_them(monkeypatch):
+    """Chunks of whole batches (here 8 images of 192 bytes in a 1,600-byte chunk); read back with another batch
+    size, a batch that spans two chunks is joined, and every pass gives the loader's images in its order."""
+    monkeypatch.setattr(eval_cache, "_CHUNK_BYTES", 1_600)
+    source, cache = CountingLoader(count=19), EvalCache(100_000)
+    _pass(cache, "k", source)
+    kept = cache._kept["k"]
+    assert [chunk.shape[0] for chunk in kept.chunks] == [8, 8, 3]
+    expected = normalise_pixels(source.pixels)
+    for batch in (3, 4, 19, 50):
+        images = torch.cat([images for images, _ in _pass(cache, "k", source, batch=batch)])
+        assert torch.equal(images, expected), batch
+    assert source.builds == 1
+
+
+def test_pinned_memory_is_counted_as_the_allocator_rounds_it():
+    # PyTorch's pinned-memory allocator rounds each allocation up to a power of two.
+    assert [eval_cache._pinned_size(n) for n in (1, 1920, 2048, 2049, 1 << 28)] == [1, 2048, 2048, 4096, 1 << 28]
 
 
 def test_budget_follows_the_setting_and_the_memory(monkeypatch):
