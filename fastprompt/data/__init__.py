@@ -91,7 +91,7 @@ from .splits import (
     open_rgb_image,
 )
 from .transforms import (CLIP_MEAN, CLIP_STD, MMRL_CROP_SCALE, eval_pixels_transform, eval_transform, normalise_pixels,
-                         train_transform)
+                         train_pixels_transform, train_transform)
 
 __all__ = [
     "BENCHMARKS",
@@ -135,5 +135,6 @@ __all__ = [
     "resolve_dataset_name",
     "sample_few_shot",
     "subsample_classes",
+    "train_pixels_transform",
     "train_transform",
 ]

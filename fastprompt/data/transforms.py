@@ -32,18 +32,21 @@ def train_transform(
     std: tuple[float, float, float] = CLIP_STD,
 ) -> T.Compose:
     """Training augmentation of the Dassl-based repos: PIL image -> normalised 3 x size x size tensor."""
+    return T.Compose([*_train_steps(size, scale), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def train_pixels_transform(size: int = 224, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+    """train_transform's pixels before ToTensor (the same random draws): PIL image -> uint8 3 x size x size tensor,
+    for `normalise_pixels` on the device (a quarter of the bytes to pass from a loader's workers)."""
+    return T.Compose([*_train_steps(size, scale), T.PILToTensor()])
+
+
+def _train_steps(size: int, scale: tuple[float, float]) -> list:
     _check_size(size)
     if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"crop scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
-    return T.Compose(
-        [
-            T.Lambda(_to_rgb),
-            T.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    return [T.Lambda(_to_rgb), T.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip()]
 
 
 def eval_transform(

@@ -20,11 +20,12 @@ from ..data import (
     DatasetSplits,
     build_dataset,
     eval_pixels_transform,
+    normalise_pixels,
     open_rgb_image,
     resolve_dataset_name,
     sample_few_shot,
     subsample_classes,
-    train_transform,
+    train_pixels_transform,
 )
 from ..parallel import data_parallel
 from .config import ConfigError, RunConfig
@@ -220,7 +221,9 @@ def worker_count(config: RunConfig, device: torch.device, evaluation: bool = Fal
 
 def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, generator: torch.Generator, workers: int,
                  pin_memory: bool = False):
-    dataset = train.dataset("train", train_transform(image_size, scale=tuple(config.crop_scale)))
+    """(uint8 pixels, labels) batches of the augmented training set (train_transform's draws and pixels before
+    ToTensor; NormalisedBatches normalises them on the device)."""
+    dataset = train.dataset("train", train_pixels_transform(image_size, scale=tuple(config.crop_scale)))
     if data_parallel.world_size() > 1:  # torchrun: this process's slice of every global batch
         return data_parallel.sharded_loader(dataset, config.batch_size, generator, workers, pin_memory)
     # Dassl drops the last incomplete batch when the set holds at least one batch; a smaller set comes here with
@@ -232,6 +235,23 @@ def train_loader(config: RunConfig, train: DatasetSplits, image_size: int, gener
         dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator,
         num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
     )
+
+
+class NormalisedBatches:
+    """A loader of (uint8 pixels, labels) as (normalised float32 images, labels) on `device`: each batch goes to the
+    device as uint8, a quarter of float32's bytes, and is normalised there (fastprompt.data.normalise_pixels: the
+    values ToTensor + Normalize give on the host). Its length is the loader's."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for pixels, labels in self.loader:
+            yield (normalise_pixels(pixels.to(self.device, non_blocking=True)),
+                   labels.to(self.device, non_blocking=True))
 
 
 def eval_loader(config: RunConfig, splits: DatasetSplits, image_size: int, workers: int, pin_memory: bool = False):

@@ -26,7 +26,7 @@ from ..parallel import data_parallel
 from ..training import EpochStats, TrainStep, fit, lr_at, make_optimizer, peak_memory, reset_peak_memory
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, data_on_device
-from .data import Target, eval_loader, template_for, train_loader, worker_count
+from .data import NormalisedBatches, Target, eval_loader, template_for, train_loader, worker_count
 from .eval_cache import EvalCache, split_key
 from .device_data import DeviceAugmentedSet
 
@@ -240,7 +240,9 @@ class SeedTrainer:
             if data_parallel.world_size() > 1:
                 return data_parallel.ShardedDeviceBatches(data, config.batch_size, generator)
             return data.batches(config.batch_size, generator)
-        return train_loader(config, train, self.image_size, generator, self.workers, self.device.type == "cuda")
+        # The workers hand over uint8 crops; they are normalised on the device.
+        return NormalisedBatches(train_loader(config, train, self.image_size, generator, self.workers,
+                                              self.device.type == "cuda"), self.device)
 
     def train(self, seed: int, train, targets: list[Target], seed_dir: str, resume: bool = False,
               on_epoch_end=None) -> dict:

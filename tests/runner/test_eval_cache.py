@@ -1,6 +1,7 @@
-"""The runner's evaluation batches: uint8 pixels from the loader normalised on the device give eval_transform's
-values exactly, and a test split's pixels are kept between the evaluations of a process (the next seed, eval_every,
-the next checkpoint) within a memory budget, with the same metrics as decoding every time."""
+"""The runner's loader batches as uint8 pixels normalised on the device give exactly the values of eval_transform
+(evaluation) and train_transform (training, same draws), and a test split's pixels are kept between the evaluations
+of a process (the next seed, eval_every, the next checkpoint) within a memory budget, with the same metrics as
+decoding every time."""
 
 import numpy as np
 import pytest
@@ -231,3 +232,20 @@ def test_evaluation_loaders_take_the_cores_training_leaves(monkeypatch):
     monkeypatch.setattr(data, "usable_cpus", lambda: 1)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert data.worker_count(auto, cuda, evaluation=True) == 1
+
+
+def test_training_pixels_normalised_are_train_transforms_values():
+    """The training loader's uint8 crops, normalised on the device, are train_transform's values with the same seed
+    (the same random draws: the crop box and the flip)."""
+    from fastprompt.data import train_pixels_transform, train_transform
+
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))
+    for seed in range(6):
+        torch.manual_seed(seed)
+        expected = train_transform(32, scale=(0.3, 1.0))(image)
+        after = torch.rand(1)
+        torch.manual_seed(seed)
+        pixels = train_pixels_transform(32, scale=(0.3, 1.0))(image)
+        assert pixels.dtype == torch.uint8 and torch.equal(normalise_pixels(pixels), expected)
+        assert torch.equal(torch.rand(1), after)
