@@ -24,7 +24,6 @@ Run without TRITON_INTERPRET=1 (the launch path is compiled kernels').
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -81,12 +80,9 @@ def _draw_seconds(data, batch: int, batches: int) -> list[float]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    batch = int(argv[0]) if argv else 32
-    images = int(argv[1]) if len(argv) > 1 else 64
-    torch.set_num_threads(1)
-    print(json.dumps(host_us_per_batch(batch, images)), flush=True)
-    return 0
+    from .proxy import run_measurement
+
+    return run_measurement(host_us_per_batch, (32, 64), argv)
 
 
 if __name__ == "__main__":

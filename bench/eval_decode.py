@@ -11,7 +11,6 @@ core's; a run's workers divide the first pass's time among the cores they get, a
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -66,12 +65,9 @@ def passes(count: int = 200, size: int = 224) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    count = int(argv[0]) if argv else 200
-    size = int(argv[1]) if len(argv) > 1 else 224
-    torch.set_num_threads(1)
-    print(json.dumps(passes(count, size)), flush=True)
-    return 0
+    from .proxy import run_measurement
+
+    return run_measurement(passes, (200, 224), argv)
 
 
 if __name__ == "__main__":

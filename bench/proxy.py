@@ -156,3 +156,19 @@ def jit_launches(on_launch=None):
         drivers._active = active
         for cache, key in stored_keys:  # no stand-in outlives the context (a later one counts into its own Counter)
             cache.pop(key, None)
+
+
+def run_measurement(measure, defaults: tuple[int, ...], argv=None) -> int:
+    """The command line of a CPU measurement script: `python -m bench.<script> [N ...]` passes up to len(defaults)
+    integers (the rest from `defaults`) to `measure`, on one intra-op thread, and prints its record as a JSON line."""
+    import json
+
+    import torch
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) > len(defaults) or not all(arg.isdigit() for arg in argv):
+        raise SystemExit(f"expected up to {len(defaults)} positive integers (defaults {' '.join(map(str, defaults))}),"
+                         f" got {' '.join(argv)!r}")
+    torch.set_num_threads(1)
+    print(json.dumps(measure(*[int(arg) for arg in argv], *defaults[len(argv):])), flush=True)
+    return 0
