@@ -71,7 +71,7 @@ if [ "$PART" = A ]; then
   # No value read back to the host by a warm step or evaluation batch, every method, under CUDA's sync debug mode;
   # device-held batches without host-to-device copies, rendered by the crop_resize kernel (held to torchvision on the GPU)
   TAILN=8 stage host-reads 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_host_reads.py tests/kernels/test_crop_resize.py \
-    tests/runner/test_device_data.py tests/runner/test_eval_cache.py
+    tests/runner/test_device_data.py tests/runner/test_eval_cache.py::test_evaluation_batches_on_a_gpu_do_not_synchronise
   TAILN=6 stage host-gpu 90 python3 bench/device/host_gpu.py maple,coop,mcpl imagenet-b32
   bench train-maple 150 test_bench_train_step.py imagenet-b32 maple eager,tuned,fastprompt
   bench inference 150 test_bench_inference.py imagenet-b100 maple,coop,mmrl,mcpl eager,fastprompt
