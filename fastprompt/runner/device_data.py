@@ -34,7 +34,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from ..data import CLIP_MEAN, CLIP_STD, DatasetSplits
+from ..data import CLIP_MEAN, CLIP_STD, DatasetSplits, normalise_pixels
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range, as in the PIL path
 
@@ -127,7 +127,7 @@ class DeviceAugmentedSet:
     def normalise(self, crops: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, H, W] -> CLIP-normalised float32, elementwise (a batch at once: three launches per batch
         rather than three per image)."""
-        return (crops.float() / 255 - self.mean) / self.std
+        return normalise_pixels(crops)
 
     def augment(self, image: torch.Tensor) -> torch.Tensor:
         """One image: the PIL path's crop, resize, flip and normalisation on a uint8 CHW tensor."""
