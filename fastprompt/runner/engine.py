@@ -209,6 +209,9 @@ class SeedTrainer:
                 metrics = evaluate(model, batches, self.device, mode=target.mode, amp_dtype=self.num.amp_dtype,
                                    input_dtype=self.num.input_dtype, progress=bar.update,
                                    reduce=data_parallel.all_reduce_sum_ if sharded else None)
+            for note in self.eval_cache.notes:
+                self.echo(f"  note: {note}")
+            self.eval_cache.notes.clear()
             records.append({"dataset": target.dataset, "subset": target.subset, "mode": target.mode,
                             "classes": target.splits.num_classes, **metrics})
             self.echo(f"  {target.key:<28} ({target.mode:5}) accuracy {metrics['accuracy']:6.2f}%  "

@@ -64,6 +64,7 @@ class EvalCache:
         self.budget_bytes, self.pin_memory = max(0, int(budget_bytes)), pin_memory
         self.used_bytes = 0  # what the kept splits hold, with the pinned allocator's rounding
         self._kept: dict[tuple, _Kept] = {}
+        self.notes: list[str] = []  # what the caller should say (a split that could not be kept), taken by it
 
     @classmethod
     def for_process(cls, setting, evaluations: int, device: torch.device) -> EvalCache:
@@ -121,7 +122,10 @@ class EvalCache:
         try:
             chunks = [torch.empty(n, 3, size, size, dtype=torch.uint8, pin_memory=self.pin_memory) for n in counts]
             labels = torch.empty(count, dtype=torch.int64, pin_memory=self.pin_memory)
-        except RuntimeError:  # pinning refused (a locked-memory limit): evaluate without keeping
+        except RuntimeError as error:  # pinning refused (a locked-memory limit): evaluate without keeping
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self.notes.append(f"eval_cache: could not {'pin' if self.pin_memory else 'allocate'} {nbytes / 2**30:.2f}"
+                              f" GiB for this test split ({first_line}); it is decoded again at every evaluation")
             return None, 0
         return _Kept(chunks, labels, per_chunk), nbytes
 

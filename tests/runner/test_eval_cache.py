@@ -249,3 +249,32 @@ def test_training_pixels_normalised_are_train_transforms_values():
         pixels = train_pixels_transform(32, scale=(0.3, 1.0))(image)
         assert pixels.dtype == torch.uint8 and torch.equal(normalise_pixels(pixels), expected)
         assert torch.equal(torch.rand(1), after)
+
+
+def test_memory_that_cannot_be_pinned_is_said_and_evaluation_goes_on(monkeypatch):
+    real_empty = torch.empty
+
+    def refuse_pinning(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("cudaHostAlloc failed: out of memory\nmore detail")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(eval_cache.torch, "empty", refuse_pinning)
+    source, cache = CountingLoader(), EvalCache(10_000, pin_memory=True)
+    batches = _pass(cache, "k", source)
+    assert len(batches) == 3 and not cache.holds("k") and cache.used_bytes == 0
+    assert cache.notes == ["eval_cache: could not pin 0.00 GiB for this test split (cudaHostAlloc failed: out of"
+                           " memory); it is decoded again at every evaluation"]
+
+
+def test_the_run_log_says_what_the_cache_could_not_keep(tmp_path, cli, monkeypatch):
+    def refused(self, count, size, batch_size):
+        self.notes.append("eval_cache: could not pin (a stand-in refusal)")
+        return None, 0
+
+    monkeypatch.setattr(EvalCache, "_allocate", refused)
+    code, out, err = cli("train", "--method", "coop", *PROCEDURAL, "--shots", 2, "--seeds", "1,2", *FAST, "epochs=2",
+                         "batch_size=4", "n_ctx=4", f"output_dir={tmp_path / 'run'}")
+    assert code == 0, err
+    assert out.count("note: eval_cache: could not pin (a stand-in refusal)") == 4  # 2 seeds x base and novel
+    assert "pixels kept" not in out
