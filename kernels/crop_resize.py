@@ -155,8 +155,10 @@ def crop_resize_kernel(
     tl.store(out + 2 * size * size, _normalised(blue, 2, mean_ptr, std_ptr), mask=inside)
 
 
-def _table(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-    """The kernel's rows (TABLE_FIELDS), each box checked against its image; else one ValueError naming the box."""
+def _table(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]],
+           device: torch.device) -> list[tuple[int, ...]]:
+    """The kernel's rows (TABLE_FIELDS), each image on `device` and each box checked against its image; else one
+    ValueError naming the image or box."""
     if len(images) != len(boxes):
         raise ValueError(f"crop_resize: {len(images)} images but {len(boxes)} boxes (one box per image)")
     rows = []
@@ -164,6 +166,8 @@ def _table(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]]) -> li
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3 or not image.is_contiguous():
             raise ValueError(f"crop_resize: image {n} must be a contiguous uint8 [3, H, W] tensor, got "
                              f"{image.dtype} {list(image.shape)}{'' if image.is_contiguous() else ' (non-contiguous)'}")
+        if image.device != device:
+            raise ValueError(f"crop_resize: image {n} is on {image.device}, mean and std on {device}")
         if len(box) != 5:
             raise ValueError(f"crop_resize: box {n} must be (top, left, height, width, flip), got {tuple(box)}")
         top, left, crop_h, crop_w, flip = box
@@ -190,9 +194,9 @@ def crop_resize(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]], 
             raise ValueError(f"crop_resize: {name} must be 3 contiguous float32 values, got {t.dtype} {list(t.shape)}")
     if size < 1:
         raise ValueError(f"crop_resize: size must be >= 1, got {size}")
-    rows = _table(images, boxes)
-    check_same_device("crop_resize", {"mean": mean, "std": std, **{f"image {n}": t for n, t in enumerate(images)}})
+    check_same_device("crop_resize", {"mean": mean, "std": std})
     device = mean.device
+    rows = _table(images, boxes, device)
     require_kernel_device("crop_resize", device)
     out = torch.empty(len(rows), 3, size, size, device=device)
     if not rows:

@@ -370,18 +370,15 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {config.crop_scale}")
     if config.targets is not None and config.protocol not in ("xd", "dg"):
         raise ConfigError(f"targets are for the xd and dg protocols, not {config.protocol!r}")
-    if isinstance(config.data_on_device, str):  # typed loosely (a bool or 'auto'): normalise the spellings
-        spelled = config.data_on_device.strip().lower()
-        config.data_on_device = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False,
-                                 "no": False, "off": False}.get(spelled, spelled)
-    if config.data_on_device not in (True, False, "auto"):
-        raise ConfigError(f"data_on_device must be true, false or auto, got {config.data_on_device!r}")
-    if isinstance(config.eval_cache, str):
-        spelled = config.eval_cache.strip().lower()
-        config.eval_cache = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False,
-                             "no": False, "off": False}.get(spelled, spelled)
-    if config.eval_cache not in (True, False, "auto"):
-        raise ConfigError(f"eval_cache must be true, false or auto, got {config.eval_cache!r}")
+    for name in ("data_on_device", "eval_cache"):  # typed loosely (a bool or 'auto'): normalise the spellings
+        value = getattr(config, name)
+        if isinstance(value, str):
+            spelled = value.strip().lower()
+            value = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                     "off": False}.get(spelled, spelled)
+            setattr(config, name, value)
+        if value not in (True, False, "auto"):
+            raise ConfigError(f"{name} must be true, false or auto, got {value!r}")
     if config.device_cache_side is not None and config.data_on_device is False:
         raise ConfigError("device_cache_side is set but data_on_device is false; set data_on_device=true")
     # Protocols that score other classes (b2n's novel half, xd's other datasets, dg's ImageNet-A/-R subsets).

@@ -250,8 +250,13 @@ class NormalisedBatches:
 
     def __iter__(self):
         for pixels, labels in self.loader:
-            yield (normalise_pixels(pixels.to(self.device, non_blocking=True)),
-                   labels.to(self.device, non_blocking=True))
+            yield on_device(pixels, labels, self.device)
+
+
+def on_device(pixels: torch.Tensor, labels: torch.Tensor, device: torch.device) -> tuple:
+    """One loader batch of (uint8 pixels, labels) on `device` (without blocking from pinned memory), the pixels
+    normalised there."""
+    return normalise_pixels(pixels.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
 
 def eval_loader(config: RunConfig, splits: DatasetSplits, image_size: int, workers: int, pin_memory: bool = False):

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import DatasetSplits, normalise_pixels
+from ..data import DatasetSplits
 from ..parallel import data_parallel
 from . import machine
+from .data import on_device, split_hash
 
 
 # Kept pixels live in chunks of at most this many bytes. PyTorch's pinned-memory allocator rounds every allocation up
@@ -49,7 +50,7 @@ class _Kept:
     per_chunk: int
 
     def pieces(self, start: int, end: int):
-        """(chunk slice, offset of its first image from `start`) covering images [start, end)."""
+        """The chunk slices that hold images [start, end), in order."""
         while start < end:
             chunk, at = divmod(start, self.per_chunk)
             stop = min(end, (chunk + 1) * self.per_chunk)
@@ -90,8 +91,7 @@ class EvalCache:
             for start in range(0, kept.labels.shape[0], batch_size):
                 end = min(start + batch_size, kept.labels.shape[0])
                 parts = [part.to(device, non_blocking=True) for part in kept.pieces(start, end)]
-                pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
-                yield normalise_pixels(pixels), kept.labels[start:end].to(device, non_blocking=True)
+                yield on_device(parts[0] if len(parts) == 1 else torch.cat(parts), kept.labels[start:end], device)
             return
         loader = make_loader()
         kept, nbytes = self._allocate(len(loader.dataset), size, batch_size)
@@ -104,7 +104,7 @@ class EvalCache:
                     taken += part.shape[0]
                 kept.labels[at:at + labels.shape[0]].copy_(labels)
             at += labels.shape[0]
-            yield normalise_pixels(pixels.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+            yield on_device(pixels, labels, device)
         if kept is not None and at == kept.labels.shape[0]:  # a whole pass (an interrupted one keeps nothing)
             self._kept[key] = kept
             self.used_bytes += nbytes
@@ -129,14 +129,8 @@ class EvalCache:
             return None, 0
         return _Kept(chunks, labels, per_chunk), nbytes
 
-    def clear(self) -> None:
-        self._kept.clear()
-        self.used_bytes = 0
-
 
 def split_key(splits: DatasetSplits, image_size: int) -> tuple:
     """What identifies a test split's pixels (see the module docstring)."""
-    from .data import split_hash
-
     return (splits.name, splits.path_prefix, split_hash(splits, "test"), splits.loader, image_size,
             data_parallel.rank(), data_parallel.world_size())
