@@ -7,6 +7,7 @@
     fastprompt report runs/*-b2n-* --markdown table.md --csv table.csv --latex table.tex
     fastprompt predict runs/maple-b2n-eurosat-16shot/seed1 photos/ --top 3     the top classes of image files
     fastprompt export runs/coop-b2n-dtd-16shot/seed1 --output dtd.safetensors  CoOp as one matrix for plain CLIP
+    fastprompt export runs/maple-b2n-dtd-16shot/seed1 --output dtd.pt2          any method as a torch.export program
     fastprompt prepare eurosat --root /data [--download]
     fastprompt bench | demo | info
 
@@ -263,11 +264,17 @@ def _export(args) -> int:
     import json
 
     from .data.files import read_classnames
-    from .runner.export import export_classifier
+    from .runner.export import PROGRAM_FORMAT, export_file
 
     _check_output_path(args.output, "--output", folder=False)
     classnames = read_classnames(args.classnames) if args.classnames else None
-    metadata = export_classifier(args.checkpoint, args.output, classnames, args.pretrained)
+    metadata = export_file(args.checkpoint, args.output, classnames, args.pretrained)
+    if metadata["format"] == PROGRAM_FORMAT:
+        print(f"wrote {args.output}: {metadata['method']} ({metadata['mode']} mode) as a torch.export program over"
+              f" {len(metadata['classnames'])} classes for {metadata['backbone']} (pretrained="
+              f"{metadata['pretrained']}), float32 images [batch, 3, {metadata['input']['shape'][2]},"
+              f" {metadata['input']['shape'][3]}] normalised as in evaluation -> logits; {metadata['usage']}")
+        return 0
     count = len(json.loads(metadata["classnames"]))
     print(f"wrote {args.output}: {metadata['method']} classifier over {count} classes for {metadata['backbone']}"
           f" (pretrained={metadata['pretrained']}); {metadata['usage']}")
@@ -498,16 +505,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_predict)
 
     export = sub.add_parser(
-        "export", help="a text-prompt method's classifier as one matrix over plain CLIP image features",
-        description="Write the class set's normalised text features and the logit scale (safetensors) of a CoOp,"
-                    " deep-language or zero-shot checkpoint: with an unmodified open_clip model, logits ="
-                    " logit_scale * normalize(clip.encode_image(images)) @ text_features.T gives the method's"
-                    " predictions at the image tower's cost. Methods that prompt the image tower or condition the"
-                    " text on the image are refused.",
+        "export", help="a checkpoint for use without fastprompt: a torch.export program (.pt2) or a fixed classifier"
+                       " (.safetensors)",
+        description="The --output suffix says what to write. .pt2 (every method): the model's evaluation forward as a"
+                    " torch.export program, float32 images normalised as in evaluation -> class logits, any batch"
+                    " size; torch.export.load(path).module()(images) runs it wherever torch does, without fastprompt"
+                    " or open_clip (the class names and the input's transform are in the file's fastprompt.json)."
+                    " .safetensors (CoOp, deep-language or zero-shot checkpoints): the class set's normalised text"
+                    " features and the logit scale; with an unmodified open_clip model, logits = logit_scale *"
+                    " normalize(clip.encode_image(images)) @ text_features.T gives the method's predictions.",
     )
     export.add_argument("checkpoint", help="checkpoint folder (runs/<run>/seed1), its checkpoint.json, or a run"
                         " folder of one seed")
-    export.add_argument("--output", required=True, help="the .safetensors file to write")
+    export.add_argument("--output", required=True, help="the file to write: .pt2 (a program) or .safetensors (a"
+                        " fixed classifier)")
     export.add_argument("--classnames", help="text file, one class name per line (default: the trained classes)")
     export.add_argument("--pretrained", help="CLIP weights, where the checkpoint's record is not on this machine")
     export.set_defaults(func=_export)

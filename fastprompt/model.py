@@ -14,6 +14,7 @@ text's EOT rows): the rows nothing reads are not computed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,8 @@ class PromptedCLIP(nn.Module):
         self.use_grouped_maps: bool | None = None  # None: grouped coupling maps when the Triton kernels run
         self._grouped = None
         self._inference_caches: dict[bool, InferenceCache] = {}  # by `full` (see inference_cache)
-        self._key_dicts: list | None = None  # the method's parameter/buffer dicts, read by _cache_key
+        self._key_modules: list | None = None  # the method's modules with parameters or buffers, for _cache_key
+        self._held_cache: InferenceCache | None = None  # see holding_inference_cache
         self._frozen_text_cache: dict = {}
         self._vision_stem: _VisionStem | None = None  # see encode_image and frozen_image_features
         self.text_sharding = None  # a ClassShardedText while shard_text_classes is on
@@ -211,7 +213,7 @@ class PromptedCLIP(nn.Module):
                 f" {self.method.text_slots}"
             )
         self._inference_caches = {}
-        self._key_dicts = None
+        self._key_modules = None
         self._packed = None
         # Counts class sets: a captured training graph reads this set's buffers by address, so TrainStep
         # re-captures when it changes (the buffers above are rebuilt and the old ones freed).
@@ -536,9 +538,12 @@ class PromptedCLIP(nn.Module):
         key = (full, *self._frozen_key())
         if not full:
             return key
-        if self._key_dicts is None:  # the dicts themselves, read at call time (a replaced Parameter shows)
-            self._key_dicts = [d for m in self.method.modules() for d in (m._parameters, m._buffers) if d]
-        tensors = [t for d in self._key_dicts for t in d.values() if t is not None]
+        if self._key_modules is None:
+            self._key_modules = [m for m in self.method.modules() if m._parameters or m._buffers]
+        # Each module's dicts read at call time: a replaced Parameter shows, and so does a replaced dict (a
+        # non-strict torch.export of a module holding this model swaps them and leaves new ones behind).
+        tensors = [t for m in self._key_modules for d in (m._parameters, m._buffers) for t in d.values()
+                   if t is not None]
         return key + tuple([(t.data_ptr(), t._version) for t in tensors])
 
     def inference_cache(self) -> InferenceCache | None:
@@ -546,6 +551,8 @@ class PromptedCLIP(nn.Module):
         gradients, with text prompts). Without text prompts (zero-shot, VPT) the text features are constants: always
         cached. A CUDA graph of the forward reads the entry's tensors: it is valid while this returns the same entry
         (the eval entry and the training one are kept apart: evaluating does not free what a training graph reads)."""
+        if self._held_cache is not None:
+            return self._held_cache
         full = not self.training and not torch.is_grad_enabled()
         if not full and self.method.text_sources:
             return None
@@ -555,6 +562,24 @@ class PromptedCLIP(nn.Module):
             self._inference_caches.pop(full, None)  # free the old entry before building the new one
             entry = self._inference_caches[full] = self._build_cache(key, full)
         return entry
+
+    @contextlib.contextmanager
+    def holding_inference_cache(self):
+        """Within: every forward takes the evaluation cache built (or found) on entry, without checking its key.
+        The key reads storage addresses, which a tracer's fake tensors do not have: this is how torch.export
+        traces a trained model as a fixed predictor (fastprompt.export.export_program), the class set's text and
+        every image-independent prompt becoming constants of the program. Eval mode and no gradients only, since
+        only such forwards use the cache; a change to the prompts inside the block is not seen."""
+        if self.training or torch.is_grad_enabled():
+            raise RuntimeError("holding_inference_cache needs model.eval() and torch.no_grad(): the cache is the"
+                               " evaluation one")
+        if self._held_cache is not None:
+            raise RuntimeError("holding_inference_cache is already active on this model")
+        self._held_cache = self.inference_cache()
+        try:
+            yield self._held_cache
+        finally:
+            self._held_cache = None
 
     @torch.no_grad()
     def _build_cache(self, key: tuple, full: bool) -> InferenceCache:

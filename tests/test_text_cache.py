@@ -352,3 +352,38 @@ def test_a_device_change(tiny_clip):
     out = infer(model, x.cuda())
     assert out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), fresh(model.cpu(), x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_replaced_parameter_dict(tiny_clip64):
+    """A non-strict torch.export of a module that registers the model swaps its modules' _parameters dicts and
+    leaves new ones behind: the key reads each module's dicts when it is computed, not the dicts it first saw."""
+    model = build("maple", tiny_clip64)
+    x = images()
+    infer(model, x)
+    for module in model.method.modules():
+        if module._parameters:
+            module._parameters = {name: torch.nn.Parameter(p.detach() + 0.1 * torch.randn_like(p))
+                                  for name, p in module._parameters.items()}
+    close(infer(model, x), fresh(model, x))
+
+
+def test_holding_the_cache(tiny_clip64, monkeypatch):
+    """holding_inference_cache: forwards inside take the entry built on entry without computing the key (a tracer's
+    fake tensors have no address); outside, the key is checked again."""
+    model = build("maple", tiny_clip64)
+    x = images()
+    with torch.no_grad(), model.holding_inference_cache() as entry:
+        monkeypatch.setattr(model, "_cache_key", lambda full: pytest.fail("the key was computed while held"))
+        held = model.predict(model(x))
+        assert model.inference_cache() is entry
+        with pytest.raises(RuntimeError, match="already active"):
+            with model.holding_inference_cache():
+                pass
+    monkeypatch.undo()
+    close(held, fresh(model, x))
+    perturb_(model.method)
+    close(infer(model, x), fresh(model, x))  # the key is read again after the block
+    model.train()
+    with pytest.raises(RuntimeError, match=r"model.eval\(\) and torch.no_grad\(\)"):
+        with torch.no_grad(), model.holding_inference_cache():
+            pass

@@ -1,4 +1,15 @@
-"""A trained text-prompt method as a fixed linear classifier over plain CLIP image features.
+"""A trained checkpoint exported for use without fastprompt: a fixed classifier (.safetensors) or a program (.pt2).
+
+Program (`--output x.pt2`, every method): the model's evaluation forward as a torch.export program
+(fastprompt.export.export_program), images normalised as in evaluation -> class logits, any batch size, float32.
+
+    fastprompt export runs/maple-b2n-dtd-16shot/seed1 --output dtd-maple.pt2 [--classnames new.txt]
+    program = torch.export.load("dtd-maple.pt2").module(); logits = program(images)
+
+The file also holds `fastprompt.json` (torch.export's extra files): the class names, mode, method, image size and
+the evaluation transform that makes its input; `read_program` returns both.
+
+Fixed classifier (`--output x.safetensors`, text-prompt methods only):
 
 Where a method prompts only the text tower and its text does not depend on the image (CoOp, deep language
 prompting, zero-shot CLIP), its predictions are `logit_scale * normalize(clip.encode_image(x)) @ W.T` with W the
@@ -15,7 +26,9 @@ writing, the matrix is checked against the model itself on a probe batch.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 
 import torch
 
@@ -23,6 +36,8 @@ from ..method import PromptMethod
 from . import checkpoint as ckpt
 
 CLASSIFIER_FORMAT = "fastprompt.classifier/1"
+PROGRAM_FORMAT = "fastprompt.program/1"
+PROGRAM_METADATA = "fastprompt.json"  # its entry among the .pt2 file's extra files
 
 
 class ExportError(ValueError):
@@ -53,8 +68,8 @@ def export_classifier(checkpoint: str, output: str, classnames=None, pretrained:
     model, manifest = predictor.model, predictor.manifest
     problem = fixed_classifier_problem(model)
     if problem is not None:
-        raise ExportError(f"{manifest['method']} cannot be exported as a fixed classifier: {problem}; use"
-                          " `fastprompt predict` or fastprompt.runner.Predictor")
+        raise ExportError(f"{manifest['method']} cannot be exported as a fixed classifier: {problem}; export it as a"
+                          " program (--output with .pt2), or use `fastprompt predict` or fastprompt.runner.Predictor")
     with torch.no_grad():
         text_features = torch.nn.functional.normalize(model.inference_cache().text[0].float(), dim=-1)
         logit_scale = model.clip.logit_scale.exp().float()
@@ -82,3 +97,60 @@ def _check_against_the_model(predictor, text_features: torch.Tensor, logit_scale
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-3):
         raise ExportError(f"the fixed classifier does not reproduce {predictor.manifest['method']}'s logits"
                           f" (largest difference {(got - expected).abs().max().item():.3g}); not written")
+
+
+def export_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None) -> dict:
+    """Export `checkpoint` to `output` in the form its suffix names: .pt2 a program (every method), .safetensors a
+    fixed classifier (text-prompt methods). Returns the metadata written."""
+    suffix = os.path.splitext(output)[1].lower()
+    if suffix == ".pt2":
+        return export_program_file(checkpoint, output, classnames, pretrained)
+    if suffix == ".safetensors":
+        return export_classifier(checkpoint, output, classnames, pretrained)
+    raise ExportError(f"--output {output}: the suffix says what to write: .pt2 (a torch.export program, every"
+                      " method) or .safetensors (a fixed classifier, text-prompt methods)")
+
+
+def export_program_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None) -> dict:
+    """Write `checkpoint`'s model for `classnames` (default: its training classes) as a torch.export program to
+    `output` (atomically), with its description as the extra file fastprompt.json; returns that description.
+    Built on the CPU in float32 over the unpatched CLIP: the program holds only aten operations."""
+    from ..data.transforms import CLIP_MEAN, CLIP_STD
+    from ..export import export_program
+    from .predict import Predictor
+
+    predictor = Predictor(checkpoint, classnames, device="cpu", pretrained=pretrained, amp_dtype=None,
+                          kernels="eager")
+    manifest = predictor.manifest
+    try:
+        program = export_program(predictor.model, predictor.mode)
+    except ValueError as exc:
+        raise ExportError(f"{manifest['method']}: {exc}") from None
+    backbone = manifest["backbone"]
+    size = predictor.image_size
+    metadata = {
+        "format": PROGRAM_FORMAT, "method": manifest["method"], "mode": predictor.mode,
+        "classnames": list(predictor.classnames), "backbone": backbone["name"],
+        "pretrained": str((pretrained if pretrained is not None else backbone.get("pretrained")) or "none"),
+        "checkpoint": predictor.checkpoint, "torch": torch.__version__,
+        "input": {"shape": ["batch", 3, size, size], "dtype": "float32",
+                  "transform": f"RGB; shorter side resized to {size} (bicubic), centre crop {size} x {size}, /255,"
+                               " then (x - mean) / std per channel (fastprompt.data.eval_transform)",
+                  "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
+        "output": "logits [batch, classes] (float32; softmax gives the class probabilities), classes in the order of"
+                  " classnames",
+        "usage": "torch.export.load(path).module()(images)",
+    }
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={PROGRAM_METADATA: json.dumps(metadata)})
+    ckpt.atomic_write_bytes(output, buffer.getvalue())
+    return metadata
+
+
+def read_program(path: str):
+    """(torch.export.ExportedProgram, description) of a program written by export_program_file."""
+    extra = {PROGRAM_METADATA: ""}
+    program = torch.export.load(path, extra_files=extra)
+    if not extra[PROGRAM_METADATA]:
+        raise ExportError(f"{path}: a torch.export program without fastprompt's description ({PROGRAM_METADATA})")
+    return program, json.loads(extra[PROGRAM_METADATA])

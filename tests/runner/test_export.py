@@ -63,5 +63,62 @@ def test_methods_without_a_fixed_classifier_are_refused(tmp_path, cli, method, w
     code, _, err = cli("export", checkpoint, "--output", tmp_path / "classifier.safetensors")
     assert code == 2
     assert err.startswith(f"fastprompt: error: {method} cannot be exported as a fixed classifier: {why}")
-    assert "fastprompt predict" in err and len(err.strip().splitlines()) == 1
+    assert ".pt2" in err and "fastprompt predict" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "classifier.safetensors").exists()
+
+
+# --- .pt2: every method as a torch.export program ----------------------------------------------------------------
+@pytest.mark.parametrize("method, new_classes", [("maple", False), ("cocoop", False), ("mmrl", True), ("coop", True)])
+def test_the_program_gives_the_predictors_probabilities_without_fastprompt(tmp_path, cli, method, new_classes):
+    """The file the CLI writes, loaded by torch alone, against the Predictor of the same checkpoint and classes (the
+    image files through the evaluation transform the file describes)."""
+    from runner_support import write_image
+
+    from fastprompt.data import eval_transform, open_rgb_image
+    from fastprompt.runner.export import read_program
+
+    checkpoint = trained(tmp_path, cli, method)
+    output = tmp_path / "model.pt2"
+    args = ["export", checkpoint, "--output", output]
+    names = None
+    if new_classes:  # MMRL: novel mode on another class set
+        names = ["violet ring", "white cross", "black dot"]
+        (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+        args += ["--classnames", tmp_path / "names.txt"]
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert out.startswith(f"wrote {output}: {method} ({'novel' if new_classes else 'base'} mode) as a torch.export"
+                          " program over")
+
+    predictor = Predictor(str(checkpoint), names, device="cpu", amp_dtype=None, kernels="eager")
+    program, description = read_program(str(output))
+    assert description["format"] == "fastprompt.program/1" and description["method"] == method
+    assert description["classnames"] == list(predictor.classnames) and description["mode"] == predictor.mode
+    size = description["input"]["shape"][2]
+    assert size == predictor.image_size
+    files = [write_image(tmp_path / "photos" / f"{k}.jpg", (40 * k, 200 - 30 * k, 90), seed=k, size=50 + 7 * k)
+             for k in range(5)]
+    images = torch.stack([eval_transform(size)(open_rgb_image(f)) for f in files])
+    with torch.no_grad():
+        probabilities = program.module()(images).softmax(-1)
+    torch.testing.assert_close(probabilities, predictor(files), rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_suffix_is_one_error(tmp_path, cli):
+    checkpoint = trained(tmp_path, cli, "coop")
+    code, _, err = cli("export", checkpoint, "--output", tmp_path / "model.onnx")
+    assert code == 2
+    assert err.startswith(f"fastprompt: error: --output {tmp_path / 'model.onnx'}: the suffix says what to write: .pt2")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "model.onnx").exists()
+
+
+def test_read_program_refuses_a_program_without_the_description(tmp_path):
+    from fastprompt.runner.export import ExportError, read_program
+
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    torch.export.save(torch.export.export(Double(), (torch.ones(2),)), str(tmp_path / "other.pt2"))
+    with pytest.raises(ExportError, match="without fastprompt's description"):
+        read_program(str(tmp_path / "other.pt2"))
