@@ -264,13 +264,14 @@ def _export(args) -> int:
     import json
 
     from .data.files import read_classnames
-    from .runner.export import PROGRAM_FORMAT, export_file
+    from .runner.export import ONNX_FORMAT, PROGRAM_FORMAT, export_file
 
     _check_output_path(args.output, "--output", folder=False)
     classnames = read_classnames(args.classnames) if args.classnames else None
     metadata = export_file(args.checkpoint, args.output, classnames, args.pretrained)
-    if metadata["format"] == PROGRAM_FORMAT:
-        print(f"wrote {args.output}: {metadata['method']} ({metadata['mode']} mode) as a torch.export program over"
+    if metadata["format"] in (PROGRAM_FORMAT, ONNX_FORMAT):
+        kind = "a torch.export program" if metadata["format"] == PROGRAM_FORMAT else "an ONNX model"
+        print(f"wrote {args.output}: {metadata['method']} ({metadata['mode']} mode) as {kind} over"
               f" {len(metadata['classnames'])} classes for {metadata['backbone']} (pretrained="
               f"{metadata['pretrained']}), float32 images [batch, 3, {metadata['input']['shape'][2]},"
               f" {metadata['input']['shape'][3]}] normalised as in evaluation -> logits; {metadata['usage']}")
@@ -505,20 +506,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_predict)
 
     export = sub.add_parser(
-        "export", help="a checkpoint for use without fastprompt: a torch.export program (.pt2) or a fixed classifier"
-                       " (.safetensors)",
+        "export", help="a checkpoint for use without fastprompt: a torch.export program (.pt2), ONNX (.onnx) or a"
+                       " fixed classifier (.safetensors)",
         description="The --output suffix says what to write. .pt2 (every method): the model's evaluation forward as a"
                     " torch.export program, float32 images normalised as in evaluation -> class logits, any batch"
                     " size; torch.export.load(path).module()(images) runs it wherever torch does, without fastprompt"
                     " or open_clip (the class names and the input's transform are in the file's fastprompt.json)."
+                    " .onnx (every method; pip install 'fastprompt[onnx]'): that program in ONNX, input 'images',"
+                    " output 'logits', for onnxruntime and other ONNX runtimes."
                     " .safetensors (CoOp, deep-language or zero-shot checkpoints): the class set's normalised text"
                     " features and the logit scale; with an unmodified open_clip model, logits = logit_scale *"
                     " normalize(clip.encode_image(images)) @ text_features.T gives the method's predictions.",
     )
     export.add_argument("checkpoint", help="checkpoint folder (runs/<run>/seed1), its checkpoint.json, or a run"
                         " folder of one seed")
-    export.add_argument("--output", required=True, help="the file to write: .pt2 (a program) or .safetensors (a"
-                        " fixed classifier)")
+    export.add_argument("--output", required=True, help="the file to write: .pt2 (a program), .onnx or"
+                        " .safetensors (a fixed classifier)")
     export.add_argument("--classnames", help="text file, one class name per line (default: the trained classes)")
     export.add_argument("--pretrained", help="CLIP weights, where the checkpoint's record is not on this machine")
     export.set_defaults(func=_export)

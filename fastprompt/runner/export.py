@@ -9,6 +9,12 @@ Program (`--output x.pt2`, every method): the model's evaluation forward as a to
 The file also holds `fastprompt.json` (torch.export's extra files): the class names, mode, method, image size and
 the evaluation transform that makes its input; `read_program` returns both.
 
+ONNX (`--output x.onnx`, every method; needs `pip install 'fastprompt[onnx]'`): that program converted by torch's
+ONNX exporter, input `images` [batch, 3, S, S] -> output `logits`, the same description in the model's metadata
+(`fastprompt.json`), checked in onnxruntime against the program before it is written.
+
+    session = onnxruntime.InferenceSession("dtd-maple.onnx"); logits, = session.run(None, {"images": x})
+
 Fixed classifier (`--output x.safetensors`, text-prompt methods only):
 
 Where a method prompts only the text tower and its text does not depend on the image (CoOp, deep language
@@ -37,6 +43,7 @@ from . import checkpoint as ckpt
 
 CLASSIFIER_FORMAT = "fastprompt.classifier/1"
 PROGRAM_FORMAT = "fastprompt.program/1"
+ONNX_FORMAT = "fastprompt.onnx/1"
 PROGRAM_METADATA = "fastprompt.json"  # its entry among the .pt2 file's extra files
 
 
@@ -105,16 +112,82 @@ def export_file(checkpoint: str, output: str, classnames=None, pretrained: str |
     suffix = os.path.splitext(output)[1].lower()
     if suffix == ".pt2":
         return export_program_file(checkpoint, output, classnames, pretrained)
+    if suffix == ".onnx":
+        return export_onnx_file(checkpoint, output, classnames, pretrained)
     if suffix == ".safetensors":
         return export_classifier(checkpoint, output, classnames, pretrained)
     raise ExportError(f"--output {output}: the suffix says what to write: .pt2 (a torch.export program, every"
-                      " method) or .safetensors (a fixed classifier, text-prompt methods)")
+                      " method), .onnx (that program in ONNX) or .safetensors (a fixed classifier, text-prompt methods)")
 
 
 def export_program_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None) -> dict:
     """Write `checkpoint`'s model for `classnames` (default: its training classes) as a torch.export program to
     `output` (atomically), with its description as the extra file fastprompt.json; returns that description.
     Built on the CPU in float32 over the unpatched CLIP: the program holds only aten operations."""
+    program, metadata = _program(checkpoint, classnames, pretrained, "torch.export.load(path).module()(images)")
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={PROGRAM_METADATA: json.dumps(metadata)})
+    ckpt.atomic_write_bytes(output, buffer.getvalue())
+    return metadata
+
+
+def export_onnx_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None) -> dict:
+    """The program of export_program_file in ONNX (torch.onnx's exporter from the ExportedProgram), input `images`,
+    output `logits`, the batch dimension dynamic, the description as the model's metadata entry fastprompt.json.
+    onnxruntime runs it on the probe batch against the program before anything is written."""
+    import warnings
+
+    try:
+        import onnx  # noqa: F401  (torch.onnx's exporter needs onnx and onnxscript; the check, onnxruntime)
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(f"--output {output}: writing ONNX needs the onnx, onnxscript and onnxruntime packages"
+                          f" ({exc.name} is missing): pip install 'fastprompt[onnx]'; a .pt2 program needs none"
+                          ) from None
+    from ..export import check_program_logits
+
+    program, metadata = _program(checkpoint, classnames, pretrained,
+                                 'onnxruntime.InferenceSession(path).run(None, {"images": images})[0]')
+    metadata["format"] = ONNX_FORMAT
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, raised inside the exporter
+        converted = torch.onnx.export(program, dynamo=True, verbose=False, input_names=["images"],
+                                      output_names=["logits"])
+    model = converted.model_proto
+    _name_batch_dimension(model)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = PROGRAM_METADATA, json.dumps(metadata)
+    data = model.SerializeToString()
+    size = metadata["input"]["shape"][2]
+    probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = program.module()(probe)
+    got = torch.from_numpy(session.run(None, {"images": probe.numpy()})[0])
+    try:
+        check_program_logits(got, expected, "the ONNX model in onnxruntime")
+    except ValueError as exc:
+        raise ExportError(f"{exc}; not written") from None
+    ckpt.atomic_write_bytes(output, data)
+    return metadata
+
+
+def _name_batch_dimension(model) -> None:
+    """The exporter names the dynamic batch dimension after its symbol (s34); call it 'batch' wherever it appears."""
+    dims = [value.type.tensor_type.shape.dim for value in
+            (*model.graph.input, *model.graph.output, *model.graph.value_info)]
+    symbol = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    if not symbol:
+        return
+    for shape in dims:
+        for dim in shape:
+            if dim.dim_param == symbol:
+                dim.dim_param = "batch"
+
+
+def _program(checkpoint: str, classnames, pretrained: str | None, usage: str):
+    """(ExportedProgram, description) of `checkpoint`'s model for `classnames`: the CPU, float32, unpatched CLIP."""
     from ..data.transforms import CLIP_MEAN, CLIP_STD
     from ..export import export_program
     from .predict import Predictor
@@ -139,12 +212,9 @@ def export_program_file(checkpoint: str, output: str, classnames=None, pretraine
                   "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
         "output": "logits [batch, classes] (float32; softmax gives the class probabilities), classes in the order of"
                   " classnames",
-        "usage": "torch.export.load(path).module()(images)",
+        "usage": usage,
     }
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer, extra_files={PROGRAM_METADATA: json.dumps(metadata)})
-    ckpt.atomic_write_bytes(output, buffer.getvalue())
-    return metadata
+    return program, metadata
 
 
 def read_program(path: str):

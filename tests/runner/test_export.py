@@ -106,10 +106,10 @@ def test_the_program_gives_the_predictors_probabilities_without_fastprompt(tmp_p
 
 def test_an_unknown_suffix_is_one_error(tmp_path, cli):
     checkpoint = trained(tmp_path, cli, "coop")
-    code, _, err = cli("export", checkpoint, "--output", tmp_path / "model.onnx")
+    code, _, err = cli("export", checkpoint, "--output", tmp_path / "model.txt")
     assert code == 2
-    assert err.startswith(f"fastprompt: error: --output {tmp_path / 'model.onnx'}: the suffix says what to write: .pt2")
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "model.onnx").exists()
+    assert err.startswith(f"fastprompt: error: --output {tmp_path / 'model.txt'}: the suffix says what to write: .pt2")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "model.txt").exists()
 
 
 def test_read_program_refuses_a_program_without_the_description(tmp_path):
@@ -122,3 +122,46 @@ def test_read_program_refuses_a_program_without_the_description(tmp_path):
     torch.export.save(torch.export.export(Double(), (torch.ones(2),)), str(tmp_path / "other.pt2"))
     with pytest.raises(ExportError, match="without fastprompt's description"):
         read_program(str(tmp_path / "other.pt2"))
+
+
+# --- .onnx: the program in ONNX, run by onnxruntime -----------------------------------------------------------------
+@pytest.mark.parametrize("method", ["maple", "cocoop"])
+def test_the_onnx_model_gives_the_predictors_probabilities_in_onnxruntime(tmp_path, cli, method):
+    onnxruntime = pytest.importorskip("onnxruntime")  # in the test extra: CI has it
+    from runner_support import write_image
+
+    from fastprompt.data import eval_transform, open_rgb_image
+
+    checkpoint = trained(tmp_path, cli, method)
+    output = tmp_path / "model.onnx"
+    code, out, err = cli("export", checkpoint, "--output", output)
+    assert code == 0, err
+    assert out.startswith(f"wrote {output}: {method} (base mode) as an ONNX model over")
+
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (given,), (taken,) = session.get_inputs(), session.get_outputs()
+    assert given.name == "images" and given.shape[0] == "batch" and taken.name == "logits"
+    description = json.loads(session.get_modelmeta().custom_metadata_map["fastprompt.json"])
+    predictor = Predictor(str(checkpoint), None, device="cpu", amp_dtype=None, kernels="eager")
+    assert description["format"] == "fastprompt.onnx/1" and description["classnames"] == list(predictor.classnames)
+    size = description["input"]["shape"][2]
+    files = [write_image(tmp_path / "photos" / f"{k}.jpg", (40 * k, 200 - 30 * k, 90), seed=k, size=50 + 7 * k)
+             for k in range(5)]
+    images = torch.stack([eval_transform(size)(open_rgb_image(f)) for f in files])
+    expected = predictor(files)
+    for rows in (slice(0, 1), slice(0, 5)):  # the batch dimension is dynamic
+        logits = torch.from_numpy(session.run(None, {"images": images[rows].numpy()})[0])
+        torch.testing.assert_close(logits.softmax(-1), expected[rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript", "onnxruntime"])
+def test_onnx_without_its_packages_is_one_error(tmp_path, cli, monkeypatch, missing):
+    import sys
+
+    checkpoint = trained(tmp_path, cli, "coop")
+    monkeypatch.setitem(sys.modules, missing, None)  # an import of it fails as if it were not installed
+    code, _, err = cli("export", checkpoint, "--output", tmp_path / "model.onnx")
+    assert code == 2
+    assert err.startswith(f"fastprompt: error: --output {tmp_path / 'model.onnx'}: writing ONNX needs the onnx,"
+                          f" onnxscript and onnxruntime packages ({missing} is missing): pip install 'fastprompt[onnx]'")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "model.onnx").exists()
