@@ -1,6 +1,7 @@
 """Environment and capability report: ``python -m fastprompt.info`` (or ``info()`` for a dict).
 
-Lists the devices, the versions that matter (python, torch, CUDA, triton, open_clip, xformers),
+Lists the devices, the versions that matter (python, torch, CUDA, triton, open_clip, xformers, and the
+onnx extra's packages),
 what each op of the fast path (LayerNorm, MLP, coupling maps, attention, prefix attention) runs on for
 each device under ``fastprompt.patch(clip)``'s default ``backend="auto"``, and every attention backend as
 available or unavailable with the reasons. Paste its output into bug reports.
@@ -47,6 +48,10 @@ def info() -> dict:
         "triton": _package_version("triton"),
         "open_clip": _package_version("open_clip_torch"),
         "xformers": _package_version("xformers"),
+        # What `fastprompt export --output x.onnx` needs (the onnx extra); a .pt2 program needs only torch.
+        "onnx": _package_version("onnx"),
+        "onnxscript": _package_version("onnxscript"),
+        "onnxruntime": _package_version("onnxruntime"),
     }
     devices = _devices()
     rows, ops = [], []

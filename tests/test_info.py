@@ -80,3 +80,16 @@ def test_triton_mode_on_a_gpu_says_how_kernels_are_launched(monkeypatch):
     monkeypatch.setattr(_launch, "ENABLED", False)
     assert info_module._triton_mode(gpu).endswith("launched through Triton's own path (fastprompt.kernels._launch"
                                                   " was checked against Triton 3.6 and 3.7, not this one)")
+
+
+def test_the_onnx_extras_versions_are_listed():
+    """What `fastprompt export --output x.onnx` needs, as the installed distributions say (or 'not installed')."""
+    import importlib.metadata
+
+    text = format_info(info())
+    for dist in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            expected = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            expected = "not installed"
+        assert f"  {dist:<11} {expected}\n" in text
