@@ -1,4 +1,5 @@
-"""A trained checkpoint exported for use without fastprompt: a fixed classifier (.safetensors) or a program (.pt2).
+"""A trained checkpoint for use without fastprompt: a program (.pt2), the program in ONNX (.onnx), or a fixed
+classifier (.safetensors).
 
 Program (`--output x.pt2`, every method): the model's evaluation forward as a torch.export program
 (fastprompt.export.export_program), images normalised as in evaluation -> class logits, any batch size, float32.
@@ -158,7 +159,13 @@ def export_onnx_file(checkpoint: str, output: str, classnames=None, pretrained: 
     _name_batch_dimension(model)
     entry = model.metadata_props.add()
     entry.key, entry.value = PROGRAM_METADATA, json.dumps(metadata)
-    data = model.SerializeToString()
+    from google.protobuf.message import EncodeError  # protobuf comes with onnx
+
+    try:
+        data = model.SerializeToString()
+    except (EncodeError, ValueError) as exc:  # protobuf's 2 GB limit on one message (the weights are inside it)
+        raise ExportError(f"--output {output}: the ONNX model is too large for one file ({exc}); write a .pt2 program"
+                          " instead") from None
     size = metadata["input"]["shape"][2]
     probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])

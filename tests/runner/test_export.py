@@ -165,3 +165,23 @@ def test_onnx_without_its_packages_is_one_error(tmp_path, cli, monkeypatch, miss
     assert err.startswith(f"fastprompt: error: --output {tmp_path / 'model.onnx'}: writing ONNX needs the onnx,"
                           f" onnxscript and onnxruntime packages ({missing} is missing): pip install 'fastprompt[onnx]'")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "model.onnx").exists()
+
+
+def test_an_onnx_model_over_protobufs_limit_is_one_error(tmp_path, cli, monkeypatch):
+    """One ONNX file holds its weights in one protobuf message, at most 2 GB (ViT-bigG's image tower is over it):
+    the refusal names the .pt2 program instead. Serialisation is made to fail as protobuf's own limit does."""
+    pytest.importorskip("onnxruntime")
+    from google.protobuf.message import EncodeError
+    from onnx import ModelProto
+
+    checkpoint = trained(tmp_path, cli, "coop")
+
+    def too_large(self):
+        raise EncodeError("Failed to serialize proto")
+
+    monkeypatch.setattr(ModelProto, "SerializeToString", too_large)
+    code, _, err = cli("export", checkpoint, "--output", tmp_path / "model.onnx")
+    assert code == 2
+    assert err.startswith(f"fastprompt: error: --output {tmp_path / 'model.onnx'}: the ONNX model is too large for one"
+                          " file (Failed to serialize proto); write a .pt2 program instead")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "model.onnx").exists()
