@@ -58,8 +58,9 @@ def export_problem(model: PromptedCLIP) -> str | None:
 
 def export_program(model: PromptedCLIP, mode: str = "base", probe_batch: int = 3) -> torch.export.ExportedProgram:
     """`model`'s class logits for its current class set as a torch.export program (see the module's docstring).
-    The model is put in eval mode and stays usable; its weights are read in their current dtype (float32 expected:
-    the program runs without autocast)."""
+    The model is put in eval mode and stays usable. The program computes in the CLIP's dtype, without autocast, on
+    its device, and takes images in that dtype: a bf16 CLIP gives a bf16 program (its logits within a few bf16 ulps
+    of the model's), a float32 one a float32 program."""
     problem = export_problem(model)
     if problem is not None:
         raise ValueError(f"cannot export this model: {problem}")
@@ -82,14 +83,16 @@ def export_program(model: PromptedCLIP, mode: str = "base", probe_batch: int = 3
                 program.constants[name] = value.clone()
         # A different batch size than the traced one: a dimension fixed by the trace would show here.
         got = program.module()(probe[:1].clone())
-    check_program_logits(got, expected[:1], "the exported program")
+    check_program_logits(got, expected[:1], "the exported program", dtype)
     return program
 
 
-def check_program_logits(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """`got` must be the model's logits `expected` (to float32 rounding of a re-ordered graph); a ValueError that
-    gives the largest difference otherwise."""
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * (1 + float(
+def check_program_logits(got: torch.Tensor, expected: torch.Tensor, what: str,
+                         dtype: torch.dtype = torch.float32) -> None:
+    """`got` must be the model's logits `expected` to the rounding of a re-ordered graph computing in `dtype` (1e-4
+    relative in float32; 8 ulps of bf16 or fp16 in those); a ValueError that gives the largest difference otherwise."""
+    tolerance = max(1e-4, 8 * torch.finfo(dtype).eps)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=tolerance, atol=tolerance * (1 + float(
             expected.abs().max()))):
         detail = (f"shape {tuple(got.shape)} for {tuple(expected.shape)}" if got.shape != expected.shape
                   else f"largest difference {(got - expected).abs().max().item():.3g}")

@@ -174,3 +174,21 @@ def test_the_program_on_a_gpu(method, tiny_clip):
         moved = torch.export.passes.move_to_device_pass(round_trip(program), "cuda")
         got = moved.module()(x.cuda()).cpu()
     torch.testing.assert_close(got.softmax(-1), expected.softmax(-1), rtol=0, atol=2e-3)
+
+
+def test_a_bf16_model_gives_a_bf16_program(tiny_clip):
+    """A CLIP in bf16 (as on a GPU) exports a program computing in bf16 without autocast: its logits are the bf16
+    model's to a few bf16 ulps, and the float32 model's to bf16 precision."""
+    import copy
+
+    model32 = fastprompt.build("maple", tiny_clip, NAMES).eval()
+    perturb_(model32.method)
+    model16 = fastprompt.build("maple", copy.deepcopy(tiny_clip).to(torch.bfloat16), NAMES).eval()
+    model16.method.load_state_dict(model32.method.state_dict())
+    program = export_program(model16)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got = program.module()(x.to(torch.bfloat16))
+        reference = model32.predict(model32(x))
+    assert got.dtype == torch.float32  # the logits come out in float32 whatever the compute dtype
+    torch.testing.assert_close(got.softmax(-1), reference.softmax(-1), rtol=0, atol=0.05)
