@@ -192,3 +192,19 @@ def test_a_bf16_model_gives_a_bf16_program(tiny_clip):
         reference = model32.predict(model32(x))
     assert got.dtype == torch.float32  # the logits come out in float32 whatever the compute dtype
     torch.testing.assert_close(got.softmax(-1), reference.softmax(-1), rtol=0, atol=0.05)
+
+
+@pytest.mark.gpu
+def test_a_bf16_model_on_the_gpu_exports_there(tiny_clip):
+    """Exported where the model lives: a bf16 CLIP on CUDA gives a CUDA bf16 program, its logits the model's."""
+    import copy
+
+    model = fastprompt.build("maple", copy.deepcopy(tiny_clip).to("cuda", torch.bfloat16), NAMES).eval()
+    perturb_(model.method)
+    program = export_program(model)
+    x = torch.randn(4, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = program.module()(x)
+        expected = model.predict(model(x)).float()
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.softmax(-1), expected.softmax(-1), rtol=0, atol=0.02)
