@@ -58,7 +58,7 @@ def export_problem(model: PromptedCLIP) -> str | None:
 
 def export_program(model: PromptedCLIP, mode: str = "base", probe_batch: int = 3) -> torch.export.ExportedProgram:
     """`model`'s class logits for its current class set as a torch.export program (see the module's docstring).
-    The model is put in eval mode and stays usable. The program computes in the CLIP's dtype, without autocast, on
+    The model is traced in eval mode and left in the mode it was in. The program computes in the CLIP's dtype, without autocast, on
     its device, and takes images in that dtype: a bf16 CLIP gives a bf16 program (its logits within a few bf16 ulps
     of the model's), a float32 one a float32 program."""
     problem = export_problem(model)
@@ -66,7 +66,18 @@ def export_program(model: PromptedCLIP, mode: str = "base", probe_batch: int = 3
         raise ValueError(f"cannot export this model: {problem}")
     if probe_batch < 2:
         raise ValueError(f"probe_batch must be at least 2 (a batch of 1 would fix the batch size), got {probe_batch}")
+    was_training = model.training
     model.eval()
+    try:
+        program, got, expected = _trace(model, mode, probe_batch)
+    finally:
+        model.train(was_training)  # a model exported between epochs goes on training
+    check_program_logits(got, expected, "the exported program", model.clip.positional_embedding.dtype)
+    return program
+
+
+def _trace(model: PromptedCLIP, mode: str, probe_batch: int):
+    """(program, its logits at batch 1, the model's) for the model in eval mode."""
     device = model.clip.positional_embedding.device
     dtype = model.clip.positional_embedding.dtype
     module = ClassLogits(model, mode)
@@ -83,8 +94,7 @@ def export_program(model: PromptedCLIP, mode: str = "base", probe_batch: int = 3
                 program.constants[name] = value.clone()
         # A different batch size than the traced one: a dimension fixed by the trace would show here.
         got = program.module()(probe[:1].clone())
-    check_program_logits(got, expected[:1], "the exported program", dtype)
-    return program
+    return program, got, expected[:1]
 
 
 def check_program_logits(got: torch.Tensor, expected: torch.Tensor, what: str,

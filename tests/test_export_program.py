@@ -208,3 +208,15 @@ def test_a_bf16_model_on_the_gpu_exports_there(tiny_clip):
         expected = model.predict(model(x)).float()
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.softmax(-1), expected.softmax(-1), rtol=0, atol=0.02)
+
+
+def test_a_model_in_training_mode_is_left_training(tiny_clip64):
+    """Exported between epochs: traced in eval mode (the logits are the eval forward's), left training."""
+    model = build("vpt_deep", tiny_clip64)
+    perturb_(model.method)
+    model.train()
+    program = export_program(model)
+    assert model.training and model.method.training
+    x = images(2)
+    with torch.no_grad():
+        close(program.module()(x), fresh(model, x))
