@@ -51,7 +51,12 @@ def accepts(hint, value) -> bool | None:
 
 
 def type_name(hint) -> str:
-    """'int', 'str | None': the declared type as the user would write it."""
+    """'int', 'str | None': the declared type as the user would write it. Unions are spelt out member by member:
+    Python 3.10's get_type_hints turns `str | None = None` into typing.Optional[str]."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(type_name(member) for member in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
