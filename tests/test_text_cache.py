@@ -377,13 +377,11 @@ def test_holding_the_cache(tiny_clip64, monkeypatch):
         held = model.predict(model(x))
         assert model.inference_cache() is entry
         with pytest.raises(RuntimeError, match="already active"):
-            with model.holding_inference_cache():
-                pass
+            model.holding_inference_cache().__enter__()  # entering is what is refused
     monkeypatch.undo()
     close(held, fresh(model, x))
     perturb_(model.method)
     close(infer(model, x), fresh(model, x))  # the key is read again after the block
     model.train()
-    with pytest.raises(RuntimeError, match=r"model.eval\(\) and torch.no_grad\(\)"):
-        with torch.no_grad(), model.holding_inference_cache():
-            pass
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"model.eval\(\) and torch.no_grad\(\)"):
+        model.holding_inference_cache().__enter__()

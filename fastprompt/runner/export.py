@@ -85,7 +85,7 @@ def export_classifier(checkpoint: str, output: str, classnames=None, pretrained:
     backbone = manifest["backbone"]
     metadata = {"format": CLASSIFIER_FORMAT, "method": manifest["method"], "classnames": json.dumps(
         list(predictor.classnames)), "backbone": backbone["name"],
-        "pretrained": str((pretrained if pretrained is not None else backbone.get("pretrained")) or "none"),
+        "pretrained": _weights_label(pretrained, backbone),
         "checkpoint": predictor.checkpoint,
         "usage": "logits = logit_scale * normalize(clip.encode_image(images)) @ text_features.T"}
     tensors = {"text_features": text_features.contiguous(), "logit_scale": logit_scale.reshape(())}
@@ -211,7 +211,7 @@ def _program(checkpoint: str, classnames, pretrained: str | None, usage: str):
     metadata = {
         "format": PROGRAM_FORMAT, "method": manifest["method"], "mode": predictor.mode,
         "classnames": list(predictor.classnames), "backbone": backbone["name"],
-        "pretrained": str((pretrained if pretrained is not None else backbone.get("pretrained")) or "none"),
+        "pretrained": _weights_label(pretrained, backbone),
         "checkpoint": predictor.checkpoint, "torch": torch.__version__,
         "input": {"shape": ["batch", 3, size, size], "dtype": "float32",
                   "transform": f"RGB; shorter side resized to {size} (bicubic), centre crop {size} x {size}, /255,"
@@ -222,6 +222,11 @@ def _program(checkpoint: str, classnames, pretrained: str | None, usage: str):
         "usage": usage,
     }
     return program, metadata
+
+
+def _weights_label(pretrained: str | None, backbone: dict) -> str:
+    """The CLIP weights an export was made from, for its description: the one given, else the checkpoint's record."""
+    return str((pretrained if pretrained is not None else backbone.get("pretrained")) or "none")
 
 
 def read_program(path: str):

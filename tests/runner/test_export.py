@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from runner_support import FAST, PROCEDURAL
+from runner_support import FAST, PROCEDURAL, write_image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -72,8 +72,6 @@ def test_methods_without_a_fixed_classifier_are_refused(tmp_path, cli, method, w
 def test_the_program_gives_the_predictors_probabilities_without_fastprompt(tmp_path, cli, method, new_classes):
     """The file the CLI writes, loaded by torch alone, against the Predictor of the same checkpoint and classes (the
     image files through the evaluation transform the file describes)."""
-    from runner_support import write_image
-
     from fastprompt.data import eval_transform, open_rgb_image
     from fastprompt.runner.export import read_program
 
@@ -128,8 +126,6 @@ def test_read_program_refuses_a_program_without_the_description(tmp_path):
 @pytest.mark.parametrize("method", ["maple", "cocoop"])
 def test_the_onnx_model_gives_the_predictors_probabilities_in_onnxruntime(tmp_path, cli, method):
     onnxruntime = pytest.importorskip("onnxruntime")  # in the test extra: CI has it
-    from runner_support import write_image
-
     from fastprompt.data import eval_transform, open_rgb_image
 
     checkpoint = trained(tmp_path, cli, method)
