@@ -268,12 +268,12 @@ def _export(args) -> int:
 
     _check_output_path(args.output, "--output", folder=False)
     classnames = read_classnames(args.classnames) if args.classnames else None
-    metadata = export_file(args.checkpoint, args.output, classnames, args.pretrained)
+    metadata = export_file(args.checkpoint, args.output, classnames, args.pretrained, args.dtype)
     if metadata["format"] in (PROGRAM_FORMAT, ONNX_FORMAT):
         kind = "a torch.export program" if metadata["format"] == PROGRAM_FORMAT else "an ONNX model"
         print(f"wrote {args.output}: {metadata['method']} ({metadata['mode']} mode) as {kind} over"
               f" {len(metadata['classnames'])} classes for {metadata['backbone']} (pretrained="
-              f"{metadata['pretrained']}), float32 images [batch, 3, {metadata['input']['shape'][2]},"
+              f"{metadata['pretrained']}), {metadata['input']['dtype']} images [batch, 3, {metadata['input']['shape'][2]},"
               f" {metadata['input']['shape'][3]}] normalised as in evaluation -> logits; {metadata['usage']}")
         return 0
     count = len(json.loads(metadata["classnames"]))
@@ -509,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="a checkpoint for use without fastprompt: a torch.export program (.pt2), ONNX (.onnx) or a"
                        " fixed classifier (.safetensors)",
         description="The --output suffix says what to write. .pt2 (every method): the model's evaluation forward as a"
-                    " torch.export program, float32 images normalised as in evaluation -> class logits, any batch"
-                    " size; torch.export.load(path).module()(images) runs it wherever torch does, without fastprompt"
+                    " torch.export program, images (float32, or --dtype) normalised as in evaluation -> class logits,"
+                    " any batch size; torch.export.load(path).module()(images) runs it wherever torch does, without fastprompt"
                     " or open_clip (the class names and the input's transform are in the file's fastprompt.json)."
                     " .onnx (every method; pip install 'fastprompt[onnx]'): that program in ONNX, input 'images',"
                     " output 'logits', for onnxruntime and other ONNX runtimes."
@@ -524,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " .safetensors (a fixed classifier)")
     export.add_argument("--classnames", help="text file, one class name per line (default: the trained classes)")
     export.add_argument("--pretrained", help="CLIP weights, where the checkpoint's record is not on this machine")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="a program's weights, computation and input (.pt2, .onnx; default float32): the half"
+                             " types halve the file and run at half precision on a GPU; the logits are float32")
     export.set_defaults(func=_export)
 
     dassl = sub.add_parser(

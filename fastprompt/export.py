@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .backbone import compute_dtype
 from .fast import is_patched
 from .model import PromptedCLIP
 
@@ -59,7 +60,7 @@ def export_problem(model: PromptedCLIP) -> str | None:
 def export_program(model: PromptedCLIP, mode: str = "base", probe_batch: int = 3) -> torch.export.ExportedProgram:
     """`model`'s class logits for its current class set as a torch.export program (see the module's docstring).
     The model is traced in eval mode and left in the mode it was in. The program computes in the CLIP's dtype, without autocast, on
-    its device, and takes images in that dtype: a bf16 CLIP gives a bf16 program (its logits within a few bf16 ulps
+    its device, and takes images in that dtype (open_clip's cast dtype, its matmul weights'): a bf16 CLIP gives a bf16 program (its logits within a few bf16 ulps
     of the model's), a float32 one a float32 program."""
     problem = export_problem(model)
     if problem is not None:
@@ -72,14 +73,16 @@ def export_program(model: PromptedCLIP, mode: str = "base", probe_batch: int = 3
         program, got, expected = _trace(model, mode, probe_batch)
     finally:
         model.train(was_training)  # a model exported between epochs goes on training
-    check_program_logits(got, expected, "the exported program", model.clip.positional_embedding.dtype)
+    check_program_logits(got, expected, "the exported program", compute_dtype(model.clip))
     return program
 
 
 def _trace(model: PromptedCLIP, mode: str, probe_batch: int):
     """(program, its logits at batch 1, the model's) for the model in eval mode."""
     device = model.clip.positional_embedding.device
-    dtype = model.clip.positional_embedding.dtype
+    # The dtype the towers compute in: open_clip's half precisions (precision="bf16") keep the embeddings and the
+    # LayerNorms in float32 and cast activations to the matmul weights' dtype, which the images come in.
+    dtype = compute_dtype(model.clip)
     module = ClassLogits(model, mode)
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(probe_batch, 3, *model.info.image_size, generator=generator).to(device, dtype)

@@ -2,7 +2,8 @@
 classifier (.safetensors).
 
 Program (`--output x.pt2`, every method): the model's evaluation forward as a torch.export program
-(fastprompt.export.export_program), images normalised as in evaluation -> class logits, any batch size, float32.
+(fastprompt.export.export_program), images normalised as in evaluation -> class logits, any batch size; float32, or
+`--dtype bfloat16` / `float16` (the CLIP's weights, the computation and the input; the logits stay float32).
 
     fastprompt export runs/maple-b2n-dtd-16shot/seed1 --output dtd-maple.pt2 [--classnames new.txt]
     program = torch.export.load("dtd-maple.pt2").module(); logits = program(images)
@@ -46,6 +47,9 @@ CLASSIFIER_FORMAT = "fastprompt.classifier/1"
 PROGRAM_FORMAT = "fastprompt.program/1"
 ONNX_FORMAT = "fastprompt.onnx/1"
 PROGRAM_METADATA = "fastprompt.json"  # its entry among the .pt2 file's extra files
+# --dtype of a program: its CLIP weights, its computation and its input in that dtype (the half types halve the file
+# and run at half precision on a GPU); the logits are float32 in every case.
+PROGRAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ExportError(ValueError):
@@ -107,32 +111,48 @@ def _check_against_the_model(predictor, text_features: torch.Tensor, logit_scale
                           f" (largest difference {(got - expected).abs().max().item():.3g}); not written")
 
 
-def export_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None) -> dict:
-    """Export `checkpoint` to `output` in the form its suffix names: .pt2 a program (every method), .safetensors a
-    fixed classifier (text-prompt methods). Returns the metadata written."""
+def export_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None,
+                dtype: str = "float32") -> dict:
+    """Export `checkpoint` to `output` in the form its suffix names: .pt2 a program (every method), .onnx that program
+    in ONNX, .safetensors a fixed classifier (text-prompt methods). `dtype` is a program's weights, compute and input
+    dtype (PROGRAM_DTYPES). Returns the metadata written."""
+    if dtype not in PROGRAM_DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(PROGRAM_DTYPES)}, got {dtype!r}")
     suffix = os.path.splitext(output)[1].lower()
     if suffix == ".pt2":
-        return export_program_file(checkpoint, output, classnames, pretrained)
+        return export_program_file(checkpoint, output, classnames, pretrained, dtype)
     if suffix == ".onnx":
-        return export_onnx_file(checkpoint, output, classnames, pretrained)
+        if dtype == "bfloat16":
+            # Checked before the model is built: the exporter writes it, but onnxruntime (which checks every ONNX
+            # file before it is written) has no bfloat16 kernel for Conv and others, so nothing could vouch for it.
+            raise ExportError(f"--output {output}: ONNX takes float32 or float16 here (onnxruntime, which checks the"
+                              " model before it is written, runs no bfloat16 convolution); --dtype bfloat16 writes a"
+                              " .pt2 program")
+        return export_onnx_file(checkpoint, output, classnames, pretrained, dtype)
     if suffix == ".safetensors":
+        if dtype != "float32":
+            raise ExportError(f"--output {output}: a fixed classifier is written in float32 (one [C, E] matrix; cast"
+                              f" it where it is used); --dtype {dtype} applies to a .pt2 or .onnx program")
         return export_classifier(checkpoint, output, classnames, pretrained)
     raise ExportError(f"--output {output}: the suffix says what to write: .pt2 (a torch.export program, every"
                       " method), .onnx (that program in ONNX) or .safetensors (a fixed classifier, text-prompt methods)")
 
 
-def export_program_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None) -> dict:
+def export_program_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None,
+                        dtype: str = "float32") -> dict:
     """Write `checkpoint`'s model for `classnames` (default: its training classes) as a torch.export program to
     `output` (atomically), with its description as the extra file fastprompt.json; returns that description.
-    Built on the CPU in float32 over the unpatched CLIP: the program holds only aten operations."""
-    program, metadata = _program(checkpoint, classnames, pretrained, "torch.export.load(path).module()(images)")
+    Built on the CPU in `dtype` over the unpatched CLIP: the program holds only aten operations."""
+    program, metadata = _program(checkpoint, classnames, pretrained, "torch.export.load(path).module()(images)",
+                                 dtype)
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={PROGRAM_METADATA: json.dumps(metadata)})
     ckpt.atomic_write_bytes(output, buffer.getvalue())
     return metadata
 
 
-def export_onnx_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None) -> dict:
+def export_onnx_file(checkpoint: str, output: str, classnames=None, pretrained: str | None = None,
+                     dtype: str = "float32") -> dict:
     """The program of export_program_file in ONNX (torch.onnx's exporter from the ExportedProgram), input `images`,
     output `logits`, the batch dimension dynamic, the description as the model's metadata entry fastprompt.json.
     onnxruntime runs it on the probe batch against the program before anything is written."""
@@ -149,7 +169,7 @@ def export_onnx_file(checkpoint: str, output: str, classnames=None, pretrained: 
     from ..export import check_program_logits
 
     program, metadata = _program(checkpoint, classnames, pretrained,
-                                 'onnxruntime.InferenceSession(path).run(None, {"images": images})[0]')
+                                 'onnxruntime.InferenceSession(path).run(None, {"images": images})[0]', dtype)
     metadata["format"] = ONNX_FORMAT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, raised inside the exporter
@@ -167,13 +187,13 @@ def export_onnx_file(checkpoint: str, output: str, classnames=None, pretrained: 
         raise ExportError(f"--output {output}: the ONNX model is too large for one file ({exc}); write a .pt2 program"
                           " instead") from None
     size = metadata["input"]["shape"][2]
-    probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1)).to(PROGRAM_DTYPES[dtype])
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = program.module()(probe)
     got = torch.from_numpy(session.run(None, {"images": probe.numpy()})[0])
     try:
-        check_program_logits(got, expected, "the ONNX model in onnxruntime")
+        check_program_logits(got, expected, "the ONNX model in onnxruntime", probe.dtype)
     except ValueError as exc:
         raise ExportError(f"{exc}; not written") from None
     ckpt.atomic_write_bytes(output, data)
@@ -193,14 +213,18 @@ def _name_batch_dimension(model) -> None:
                 dim.dim_param = "batch"
 
 
-def _program(checkpoint: str, classnames, pretrained: str | None, usage: str):
-    """(ExportedProgram, description) of `checkpoint`'s model for `classnames`: the CPU, float32, unpatched CLIP."""
+def _program(checkpoint: str, classnames, pretrained: str | None, usage: str, dtype: str = "float32"):
+    """(ExportedProgram, description) of `checkpoint`'s model for `classnames`: the CPU, the unpatched CLIP with its
+    weights in `dtype` (the trained prompts as they are)."""
     from ..data.transforms import CLIP_MEAN, CLIP_STD
     from ..export import export_program
     from .predict import Predictor
 
-    predictor = Predictor(checkpoint, classnames, device="cpu", pretrained=pretrained, amp_dtype=None,
-                          kernels="eager")
+    # Predictor's amp_dtype builds the CLIP's weights in a half type (None: float32); export_program traces the
+    # model itself, without the autocast that Predictor's own step would add.
+    weights_dtype = PROGRAM_DTYPES[dtype]
+    predictor = Predictor(checkpoint, classnames, device="cpu", pretrained=pretrained,
+                          amp_dtype=None if weights_dtype == torch.float32 else weights_dtype, kernels="eager")
     manifest = predictor.manifest
     try:
         program = export_program(predictor.model, predictor.mode)
@@ -213,7 +237,7 @@ def _program(checkpoint: str, classnames, pretrained: str | None, usage: str):
         "classnames": list(predictor.classnames), "backbone": backbone["name"],
         "pretrained": _weights_label(pretrained, backbone),
         "checkpoint": predictor.checkpoint, "torch": torch.__version__,
-        "input": {"shape": ["batch", 3, size, size], "dtype": "float32",
+        "input": {"shape": ["batch", 3, size, size], "dtype": dtype,
                   "transform": f"RGB; shorter side resized to {size} (bicubic), centre crop {size} x {size}, /255,"
                                " then (x - mean) / std per channel (fastprompt.data.eval_transform)",
                   "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},

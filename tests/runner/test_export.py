@@ -181,3 +181,69 @@ def test_an_onnx_model_over_protobufs_limit_is_one_error(tmp_path, cli, monkeypa
     assert err.startswith(f"fastprompt: error: --output {tmp_path / 'model.onnx'}: the ONNX model is too large for one"
                           " file (Failed to serialize proto); write a .pt2 program instead")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "model.onnx").exists()
+
+
+# --- --dtype: half-precision programs -----------------------------------------------------------------------------
+def _photos(tmp_path, size):
+    from fastprompt.data import eval_transform, open_rgb_image
+
+    files = [write_image(tmp_path / "photos" / f"{k}.jpg", (40 * k, 200 - 30 * k, 90), seed=k, size=50 + 7 * k)
+             for k in range(4)]
+    return files, torch.stack([eval_transform(size)(open_rgb_image(f)) for f in files])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_program_computes_in_its_dtype_and_gives_the_float32_predictions(tmp_path, cli, dtype):
+    """--dtype bfloat16 / float16: the program's matmul weights are stored in that dtype (a smaller file), it takes
+    images in that dtype, and its probabilities are the float32 Predictor's to half precision (the probabilities of
+    this tiny model lie within 0.1 of uniform, so 6e-3 is a tenth of that spread)."""
+    from fastprompt.runner.export import read_program
+
+    checkpoint = trained(tmp_path, cli, "maple")
+    name = str(dtype).removeprefix("torch.")
+    code, out, err = cli("export", checkpoint, "--output", tmp_path / "half.pt2", "--dtype", name)
+    assert code == 0, err
+    assert f"), {name} images [batch, 3," in out
+    assert cli("export", checkpoint, "--output", tmp_path / "full.pt2")[0] == 0
+    assert (tmp_path / "half.pt2").stat().st_size < 0.8 * (tmp_path / "full.pt2").stat().st_size
+
+    program, description = read_program(str(tmp_path / "half.pt2"))
+    assert description["input"]["dtype"] == name
+    stored = {**program.state_dict, **program.constants}
+    matrices = [value for value in stored.values() if isinstance(value, torch.Tensor) and value.dim() == 2
+                and value.numel() >= 64 * 64]
+    assert matrices and all(value.dtype == dtype for value in matrices)
+    files, images = _photos(tmp_path, description["input"]["shape"][2])
+    with torch.no_grad():
+        logits = program.module()(images.to(dtype))
+    assert logits.dtype == torch.float32
+    expected = Predictor(str(checkpoint), None, device="cpu", amp_dtype=None, kernels="eager")(files)
+    torch.testing.assert_close(logits.softmax(-1), expected, rtol=0, atol=6e-3)
+
+
+def test_a_float16_onnx_model_runs_in_onnxruntime(tmp_path, cli):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    checkpoint = trained(tmp_path, cli, "maple")
+    output = tmp_path / "half.onnx"
+    code, out, err = cli("export", checkpoint, "--output", output, "--dtype", "float16")
+    assert code == 0, err
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float16)" and session.get_outputs()[0].type == "tensor(float)"
+    description = json.loads(session.get_modelmeta().custom_metadata_map["fastprompt.json"])
+    assert description["input"]["dtype"] == "float16"
+    files, images = _photos(tmp_path, description["input"]["shape"][2])
+    logits = torch.from_numpy(session.run(None, {"images": images.half().numpy()})[0])
+    expected = Predictor(str(checkpoint), None, device="cpu", amp_dtype=None, kernels="eager")(files)
+    torch.testing.assert_close(logits.softmax(-1), expected, rtol=0, atol=6e-3)
+
+
+def test_dtypes_a_format_cannot_hold_are_one_error(tmp_path, cli):
+    """bfloat16 ONNX (onnxruntime, the check, has no bfloat16 convolution) and a half-precision fixed classifier are
+    refused before anything is built or written."""
+    checkpoint = trained(tmp_path, cli, "coop")
+    for output, dtype, says in [("m.onnx", "bfloat16", "ONNX takes float32 or float16 here"),
+                                ("m.safetensors", "float16", "a fixed classifier is written in float32")]:
+        code, _, err = cli("export", checkpoint, "--output", tmp_path / output, "--dtype", dtype)
+        assert code == 2
+        assert err.startswith(f"fastprompt: error: --output {tmp_path / output}: {says}")
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / output).exists()
