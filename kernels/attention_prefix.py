@@ -346,14 +346,23 @@ def _prefix_bwd_reduce_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim. Suffixes are short
 # (mean ~4 tokens), so a 32-token block covers several sequences and its suffix key range is
 # about two blocks of 32.
+# The forward at BLOCK_D = 128 runs one stage: with two, Triton 3.6 left 8 bytes of stack spill on sm_90 at head dim
+# 80 (168 registers, so not register pressure; 3.7 did not); its key loops are about two blocks long, so there is
+# little to pipeline.
 _PREFIX_CONFIGS = {
-    "fwd": {64: (32, 32, 4, 2), 128: (32, 32, 4, 2)},
+    "fwd": {64: (32, 32, 4, 2), 128: (32, 32, 4, 1)},
     "dq": {64: (32, 32, 4, 2), 128: (32, 32, 4, 2)},
     "dkdv": {64: (32, 32, 4, 2), 128: (32, 32, 4, 2)},
     "partial": {64: (64, 0, 4, 2), 128: (32, 0, 4, 2)},
 }
-REDUCE_NUM_WARPS = 4
-REDUCE_CHUNK_TILE = 4
+# Stage 2 (reduce): (CHUNK_TILE, num_warps) per padded head dim. Each step loads CHUNK_TILE x BLOCK_P x BLOCK_D fp32
+# partials of dK and of dV; at BLOCK_D = 128 four warps held 128 registers a thread for those loads alone and Triton
+# 3.6 spilled (255 registers, 40-48 bytes; 3.7 did not), so eight warps share the same bytes in flight.
+_REDUCE_CONFIGS = {64: (4, 4), 128: (4, 8)}
+
+
+def reduce_config(head_dim: int) -> tuple[int, int]:
+    return _REDUCE_CONFIGS[block_d(head_dim)]
 # Stage-1 chunks hold a multiple of BLOCK_M tokens; fewer, longer chunks mean fewer partials
 # to store and reduce (stage 2 runs only G x H programs), more chunks mean more parallel
 # stage-1 programs. Aim for about TARGET_PARTIAL_PROGRAMS stage-1 programs (~4 waves on a
@@ -602,9 +611,10 @@ def _launch_prefix_gradient(grad_out, q, prefix_k, prefix_v, lse2, delta, dpk, d
     )
     if dpk.stride() != dpv.stride():
         raise ValueError("the prefix gradients dpk and dpv must share one layout")
+    chunk_tile, reduce_warps = reduce_config(D)
     launch(_prefix_bwd_reduce_kernel, (G, H, p_blocks),
         part_dk, part_dv, chunk_offsets, dpk, dpv, *dpk.stride()[:3], H, P, scale, int(accumulate),
-        BLOCK_P=BLOCK_P, CHUNK_TILE=REDUCE_CHUNK_TILE, num_warps=REDUCE_NUM_WARPS, **meta,
+        BLOCK_P=BLOCK_P, CHUNK_TILE=chunk_tile, num_warps=reduce_warps, **meta,
     )
 
 
@@ -742,7 +752,8 @@ def _aot_specs():
     for dtype in GPU_DTYPES:
         for head_dim in SUPPORTED_HEAD_DIMS:
             base = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_P": BLOCK_P}
-            variants = [("reduce", _prefix_bwd_reduce_kernel, {"CHUNK_TILE": REDUCE_CHUNK_TILE}, REDUCE_NUM_WARPS, 1)]
+            chunk_tile, reduce_warps = reduce_config(head_dim)
+            variants = [("reduce", _prefix_bwd_reduce_kernel, {"CHUNK_TILE": chunk_tile}, reduce_warps, 1)]
             for kernel, fn in (("fwd", _prefix_fwd_kernel), ("dq", _prefix_bwd_dq_kernel),
                                ("dkdv", _prefix_bwd_dkdv_suffix_kernel), ("partial", _prefix_bwd_partial_kernel)):
                 bm, bn, warps, stages = prefix_config(kernel, head_dim)
