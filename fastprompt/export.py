@@ -20,6 +20,7 @@ checkpoint and writes the program with a description of its input (fastprompt.ru
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .backbone import compute_dtype
 from .fast import is_patched
@@ -89,7 +90,13 @@ def _trace(model: PromptedCLIP, mode: str, probe_batch: int):
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         expected = module(probe)
-        program = torch.export.export(module, (probe,), dynamic_shapes=({0: batch},), strict=False)
+        # Traced with SDPA's math backend, whose output is laid out [B, H, L, D]: torch before 2.13 records a
+        # `.contiguous()` that is a no-op at the traced layout as nothing, and a reshape as a view, so a trace over
+        # the CPU's flash kernel (output laid out [B, L, H, D]) would hold views that fail on a device whose SDPA
+        # lays its output out otherwise. At the math layout each contiguous() is a real copy and stays in the graph;
+        # at run time the program calls scaled_dot_product_attention, which picks that device's best kernel.
+        with sdpa_kernel(SDPBackend.MATH):
+            program = torch.export.export(module, (probe,), dynamic_shapes=({0: batch},), strict=False)
         # A constant that views part of a larger tensor (MuDPT's per-layer vision tokens are slices of one) is
         # copied out: torch.export.save groups tensors by storage and warns where none covers its storage whole.
         for name, value in list(program.constants.items()):
