@@ -1,6 +1,6 @@
 """A trained model as a self-contained PyTorch program: images in, class logits out, no fastprompt needed.
 
-    program = fastprompt.export.export_program(model)          # torch.export.ExportedProgram, fp32, any batch size
+    program = fastprompt.export.export_program(model)          # torch.export.ExportedProgram, any batch size
     torch.export.save(program, "maple-dtd.pt2")
     logits = torch.export.load("maple-dtd.pt2").module()(images)   # [B, C]; anywhere torch runs
 
@@ -9,8 +9,9 @@ on each image (CoCoOp, MCPL-CLIP) included: the program is the model's own evalu
 torch.export (non-strict) with the class set's text features and every image-independent prompt computed once and
 kept as constants. Only the weights the forward reads are kept: for a method whose text does not depend on the
 image, the text tower is not in the program at all. The batch dimension is dynamic; the image size, the dtype
-(float32, normalised as CLIP's evaluation transform does) and the class set are fixed, and a program given another
-size or dtype refuses it. Before it is returned, the program is checked against the model on a probe batch.
+(the CLIP's: float32, or bf16/fp16 for a half-precision CLIP; images normalised as CLIP's evaluation transform does)
+and the class set are fixed, and a program given another size or dtype refuses it. Before it is returned, the
+program is checked against the model on a probe batch.
 
 The model must run the unpatched (eager) path: a patched CLIP's kernels are fastprompt's registered ops, which a
 program would need fastprompt to load. `fastprompt export CHECKPOINT --output x.pt2` builds such a model from a
