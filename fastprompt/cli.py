@@ -525,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--classnames", help="text file, one class name per line (default: the trained classes)")
     export.add_argument("--pretrained", help="CLIP weights, where the checkpoint's record is not on this machine")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="a program's weights, computation and input (.pt2, .onnx; default float32): the half"
-                             " types halve the file and run at half precision on a GPU; the logits are float32")
+                        help="a program's weights, computation and input (default float32; .onnx takes float32 or"
+                             " float16): the half types halve the file and run at half precision on a GPU; the logits"
+                             " are float32")
     export.set_defaults(func=_export)
 
     dassl = sub.add_parser(
