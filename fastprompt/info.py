@@ -81,7 +81,7 @@ def _triton_mode(devices: list[dict]) -> str:
         launches = ("launched through the compiled kernels' launchers once Triton has chosen them"
                     " (fastprompt.kernels._launch)" if _launch.ENABLED else
                     f"launched through Triton's own path (fastprompt.kernels._launch was checked against Triton"
-                    f" {' and '.join(_launch.CHECKED_RELEASES)}, not this one)")
+                    f" {', '.join(_launch.CHECKED_RELEASES[:-1])} and {_launch.CHECKED_RELEASES[-1]}, not this one)")
         return f"compiled, on the CUDA devices below; {launches}"
     return ("installed, but no kernel runs: Triton compiles for CUDA GPUs and there is none here"
             " (TRITON_INTERPRET=1 runs the kernels on the CPU, for tests)")

@@ -20,7 +20,7 @@ kernel with pre-run hooks, the interpreter, a Triton release whose launch call w
 path. What this leaves out of JITFunction.run is its check that the module globals a kernel read have not changed
 since it was compiled, a guard for code edited at run time.
 
-Checked for Triton 3.6 and 3.7, whose JITFunction.run calls the launcher in this form (tests/kernels/
+Checked for Triton 3.6, 3.7 and 3.8, whose JITFunction.run calls the launcher in this form (tests/kernels/
 test_launch.py compares, launch by launch over whole training steps, the launcher arguments of both paths with a
 stand-in launcher; on a GPU the outputs of every kernel both ways).
 """
@@ -31,7 +31,7 @@ import torch
 import triton
 
 # Releases whose JITFunction.run was read and whose launch call this reproduces.
-CHECKED_RELEASES = ("3.6", "3.7")
+CHECKED_RELEASES = ("3.6", "3.7", "3.8")
 
 
 def checked_release(version: str) -> bool:

@@ -79,7 +79,7 @@ def test_triton_mode_on_a_gpu_says_how_kernels_are_launched(monkeypatch):
                                              " (fastprompt.kernels._launch)")
     monkeypatch.setattr(_launch, "ENABLED", False)
     assert info_module._triton_mode(gpu).endswith("launched through Triton's own path (fastprompt.kernels._launch"
-                                                  " was checked against Triton 3.6 and 3.7, not this one)")
+                                                  " was checked against Triton 3.6, 3.7 and 3.8, not this one)")
 
 
 def test_the_onnx_extras_versions_are_listed():
