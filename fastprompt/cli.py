@@ -271,10 +271,11 @@ def _export(args) -> int:
     metadata = export_file(args.checkpoint, args.output, classnames, args.pretrained, args.dtype)
     if metadata["format"] in (PROGRAM_FORMAT, ONNX_FORMAT):
         kind = "a torch.export program" if metadata["format"] == PROGRAM_FORMAT else "an ONNX model"
+        given = metadata["input"]
         print(f"wrote {args.output}: {metadata['method']} ({metadata['mode']} mode) as {kind} over"
               f" {len(metadata['classnames'])} classes for {metadata['backbone']} (pretrained="
-              f"{metadata['pretrained']}), {metadata['input']['dtype']} images [batch, 3, {metadata['input']['shape'][2]},"
-              f" {metadata['input']['shape'][3]}] normalised as in evaluation -> logits; {metadata['usage']}")
+              f"{metadata['pretrained']}), {given['dtype']} images [batch, 3, {given['shape'][2]}, {given['shape'][3]}]"
+              f" normalised as in evaluation -> logits; {metadata['usage']}")
         return 0
     count = len(json.loads(metadata["classnames"]))
     print(f"wrote {args.output}: {metadata['method']} classifier over {count} classes for {metadata['backbone']}"
@@ -510,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                        " fixed classifier (.safetensors)",
         description="The --output suffix says what to write. .pt2 (every method): the model's evaluation forward as a"
                     " torch.export program, images (float32, or --dtype) normalised as in evaluation -> class logits,"
-                    " any batch size; torch.export.load(path).module()(images) runs it wherever torch does, without fastprompt"
-                    " or open_clip (the class names and the input's transform are in the file's fastprompt.json)."
+                    " any batch size; torch.export.load(path).module()(images) runs it wherever torch does, without"
+                    " fastprompt or open_clip (the class names and the input's transform are in the file's fastprompt.json)."
                     " .onnx (every method; pip install 'fastprompt[onnx]'): that program in ONNX, input 'images',"
                     " output 'logits', for onnxruntime and other ONNX runtimes."
                     " .safetensors (CoOp, deep-language or zero-shot checkpoints): the class set's normalised text"

@@ -61,9 +61,10 @@ def export_problem(model: PromptedCLIP) -> str | None:
 
 def export_program(model: PromptedCLIP, mode: str = "base", probe_batch: int = 3) -> torch.export.ExportedProgram:
     """`model`'s class logits for its current class set as a torch.export program (see the module's docstring).
-    The model is traced in eval mode and left in the mode it was in. The program computes in the CLIP's dtype, without autocast, on
-    its device, and takes images in that dtype (open_clip's cast dtype, its matmul weights'): a bf16 CLIP gives a bf16 program (its logits within a few bf16 ulps
-    of the model's), a float32 one a float32 program."""
+    The model is traced in eval mode and left in the mode it was in. The program computes in the CLIP's dtype
+    (open_clip's cast dtype, its matmul weights'), without autocast, on its device, and takes images in that dtype: a
+    bf16 CLIP gives a bf16 program (its logits within a few bf16 ulps of the model's), a float32 one a float32
+    program."""
     problem = export_problem(model)
     if problem is not None:
         raise ValueError(f"cannot export this model: {problem}")

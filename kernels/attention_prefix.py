@@ -364,6 +364,8 @@ _REDUCE_CONFIGS = {64: (4, 4), 128: (4, 8)}
 
 def reduce_config(head_dim: int) -> tuple[int, int]:
     return _REDUCE_CONFIGS[block_d(head_dim)]
+
+
 # Stage-1 chunks hold a multiple of BLOCK_M tokens; fewer, longer chunks mean fewer partials
 # to store and reduce (stage 2 runs only G x H programs), more chunks mean more parallel
 # stage-1 programs. Aim for about TARGET_PARTIAL_PROGRAMS stage-1 programs (~4 waves on a

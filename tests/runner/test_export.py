@@ -14,6 +14,15 @@ from fastprompt.runner import Predictor
 ARGS = ["--shots", "2", "--seeds", "1", *FAST, *PROCEDURAL, "epochs=2", "batch_size=4"]
 
 
+def photos(tmp_path, size, count=5):
+    """`count` image files of different sizes and colours, and the batch the evaluation transform makes of them."""
+    from fastprompt.data import eval_transform, open_rgb_image
+
+    files = [write_image(tmp_path / "photos" / f"{k}.jpg", (40 * k, 200 - 30 * k, 90), seed=k, size=50 + 7 * k)
+             for k in range(count)]
+    return files, torch.stack([eval_transform(size)(open_rgb_image(f)) for f in files])
+
+
 def trained(tmp_path, cli, method):
     run = tmp_path / method
     code, _, err = cli("train", "--method", method, *ARGS, f"output_dir={run}")
@@ -72,7 +81,6 @@ def test_methods_without_a_fixed_classifier_are_refused(tmp_path, cli, method, w
 def test_the_program_gives_the_predictors_probabilities_without_fastprompt(tmp_path, cli, method, new_classes):
     """The file the CLI writes, loaded by torch alone, against the Predictor of the same checkpoint and classes (the
     image files through the evaluation transform the file describes)."""
-    from fastprompt.data import eval_transform, open_rgb_image
     from fastprompt.runner.export import read_program
 
     checkpoint = trained(tmp_path, cli, method)
@@ -94,9 +102,7 @@ def test_the_program_gives_the_predictors_probabilities_without_fastprompt(tmp_p
     assert description["classnames"] == list(predictor.classnames) and description["mode"] == predictor.mode
     size = description["input"]["shape"][2]
     assert size == predictor.image_size
-    files = [write_image(tmp_path / "photos" / f"{k}.jpg", (40 * k, 200 - 30 * k, 90), seed=k, size=50 + 7 * k)
-             for k in range(5)]
-    images = torch.stack([eval_transform(size)(open_rgb_image(f)) for f in files])
+    files, images = photos(tmp_path, size)
     with torch.no_grad():
         probabilities = program.module()(images).softmax(-1)
     torch.testing.assert_close(probabilities, predictor(files), rtol=1e-5, atol=1e-6)
@@ -126,7 +132,6 @@ def test_read_program_refuses_a_program_without_the_description(tmp_path):
 @pytest.mark.parametrize("method", ["maple", "cocoop"])
 def test_the_onnx_model_gives_the_predictors_probabilities_in_onnxruntime(tmp_path, cli, method):
     onnxruntime = pytest.importorskip("onnxruntime")  # in the test extra: CI has it
-    from fastprompt.data import eval_transform, open_rgb_image
 
     checkpoint = trained(tmp_path, cli, method)
     output = tmp_path / "model.onnx"
@@ -140,10 +145,7 @@ def test_the_onnx_model_gives_the_predictors_probabilities_in_onnxruntime(tmp_pa
     description = json.loads(session.get_modelmeta().custom_metadata_map["fastprompt.json"])
     predictor = Predictor(str(checkpoint), None, device="cpu", amp_dtype=None, kernels="eager")
     assert description["format"] == "fastprompt.onnx/1" and description["classnames"] == list(predictor.classnames)
-    size = description["input"]["shape"][2]
-    files = [write_image(tmp_path / "photos" / f"{k}.jpg", (40 * k, 200 - 30 * k, 90), seed=k, size=50 + 7 * k)
-             for k in range(5)]
-    images = torch.stack([eval_transform(size)(open_rgb_image(f)) for f in files])
+    files, images = photos(tmp_path, description["input"]["shape"][2])
     expected = predictor(files)
     for rows in (slice(0, 1), slice(0, 5)):  # the batch dimension is dynamic
         logits = torch.from_numpy(session.run(None, {"images": images[rows].numpy()})[0])
@@ -184,12 +186,6 @@ def test_an_onnx_model_over_protobufs_limit_is_one_error(tmp_path, cli, monkeypa
 
 
 # --- --dtype: half-precision programs -----------------------------------------------------------------------------
-def _photos(tmp_path, size):
-    from fastprompt.data import eval_transform, open_rgb_image
-
-    files = [write_image(tmp_path / "photos" / f"{k}.jpg", (40 * k, 200 - 30 * k, 90), seed=k, size=50 + 7 * k)
-             for k in range(4)]
-    return files, torch.stack([eval_transform(size)(open_rgb_image(f)) for f in files])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -213,7 +209,7 @@ def test_a_half_program_computes_in_its_dtype_and_gives_the_float32_predictions(
     matrices = [value for value in stored.values() if isinstance(value, torch.Tensor) and value.dim() == 2
                 and value.numel() >= 64 * 64]
     assert matrices and all(value.dtype == dtype for value in matrices)
-    files, images = _photos(tmp_path, description["input"]["shape"][2])
+    files, images = photos(tmp_path, description["input"]["shape"][2], count=4)
     with torch.no_grad():
         logits = program.module()(images.to(dtype))
     assert logits.dtype == torch.float32
@@ -231,7 +227,7 @@ def test_a_float16_onnx_model_runs_in_onnxruntime(tmp_path, cli):
     assert session.get_inputs()[0].type == "tensor(float16)" and session.get_outputs()[0].type == "tensor(float)"
     description = json.loads(session.get_modelmeta().custom_metadata_map["fastprompt.json"])
     assert description["input"]["dtype"] == "float16"
-    files, images = _photos(tmp_path, description["input"]["shape"][2])
+    files, images = photos(tmp_path, description["input"]["shape"][2], count=4)
     logits = torch.from_numpy(session.run(None, {"images": images.half().numpy()})[0])
     expected = Predictor(str(checkpoint), None, device="cpu", amp_dtype=None, kernels="eager")(files)
     torch.testing.assert_close(logits.softmax(-1), expected, rtol=0, atol=6e-3)
