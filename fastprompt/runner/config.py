@@ -552,6 +552,21 @@ def _reconcile_context(config: RunConfig, preset_options: dict, user_keys: set) 
             " not used"]
 
 
+def _context_length_from_init(config: RunConfig) -> int | None:
+    """The context length a CoOp/CoCoOp config really trains with when ctx_init fixes it and n_ctx is left at
+    the method's default (which the method then does not use); None otherwise."""
+    from ..methods import method_options
+
+    if config.method not in _CTX_INIT_SETS_LENGTH or "n_ctx" in config.options:
+        return None
+    ctx_init = config.options.get("ctx_init", method_options(config.method)["ctx_init"])
+    if not ctx_init:
+        return None
+    from ..model import _default_tokenizer
+
+    return len(_default_tokenizer().encode(ctx_init))
+
+
 def format_config(resolved: ResolvedConfig) -> str:
     """The effective config, one key per line, and its differences from the preset."""
     from ..methods import method_options
@@ -560,9 +575,13 @@ def format_config(resolved: ResolvedConfig) -> str:
     defaults = method_options(resolved.config.method)
     for key, value in resolved.config.to_dict().items():
         if key == "options":
+            length_from_init = _context_length_from_init(resolved.config)
             for name in defaults:
                 if name in value:
                     lines.append(f"{name} = {json.dumps(value[name])}")
+                elif name == "n_ctx" and length_from_init not in (None, defaults[name]):
+                    lines.append(f"n_ctx = {length_from_init}  # ctx_init's token count (the method's default,"
+                                 f" {defaults[name]}, is not used)")
                 else:
                     lines.append(f"{name} = {json.dumps(defaults[name])}  # method default")
         elif key == "dataset_options":

@@ -151,6 +151,19 @@ def test_dry_run_prints_effective_config_and_diff_and_writes_nothing(tmp_path, c
     assert os.listdir(tmp_path) == []
 
 
+def test_dry_run_shows_the_context_length_ctx_init_gives(tmp_path, cli, monkeypatch):
+    # CoOp's b2n preset sets ctx_init="a photo of a", which fixes the context at its 4 tokens: the dry run must
+    # not print the unused default n_ctx=16 as if it were trained with
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("train", "--method", "coop", "--dataset", "eurosat", "--root", tmp_path, "--dry-run")
+    assert code == 0, err
+    assert "n_ctx = 4  # ctx_init's token count (the method's default, 16, is not used)" in out.splitlines()
+    code, out, err = cli("train", "--method", "coop", "--protocol", "fewshot", "--dataset", "eurosat", "--root",
+                         tmp_path, "--dry-run")
+    assert code == 0, err
+    assert "n_ctx = 16" in out.splitlines() and "ctx_init = null" in out.splitlines()
+
+
 def test_conflicting_flags_are_errors(tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("train", "--method", "coop", "method=maple", "--dry-run")
