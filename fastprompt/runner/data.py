@@ -91,6 +91,10 @@ def plan(config: RunConfig, full: DatasetSplits, seed: int, image_size: int, loa
         )
     sampled = sample_few_shot(full, config.shots, seed)
     if config.protocol == "b2n":
+        if full.num_classes < 2:
+            raise ConfigError(f"protocol b2n splits the classes of {full.name} into a base and a novel half, but it"
+                              f" has {count_classes(full.num_classes)}: b2n needs at least 3 (2 base, 1 novel); use"
+                              " protocol=fewshot to train and test on all classes")
         base, novel = subsample_classes(sampled, "base"), subsample_classes(sampled, "novel")
         targets = [Target(full.name, "base", "base", base), Target(full.name, "novel", "novel", novel)]
         return base, targets
@@ -105,6 +109,30 @@ def plan(config: RunConfig, full: DatasetSplits, seed: int, image_size: int, loa
                 raise ConfigError(f"target {name!r} has an empty test split")
             targets.append(Target(name, "all", "novel", splits))
     return sampled, targets
+
+
+def count_classes(count: int) -> str:
+    """The count with its noun: '1 class', '3 classes'."""
+    return f"{count} class" if count == 1 else f"{count} classes"
+
+
+def check_targets(targets) -> None:
+    """Every evaluation needs a class to score: an empty one (the novel half of a 1-class dataset) is an error
+    here rather than a failure after training."""
+    for target in targets:
+        if target.splits.num_classes == 0:
+            raise ConfigError(f"{target.dataset}/{target.subset} holds no class to evaluate (the {target.subset} half"
+                              " of a dataset of one class)")
+
+
+def one_class_targets_note(targets) -> str | None:
+    """A line naming the evaluations over a single class (b2n's novel half of a 3-class dataset, a 1-class
+    target): their accuracy is 100 % whatever the prompts are; None when there is none."""
+    single = [f"{t.dataset}/{t.subset} ({t.splits.classnames[0]!r})" for t in targets if t.splits.num_classes == 1]
+    if not single:
+        return None
+    return (f"note: {', '.join(single)} {'holds' if len(single) == 1 else 'hold'} a single class, so"
+            f" {'its' if len(single) == 1 else 'their'} accuracy is 100 % whatever the prompts learn")
 
 
 def short_classes_note(full: DatasetSplits, shots: int) -> str | None:
@@ -125,6 +153,13 @@ def short_classes_note(full: DatasetSplits, shots: int) -> str | None:
 def check_training_set(config: RunConfig, train: DatasetSplits) -> None:
     if not train.train:
         raise ConfigError(f"{train.name}: the training split is empty")
+    trained = len({sample.label for sample in train.train})
+    if trained < 2:
+        # Cross-entropy over one class is 0 whatever the logits: the prompts would get no gradient at all.
+        half = " (b2n trains on the base half of its classes; 3 or more are needed)" if train.subset == "base" else ""
+        raise ConfigError(f"the training set of {train.name} holds {count_classes(trained)}{half}: a classifier needs"
+                          " at least 2 classes to learn anything (its loss is 0 over one); epochs=0 evaluates"
+                          " without training")
     try:
         # Under torchrun each process takes 1/N of a batch: of batch_size, or of the whole set where it is smaller
         # (one batch of all its images per epoch, as Dassl's loader has it).

@@ -28,8 +28,8 @@ from ..parallel import data_parallel
 from . import checkpoint as ckpt
 from . import lock as run_lock
 from .config import FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, check_config, set_field
-from .data import (check_training_set, load_dataset, plan, run_image_paths, short_classes_note, split_record,
-                   verify_paths)
+from .data import (check_targets, check_training_set, count_classes, load_dataset, one_class_targets_note, plan,
+                   run_image_paths, short_classes_note, split_record, verify_paths)
 from .engine import (SeedTrainer, build_model, load_backbone, numerics, progress_bar, resolve_device,
                      shard_text_if_asked)
 from .eval_cache import EvalCache
@@ -100,7 +100,8 @@ def prepare(config: RunConfig, echo) -> Prepared:
     full = load_dataset(config, config.dataset, image_size)
     loaded: dict = {}
     plans = {seed: plan(config, full, seed, image_size, loaded) for seed in config.seeds}
-    for seed, (train, _) in plans.items():
+    for seed, (train, targets) in plans.items():
+        check_targets(targets)
         if config.epochs > 0:  # epochs=0 evaluates the initial prompts (zero-shot CLIP): nothing is trained
             check_training_set(config, train)
     # Decode every file the run will read, the training set and the evaluation targets, before the run folder
@@ -118,12 +119,13 @@ def prepare(config: RunConfig, echo) -> Prepared:
     # Build once so bad method options and over-long class names fail now, not after the folder exists.
     first_train, _ = plans[config.seeds[0]]
     build_model(config, clip, first_train.classnames, config.seeds[0])
-    echo(f"{config.method} / {config.protocol} on {full.name}: {full.num_classes} classes, {config.shots} shots,"
-         f" seeds {list(config.seeds)}, backbone {config.backbone} ({config.pretrained or 'random weights'}),"
-         f" {num.name} on {device}")
+    echo(f"{config.method} / {config.protocol} on {full.name}: {count_classes(full.num_classes)},"
+         f" {config.shots} shots, seeds {list(config.seeds)}, backbone {config.backbone}"
+         f" ({config.pretrained or 'random weights'}), {num.name} on {device}")
     short = short_classes_note(full, config.shots) if config.epochs > 0 else None
-    if short is not None:
-        echo(short)
+    for note in (short, one_class_targets_note(plans[config.seeds[0]][1])):
+        if note is not None:
+            echo(note)
     return Prepared(config, clip, device, num, image_size, plans)
 
 
@@ -503,6 +505,10 @@ def _evaluate_checkpoints(folders, overrides, dataset, subset, mode, echo) -> li
             splits = subsample_classes(load_dataset(config, dataset, image_size), subset)
             same = list(splits.classnames) == list(manifest["classnames"])
             targets = [Target(splits.name, subset, mode or ("base" if same else "novel"), splits)]
+        check_targets(targets)
+        note = one_class_targets_note(targets)
+        if note is not None:
+            echo(note)
         other = [t.dataset for t in targets if not ckpt.takes_class_set(manifest, t.splits.classnames)]
         if other:
             raise ckpt.CheckpointError(

@@ -140,3 +140,48 @@ def test_duplicate_class_names_are_one_note_per_run_and_in_the_log(tmp_path, cli
     code, out, err = cli("eval", run, "device=cpu")
     assert code == 0, err
     assert [line for line in out.splitlines() if "duplicate class names" in line] == [note]
+
+
+def _folders_of(tmp_path, classes):
+    root = tmp_path / f"{len(classes)}-classes"
+    for label, name in enumerate(classes):
+        for split in ("train", "test"):
+            for k in range(2):
+                write_image(root / split / name / f"{k}.png", COLOURS[label], seed=label * 10 + k)
+    return root
+
+
+@pytest.mark.parametrize("classes, protocol, message", [
+    # b2n's base half of 2 classes is 1: cross-entropy over one class is 0, so the prompts learnt nothing and
+    # both halves scored 100 % (it used to train and report HM 100)
+    (CLASSES[:2], "b2n", "the training set of imagefolder holds 1 class (b2n trains on the base half of its classes;"
+                         " 3 or more are needed): a classifier needs at least 2 classes"),
+    # the novel half of 1 class is empty: it trained, then failed with a traceback when it set no class names
+    (CLASSES[:1], "b2n", "protocol b2n splits the classes of imagefolder into a base and a novel half, but it has 1"
+                         " class: b2n needs at least 3 (2 base, 1 novel); use protocol=fewshot"),
+    (CLASSES[:1], "fewshot", "the training set of imagefolder holds 1 class: a classifier needs at least 2 classes"),
+])
+def test_too_few_classes_to_learn_from_is_one_error_line_before_the_run_folder(tmp_path, cli, classes, protocol,
+                                                                                message):
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--dataset", "imagefolder", "--root", _folders_of(tmp_path, classes), *ARGS,
+                       "--protocol", protocol, f"output_dir={out}")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_a_single_class_evaluation_is_named_as_scoring_100_percent_whatever_is_learnt(tmp_path, cli, own_data):
+    """b2n over 3 classes trains on 2 and evaluates the third (sorted: red fox) alone: a note says its 100 % means nothing, and eval
+    on the novel half of a 1-class set is one error line, not a traceback."""
+    folders, _ = own_data
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--dataset", "imagefolder", "--root", folders, *ARGS, "--protocol", "b2n",
+                         f"output_dir={run}")
+    assert code == 0, err
+    assert ("note: imagefolder/novel ('red fox') holds a single class, so its accuracy is 100 % whatever the prompts"
+            " learn") in out.splitlines()
+    assert json.loads((run / "seed1" / "results.json").read_text())["targets"][1]["accuracy"] == 100.0
+    one = _folders_of(tmp_path, CLASSES[:1])
+    code, _, err = cli("eval", "--checkpoint", run / "seed1", "--dataset", "imagefolder", "--root", one,
+                       "--subset", "novel", "device=cpu")
+    assert code == 2 and err.count("\n") == 1 and "imagefolder/novel holds no class to evaluate" in err, err
