@@ -525,10 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
                         " .safetensors (a fixed classifier)")
     export.add_argument("--classnames", help="text file, one class name per line (default: the trained classes)")
     export.add_argument("--pretrained", help="CLIP weights, where the checkpoint's record is not on this machine")
+    # The runner's precision= names (fp32, bf16, fp16) are taken too: one vocabulary should not fail in the other.
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        type=lambda name: {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name),
                         help="a program's weights, computation and input (default float32; .onnx takes float32 or"
-                             " float16): the half types halve the file and run at half precision on a GPU; the logits"
-                             " are float32")
+                             " float16; fp32, bf16, fp16 as in precision= work too): the half types halve the file"
+                             " and run at half precision on a GPU; the logits are float32")
     export.set_defaults(func=_export)
 
     dassl = sub.add_parser(

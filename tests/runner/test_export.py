@@ -221,7 +221,8 @@ def test_a_float16_onnx_model_runs_in_onnxruntime(tmp_path, cli):
     onnxruntime = pytest.importorskip("onnxruntime")
     checkpoint = trained(tmp_path, cli, "maple")
     output = tmp_path / "half.onnx"
-    code, out, err = cli("export", checkpoint, "--output", output, "--dtype", "float16")
+    # fp16: the runner's precision= name for float16, taken too
+    code, out, err = cli("export", checkpoint, "--output", output, "--dtype", "fp16")
     assert code == 0, err
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(float16)" and session.get_outputs()[0].type == "tensor(float)"
@@ -238,8 +239,11 @@ def test_dtypes_a_format_cannot_hold_are_one_error(tmp_path, cli):
     refused before anything is built or written."""
     checkpoint = trained(tmp_path, cli, "coop")
     for output, dtype, says in [("m.onnx", "bfloat16", "ONNX takes float32 or float16 here"),
+                                ("m.onnx", "bf16", "ONNX takes float32 or float16 here"),
                                 ("m.safetensors", "float16", "a fixed classifier is written in float32")]:
         code, _, err = cli("export", checkpoint, "--output", tmp_path / output, "--dtype", dtype)
         assert code == 2
         assert err.startswith(f"fastprompt: error: --output {tmp_path / output}: {says}")
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / output).exists()
+    code, _, err = cli("export", checkpoint, "--output", tmp_path / "m.pt2", "--dtype", "int8")
+    assert code == 2 and "argument --dtype: invalid choice: 'int8' (choose from " in err, err
