@@ -364,15 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train and evaluate a method on the embedded procedural dataset")
-    demo.add_argument("--method", default="maple", choices=sorted(METHOD_NAMES))
+    demo.add_argument("--method", default="maple", choices=sorted(METHOD_NAMES), help="prompt method (default maple)")
     demo.add_argument("--backbone", default="small", help="'small', 'tiny' or an open_clip model name")
     demo.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint file")
-    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
     demo.add_argument("--shots", type=int, default=16,
                       help="training images per class of the procedural dataset (K of K-shot; default 16)")
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--lr", type=float, default=None)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--batch-size", type=int, default=16, help="training images per step (default 16)")
+    demo.add_argument("--lr", type=float, default=None, help="AdamW's peak learning rate, cosine to 0 (default 2e-3)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the dataset draw, prompts and order (default 0)")
     demo.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     demo.add_argument("--kernels", default="auto",
                       help="auto (fastprompt.patch), eager (the unpatched reference path), or an attention backend")
@@ -381,11 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="devices, versions and kernel backends")
     info.set_defaults(func=_info)
 
-    prepare = sub.add_parser("prepare", help="check a dataset layout (optionally download it first)")
-    prepare.add_argument("dataset")
-    prepare.add_argument("--root", required=True)
-    prepare.add_argument("--verify", default="sample", choices=["sample", "all", "none"])
-    prepare.add_argument("--download", action="store_true", help="fetch and unpack the public archives first")
+    prepare = sub.add_parser(
+        "prepare", help="check a dataset layout (optionally download it first)",
+        description="Check that a dataset's files are where training will look for them (its folder under --root,"
+                    " split file, class names, images) and print what was found, or the expected layout and what is"
+                    " missing. Exits 1 when the layout is not usable.",
+        epilog="example: fastprompt prepare eurosat --root /data --download",
+    )
+    prepare.add_argument("dataset", help="dataset name: " + ", ".join(DATASET_NAMES)
+                         + " (Dassl names such as OxfordPets too)")
+    prepare.add_argument("--root", required=True, help="folder holding one folder per dataset (imagefolder: the"
+                         " folder of class folders; csv: the CSV file), as train's --root")
+    prepare.add_argument("--verify", default="sample", choices=["sample", "all", "none"],
+                         help="decode a seeded random sample of up to 1000 images (default), every image, or none")
+    prepare.add_argument("--download", action="store_true", help="fetch and unpack the public archives first"
+                         " (resumable; checked against the published checksum where there is one)")
     prepare.set_defaults(func=_prepare)
 
     train = sub.add_parser(
@@ -469,14 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
                           + ", ".join(DATASET_NAMES))
     evaluate.add_argument("--root", help="folder holding one folder per dataset, as train's --root (imagefolder:"
                           " the folder of class folders; csv: the CSV file); the run's own by default")
-    evaluate.add_argument("--subset", default="all", choices=["all", "base", "novel"])
+    evaluate.add_argument("--subset", default="all", choices=["all", "base", "novel"],
+                          help="with --dataset: its classes to score, all (default) or b2n's base or novel half")
     evaluate.add_argument("--mode", choices=["base", "novel"], help="prediction mode (default: by class set)")
     evaluate.add_argument("--output", help="write the results as JSON")
     evaluate.add_argument("overrides", nargs="*", help="key=value: device, precision, root, eval_batch_size, ...")
     evaluate.set_defaults(func=_eval, takes_extra=True)
 
     report = sub.add_parser("report", help="one table from several finished runs (e.g. b2n over datasets)")
-    report.add_argument("runs", nargs="+")
+    report.add_argument("runs", nargs="+", help="run folders, or sweep folders (a row per dataset, seeds merged)")
     report.add_argument("--markdown", help="write the Markdown table here")
     report.add_argument("--csv", help="write the CSV table here")
     report.add_argument("--latex", help="write the table as a LaTeX tabular (booktabs) here")
@@ -512,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="The --output suffix says what to write. .pt2 (every method): the model's evaluation forward as a"
                     " torch.export program, images (float32, or --dtype) normalised as in evaluation -> class logits,"
                     " any batch size; torch.export.load(path).module()(images) runs it wherever torch does, without"
-                    " fastprompt or open_clip (the class names and the input's transform are in the file's fastprompt.json)."
+                    " fastprompt or open_clip (the class names and the input's transform are in the file's"
+                    " fastprompt.json)."
                     " .onnx (every method; pip install 'fastprompt[onnx]'): that program in ONNX, input 'images',"
                     " output 'logits', for onnxruntime and other ONNX runtimes."
                     " .safetensors (CoOp, deep-language or zero-shot checkpoints): the class set's normalised text"
@@ -540,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                     " --checkpoint` and fastprompt.runner.Predictor load. Read with torch.load(weights_only=True).",
     )
     dassl.add_argument("path", help="the Dassl checkpoint file")
-    dassl.add_argument("--method", required=True, choices=DASSL_IMPORTABLE)
+    dassl.add_argument("--method", required=True, choices=DASSL_IMPORTABLE, help="the method the checkpoint trained")
     dassl.add_argument("--classnames", required=True,
                        help="text file, one class name per line, in the training label order")
     dassl.add_argument("--output", required=True, help="new checkpoint folder")
