@@ -245,6 +245,9 @@ def test_only_rank_0_writes_and_prints(two_ranks):
     for key in ("full", "resumed", "eval"):
         assert other[key]["out"] == "" and other[key]["err"] == "", key
     assert "seed 1 epoch 2/2" in main["full"]["out"] and "accuracy" in main["eval"]["out"]
+    # the header says the run is data-parallel (it read like a one-process run)
+    assert main["full"]["out"].splitlines()[0].endswith(" on cpu, 2 processes (torchrun), each computing 1/2 of every"
+                                                         " batch")
     assert other["interrupted_out"] == ""
     log = (out / "runs" / "full" / "log.txt").read_text().splitlines()
     epoch_lines = [line for line in log if line.startswith("seed 1 epoch")]

@@ -121,12 +121,21 @@ def prepare(config: RunConfig, echo) -> Prepared:
     build_model(config, clip, first_train.classnames, config.seeds[0])
     echo(f"{config.method} / {config.protocol} on {full.name}: {count_classes(full.num_classes)},"
          f" {config.shots} shots, seeds {list(config.seeds)}, backbone {config.backbone}"
-         f" ({config.pretrained or 'random weights'}), {num.name} on {device}")
+         f" ({config.pretrained or 'random weights'}), {num.name} on {device}{_processes_phrase()}")
     short = short_classes_note(full, config.shots) if config.epochs > 0 else None
     for note in (short, one_class_targets_note(plans[config.seeds[0]][1])):
         if note is not None:
             echo(note)
     return Prepared(config, clip, device, num, image_size, plans)
+
+
+def _processes_phrase() -> str:
+    """Under torchrun, what the header line adds: how many processes share each batch (the global batch is the
+    config's batch_size, as in the papers)."""
+    world = data_parallel.world_size()
+    if world == 1:
+        return ""
+    return f", {world} processes (torchrun), each computing 1/{world} of every batch"
 
 
 def _configured_image_size(backbone: str) -> int | None:
