@@ -153,12 +153,12 @@ def short_classes_note(full: DatasetSplits, shots: int) -> str | None:
 def check_training_set(config: RunConfig, train: DatasetSplits) -> None:
     if not train.train:
         raise ConfigError(f"{train.name}: the training split is empty")
-    trained = len({sample.label for sample in train.train})
+    trained = train.num_classes
     if trained < 2:
-        # Cross-entropy over one class is 0 whatever the logits: the prompts would get no gradient at all.
+        # Cross-entropy over one class is 0 whatever the logits: the prompts would get no gradient from it.
         half = " (b2n trains on the base half of its classes; 3 or more are needed)" if train.subset == "base" else ""
         raise ConfigError(f"the training set of {train.name} holds {count_classes(trained)}{half}: a classifier needs"
-                          " at least 2 classes to learn anything (its loss is 0 over one); epochs=0 evaluates"
+                          " at least 2 classes to learn anything (its cross-entropy is 0 over one); epochs=0 evaluates"
                           " without training")
     try:
         # Under torchrun each process takes 1/N of a batch: of batch_size, or of the whole set where it is smaller
