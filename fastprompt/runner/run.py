@@ -593,28 +593,62 @@ def checkpoints_of_run(run_dir: str) -> list[str]:
 
 def load_summaries(run_dirs: list[str]) -> list[dict]:
     """The summaries of run folders and of sweep folders (one per dataset of a sweep, its seeds merged)."""
+    summaries, origins, seen = [], [], {}
+    for run_dir in run_dirs:
+        real = os.path.realpath(os.path.expanduser(run_dir))
+        if real in seen:
+            print(f"fastprompt: note: {run_dir} is {seen[real]} again; its rows are shown once", file=sys.stderr)
+            continue
+        seen[real] = run_dir
+        found = _folder_summaries(run_dir)
+        summaries += found
+        origins += [run_dir] * len(found)
+    return _told_apart(summaries, origins)
+
+
+def _folder_summaries(run_dir: str) -> list[dict]:
     from .sweep import is_sweep, sweep_summaries
 
-    summaries = []
-    for run_dir in run_dirs:
-        folder = os.path.abspath(os.path.expanduser(run_dir))
-        path = os.path.join(folder, "summary.json")
-        if not os.path.isdir(folder):
-            raise RunError(f"{run_dir}: no such run folder")
-        if is_sweep(folder):
-            found, missing = sweep_summaries(folder)
-            if not found:
-                raise RunError(f"{run_dir}: no dataset of the sweep has all its seeds complete yet (waiting:"
-                               f" {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''})")
-            if missing:
-                print(f"fastprompt: note: {run_dir}: the table leaves out the datasets with runs not complete yet"
-                      f" ({', '.join(missing)})", file=sys.stderr)
-            summaries += found
-            continue
-        if not os.path.isfile(os.path.join(folder, RUN_MANIFEST)):
-            raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}); report takes the folders that"
-                           " `fastprompt train` wrote")
-        if not os.path.isfile(path):
-            raise RunError(f"{run_dir} has no summary.json (the run is not complete: {status_line(folder)})")
-        summaries.append(ckpt.read_json(path, "run summary"))
-    return summaries
+    folder = os.path.abspath(os.path.expanduser(run_dir))
+    path = os.path.join(folder, "summary.json")
+    if not os.path.isdir(folder):
+        raise RunError(f"{run_dir}: no such run folder")
+    if is_sweep(folder):
+        found, missing = sweep_summaries(folder)
+        if not found:
+            raise RunError(f"{run_dir}: no dataset of the sweep has all its seeds complete yet (waiting:"
+                           f" {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''})")
+        if missing:
+            print(f"fastprompt: note: {run_dir}: the table leaves out the datasets with runs not complete yet"
+                  f" ({', '.join(missing)})", file=sys.stderr)
+        return found
+    if not os.path.isfile(os.path.join(folder, RUN_MANIFEST)):
+        raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}); report takes the folders that"
+                       " `fastprompt train` wrote")
+    if not os.path.isfile(path):
+        raise RunError(f"{run_dir} has no summary.json (the run is not complete: {status_line(folder)})")
+    return [ckpt.read_json(path, "run summary")]
+
+
+def _told_apart(summaries: list[dict], origins: list[str]) -> list[dict]:
+    """Rows of one name from different folders (two runs of maple on eurosat with other settings) would read
+    alike in the table: each such name gets its folder, as given, in brackets (the basename where those
+    differ)."""
+    folders_of: dict[tuple, set] = {}
+    for summary, origin in zip(summaries, origins):
+        folders_of.setdefault(_row_key(summary), set()).add(origin)
+    shown = []
+    for summary, origin in zip(summaries, origins):
+        folders = folders_of[_row_key(summary)]
+        if len(folders) > 1:
+            bases = {os.path.basename(os.path.normpath(f)) for f in folders}
+            label = os.path.basename(os.path.normpath(origin)) if len(bases) == len(folders) else origin
+            summary = {**summary, "name": f"{summary['name']} [{label}]"}
+        shown.append(summary)
+    return shown
+
+
+def _row_key(summary: dict) -> tuple:
+    """What a table row shows of a run besides its figures: its name and dataset(s)."""
+    datasets = tuple(sorted(target["dataset"] for target in summary.get("targets", {}).values()))
+    return summary["name"], datasets
