@@ -61,6 +61,14 @@ def test_predict_prints_and_writes_the_top_classes_of_files_and_folders(tmp_path
                                                        for t in row["top"])
     assert [row["image"] for row in written["predictions"]] == [str(p) for p in order]
 
+    # Two names that prompt alike: one note line on stderr (Python's warning form quoted `sys.exit(main())`)
+    names.write_text("red circle\nred_circle\ncyan ring\n")
+    code, out, err = cli("predict", run, tmp_path / "single.png", "--classnames", names, "--device", "cpu")
+    assert code == 0, err
+    assert err.splitlines() == ["fastprompt: note: duplicate class names ('red circle' and 'red_circle', both 'red"
+                                " circle' after cleaning at positions 0 and 1): their prompts are identical, so they"
+                                " always score the same and the first wins ties"]
+
     # Python: the CLIP a Predictor creates runs the fast path unless kernels='eager'.
     assert fast_path(Predictor(str(run / "seed1"), device="cpu").model.clip) is not None
     assert fast_path(Predictor(str(run / "seed1"), device="cpu", kernels="eager").model.clip) is None
