@@ -61,7 +61,9 @@ def test_parallel_sweep_makes_the_runs_train_makes_one_after_the_other(tmp_path,
     code, out, err = cli("report", sweep, plain)
     assert code == 0, err
     rows = [line for line in out.splitlines() if line.startswith("| coop procedural")]
-    assert len(rows) == 2 and rows[0] == rows[1]
+    # one name from two folders: each row carries its folder, and the figures are the same
+    assert [row.split(" | ")[0] for row in rows] == ["| coop procedural [sweep]", "| coop procedural [plain]"]
+    assert rows[0].split(" | ")[1:] == rows[1].split(" | ")[1:]
 
     # The same command again: nothing left to train, the table again.
     code, out, err = run_sweep_process(*SWEEP, "--datasets", "procedural", "--seeds", "1,2", "--jobs-per-device", "2",
