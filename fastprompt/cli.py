@@ -322,13 +322,25 @@ def _predict(args) -> int:
     classnames = read_classnames(args.classnames) if args.classnames else None
     predictor = Predictor(args.checkpoint, classnames, device=device, pretrained=args.pretrained, mode=args.mode,
                           kernels=args.kernels)
-    rows = top_classes(predictor, files, top=args.top, batch_size=args.batch_size)
+    # An image that does not decode costs only its own line: the others are still predicted and written, each bad
+    # file is named on stderr (and in the JSON), and the exit status is 1.
+    unreadable: list[dict] = []
+    rows = top_classes(predictor, files, top=args.top, batch_size=args.batch_size, unreadable=unreadable)
     for row in rows:
         print(f"{row['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in row["top"]))
+    for failure in unreadable:
+        print(f"fastprompt: error: {failure['error']}", file=sys.stderr)
     if args.output:
-        atomic_write_json(args.output, {"checkpoint": predictor.checkpoint, "mode": predictor.mode,
-                                        "classnames": list(predictor.classnames), "predictions": rows})
+        record = {"checkpoint": predictor.checkpoint, "mode": predictor.mode,
+                  "classnames": list(predictor.classnames), "predictions": rows}
+        if unreadable:
+            record["unreadable"] = unreadable
+        atomic_write_json(args.output, record)
         print(f"wrote {args.output}")
+    if unreadable:
+        print(f"fastprompt: {len(unreadable)} of {len(files)} images could not be decoded; the other"
+              f" {len(files) - len(unreadable)} were predicted", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -503,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Class probabilities of images (files, or folders of them) from a checkpoint folder, or a run"
                     " folder of one seed: the images are resized, centre-cropped and normalised as in evaluation, and"
                     " each gets one line with its --top classes. New class names (--classnames) are fine for every"
-                    " method whose parameters do not depend on the class count.",
+                    " method whose parameters do not depend on the class count. A file that does not decode is"
+                    " named on stderr (and under 'unreadable' in --output) while the others are still predicted;"
+                    " the exit status is then 1.",
     )
     predict.add_argument("checkpoint", help="checkpoint folder (runs/<run>/seed1), its checkpoint.json, or a run"
                          " folder of one seed")

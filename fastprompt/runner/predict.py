@@ -30,7 +30,7 @@ import os
 import torch
 
 from ..backbones import create_clip
-from ..data import eval_transform, open_rgb_image
+from ..data import CorruptImageError, eval_transform, open_rgb_image
 from ..evaluation import EvalStep
 from . import checkpoint as ckpt
 from .engine import resolve_device
@@ -183,25 +183,54 @@ def image_files(paths) -> list[str]:
     return files
 
 
-def top_classes(predictor: Predictor, files: list[str], top: int = 5, batch_size: int = 100) -> list[dict]:
+def top_classes(predictor: Predictor, files: list[str], top: int = 5, batch_size: int = 100,
+                unreadable: list | None = None) -> list[dict]:
     """{'image', 'top': [{'class', 'probability'}, ...]} per file, the `top` most probable classes first; images
-    are read and predicted `batch_size` at a time, so any number of files runs in bounded memory."""
+    are read and predicted `batch_size` at a time, so any number of files runs in bounded memory.
+
+    A file that does not decode raises CorruptImageError naming it; with a list as `unreadable`, it is appended
+    there as {'image', 'error'} instead and the other files are still predicted (a folder of thousands of photos
+    with one bad file keeps the rest's predictions)."""
     if top < 1 or batch_size < 1:
         raise ValueError(f"top and batch_size must be at least 1, got top={top}, batch_size={batch_size}")
     from concurrent.futures import ThreadPoolExecutor
 
     k = min(top, len(predictor.classnames))
     chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
+    read = predictor.prepare if unreadable is None else lambda chunk: _read_what_decodes(predictor, chunk)
     rows = []
     # The next chunk is read while this one is classified, so the device does not wait for the decoding.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastprompt-prefetch") as ahead:
-        pending = ahead.submit(predictor.prepare, chunks[0]) if chunks else None
+        pending = ahead.submit(read, chunks[0]) if chunks else None
         for i, chunk in enumerate(chunks):
             x = pending.result()
             if i + 1 < len(chunks):
-                pending = ahead.submit(predictor.prepare, chunks[i + 1])
+                pending = ahead.submit(read, chunks[i + 1])
+            if unreadable is not None:
+                x, chunk, failures = x
+                unreadable += failures
+                if x is None:
+                    continue
             values, indices = predictor.classify(x).topk(k, dim=-1)
             for path, probabilities, classes in zip(chunk, values.tolist(), indices.tolist(), strict=True):
                 rows.append({"image": path, "top": [{"class": predictor.classnames[c], "probability": p}
                                                     for p, c in zip(probabilities, classes, strict=True)]})
     return rows
+
+
+def _read_what_decodes(predictor: Predictor, chunk: list[str]):
+    """(batch of the files that decode or None, those files, [{'image', 'error'}] of the others), in order."""
+    def attempt(path):
+        try:
+            return predictor._prepare_one(path)
+        except CorruptImageError as error:
+            return error
+
+    kept, tensors, failures = [], [], []
+    for path, item in zip(chunk, predictor._threads().map(attempt, chunk), strict=True):
+        if isinstance(item, CorruptImageError):
+            failures.append({"image": path, "error": str(item)})
+        else:
+            kept.append(path)
+            tensors.append(item)
+    return (torch.stack(tensors) if tensors else None), kept, failures

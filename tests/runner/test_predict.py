@@ -111,3 +111,19 @@ def test_top_classes_reads_many_files_on_threads_in_order_and_names_the_first_ba
             handle.write(b"not an image")
         with pytest.raises(CorruptImageError, match=f"cannot decode image {files[bad]}"):
             top_classes(predictor, files, top=1, batch_size=3)
+
+    # With a list to take them, the bad files (2 and 5, and a whole chunk of 3: files 3, 4, 5 with 3 and 4 bad
+    # too) are named in order and every other file keeps the row it had above.
+    for bad in (3, 4):
+        with open(files[bad], "wb") as handle:
+            handle.write(b"not an image either")
+    unreadable = []
+    kept = top_classes(predictor, files, top=2, batch_size=3, unreadable=unreadable)
+    assert [failure["image"] for failure in unreadable] == [files[2], files[3], files[4], files[5]]
+    assert all(failure["error"].startswith(f"cannot decode image {failure['image']}") for failure in unreadable)
+    expected = [row for row in rows if row["image"] in (files[0], files[1], files[6])]
+    assert [row["image"] for row in kept] == [row["image"] for row in expected]
+    for row, before in zip(kept, expected, strict=True):  # other batch compositions: equal to float tolerance
+        assert [t["class"] for t in row["top"]] == [t["class"] for t in before["top"]]
+        assert [t["probability"] for t in row["top"]] == pytest.approx([t["probability"] for t in before["top"]],
+                                                                       abs=1e-6)

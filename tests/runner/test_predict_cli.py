@@ -69,6 +69,20 @@ def test_predict_prints_and_writes_the_top_classes_of_files_and_folders(tmp_path
                                 " circle' after cleaning at positions 0 and 1): their prompts are identical, so they"
                                 " always score the same and the first wins ties"]
 
+    # A file that does not decode costs only its own line: the rest are predicted and written, it is named on
+    # stderr and in the JSON, and the exit status is 1 (the whole call used to fail, losing every prediction).
+    (folder / "broken.png").write_bytes(b"not an image")
+    code, out, err = cli("predict", run, folder, "--top", 1, "--device", "cpu", "--output", output)
+    assert code == 1
+    readable = [str(folder / "b.png"), str(folder / "nested" / "a.png")]
+    assert [line.split(":")[0] for line in out.splitlines()[:-1]] == readable
+    written = json.loads(output.read_text())
+    assert [row["image"] for row in written["predictions"]] == readable
+    assert [failure["image"] for failure in written["unreadable"]] == [str(folder / "broken.png")]
+    assert err.splitlines() == [f"fastprompt: error: {written['unreadable'][0]['error']}",
+                                "fastprompt: 1 of 3 images could not be decoded; the other 2 were predicted"]
+    assert written["unreadable"][0]["error"].startswith(f"cannot decode image {folder / 'broken.png'}: ")
+
     # Python: the CLIP a Predictor creates runs the fast path unless kernels='eager'.
     assert fast_path(Predictor(str(run / "seed1"), device="cpu").model.clip) is not None
     assert fast_path(Predictor(str(run / "seed1"), device="cpu", kernels="eager").model.clip) is None
