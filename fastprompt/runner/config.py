@@ -523,11 +523,9 @@ def _reconcile_context(config: RunConfig, preset_options: dict, user_keys: set) 
         return []
     options = config.options
     ctx_init = options.get("ctx_init", method_options(method)["ctx_init"])
-    if not ctx_init:
+    tokens = _ctx_init_tokens(ctx_init)
+    if tokens is None:
         return []
-    from ..model import _default_tokenizer
-
-    tokens = len(_default_tokenizer().encode(ctx_init))
     n_ctx = options.get("n_ctx", method_options(method)["n_ctx"])
     if method in _CTX_INIT_INITIALISES:
         if n_ctx > tokens:
@@ -559,7 +557,11 @@ def _context_length_from_init(config: RunConfig) -> int | None:
 
     if config.method not in _CTX_INIT_SETS_LENGTH or "n_ctx" in config.options:
         return None
-    ctx_init = config.options.get("ctx_init", method_options(config.method)["ctx_init"])
+    return _ctx_init_tokens(config.options.get("ctx_init", method_options(config.method)["ctx_init"]))
+
+
+def _ctx_init_tokens(ctx_init: str | None) -> int | None:
+    """How many tokens ctx_init's words take (the context length they give or cap); None without ctx_init."""
     if not ctx_init:
         return None
     from ..model import _default_tokenizer
