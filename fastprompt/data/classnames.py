@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
+from .files import read_user_text
+
 # Caltech101: two folders are not classes, four plural/odd folder names are renamed.
 CALTECH101_IGNORED = ("BACKGROUND_Google", "Faces_easy")
 CALTECH101_RENAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
@@ -113,17 +115,16 @@ def read_imagenet_classnames(path: str) -> OrderedDict[str, str]:
     A malformed line raises an error with its line number; duplicate wnids are errors too.
     """
     names: OrderedDict[str, str] = OrderedDict()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            wnid, _, name = line.partition(" ")
-            if not re.fullmatch(r"n\d{8}", wnid) or not name.strip():
-                raise ValueError(f"{path}, line {number}: expected '<wnid> <class name>', got {line!r}")
-            if wnid in names:
-                raise ValueError(f"{path}, line {number}: wnid {wnid} appears twice")
-            names[wnid] = name.strip()
+    for number, line in enumerate(read_user_text(path, "class-name file").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        wnid, _, name = line.partition(" ")
+        if not re.fullmatch(r"n\d{8}", wnid) or not name.strip():
+            raise ValueError(f"{path}, line {number}: expected '<wnid> <class name>', got {line!r}")
+        if wnid in names:
+            raise ValueError(f"{path}, line {number}: wnid {wnid} appears twice")
+        names[wnid] = name.strip()
     if not names:
         raise ValueError(f"{path} holds no class names")
     return names

@@ -13,12 +13,13 @@ a dict or a JSON file {folder or label: name}.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
 
 from .benchmarks import split_by_class
-from .files import list_images, list_subdirs, shorten
+from .files import list_images, list_subdirs, read_user_text, shorten
 from .splits import DatasetError, DatasetSplits, Sample, classnames_from_samples, clean_classname
 
 _SPLIT_NAMES = ("train", "val", "test")
@@ -29,8 +30,7 @@ def _name_map(classnames) -> dict[str, str]:
         return {}
     if isinstance(classnames, str | os.PathLike):
         try:
-            with open(classnames, encoding="utf-8") as handle:
-                classnames = json.load(handle)
+            classnames = json.loads(read_user_text(classnames, "class-name mapping"))
         except (OSError, json.JSONDecodeError) as error:
             raise DatasetError(f"cannot read class-name mapping {classnames}: {error}") from None
     if not isinstance(classnames, dict):
@@ -116,6 +116,15 @@ def load_image_folder(
     )
 
 
+def _delimiter(header: str) -> str:
+    """The separator whose split of the header names a 'path' column: ',' or, as spreadsheets write CSV where the
+    decimal mark is a comma (Excel in most of Europe), ';', or a tab. ',' when none does (the header's error)."""
+    for delimiter in (",", ";", "\t"):
+        if "path" in (field.strip() for field in next(csv.reader([header], delimiter=delimiter), [])):
+            return delimiter
+    return ","
+
+
 def load_csv(
     path: str,
     name: str | None = None,
@@ -132,14 +141,14 @@ def load_csv(
         raise DatasetError(f"CSV file not found: {path}")
     image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
     mapping = _name_map(classnames)
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if "path" not in columns or not ({"label", "classname"} & set(columns)):
-            raise DatasetError(
-                f"{path}: the header must have a 'path' column and 'label' and/or 'classname'; found {columns}"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    text = read_user_text(path, "CSV file")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text.partition("\n")[0]))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    if "path" not in columns or not ({"label", "classname"} & set(columns)):
+        raise DatasetError(
+            f"{path}: the header must have a 'path' column and 'label' and/or 'classname'; found {columns}"
+        )
+    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     if not rows:
         raise DatasetError(f"{path} has a header but no rows")
     if "label" in columns:

@@ -257,8 +257,9 @@ def load_config_file(path: str) -> dict:
     """A flat mapping of config keys from a .json, .yaml or .yml file (parsed as data, never executed)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    from ..data.files import read_user_text
+
+    text = read_user_text(path, "config file", ConfigError)
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml

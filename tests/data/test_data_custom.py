@@ -92,6 +92,53 @@ def test_csv_errors_name_the_line_or_column(tmp_path, content, message):
         build_dataset("csv", tmp_path / "bad.csv")
 
 
+def _spreadsheet_rows(tmp_path, image_writer):
+    """The rows of a small CSV dataset, and its images; a class name holds the separator of some files."""
+    rows = [("path", "classname", "split")]
+    for cls in ("zebra", "aardvark; brown"):
+        for k in range(3):
+            name = f"imgs/{cls[:5]}{k}.png"
+            image_writer(tmp_path / name)
+            rows.append((name, cls, "train" if k < 2 else "test"))
+    return rows
+
+
+def _csv_text(rows, delimiter, newline):
+    """CSV text written by hand, quoting a field that holds the delimiter as spreadsheets do."""
+    quote = lambda field: f'"{field}"' if delimiter in field else field  # noqa: E731
+    return newline.join(delimiter.join(quote(field) for field in row) for row in rows) + newline
+
+
+# As spreadsheets save CSV: Excel's "CSV UTF-8" puts a byte-order mark first, Excel where the decimal mark is a
+# comma separates fields with ';', "Text (Tab delimited)" with tabs; Windows ends lines with CRLF.
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+@pytest.mark.parametrize("bom, newline", [("", "\n"), ("\ufeff", "\r\n")])
+def test_csv_as_spreadsheets_write_it(tmp_path, image_writer, delimiter, bom, newline):
+    rows = _spreadsheet_rows(tmp_path, image_writer)
+    (tmp_path / "data.csv").write_bytes((bom + _csv_text(rows, delimiter, newline)).encode("utf-8"))
+    splits = build_dataset("csv", tmp_path / "data.csv")
+    assert splits.classnames == ("aardvark; brown", "zebra")
+    expected = [(str(tmp_path / path), 0 if cls.startswith("aardvark") else 1) for path, cls, split in rows[1:]
+                if split == "test"]
+    assert [(s.path, s.label) for s in splits.test] == expected
+    assert len(splits.train) == 4
+
+
+def test_csv_in_another_encoding_is_refused_with_its_line(tmp_path, image_writer):
+    rows = _spreadsheet_rows(tmp_path, image_writer) + [("imgs/zebra0.png", "zèbre", "train")]
+    (tmp_path / "data.csv").write_bytes(_csv_text(rows, ",", "\r\n").encode("cp1252"))
+    with pytest.raises(DatasetError, match=r"data.csv, line 8: the CSV file is not UTF-8 text \(byte 0xe8\); "
+                                           r"save it as UTF-8$"):
+        build_dataset("csv", tmp_path / "data.csv")
+
+
+def test_name_mapping_file_with_a_byte_order_mark(tmp_path, image_writer):
+    root = _pool(tmp_path / "mine", image_writer, classes=("a_cls", "b_cls"), count=4)
+    mapping = tmp_path / "names.json"
+    mapping.write_bytes(("\ufeff" + json.dumps({"a_cls": "äpple", "b_cls": "banana"})).encode("utf-8"))
+    assert build_dataset("imagefolder", root, classnames=str(mapping)).classnames == ("äpple", "banana")
+
+
 def test_custom_data_few_shot_caches_only_where_asked(tmp_path, image_writer):
     root = _pool(tmp_path / "mine", image_writer)
     sampled = sample_few_shot(build_dataset("imagefolder", root), 2, 1)

@@ -135,6 +135,19 @@ def test_config_files_are_data_json_and_yaml(tmp_path):
         load_config_file(str(broken))
 
 
+@pytest.mark.parametrize("name, text", [("run.json", '{"method": "coop",\r\n "epochs": 7}'),
+                                         ("run.yaml", "method: coop\r\nepochs: 7\r\n")])
+def test_config_files_saved_by_windows_editors(tmp_path, name, text):
+    # A byte-order mark first (Notepad, VS Code's "UTF-8 with BOM"): json.loads refuses one, so it is dropped.
+    path = tmp_path / name
+    path.write_bytes(("\ufeff" + text).encode("utf-8"))
+    assert resolve_config(load_config_file(str(path))).config.epochs == 7
+    # Saved in Windows' own code page: refused with the line, not read with other letters.
+    path.write_bytes(text.replace("7", '7, "lr": "é"' if name.endswith("json") else "7  # é").encode("cp1252"))
+    with pytest.raises(ConfigError, match=rf"^{path}, line 2: the config file is not UTF-8 text \(byte 0xe9\)"):
+        load_config_file(str(path))
+
+
 def test_round_trip_through_a_dict():
     config = resolved(method="mmrl", dataset="eurosat", seeds="1,2")
     again = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
