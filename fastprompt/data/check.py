@@ -55,8 +55,11 @@ class LayoutReport:
 
 def _verify_images(report: LayoutReport, paths: list[str], mode: str, max_images: int, seed: int) -> None:
     report.images_total = len(paths)
-    if mode == "none" or not paths:
-        report.notes.append(f"{len(paths)} images listed; image decoding not checked")
+    if not paths:
+        report.notes.append("no listed image is on disk: nothing to decode")
+        return
+    if mode == "none":
+        report.notes.append(f"{len(paths)} images on disk; image decoding not checked")
         return
     chosen = (
         sorted(paths)
@@ -71,7 +74,9 @@ def _verify_images(report: LayoutReport, paths: list[str], mode: str, max_images
         except Exception as error:  # noqa: BLE001 - any decoder failure means the file is unusable
             corrupt.append(f"{path} ({type(error).__name__}: {error})")
     report.images_checked = len(chosen)
-    scope = "every image" if len(chosen) == len(paths) else f"a random sample of {len(chosen)} of {len(paths)} images"
+    # Only images on disk are decoded; those missing are the layout's problems.
+    scope = ("every image on disk" if len(chosen) == len(paths)
+             else f"a random sample of {len(chosen)} of the {len(paths)} images on disk")
     report.notes.append(f"decoded {scope}; {len(corrupt)} failed")
     if corrupt:
         report.problems.append(

@@ -116,6 +116,17 @@ def load_image_folder(
     )
 
 
+def _image_path(image_root: str, listed: str) -> str:
+    """A CSV's path under `image_root`. A relative path written on Windows (imgs\\cat\\1.jpg) names the same file
+    here with '/' between its parts, taken when the path as written is no file (a '\\' is legal in a POSIX name)."""
+    path = os.path.join(image_root, listed)
+    if os.sep == "/" and "\\" in listed and not os.path.exists(path):
+        converted = os.path.join(image_root, listed.replace("\\", "/"))
+        if os.path.exists(converted):
+            return converted
+    return path
+
+
 def _delimiter(header: str) -> str:
     """The separator whose split of the header names a 'path' column: ',' or, as spreadsheets write CSV where the
     decimal mark is a comma (Excel in most of Europe), ';', or a tab. ',' when none does (the header's error)."""
@@ -173,7 +184,7 @@ def load_csv(
         order = {n: i for i, n in enumerate(sorted(set(names)))}
         labels = [order[n] for n in names]
     samples = [
-        Sample(os.path.join(image_root, row["path"]), label, n)
+        Sample(_image_path(image_root, row["path"]), label, n)
         for row, label, n in zip(rows, labels, names, strict=True)
     ]
     raw = classnames_from_samples([samples], path)

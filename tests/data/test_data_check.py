@@ -21,7 +21,7 @@ def test_good_layouts_pass_and_say_how_many_images_were_decoded(fake_imagenet, f
     report = check_layout("imagenet", fake_imagenet, verify_images="all")
     assert report.ok, report.format()
     assert report.images_checked == report.images_total == 25
-    assert "decoded every image; 0 failed" in report.format()
+    assert "decoded every image on disk; 0 failed" in report.format()
     assert report.warnings == ["classnames.txt names 5 classes; ImageNet's file names 1000"]
     root, _ = fake_caltech
     report = check_layout("caltech101", root)
@@ -85,7 +85,7 @@ def test_sampled_verification_checks_at_most_max_images(fake_caltech):
     root, _ = fake_caltech
     report = check_layout("caltech101", root, verify_images="sample", max_images=5)
     assert report.images_checked == 5 and report.images_total == 24
-    assert "a random sample of 5 of 24 images" in report.format()
+    assert "a random sample of 5 of the 24 images on disk" in report.format()
     repeat = check_layout("caltech101", root, verify_images="sample", max_images=5)
     assert repeat.notes == report.notes
 
@@ -121,6 +121,12 @@ def test_custom_and_procedural(tmp_path, image_writer):
             image_writer(tmp_path / "pets" / cls / f"{k}.png")
     assert check_layout("imagefolder", tmp_path / "pets").ok
     assert not check_layout("imagefolder", tmp_path / "absent").ok
+    # A CSV whose files are elsewhere: each missing one is a problem, and nothing is said to be decoded.
+    rows = "".join(f"old/{k}.png,{cls}\n" for cls in ("cat", "dog") for k in range(5))
+    (tmp_path / "moved.csv").write_text("path,classname\n" + rows)
+    report = check_layout("csv", tmp_path / "moved.csv")
+    assert report.problems[0].startswith("10 listed images do not exist: ")
+    assert report.notes[-1] == "no listed image is on disk: nothing to decode" and report.images_checked == 0
 
 
 def test_bad_arguments():

@@ -124,6 +124,17 @@ def test_csv_as_spreadsheets_write_it(tmp_path, image_writer, delimiter, bom, ne
     assert len(splits.train) == 4
 
 
+def test_csv_with_paths_written_on_windows(tmp_path, image_writer):
+    rows = _spreadsheet_rows(tmp_path, image_writer)
+    windows = [rows[0]] + [(path.replace("/", "\\"), cls, split) for path, cls, split in rows[1:]]
+    (tmp_path / "data.csv").write_text(_csv_text(windows, ",", "\n"))
+    splits = build_dataset("csv", tmp_path / "data.csv")
+    assert sorted(s.path for s in (*splits.train, *splits.test)) == sorted(str(tmp_path / row[0]) for row in rows[1:])
+    # A POSIX name may hold a backslash: a file so named is the one taken.
+    image_writer(tmp_path / "imgs\\zebra0.png")
+    assert str(tmp_path / "imgs\\zebra0.png") in [s.path for s in build_dataset("csv", tmp_path / "data.csv").train]
+
+
 def test_csv_in_another_encoding_is_refused_with_its_line(tmp_path, image_writer):
     rows = _spreadsheet_rows(tmp_path, image_writer) + [("imgs/zebra0.png", "zèbre", "train")]
     (tmp_path / "data.csv").write_bytes(_csv_text(rows, ",", "\r\n").encode("cp1252"))
