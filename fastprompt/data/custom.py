@@ -3,8 +3,8 @@
 ImageFolder layouts:
     <folder>/<class>/*.jpg                        one pool, split per class (default 50/20/30, seeded)
     <folder>/train/<class>/*.jpg  (+ val/, test/)  the given splits; a lone val/ is the test split
-CSV: a header with `path` and `label` and/or `classname` (optional `split`: train/val/test); paths
-are relative to the CSV's folder unless `image_root` is given.
+CSV: a header with `path` and `label` and/or `classname` (optional `split`: train/val/test), fields separated
+by ',', ';' or a tab, UTF-8; paths are relative to the CSV's folder unless `image_root` is given.
 
 Class names are the folder names / CSV names ("_" read as a space) unless `classnames` maps them:
 a dict or a JSON file {folder or label: name}.
