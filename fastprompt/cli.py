@@ -18,10 +18,10 @@ naming the problem and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import warnings
+
+from .notes import warnings_as_notes
 
 # The parser is built from these literal names, not from fastprompt.METHODS / fastprompt.data: importing
 # those imports torch and open_clip (seconds), and `--help` and argument errors must answer at once.
@@ -674,25 +674,8 @@ def main(argv=None) -> int:
             _on_sigterm(previous)
 
 
-@contextlib.contextmanager
-def _own_warnings_as_notes():
-    """A warning of fastprompt's own (duplicate class names in predict's or export's --classnames) becomes one
-    'fastprompt: note:' line on stderr, once per message: Python's form quotes the line of the console script
-    that called main() (`sys.exit(main())`), which tells a user nothing. Runs note them in their own output and
-    log; other warnings keep Python's form."""
-    noted = set()
-    with warnings.catch_warnings():
-        show = warnings.showwarning
-
-        def note(message, category, filename, lineno, file=None, line=None):
-            if not category.__module__.startswith("fastprompt."):
-                show(message, category, filename, lineno, file, line)
-            elif str(message) not in noted:
-                noted.add(str(message))
-                print(f"fastprompt: note: {message}", file=sys.stderr)
-
-        warnings.showwarning = note
-        yield
+def _note(message: str) -> None:
+    print(f"fastprompt: note: {message}", file=sys.stderr)
 
 
 def _main(argv) -> int:
@@ -705,7 +688,9 @@ def _main(argv) -> int:
         print(f"fastprompt: error: {error}", file=sys.stderr)
         return 2
     try:
-        with _own_warnings_as_notes():
+        # A warning of fastprompt's own (duplicate class names in predict's or export's --classnames) becomes one
+        # line; runs note theirs in their own output and log as well (fastprompt.runner.run).
+        with warnings_as_notes(_note, own_module_prefix="fastprompt."):
             code = args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
         sys.stdout.flush()  # here, so that a closed pipe is met below rather than at the interpreter's exit
         return code

@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 
+from ..notes import warnings_as_notes
 from ..parallel import data_parallel
 from . import checkpoint as ckpt
 from . import lock as run_lock
@@ -252,27 +252,12 @@ def config_for_resume(run_dir: str, overrides: dict | None, candidate: RunConfig
     return config
 
 
-@contextlib.contextmanager
 def duplicate_names_noted_once(echo):
     """A run builds a model per seed and re-prompts it per target, each time warning about the same duplicate class
-    names (from a line inside fastprompt, up to once per seed and target). Each distinct warning becomes one note
-    line of the run's output and log instead."""
+    names: each distinct warning becomes one note line of the run's output and log."""
     from ..text import DuplicateClassNamesWarning
 
-    noted = set()
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", DuplicateClassNamesWarning)
-        show = warnings.showwarning
-
-        def note_once(message, category, filename, lineno, file=None, line=None):
-            if not issubclass(category, DuplicateClassNamesWarning):
-                show(message, category, filename, lineno, file, line)
-            elif str(message) not in noted:
-                noted.add(str(message))
-                echo(f"note: {message}")
-
-        warnings.showwarning = note_once
-        yield
+    return warnings_as_notes(lambda message: echo(f"note: {message}"), noted_category=DuplicateClassNamesWarning)
 
 
 def train_run(resolved: ResolvedConfig | None = None, resume_dir: str | None = None, config: RunConfig | None = None,
