@@ -161,13 +161,17 @@ def download_file(
                 break
             raise DatasetError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
-            progressed = os.path.isfile(partial) and os.path.getsize(partial) > start_size
-            failures = 1 if progressed else failures + 1
+            held = os.path.getsize(partial) if os.path.isfile(partial) else 0
+            failures = 1 if held > start_size else failures + 1
             if failures > retries:
-                raise DatasetError(
-                    f"download of {url} failed after {retries} retries: {error}; rerun to resume"
-                ) from None
-            logger.warning("download of %s interrupted (%s); resuming", url, error)
+                # A machine without network access (a cluster's compute node) never gets a byte: the file can come
+                # from elsewhere, and a file at the destination is checked and used without a request.
+                then = (f"rerun to resume from byte {held:,}" if held else
+                        f"if this machine cannot reach it, download it elsewhere and put it at {destination}"
+                        + (" (its md5 is checked)" if md5 else ""))
+                raise DatasetError(f"download of {url} failed after {retries} retries: {error}; {then}") from None
+            where = f" from byte {held:,}" if held else ""
+            logger.warning("download of %s interrupted (%s); retry %d of %d%s", url, error, failures, retries, where)
             time.sleep(backoff_s * 2 ** (failures - 1))
     try:
         _verify(partial, md5, url)

@@ -7,6 +7,7 @@ daemon thread and a watchdog shuts it down after 60 s whatever happens to the te
 import hashlib
 import io
 import os
+import socket
 import tarfile
 import threading
 import zipfile
@@ -115,9 +116,27 @@ def test_retries_are_bounded_when_no_progress_is_made(file_server, tmp_path):
     server.files["/blob.bin"] = PAYLOAD
     server.honour_range, server.cut_first_after = False, 10000
     server.cut_every_time = True  # every response stops at the same byte: no attempt gets further
-    with pytest.raises(DatasetError, match="failed after 2 retries.*rerun to resume"):
+    with pytest.raises(DatasetError, match="failed after 2 retries.*; rerun to resume from byte 10,000$"):
         download_file(f"{base}/blob.bin", str(tmp_path / "blob.bin"), retries=2, backoff_s=0)
     assert len(server.requests) == 3
+
+
+def test_an_unreachable_server_says_where_the_file_can_be_put(tmp_path, caplog):
+    # A port on which nothing listens: the connection is refused, as a machine without network access is refused.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    destination = tmp_path / "EuroSAT.zip"
+    with pytest.raises(DatasetError) as error:
+        download_file(f"http://127.0.0.1:{port}/EuroSAT.zip", str(destination), md5=PAYLOAD_MD5, retries=2,
+                      backoff_s=0)
+    assert str(error.value).startswith(f"download of http://127.0.0.1:{port}/EuroSAT.zip failed after 2 retries: ")
+    assert str(error.value).endswith(f"; if this machine cannot reach it, download it elsewhere and put it at "
+                                     f"{destination} (its md5 is checked)")
+    assert [record.getMessage().rpartition(";")[2] for record in caplog.records] == [" retry 1 of 2", " retry 2 of 2"]
+    # Put there, it is checked and used without a request.
+    destination.write_bytes(PAYLOAD)
+    assert download_file(f"http://127.0.0.1:{port}/EuroSAT.zip", str(destination), md5=PAYLOAD_MD5) == str(destination)
 
 
 def test_server_ignoring_range_restarts_from_zero(file_server, tmp_path):
@@ -182,6 +201,12 @@ def test_download_dataset_unpacks_into_the_coop_layout(file_server, tmp_path):
     assert len(server.requests) == 1
     report = check_layout("fgvc_aircraft", tmp_path)
     assert any("images_variant_train.txt" in p for p in report.problems)
+    # Fetched on another machine and put where the error of an unreachable server says: unpacked, no request.
+    other = tmp_path / "offline"
+    (other / "downloads").mkdir(parents=True)
+    (other / "downloads" / "fgvc.tar.gz").write_bytes(archive)
+    download_dataset("fgvc_aircraft", str(other), sources=sources)
+    assert (other / "fgvc_aircraft/images/0034309.jpg").is_file() and len(server.requests) == 1
 
 
 def test_extraction_refuses_members_outside_the_destination(tmp_path):
