@@ -219,8 +219,24 @@ def _check_weights_reachable(name: str, tag: str) -> None:
     if hub_offline or not host_reachable(host):
         why = "HF_HUB_OFFLINE is set" if hub_offline else f"{host} cannot be reached"
         raise WeightsUnavailableError(
-            f"the {tag!r} weights of {name} are not in this machine's cache and {why}: download them once on a "
-            f"connected machine (open_clip caches them), or give a local file with pretrained=/path/to/weights")
+            f"the {tag!r} weights of {name} are not in this machine's cache and {why}: load them once on a "
+            f"connected machine and copy open_clip's cache of them here ({weights_cache_path(name, tag)}), or give "
+            f"a local file with pretrained=/path/to/weights")
+
+
+def weights_cache_path(name: str, tag: str) -> str:
+    """Where open_clip keeps `name` + `tag` once downloaded: the hub cache's folder of the repository (a compute
+    node without internet takes a copy of it from a connected machine), or the file in its URL cache."""
+    import open_clip
+    from open_clip import pretrained as known
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if cfg.get("hf_hub") and known.has_hf_hub():
+        from huggingface_hub import constants
+
+        repo = os.path.split(cfg["hf_hub"])[0]  # 'org/name/' or 'org/name/file', as cached_weights reads it
+        return os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"))
+    return os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg.get("url", "")))
 
 
 class WeightsUnavailableError(RuntimeError):

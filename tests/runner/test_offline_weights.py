@@ -33,8 +33,11 @@ def no_network(monkeypatch):
 
 def test_uncached_unreachable_weights_fail_fast(no_network):
     start = time.perf_counter()
-    with pytest.raises(backbones.WeightsUnavailableError, match="huggingface.co cannot be reached.*pretrained=/path"):
+    with pytest.raises(backbones.WeightsUnavailableError, match="huggingface.co cannot be reached.*pretrained=/path"
+                       ) as error:
         backbones.create_clip("ViT-B-16", pretrained="openai")
+    assert "copy open_clip's cache of them here (" in str(error.value)
+    assert "models--timm--vit_base_patch16_clip_224.openai)" in str(error.value)
     assert time.perf_counter() - start < 5 and no_network == ["huggingface.co"]
 
 
@@ -68,6 +71,7 @@ def test_cached_weights_finds_the_hub_and_url_caches(monkeypatch, tmp_path):
     assert backbones.cached_weights("ViT-B-16", "openai") is None
     # Hub layout: models--<org>--<name>/snapshots/<revision>/<file>, refs/main naming the revision.
     repo = tmp_path / "hub" / "models--timm--vit_base_patch16_clip_224.openai"
+    assert backbones.weights_cache_path("ViT-B-16", "openai") == str(repo)  # what the offline error says to copy
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     weights = repo / "snapshots" / "abc123" / "open_clip_model.safetensors"
@@ -79,6 +83,7 @@ def test_cached_weights_finds_the_hub_and_url_caches(monkeypatch, tmp_path):
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: {"url": cfg["url"]})
     assert backbones.cached_weights("ViT-B-16", "openai") is None
     target = tmp_path / "home" / ".cache" / "clip" / os.path.basename(cfg["url"])
+    assert backbones.weights_cache_path("ViT-B-16", "openai") == str(target)
     target.parent.mkdir(parents=True)
     target.write_bytes(b"x")
     assert backbones.cached_weights("ViT-B-16", "openai") == str(target)
