@@ -139,9 +139,13 @@ def tokenize_classes(
         if ids[1 : 1 + len(head_ids)] != head_ids:
             raise ValueError(f"template head {head!r} tokenizes differently next to class {name!r}")
         if len(ids) > context_length:
+            # The name once, cut if long (a name that does not fit is long), and the budget it has.
+            shown = name if len(name) <= 60 else f"{name[:57]}..."
+            name_tokens = len(tokenizer.encode(name))
             raise ValueError(
-                f"class {name!r} does not fit: '{template.format(name)}' is {len(ids)} tokens with SOS/EOT, the"
-                f" text context holds {context_length}"
+                f"class {shown!r} does not fit: its prompt ({template!r}) is {len(ids)} tokens with SOS/EOT, the"
+                f" text context holds {context_length}; the name is {name_tokens} tokens, at most"
+                f" {context_length - (len(ids) - name_tokens)} fit"
             )
         rows.append(ids)
     if warn_duplicates:

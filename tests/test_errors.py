@@ -72,7 +72,9 @@ def test_class_name_that_fits_only_without_prompts_is_named(tiny_clip):
     # 60 words fit the plain template but not CoOp's 16 context slots in front of them.
     name = " ".join(["cat"] * 60)
     fastprompt.build("clip", tiny_clip, [name], template="{}")
-    with pytest.raises(ValueError, match="does not fit"):
+    # 77 = SOS + 16 slots + the name + '.' + EOT: 58 name tokens fit. The name is shown once, cut.
+    with pytest.raises(ValueError, match=r"^class 'cat cat .{49}\.\.\.' does not fit: .* is 79 tokens with SOS/EOT, "
+                                         r"the text context holds 77; the name is 60 tokens, at most 58 fit$"):
         fastprompt.build("coop", tiny_clip, [name])
 
 
