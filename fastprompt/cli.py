@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .notes import warnings_as_notes
@@ -76,12 +77,21 @@ def _prepare(args) -> int:
 _TRAIN_FLAGS = ("method", "protocol", "dataset", "root", "shots", "seeds", "output_dir")
 
 
-def _overrides(args, extra: list[str]) -> dict:
-    from .runner.config import ConfigError, parse_overrides
+def _overrides(args, extra: list[str], command: str) -> dict:
+    from .runner.config import FIELDS, ConfigError, parse_overrides
 
     stray = [item for item in extra if "=" not in item or item.startswith("-")]
     if stray:
-        raise ConfigError(f"unrecognised argument(s) {' '.join(stray)}; config values are written key=value")
+        # `--precision bf16` for precision=bf16 is the likely slip: a config key given as an option is named so.
+        keys = [item for item in stray if item.startswith("--") and item[2:].partition("=")[0].replace("-", "_")
+                in FIELDS]
+        if keys:
+            option, _, value = keys[0][2:].partition("=")
+            key = option.replace("-", "_")
+            raise ConfigError(f"unrecognised argument(s) {' '.join(stray)}; {key} is a config value: write it "
+                              f"{key}={value or 'VALUE'} (config values are written key=value)")
+        hint = _unknown_options_hint(build_parser(), command, stray)
+        raise ConfigError(f"unrecognised argument(s) {' '.join(stray)}{hint}; config values are written key=value")
     overrides = parse_overrides(list(getattr(args, "overrides", []) or []) + extra)
     for flag in _TRAIN_FLAGS:
         value = getattr(args, flag, None)
@@ -105,7 +115,7 @@ def _train(args, extra) -> int:
     from .runner.config import ConfigError, format_config, load_config_file, resolve_config
     from .runner.run import config_for_resume, resume_folder, train_run
 
-    overrides = _overrides(args, extra)
+    overrides = _overrides(args, extra, "train")
     file_values = load_config_file(args.config) if args.config else {}
     if args.dry_run and args.resume:
         raise ConfigError("--dry-run and --resume conflict: a dry run prints a new run's config and trains nothing")
@@ -153,7 +163,7 @@ def _sweep(args, extra) -> int:
 
     if data_parallel.world_size() > 1 or "LOCAL_RANK" in os.environ:
         raise ConfigError("a sweep starts its own processes, one per run: run it without torchrun")
-    overrides = _overrides(argparse.Namespace(overrides=args.overrides), extra)
+    overrides = _overrides(argparse.Namespace(overrides=args.overrides), extra, "sweep")
     file_values = load_config_file(args.config) if args.config else {}
     sweep = plan_sweep(args.method, args.protocol, args.datasets, args.shots, args.seeds, args.root, file_values,
                        overrides, args.output)
@@ -186,7 +196,7 @@ def _eval(args, extra) -> int:
         raise ConfigError("give exactly one of --run DIR (or DIR alone) or --checkpoint PATH")
     if args.dataset is None and (args.subset != "all" or args.mode is not None):
         raise ConfigError("--subset and --mode apply to --dataset; without it the run's own targets are evaluated")
-    overrides = _overrides(argparse.Namespace(overrides=values, root=args.root), extra)
+    overrides = _overrides(argparse.Namespace(overrides=values, root=args.root), extra, "eval")
     if args.output:
         _check_output_path(args.output, "--output", folder=False)
     join_torchrun(str(overrides.get("device", "auto")))  # under torchrun every rank evaluates its shard
@@ -223,6 +233,9 @@ def _eval_run_folder(args, extra: list[str]) -> tuple[list[str], list[str]]:
     def bare(word: str) -> bool:
         return "=" not in word and not word.startswith("-")
 
+    options = [word for word in extra if word.startswith("-")]
+    if options:  # first: the value of a stray option (`--kernels eager`) would be taken for a run folder below
+        _overrides(argparse.Namespace(overrides=[]), options, "eval")
     positional = ([args.run_folder] if args.run_folder is not None else []) + list(args.overrides or [])
     folders = [word for word in positional + list(extra) if bare(word)]
     if len(folders) > 1:
@@ -599,7 +612,36 @@ class _Parser(argparse.ArgumentParser):
     from main(), instead of the usage block and a SystemExit (subcommand parsers inherit the class)."""
 
     def error(self, message):
-        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+        raise _UsageError(f"{message}{self._suggestion(message)} (see `{self.prog} --help`)")
+
+    def _suggestion(self, message: str) -> str:
+        """'; did you mean X?' for a misspelt choice (a command, a --precision value, ...), from the refused action's
+        own choices (argparse's wording of the choices differs between Python versions)."""
+        from .keywords import closest
+
+        found = re.match(r"argument (.+?): invalid choice: '([^']*)'", message)
+        if not found:
+            return ""
+        for action in self._actions:
+            name = "/".join(action.option_strings) or action.metavar or action.dest
+            if action.choices and name == found.group(1):
+                guess = closest(found.group(2), [str(choice) for choice in action.choices])
+                return f"; did you mean {guess!r}?" if guess else ""
+        return ""
+
+
+def _unknown_options_hint(parser: argparse.ArgumentParser, command: str | None, stray: list[str]) -> str:
+    """'; did you mean --method?' for each misspelt option among `stray`, from the options `command` takes."""
+    import difflib
+
+    for action in parser._actions:  # argparse keeps its subcommands' parsers on this action only
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            options = [option for sub in action.choices[command]._actions for option in sub.option_strings]
+            # A stricter cut-off than for names: option strings share '--' and common stems.
+            guesses = [guess[0] for item in stray if item.startswith("--")
+                       and (guess := difflib.get_close_matches(item.partition("=")[0], options, n=1, cutoff=0.75))]
+            return f"; did you mean {', '.join(guesses)}?" if guesses else ""
+    return ""
 
 
 def _check_output_path(path: str, what: str, folder: bool) -> None:
@@ -683,7 +725,8 @@ def _main(argv) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         if extra and not getattr(args, "takes_extra", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            raise _UsageError(f"unrecognized arguments: {' '.join(extra)}"
+                              f"{_unknown_options_hint(parser, args.command, extra)} (see `{parser.prog} --help`)")
     except _UsageError as error:
         print(f"fastprompt: error: {error}", file=sys.stderr)
         return 2

@@ -57,6 +57,12 @@ def test_version_is_the_package_version_without_torch():
     (["train", "--shots", "many"], "invalid int value: 'many'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["report"], "the following arguments are required: runs"),
+    # A misspelt choice or option gets the closest one, from the parser's own choices and options.
+    (["trian"], "; did you mean 'train'? (see `fastprompt --help`)"),
+    (["demo", "--method", "mapel"], "; did you mean 'maple'? (see `fastprompt demo --help`)"),
+    (["report", "--papr", "runs/x"], "unrecognized arguments: --papr; did you mean --paper? (see `fastprompt --help`)"),
+    (["predict", "--topp", "3", "ck", "a.jpg"], "unrecognized arguments: --topp; did you mean --top?"),
+    (["report", "--zzz", "runs/x"], "unrecognized arguments: --zzz (see `fastprompt --help`)"),
 ])
 def test_argument_errors_import_no_torch(args, message):
     code, heavy, _, err = _probe(*args)

@@ -299,5 +299,12 @@ def test_a_cuda_device_that_is_not_there(tmp_path, cli, monkeypatch, no_cuda):
 
 def test_argument_errors_are_one_line(tmp_path, cli):
     one_line_error(cli, "train", "--shots", "many", match="argument --shots: invalid int value: 'many'")
+    # The runner's commands take key=value after their options: a misspelt option gets the closest one, a config
+    # key written as an option its key=value form.
+    one_line_error(cli, "train", "--metod", "maple", match="unrecognised argument(s) --metod; did you mean --method?")
+    one_line_error(cli, "train", "--method", "coop", "--eval-every=2",
+                   match="unrecognised argument(s) --eval-every=2; eval_every is a config value: write it eval_every=2")
+    one_line_error(cli, "eval", "--run", str(tmp_path), "--kernels", "eager",
+                   match="unrecognised argument(s) --kernels; kernels is a config value: write it kernels=VALUE")
     one_line_error(cli, "frobnicate", match="invalid choice: 'frobnicate'")
     one_line_error(cli, "report", match="the following arguments are required: runs")
