@@ -53,8 +53,7 @@ def load_split_file_dataset(
     info: DatasetInfo, root: str, generate_split: bool = False, split_seed: int = 1, verify_files: bool = True
 ) -> DatasetSplits:
     """A CoOp-split dataset. verify_files checks up front that every listed image exists."""
-    dataset_dir = os.path.join(root, info.folder)
-    require_dir(dataset_dir, f"{info.title} dataset folder", info.hint())
+    dataset_dir = info.dataset_dir(root)
     image_dir = os.path.join(dataset_dir, info.image_dir) if info.image_dir else dataset_dir
     split_path = os.path.join(dataset_dir, info.split_file)
     if os.path.isfile(split_path):
@@ -65,9 +64,9 @@ def load_split_file_dataset(
         return _splits(info, dataset_dir, image_dir, train, val, test)
     if not generate_split:
         raise DatasetError(
-            f"{info.title} split file not found: {split_path}. Use the published CoOp file (the CoOp "
-            f"DATASETS.md links it) to reproduce published numbers; or pass generate_split=True to draw a "
-            f"new random split from the raw layout (results will not be comparable).; {info.hint()}"
+            f"{info.title} split file not found: {split_path}; the published CoOp file (the CoOp DATASETS.md links "
+            f"it) reproduces published numbers, or dataset.generate_split=true (generate_split=True in Python) draws "
+            f"a new random split from the raw layout, whose results are not comparable; {info.hint()}"
         )
     rng = random.Random(split_seed)
     generator = _GENERATORS.get(info.name)
@@ -212,8 +211,7 @@ _GENERATORS = {
 
 def load_aircraft(info: DatasetInfo, root: str, verify_files: bool = True) -> DatasetSplits:
     """FGVCAircraft from its official variant lists (lines '<image id> <variant name>')."""
-    dataset_dir = os.path.join(root, info.folder)
-    require_dir(dataset_dir, f"{info.title} dataset folder", info.hint())
+    dataset_dir = info.dataset_dir(root)
     image_dir = os.path.join(dataset_dir, info.image_dir)
     variants = _read_lines(os.path.join(dataset_dir, "variants.txt"), info)
     label_of = {name: label for label, name in enumerate(variants)}

@@ -262,7 +262,8 @@ def check_layout(
     dataset_dir = os.path.join(root, info.folder)
     report = LayoutReport(canonical, dataset_dir, expected_layout=info.describe())
     if not os.path.isdir(dataset_dir):
-        report.problems.append(f"dataset folder {dataset_dir} does not exist")
+        hint = info.root_hint(root)
+        report.problems.append(f"dataset folder {dataset_dir} does not exist" + (f"; {hint}" if hint else ""))
         return report
     if info.kind == "zhou":
         paths = _check_split_file(report, info, dataset_dir)

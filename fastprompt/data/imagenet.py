@@ -61,8 +61,7 @@ def read_class_folders(
 
 def load_imagenet(info: DatasetInfo, root: str) -> DatasetSplits:
     """ImageNet: train = images/train, test = images/val (the standard practice; no val split)."""
-    dataset_dir = os.path.join(root, info.folder)
-    require_dir(dataset_dir, f"{info.title} dataset folder", info.hint())
+    dataset_dir = info.dataset_dir(root)
     names = _classnames(info, dataset_dir)
     wnids = sorted(names)
     image_dir = os.path.join(dataset_dir, info.image_dir)
@@ -88,8 +87,7 @@ def load_imagenet_folders(info: DatasetInfo, root: str, check_classes: bool = Tr
     set must be exactly the published one (all 1000 classnames.txt wnids for Sketch, the 200 of
     IMAGENET_A_WNIDS / IMAGENET_R_WNIDS for A / R); without it, whatever class folders exist are used.
     """
-    dataset_dir = os.path.join(root, info.folder)
-    require_dir(dataset_dir, f"{info.title} dataset folder", info.hint())
+    dataset_dir = info.dataset_dir(root)
     names = _classnames(info, dataset_dir)
     image_dir = os.path.join(dataset_dir, info.image_dir)
     require_dir(image_dir, f"{info.title} image folder", info.hint())
@@ -117,8 +115,7 @@ def load_imagenet_folders(info: DatasetInfo, root: str, check_classes: bool = Tr
 
 def load_imagenetv2(info: DatasetInfo, root: str) -> DatasetSplits:
     """ImageNetV2 matched-frequency (test only): folder i holds class i of classnames.txt (file order)."""
-    dataset_dir = os.path.join(root, info.folder)
-    require_dir(dataset_dir, f"{info.title} dataset folder", info.hint())
+    dataset_dir = info.dataset_dir(root)
     names = _classnames(info, dataset_dir)
     wnids = list(names)
     image_dir = os.path.join(dataset_dir, info.image_dir)

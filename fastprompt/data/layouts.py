@@ -8,6 +8,7 @@ the same layout.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass
 
@@ -48,6 +49,27 @@ class DatasetInfo:
         line; the folder tree itself (`describe`) is in `fastprompt prepare`'s report and `check_layout`'s."""
         return (f"run `fastprompt prepare {self.name} --root <root>` (or fastprompt.data.check_layout) for the "
                 f"expected layout and a full report")
+
+    def dataset_dir(self, root: str) -> str:
+        """`<root>/<folder>`, which must be a folder. The usual slip is a root that is the dataset's own folder
+        (`--root /data/eurosat` where /data holds eurosat/): such a root is named with the one to give."""
+        path = os.path.join(root, self.folder)
+        if not os.path.isdir(path):
+            raise DatasetError(f"{self.title} dataset folder not found: {path} is not a folder; "
+                               f"{self.root_hint(root) or self.hint()}")
+        return path
+
+    def root_hint(self, root: str) -> str | None:
+        """'--root is the folder that holds eurosat/ ...' when `root` looks like the dataset's folder itself: named
+        like it, or holding its image folder or split file."""
+        root = os.path.abspath(os.path.expanduser(root))
+        itself = (os.path.basename(root).lower() == self.folder.lower()
+                  or bool(self.image_dir) and os.path.isdir(os.path.join(root, self.image_dir))
+                  or bool(self.split_file) and os.path.isfile(os.path.join(root, self.split_file)))
+        if not itself:
+            return None
+        return (f"--root is the folder that holds {self.folder}/, and {root} looks like {self.folder}/ itself: "
+                f"give --root {os.path.dirname(root)}")
 
     def describe(self) -> str:
         """The expected folder tree, for error messages and `fastprompt prepare`."""

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from fastprompt.data import DatasetError, build_dataset, dataset_options, known_dataset_names, resolve_dataset_name
+from fastprompt.data import (DatasetError, build_dataset, check_layout, dataset_options, known_dataset_names,
+                             resolve_dataset_name)
 from fastprompt.data.wnid_subsets import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS
 
 
@@ -70,7 +71,8 @@ def test_split_file_naming_a_missing_image_fails_with_its_name(fake_caltech):
 def test_missing_split_file_explains_and_generation_is_opt_in(fake_caltech):
     root, _ = fake_caltech
     os.remove(root / "caltech-101/split_zhou_Caltech101.json")
-    with pytest.raises(DatasetError, match="split_zhou_Caltech101.json.*generate_split=True"):
+    with pytest.raises(DatasetError,
+                       match=r"split_zhou_Caltech101.json.*dataset.generate_split=true \(generate_split=True"):
         build_dataset("caltech101", root)
     generated = build_dataset("caltech101", root, generate_split=True, split_seed=3)
     # CoOp's raw rules: sorted folders, renames applied; 6 images per class -> 3/1/2 (50/20/30, rounded).
@@ -79,6 +81,27 @@ def test_missing_split_file_explains_and_generation_is_opt_in(fake_caltech):
     again = build_dataset("caltech101", root, generate_split=True, split_seed=3)
     assert generated.train == again.train
     assert not (root / "caltech-101/split_zhou_Caltech101.json").exists()  # never written back
+
+
+def test_a_root_that_is_the_dataset_folder_itself_is_named_with_the_root_to_give(fake_caltech, fake_imagenet, tmp_path):
+    root, _ = fake_caltech
+    # Named like the dataset's folder, or holding its image folder and split file under another name.
+    renamed = tmp_path / "my caltech copy"
+    os.rename(root / "caltech-101", renamed)
+    for given, parent in ((fake_imagenet / "imagenet", fake_imagenet), (renamed, tmp_path)):
+        name = "imagenet" if parent == fake_imagenet else "caltech101"
+        folder = "imagenet" if parent == fake_imagenet else "caltech-101"
+        hint = (f"--root is the folder that holds {folder}/, and {given} looks like {folder}/ itself: "
+                f"give --root {parent}")
+        with pytest.raises(DatasetError) as error:
+            build_dataset(name, given)
+        assert str(error.value).endswith(f"{given / folder} is not a folder; {hint}")
+        problem = check_layout(name, given).problems[0]
+        assert problem == f"dataset folder {given / folder} does not exist; {hint}"
+    # A root that looks like nothing of the dataset: the usual pointer to `prepare`.
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(DatasetError, match=r"is not a folder; run `fastprompt prepare caltech101 --root <root>`"):
+        build_dataset("caltech101", tmp_path / "elsewhere")
 
 
 def test_stanford_cars_paths_are_relative_to_the_dataset_folder(tmp_path, image_writer):
