@@ -211,9 +211,12 @@ def resume_folder(path: str) -> str:
 
 
 def _sweep_hint(path: str) -> str:
-    """For a sweep's folder given where a run folder is wanted: what to do instead."""
+    """For a sweep's folder, or a seed's folder inside a run, given where a run folder is wanted: what to give."""
     from .sweep import is_sweep
 
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(parent, RUN_MANIFEST)) and os.path.isdir(path):
+        return f"; it is a folder inside the run {parent}: give that"
     if not is_sweep(path):
         return ""
     runs = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, RUN_MANIFEST)))
@@ -608,8 +611,8 @@ def _folder_summaries(run_dir: str) -> list[dict]:
                   f" ({', '.join(missing)})", file=sys.stderr)
         return found
     if not os.path.isfile(os.path.join(folder, RUN_MANIFEST)):
-        raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}); report takes the folders that"
-                       " `fastprompt train` wrote")
+        hint = _sweep_hint(folder) or "; report takes the folders that `fastprompt train` wrote"
+        raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}){hint}")
     if not os.path.isfile(path):
         raise RunError(f"{run_dir} has no summary.json (the run is not complete: {status_line(folder)})")
     return [ckpt.read_json(path, "run summary")]

@@ -250,6 +250,10 @@ def test_report_over_different_protocols_and_eval_batch_size(tmp_path, cli):
     one_line_error(cli, "report", b2n, tmp_path / "absent", match=f"{tmp_path / 'absent'}: no such run folder")
     one_line_error(cli, "report", b2n, tmp_path, match=f"{tmp_path} is not a run folder (no run.json); report takes"
                                                        " the folders that `fastprompt train` wrote")
+    # A seed's folder inside a run (where the checkpoint is) given for the run: the run is named.
+    for command in (("report",), ("eval", "--run")):
+        one_line_error(cli, *command, b2n / "seed1", match=f"{b2n / 'seed1'} is not a run folder (no run.json); it is"
+                                                           f" a folder inside the run {b2n}: give that")
     results = tmp_path / "eval.json"
     one_line_error(cli, "eval", "--run", b2n, "eval_batch_size=0", "--output", results,
                    match="eval_batch_size must be >= 1, got 0", folder=results)
