@@ -268,6 +268,24 @@ def test_unpatch_of_something_that_is_not_a_clip(tiny_clip):
     assert fastprompt.unpatch(tiny_clip) is tiny_clip and not fastprompt.is_patched(tiny_clip)  # unpatched: no-op
 
 
+def test_patch_of_a_built_model_names_its_clip_and_patching_after_build_is_exact(tiny_clip):
+    model = fastprompt.build("maple", tiny_clip, ["cat", "red panda", "dog"]).eval()
+    with pytest.raises(TypeError, match=r"^patch takes the open_clip CLIP, not the PromptedCLIP built on it: pass "
+                                        r"model.clip \(before or after build"):
+        fastprompt.patch(model)
+    assert not fastprompt.is_patched(tiny_clip)  # nothing changed
+    images = torch.randn(2, 3, *model.info.image_size, generator=torch.Generator().manual_seed(0))
+    try:  # the CLIP is the session's: unpatched again whatever happens
+        with torch.no_grad():
+            unpatched = model.predict(model(images))
+            fastprompt.patch(model.clip)
+            patched = model.predict(model(images))
+        assert fastprompt.is_patched(tiny_clip)
+        torch.testing.assert_close(patched, unpatched, rtol=1e-4, atol=1e-4)
+    finally:
+        fastprompt.unpatch(tiny_clip)
+
+
 # --- pickling a patched CLIP ---------------------------------------------------------------------------------------
 
 

@@ -335,6 +335,9 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False, mlp_ge
     CustomTextCLIP and towers with other block types raise fastprompt.UnsupportedModelError before
     anything is changed.
     """
+    if hasattr(model, "clip") and hasattr(model, "method"):  # a PromptedCLIP: the patch goes on its CLIP
+        raise TypeError(f"patch takes the open_clip CLIP, not the {type(model).__name__} built on it: pass model.clip"
+                        " (before or after build: the model asks its CLIP how to run at every call)")
     info = bb.inspect_clip(model)  # raises before any change
     kernels, reasons = _resolve_kernels(model, backend, info, mlp_gemm)
     report = FastPath(kernels=kernels, reasons=reasons)
