@@ -25,6 +25,8 @@ _LAZY = {
     "is_patched": ".fast",
     "patch": ".fast",
     "unpatch": ".fast",
+    "save_prompts": ".runner.checkpoint",
+    "load_prompts": ".runner.checkpoint",
     "LayerEdit": ".schedule",
     "ScheduleError": ".schedule",
     "TowerSchedule": ".schedule",
@@ -56,7 +58,9 @@ __all__ = [
     "build",
     "inspect_clip",
     "is_patched",
+    "load_prompts",
     "method_options",
     "patch",
+    "save_prompts",
     "unpatch",
 ]

@@ -195,7 +195,8 @@ def test_python_api_block():
     assert torch.isfinite(namespace["loss"])
 
 
-def test_training_engine_block():
+def test_training_engine_block(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the block saves its prompts to my-prompts/
     clip = create_clip("tiny")
     model = fastprompt.build("coop", clip, ["cat", "dog"])
     namespace = _undefined_names()
@@ -206,6 +207,8 @@ def test_training_engine_block():
     assert namespace["stats"] is not None
     after = list(model.trainable_parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)), "the block trained nothing"
+    again = fastprompt.load_prompts("my-prompts", clip)
+    assert all(torch.equal(a, b) for a, b in zip(again.trainable_parameters(), after, strict=True))
 
 
 # --- commands quoted inline ----------------------------------------------------------------------------

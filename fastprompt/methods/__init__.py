@@ -149,8 +149,10 @@ def build(
     method = cls(ctx, **options)
     device = next(clip.parameters()).device
     method.to(device)
-    return PromptedCLIP(clip, method, classnames, tokenizer=tokenizer, truncate_text=truncate_text, text_path=text_path,
-                        last_layer=last_layer)
+    model = PromptedCLIP(clip, method, classnames, tokenizer=tokenizer, truncate_text=truncate_text,
+                         text_path=text_path, last_layer=last_layer)
+    model.build_options = options  # what fastprompt.save_prompts records beside the method's defaults
+    return model
 
 
 __all__ = ["METHODS", "build", "method_class", "method_options"]

@@ -243,6 +243,41 @@ def save_checkpoint(folder: str, model, method: str, options: dict, backbone: di
     _write_pair(folder, TENSORS, MANIFEST, model.method.state_dict(), manifest)
 
 
+def save_prompts(model, folder: str, backbone: str, pretrained: str | None = None) -> str:
+    """Save the prompts of a PromptedCLIP trained in one's own loop as a fastprompt checkpoint, the runner's format
+    (checkpoint.safetensors + checkpoint.json in `folder`, written atomically): `fastprompt predict`, `eval
+    --checkpoint`, `export`, `Predictor` and `load_prompts` read it. `backbone` and `pretrained` are the open_clip
+    model name and weights (tag or file) of the CLIP the model was built on, so that those tools can rebuild it;
+    its architecture is recorded as well and checked wherever the prompts are loaded. Only the method's trainable
+    state is written (kilobytes to a few MB), never the CLIP. Returns the folder."""
+    import fastprompt
+
+    built_with = getattr(model, "build_options", None)
+    if built_with is None or not hasattr(model, "method"):
+        raise TypeError(f"save_prompts takes a model made by fastprompt.build, not {type(model).__name__}")
+    name = model.method.name
+    # Every option, defaults included, as the runner records them: a later default must not change what this
+    # checkpoint means when it is rebuilt.
+    options = {**fastprompt.method_options(name), **built_with}
+    save_checkpoint(folder, model, name, options, backbone_record(model, backbone, pretrained),
+                    extra={"saved_by": "fastprompt.save_prompts"})
+    return os.path.abspath(folder)
+
+
+def load_prompts(path: str, clip, classnames=None):
+    """A PromptedCLIP over `clip` holding a checkpoint's prompts (save_prompts' or a run's seed folder): the method
+    and options from its manifest, its training classes or `classnames`. The checkpoint's backbone architecture
+    must be `clip`'s (an error names what differs); `clip` is frozen as fastprompt.build freezes it."""
+    import fastprompt
+
+    manifest, tensors = load_checkpoint(path)
+    model = fastprompt.build(manifest["method"], clip, list(manifest["classnames"]), **manifest["options"])
+    load_into(model, manifest, tensors)
+    if classnames is not None:
+        model.set_classnames(classnames)  # refused for class-specific context (CoOp class_specific) on other classes
+    return model
+
+
 def checkpoint_folder(path: str) -> str:
     """The folder of a checkpoint given as the folder, its .safetensors or its .json."""
     path = os.path.abspath(os.path.expanduser(path))
