@@ -279,7 +279,11 @@ def load_prompts(path: str, clip, classnames=None):
 
 
 def checkpoint_folder(path: str) -> str:
-    """The folder of a checkpoint given as the folder, its .safetensors or its .json."""
+    """The folder of a checkpoint given as the folder, its .safetensors or its .json, or as hf-hub:org/name."""
+    from .hub import is_hub_reference, local_checkpoint
+
+    if is_hub_reference(path):
+        path = local_checkpoint(path)
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         return path

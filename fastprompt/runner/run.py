@@ -531,8 +531,11 @@ def _model_from_checkpoint(clip, manifest: dict, tensors: dict):
 
 def finished_checkpoints(path) -> list[str]:
     """A checkpoint folder or checkpoint.json as given; for a run folder (run.json, seed folders) the checkpoints
-    of its seeds that finished training, in seed order (none is an error that says so)."""
-    path = os.fspath(path)
+    of its seeds that finished training, in seed order (none is an error that says so). hf-hub:org/name is fetched
+    from the Hugging Face Hub (runner.hub) and read as the folder it is."""
+    from .hub import is_hub_reference, local_checkpoint
+
+    path = local_checkpoint(path) if is_hub_reference(path) else os.fspath(path)
     if not os.path.isfile(os.path.join(path, RUN_MANIFEST)) or os.path.isfile(os.path.join(path, ckpt.MANIFEST)):
         return [path]
     seeds = sorted((name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, ckpt.MANIFEST))),
