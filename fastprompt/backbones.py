@@ -167,33 +167,42 @@ def cached_weights(name: str, tag: str) -> str | None:
         return None
     if "file" in cfg:
         return cfg["file"] if os.path.isfile(cfg["file"]) else None
-    hub = cfg.get("hf_hub", "")
-    if hub and known.has_hf_hub():
+    repo, filename = _hub_entry(cfg)
+    if repo:
         from huggingface_hub import try_to_load_from_cache
 
-        repo, filename = os.path.split(hub)
         filename = filename or known.HF_WEIGHTS_NAME
         # open_clip tries the safetensors twin first, then the named file.
         for candidate in [*known._get_safe_alternatives(filename), filename]:
             found = try_to_load_from_cache(repo, candidate)
             if isinstance(found, str) and os.path.isfile(found):
                 return found
-    url = cfg.get("url", "")
-    if url:
-        target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        if os.path.isfile(target):
-            return target
+    if cfg.get("url") and os.path.isfile(_url_cache_file(cfg["url"])):
+        return _url_cache_file(cfg["url"])
     return None
+
+
+def _hub_entry(cfg: dict) -> tuple[str, str]:
+    """(repository, file name or '') of a pretrained config's hub entry ('org/name/' or 'org/name/file'), as
+    open_clip reads it; ('', '') without one or without huggingface_hub."""
+    from open_clip import pretrained as known
+
+    hub = cfg.get("hf_hub", "")
+    return os.path.split(hub) if hub and known.has_hf_hub() else ("", "")
+
+
+def _url_cache_file(url: str) -> str:
+    """Where open_clip's URL download keeps `url`'s file."""
+    return os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
 
 
 def weights_host(name: str, tag: str) -> str | None:
     """The host open_clip would download `name` + `tag` from (the Hugging Face hub when it is installed and the tag
     has a hub entry, else the tag's URL)."""
     import open_clip
-    from open_clip import pretrained as known
 
     cfg = open_clip.get_pretrained_cfg(name, tag)
-    if cfg.get("hf_hub") and known.has_hf_hub():
+    if _hub_entry(cfg)[0]:
         return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     return urlparse(cfg["url"]).hostname if cfg.get("url") else None
 
@@ -228,15 +237,14 @@ def weights_cache_path(name: str, tag: str) -> str:
     """Where open_clip keeps `name` + `tag` once downloaded: the hub cache's folder of the repository (a compute
     node without internet takes a copy of it from a connected machine), or the file in its URL cache."""
     import open_clip
-    from open_clip import pretrained as known
 
     cfg = open_clip.get_pretrained_cfg(name, tag)
-    if cfg.get("hf_hub") and known.has_hf_hub():
+    repo, _ = _hub_entry(cfg)
+    if repo:
         from huggingface_hub import constants
 
-        repo = os.path.split(cfg["hf_hub"])[0]  # 'org/name/' or 'org/name/file', as cached_weights reads it
         return os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"))
-    return os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg.get("url", "")))
+    return _url_cache_file(cfg.get("url", ""))
 
 
 class WeightsUnavailableError(RuntimeError):

@@ -725,8 +725,8 @@ def _main(argv) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         if extra and not getattr(args, "takes_extra", False):
-            raise _UsageError(f"unrecognized arguments: {' '.join(extra)}"
-                              f"{_unknown_options_hint(parser, args.command, extra)} (see `{parser.prog} --help`)")
+            hint = _unknown_options_hint(parser, args.command, extra)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     except _UsageError as error:
         print(f"fastprompt: error: {error}", file=sys.stderr)
         return 2

@@ -13,14 +13,18 @@ import contextlib
 import warnings
 
 
-@contextlib.contextmanager
 def warnings_as_notes(emit, noted_category=None, own_module_prefix: str | None = None):
     """Within the block, a warning of `noted_category` (a subclass included, and shown every time it is raised, not
     once per source line as Python's default filter would), or of a category defined in a module under
     `own_module_prefix`, goes to `emit(message)` once per distinct message; every other warning keeps Python's
-    form (whatever showed warnings before the block)."""
+    form (whatever showed warnings before the block). Neither chosen is an error at the call."""
     if noted_category is None and own_module_prefix is None:
         raise ValueError("warnings_as_notes needs noted_category or own_module_prefix")
+    return _noting(emit, noted_category, own_module_prefix)
+
+
+@contextlib.contextmanager
+def _noting(emit, noted_category, own_module_prefix):
     noted = set()
     with warnings.catch_warnings():
         if noted_category is not None:

@@ -9,11 +9,11 @@ from fastprompt.notes import warnings_as_notes
 
 
 class _Chosen(UserWarning):
-    pass
+    """A category the tests choose."""
 
 
 class _ChosenChild(_Chosen):
-    pass
+    """Chosen through its parent."""
 
 
 def _raise_twice(category, message):
@@ -46,5 +46,4 @@ def test_categories_of_a_module_prefix():
 
 def test_it_needs_a_choice():
     with pytest.raises(ValueError, match="needs noted_category or own_module_prefix"):
-        with warnings_as_notes(print):
-            pass
+        warnings_as_notes(print)

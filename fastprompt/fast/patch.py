@@ -299,6 +299,12 @@ def _resolve_kernels(model: nn.Module, backend: str, info, mlp_gemm: str = "auto
     return BlockKernels(norm_mlp=norm_mlp, attention=attention, mlp_gemm=gemm), reasons
 
 
+def _is_built_model(model) -> bool:
+    """A PromptedCLIP (fastprompt.build's model): the patch belongs on its CLIP. By its attributes, since
+    fastprompt.model imports this module."""
+    return hasattr(model, "clip") and hasattr(model, "method")
+
+
 def patch(model: nn.Module, backend: str = "auto", verbose: bool = False, mlp_gemm: str = "auto") -> nn.Module:
     """Patch `model` (an open_clip CLIP) in place onto fastprompt's kernels and return it; exact, reversible.
 
@@ -335,7 +341,7 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False, mlp_ge
     CustomTextCLIP and towers with other block types raise fastprompt.UnsupportedModelError before
     anything is changed.
     """
-    if hasattr(model, "clip") and hasattr(model, "method"):  # a PromptedCLIP: the patch goes on its CLIP
+    if _is_built_model(model):
         raise TypeError(f"patch takes the open_clip CLIP, not the {type(model).__name__} built on it: pass model.clip"
                         " (before or after build: the model asks its CLIP how to run at every call)")
     info = bb.inspect_clip(model)  # raises before any change
@@ -375,7 +381,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch`: original block classes and methods; a no-op on a model that is not patched."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch takes an open_clip CLIP module, not {type(model).__name__}")
-    if hasattr(model, "clip") and hasattr(model, "method"):  # a PromptedCLIP: the patch is on its CLIP
+    if _is_built_model(model):
         raise TypeError(f"unpatch takes the open_clip CLIP, not the {type(model).__name__} on it: pass model.clip")
     for where in ("visual.transformer.resblocks", "transformer.resblocks"):
         owner = model

@@ -207,10 +207,10 @@ def resume_folder(path: str) -> str:
     for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
         if os.path.isfile(os.path.join(candidate, RUN_MANIFEST)):
             return candidate
-    raise RunError(f"nothing to resume at {path}: no {RUN_MANIFEST} there (nor in its parents){_sweep_hint(path)}")
+    raise RunError(f"nothing to resume at {path}: no {RUN_MANIFEST} there (nor in its parents){_run_folder_hint(path)}")
 
 
-def _sweep_hint(path: str) -> str:
+def _run_folder_hint(path: str) -> str:
     """For a sweep's folder, or a seed's folder inside a run, given where a run folder is wanted: what to give."""
     from .sweep import is_sweep
 
@@ -549,7 +549,7 @@ def finished_checkpoints(path) -> list[str]:
 def checkpoints_of_run(run_dir: str) -> list[str]:
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     if not os.path.isfile(os.path.join(run_dir, RUN_MANIFEST)):
-        raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}){_sweep_hint(run_dir)}")
+        raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}){_run_folder_hint(run_dir)}")
     config = stored_config(run_dir)
     folders = []
     training, holder = run_lock.holder(run_dir)
@@ -614,7 +614,7 @@ def _folder_summaries(run_dir: str) -> list[dict]:
                   f" ({', '.join(missing)})", file=sys.stderr)
         return found
     if not os.path.isfile(os.path.join(folder, RUN_MANIFEST)):
-        hint = _sweep_hint(folder) or "; report takes the folders that `fastprompt train` wrote"
+        hint = _run_folder_hint(folder) or "; report takes the folders that `fastprompt train` wrote"
         raise RunError(f"{run_dir} is not a run folder (no {RUN_MANIFEST}){hint}")
     if not os.path.isfile(path):
         raise RunError(f"{run_dir} has no summary.json (the run is not complete: {status_line(folder)})")
