@@ -2,7 +2,9 @@
 
 Nothing here hard-codes ViT-B/16: widths, heads, layers, token counts, context length, pooling and
 the GELU kind come from the instance, so any open_clip ViT CLIP whose towers are `Transformer`s of
-`ResidualAttentionBlock`s works. The checks name what they found when a model is not supported,
+`ResidualAttentionBlock`s works. A CNN vision tower (open_clip's ModifiedResNet: RN50, RN101, RN50x4..64, the
+backbone of CoOp's main results) is accepted as a frozen feature extractor for the methods that prompt only the
+text (`BackboneInfo.vision_tower == "cnn"`, its `vision.layers` 0: nothing to splice prompts into). The checks name what they found when a model is not supported,
 because patching or prompting half of an unusual model silently is worse than refusing it.
 
 The helpers below drive open_clip's own modules (conv1, embeddings, blocks, norms, projections);
@@ -52,6 +54,26 @@ class BackboneInfo:
     vocab_size: int
     text_pool: str  # 'argmax' or 'eos'
     eos_id: int | None
+    # 'transformer' (open_clip's VisionTransformer) or 'cnn' (ModifiedResNet: a frozen feature extractor for
+    # text-prompt methods; then vision.layers and vision_tokens are 0 and vision.width is its attention pool's)
+    vision_tower: str = "transformer"
+
+
+def image_size_of(visual: nn.Module) -> tuple[int, int]:
+    """The (height, width) a vision tower takes: open_clip keeps a pair on a VisionTransformer, an int on a
+    ModifiedResNet."""
+    size = visual.image_size
+    return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+
+
+CNN_TEXT_METHODS = "clip, coop, cocoop, deep_language, ivlp with n_vision=0"
+
+
+def cnn_refusal(method: str, tower: str = "ModifiedResNet") -> str:
+    """The error for `method` (a name) on a CNN vision tower (its class name `tower`), naming what runs on one."""
+    return (f"method {method!r} puts prompts into the vision tower, and this CLIP's is a CNN ({tower}, open_clip's"
+            f" RN50 family) with no transformer blocks to splice them into; on it run a text-prompt method"
+            f" ({CNN_TEXT_METHODS}) or use a ViT backbone (e.g. ViT-B-16)")
 
 
 def _gelu_kind(module: nn.Module) -> str:
@@ -111,16 +133,22 @@ def inspect_clip(model: nn.Module) -> BackboneInfo:
         if not hasattr(model, attr):
             raise UnsupportedModelError(f"model ({cls}) has no attribute {attr!r}; is it an open_clip CLIP?")
     visual = model.visual
-    if type(visual).__name__ == "ModifiedResNet":
+    cnn = type(visual).__name__ == "ModifiedResNet"
+    if not cnn and type(visual).__name__ != "VisionTransformer":
         raise UnsupportedModelError(
-            "vision tower is a ModifiedResNet (the CNN of open_clip's RN50/RN101/RN50x* CLIPs): fastprompt splices"
-            " prompts between transformer blocks and reads the CLS token, which a CNN tower has neither of; use a"
-            " ViT backbone (e.g. ViT-B-16, ViT-B-32, ViT-L-14)"
+            f"vision tower is a {type(visual).__name__}; only open_clip's VisionTransformer (any method) and"
+            f" ModifiedResNet (RN50 family: {CNN_TEXT_METHODS}) are supported (timm towers such as EVA's and"
+            " SigLIP's are not)"
         )
-    if type(visual).__name__ != "VisionTransformer":
-        raise UnsupportedModelError(
-            f"vision tower is a {type(visual).__name__}; only open_clip's VisionTransformer is supported"
-            " (timm and CNN towers have no prompt splice points)"
+    if cnn:
+        text, pool = _check_text(model), visual.attnpool
+        return BackboneInfo(
+            vision=TowerInfo(width=pool.k_proj.in_features, heads=pool.num_heads, layers=0, mlp_hidden=0,
+                             gelu="none"),
+            text=text, embed_dim=visual.output_dim, image_size=image_size_of(visual), vision_tokens=0,
+            context_length=model.positional_embedding.shape[0], vocab_size=model.token_embedding.num_embeddings,
+            text_pool=getattr(model, "text_pool_type", "argmax"), eos_id=getattr(model, "text_eos_id", None),
+            vision_tower="cnn",
         )
     if getattr(visual, "attn_pool", None) is not None:
         raise UnsupportedModelError("vision tower uses attentional pooling (CoCa-style); not supported")
@@ -133,6 +161,22 @@ def inspect_clip(model: nn.Module) -> BackboneInfo:
         raise UnsupportedModelError("vision tower has output_tokens=True; not supported")
     if getattr(visual, "proj", None) is None:
         raise UnsupportedModelError("vision tower has no output projection")
+    text = _check_text(model)
+    return BackboneInfo(
+        vision=_check_transformer(visual.transformer, "visual.transformer"),
+        text=text,
+        embed_dim=visual.proj.shape[1],
+        image_size=image_size_of(visual),
+        vision_tokens=visual.positional_embedding.shape[0],
+        context_length=model.positional_embedding.shape[0],
+        vocab_size=model.token_embedding.num_embeddings,
+        text_pool=getattr(model, "text_pool_type", "argmax"),
+        eos_id=getattr(model, "text_eos_id", None),
+    )
+
+
+def _check_text(model: nn.Module) -> TowerInfo:
+    """The text tower's checks (the same whatever the vision tower) and its shape facts."""
     pool = getattr(model, "text_pool_type", "argmax")
     if pool not in ("argmax", "eos"):
         raise UnsupportedModelError(
@@ -145,19 +189,7 @@ def inspect_clip(model: nn.Module) -> BackboneInfo:
         raise UnsupportedModelError("text tower has no causal attention mask; bidirectional text is not supported")
     if isinstance(model.text_projection, nn.Linear):
         raise UnsupportedModelError("text_projection is an nn.Linear (proj_bias); only a projection matrix is supported")
-    vision = _check_transformer(visual.transformer, "visual.transformer")
-    text = _check_transformer(model.transformer, "transformer")
-    return BackboneInfo(
-        vision=vision,
-        text=text,
-        embed_dim=visual.proj.shape[1],
-        image_size=tuple(visual.image_size),
-        vision_tokens=visual.positional_embedding.shape[0],
-        context_length=model.positional_embedding.shape[0],
-        vocab_size=model.token_embedding.num_embeddings,
-        text_pool=pool,
-        eos_id=getattr(model, "text_eos_id", None),
-    )
+    return _check_transformer(model.transformer, "transformer")
 
 
 def default_tokenizer(info: BackboneInfo):
@@ -208,10 +240,10 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
         raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError(f"the image batch is empty (shape {tuple(images.shape)}); give at least one image")
-    if tuple(images.shape[-2:]) != tuple(visual.image_size):
+    if tuple(images.shape[-2:]) != image_size_of(visual):
         raise ValueError(
-            f"images are {tuple(images.shape[-2:])} pixels but the model's positional embedding is for"
-            f" {tuple(visual.image_size)}; resize the input (the data transforms do this)"
+            f"images are {tuple(images.shape[-2:])} pixels but the model is for {image_size_of(visual)} (its"
+            " positional embedding or attention pool); resize the input (the data transforms do this)"
         )
     weight = visual.conv1.weight
     if images.device != weight.device:

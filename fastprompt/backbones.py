@@ -56,6 +56,13 @@ TINY_CONFIGS = {
         text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=12, pool_type="eos",
                       eos_id=49407),
     ),
+    # RN50's structure (open_clip's ModifiedResNet: four stages of bottlenecks, an attention pool, embed_dim
+    # wider than the text): the CNN tower that only the text-prompt methods run on.
+    "tiny-rn50": dict(
+        embed_dim=96,
+        vision_cfg=dict(image_size=64, layers=[1, 1, 1, 1], width=8, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=12),
+    ),
 }
 
 

@@ -411,10 +411,17 @@ def _decoder_pass(model, batch: int) -> Pass | None:
                 layers=layers, recomputable=False, trained_weights=True)
 
 
+class NotPredictedError(ValueError):
+    """A model this predictor does not cover (a CNN vision tower)."""
+
+
 def step_geometry(model, batch: int, options: StepOptions | None = None) -> StepGeometry:
     """What one training step of `model` (a PromptedCLIP) computes at batch size `batch` under `options`."""
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if model.info.vision_tower != "transformer":
+        raise NotPredictedError(f"no memory prediction for a {type(model.clip.visual).__name__} (CNN) vision tower:"
+                                " the model covers transformer towers only")
     options = options or StepOptions()
     passes = _vision_passes(model, batch, options)
     text = _text_pass(model, batch, options)
@@ -813,7 +820,10 @@ def structural_model(method: str, classnames, backbone: str = "ViT-B-16", **opti
 def memory_line(model, batch: int, options: StepOptions, budget_bytes: int) -> str:
     """One line for a run's log: the predicted peak of a step against `budget_bytes` (the GPU's memory), and, when it
     does not fit, the fewest micro-batches (`accumulate=k`, same update) that do, or that nothing does."""
-    estimate = predict_peak_memory(model, batch, options)
+    try:
+        estimate = predict_peak_memory(model, batch, options)
+    except NotPredictedError as exc:
+        return f"{exc} ({budget_bytes / GiB:.1f} GiB on this GPU)"
     head = f"predicted peak {estimate.total_bytes / GiB:.2f} GiB of {budget_bytes / GiB:.1f} GiB"
     if estimate.total_bytes <= budget_bytes:
         return head

@@ -60,6 +60,15 @@ class PromptMethod(nn.Module):
     #: {option: allowed values} of the string options with a fixed set of values. The constructor checks them;
     #: the runner checks a config against the same table before any data is read (read-only: do not mutate).
     option_choices: dict[str, tuple] = {}
+    #: Whether the method prompts (or reads the tokens of) the vision tower's transformer, which a CNN vision tower
+    #: (RN50) does not have; False for the text-prompt methods. See prompts_vision for options that decide it.
+    vision_prompts = True
+
+    @classmethod
+    def prompts_vision(cls, options: dict) -> bool:
+        """Whether this method built with `options` (the user's, before defaults) puts prompts into the vision
+        tower: fastprompt.build refuses such a method on a CNN vision tower before constructing it."""
+        return cls.vision_prompts
 
     def __init__(self, info: BackboneInfo):
         super().__init__()

@@ -127,6 +127,8 @@ class PromptedCLIP(nn.Module):
         self.tokenizer = tokenizer or _default_tokenizer(self.info)
         bb.check_tokenizer(self.info, self.tokenizer)
         self.truncate_text = truncate_text
+        if self.info.vision_tower == "cnn" and (method.vision_schedule.prompted or method.reads_vision_tokens()):
+            raise bb.UnsupportedModelError(bb.cnn_refusal(method.name, type(clip.visual).__name__))
         method.text_schedule.check_layers(self.info.text.layers)
         method.vision_schedule.check_layers(self.info.vision.layers)
         self._check_sources()
@@ -290,6 +292,7 @@ class PromptedCLIP(nn.Module):
         patched CLIP (an unpatched one computes what the research code computes: a whole second pass)."""
         visual = self.clip.visual
         return (fast_path(self.clip) is not None and self.method.uses_frozen_image_features()
+                and self.info.vision_tower == "transformer"
                 and torch.is_grad_enabled()
                 and isinstance(visual.patch_dropout, nn.Identity)  # patch dropout draws anew per pass
                 and (self.method.vision_schedule.first_prompted_layer or 2) > 1)
@@ -344,6 +347,9 @@ class PromptedCLIP(nn.Module):
         ctx = ctx or SourceContext()
         bb.check_images(self.clip, images)
         visual = self.clip.visual
+        if self.info.vision_tower == "cnn":  # a frozen feature extractor: no prompts, no tokens (inspect_clip)
+            self._vision_stem = None
+            return visual(images.to(visual.conv1.weight.dtype)), None, (0, 0)
         sched = self.method.vision_schedule
         tokens = self._layer_tokens("vision", ctx)
         x = bb.vision_embed(self.clip, images)
@@ -634,7 +640,7 @@ class PromptedCLIP(nn.Module):
             ctx.memo.update(cache.memo)  # prompt tokens of both towers, computed once
         if image_features is None:
             image_features, vision_tokens, segment = self.encode_image(images, ctx)
-        vision_proj = self.clip.visual.proj
+        vision_proj = getattr(self.clip.visual, "proj", None)  # None on a CNN tower (its attention pool projects)
         if method.per_image_text():
             ctx.vision_tokens, ctx.vision_proj = vision_tokens, vision_proj
             ctx.class_lengths = self._on("lengths", images.device)

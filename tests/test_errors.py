@@ -110,7 +110,7 @@ def test_schedule_with_wrong_depth_for_the_model(tiny_clip):
 
 def test_wrong_image_size_and_dtype(tiny_clip):
     model = fastprompt.build("maple", tiny_clip, ["cat", "dog"])
-    with pytest.raises(ValueError, match=r"\(48, 48\) pixels but the model's positional embedding is for \(32, 32\)"):
+    with pytest.raises(ValueError, match=r"\(48, 48\) pixels but the model is for \(32, 32\)"):
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(TypeError, match="floating-point"):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

@@ -63,9 +63,10 @@ class FastPath:
         towers = ", ".join(f"{n} {t} blocks" for t, n in self.blocks.items())
         mlp = self.kernels.norm_mlp + (f" (first GEMM: {self.kernels.mlp_gemm})" if self.kernels.norm_mlp == "triton"
                                        else "")
+        image = (" encode_image's last block on the CLS rows only" if "vision" in self.blocks
+                 else " the CNN vision tower as open_clip runs it")
         lines = [f"fastprompt.patch: {towers}; LayerNorm/MLP: {mlp}; attention: "
-                 f"{self.kernels.attention}; encode_text truncated after the last EOT: {self.encode_text};"
-                 " encode_image's last block on the CLS rows only"]
+                 f"{self.kernels.attention}; encode_text truncated after the last EOT: {self.encode_text};{image}"]
         lines += [f"  - {r}" for r in self.reasons]
         return "\n".join(lines)
 
@@ -290,7 +291,8 @@ def _resolve_kernels(model: nn.Module, backend: str, info, mlp_gemm: str = "auto
         gemm = "triton"  # no first-GEMM plan: the MLP runs as PyTorch ops
     # The attention backend must be able to serve both towers' head dims at the model's dtype.
     dtype = bb.compute_dtype(model)
-    for name, tower, causal in (("vision", info.vision, False), ("text", info.text, True)):
+    towers = (("vision", info.vision, False), ("text", info.text, True))
+    for name, tower, causal in towers[info.vision_tower == "cnn":]:  # a CNN vision tower has no attention to patch
         choice = backends.explain_backend("attention", device=device, dtype=dtype, head_dim=tower.head_dim,
                                           causal=causal, backend=attention)
         if choice.chosen is None:
@@ -347,7 +349,9 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False, mlp_ge
     info = bb.inspect_clip(model)  # raises before any change
     kernels, reasons = _resolve_kernels(model, backend, info, mlp_gemm)
     report = FastPath(kernels=kernels, reasons=reasons)
-    for tower_name, tower in (("vision", model.visual.transformer), ("text", model.transformer)):
+    cnn = info.vision_tower == "cnn"
+    towers = (("text", model.transformer),) if cnn else (("vision", model.visual.transformer), ("text", model.transformer))
+    for tower_name, tower in towers:
         for blk in tower.resblocks:
             original = getattr(blk, _MARK, type(blk))
             if not hasattr(blk, _MARK):
@@ -355,8 +359,11 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False, mlp_ge
             blk.__class__ = _fast_class(original)
             blk.__dict__["_fastprompt_kernels"] = kernels
         report.blocks[tower_name] = len(tower.resblocks)
-    model.visual.transformer.forward = _FastVisionTransformer(model.visual.transformer)
-    model.visual.forward = _FastVisionForward(model.visual)
+    if cnn:
+        report.reasons.append(f"vision tower: a {type(model.visual).__name__} (CNN), left as open_clip runs it")
+    else:
+        model.visual.transformer.forward = _FastVisionTransformer(model.visual.transformer)
+        model.visual.forward = _FastVisionForward(model.visual)
     if info.text_pool == "argmax":
         model.encode_text = _FastEncodeText(model)
         report.encode_text = True
@@ -383,7 +390,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise TypeError(f"unpatch takes an open_clip CLIP module, not {type(model).__name__}")
     if _is_built_model(model):
         raise TypeError(f"unpatch takes the open_clip CLIP, not the {type(model).__name__} on it: pass model.clip")
-    for where in ("visual.transformer.resblocks", "transformer.resblocks"):
+    cnn = type(getattr(model, "visual", None)).__name__ == "ModifiedResNet"  # patch left its vision tower alone
+    for where in ("visual.transformer.resblocks", "transformer.resblocks")[cnn:]:
         owner = model
         for attr in where.split("."):
             if not hasattr(owner, attr):
@@ -392,14 +400,15 @@ def unpatch(model: nn.Module) -> nn.Module:
                     " was patched)"
                 )
             owner = getattr(owner, attr)
-    for tower in (model.visual.transformer, model.transformer):
+    for tower in (model.transformer,) if cnn else (model.visual.transformer, model.transformer):
         for blk in tower.resblocks:
             if hasattr(blk, _MARK):
                 blk.__class__ = blk.__dict__.pop(_MARK)
                 blk.__dict__.pop("_fastprompt_kernels", None)
                 blk.__dict__.pop("_fastprompt_mask_cache", None)
     model.__dict__.pop("encode_text", None)
-    model.visual.transformer.__dict__.pop("forward", None)
+    if not cnn:
+        model.visual.transformer.__dict__.pop("forward", None)
     model.visual.__dict__.pop("forward", None)
     model.__dict__.pop("fastprompt_patch", None)
     return model

@@ -14,7 +14,7 @@ import numbers
 
 import torch.nn as nn
 
-from ..backbone import inspect_clip
+from ..backbone import UnsupportedModelError, cnn_refusal, inspect_clip
 from ..keywords import accepts, declared_types, plain_number, type_name
 from ._build import BuildContext
 from .coop import CoCoOp, CoOp
@@ -143,6 +143,8 @@ def build(
     # Checked before any work; a generator is read once, here. The model's tokenization warns of duplicates.
     classnames = class_list(classnames)
     info = inspect_clip(clip)
+    if info.vision_tower == "cnn" and cls.prompts_vision(options):
+        raise UnsupportedModelError(cnn_refusal(cls.name, type(clip.visual).__name__))
     tokenizer = tokenizer or _default_tokenizer(info)
     ctx = BuildContext(clip, info, tokenizer)
     ctx.num_classes = len(classnames)

@@ -16,6 +16,7 @@ class CoOp(PromptMethod):
     """
 
     name = "coop"
+    vision_prompts = False
 
     def __init__(self, ctx: BuildContext, n_ctx: int = 16, ctx_init: str | None = None, class_specific: bool = False):
         super().__init__(ctx.info)
@@ -34,6 +35,7 @@ class CoCoOp(PromptMethod):
     """CoOp context plus a per-image shift from a meta-net on the frozen image feature (text pass per image)."""
 
     name = "cocoop"
+    vision_prompts = False  # its meta-net reads the frozen image feature, which any vision tower gives
 
     def __init__(self, ctx: BuildContext, n_ctx: int = 4, ctx_init: str | None = "a photo of a", meta_hidden: int | None = None):
         super().__init__(ctx.info)

@@ -6,6 +6,8 @@ are appended at the tail at layer 1 and replace the last n tokens up to the dept
 
 from __future__ import annotations
 
+import inspect
+
 from ..method import PromptMethod
 from ..schedule import TowerSchedule
 from ..sources import FreeTokens
@@ -14,6 +16,13 @@ from ._build import BuildContext, template_slots
 
 class IVLP(PromptMethod):
     name = "ivlp"
+
+    @classmethod
+    def prompts_vision(cls, options: dict) -> bool:
+        n_vision = inspect.signature(cls.__init__).parameters.get("n_vision")
+        if n_vision is None:  # a subclass that fixes it (PromptSRC: n_ctx in both towers)
+            return cls.vision_prompts
+        return options.get("n_vision", n_vision.default) > 0
 
     def __init__(
         self,
@@ -47,6 +56,7 @@ class IVLP(PromptMethod):
 
 class DeepLanguagePrompting(IVLP):
     name = "deep_language"
+    vision_prompts = False
 
     def __init__(self, ctx: BuildContext, n_text: int = 4, text_depth: int = 12, ctx_init: str | None = "a photo of a"):
         super().__init__(ctx, n_text=n_text, n_vision=0, text_depth=text_depth, ctx_init=ctx_init)

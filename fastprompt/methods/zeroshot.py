@@ -8,6 +8,7 @@ from ._build import BuildContext
 
 class ZeroShotCLIP(PromptMethod):
     name = "clip"
+    vision_prompts = False
 
     def __init__(self, ctx: BuildContext, template: str = "a photo of a {}."):
         super().__init__(ctx.info)
