@@ -14,6 +14,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from . import backbone as bb
 from .backbones import create_clip
 from .data import eval_transform, procedural_splits, train_transform
 from .evaluation import evaluate
@@ -85,7 +86,7 @@ def run_demo(
     if kernels != "eager":
         # The product's fast path (exact): fused blocks, packed text; Triton kernels on CUDA.
         patch(clip, backend=kernels)
-    size = clip.visual.image_size[0]
+    size = bb.image_size_of(clip.visual)[0]
     splits = procedural_splits(num_train_per_class=shots, num_test_per_class=test_per_class, image_size=size, seed=seed)
     model = build(method, clip, splits.classnames)
     trainable = sum(p.numel() for p in model.trainable_parameters())

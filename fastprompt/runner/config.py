@@ -393,6 +393,34 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError("the procedural dataset is drawn in memory and takes no root; remove --root (or root=)")
     check_method_options(config.method, config.options)
     _check_names(config)
+    _check_backbone_runs_method(config)
+
+
+def configured_vision(backbone: str) -> dict | None:
+    """The vision_cfg of `backbone` read from its config without building it (a list of `layers`: a CNN tower);
+    None where that is not known offline (hf-hub: names, unknown names)."""
+    import open_clip
+
+    from ..backbones import TINY_CONFIGS
+
+    if backbone in TINY_CONFIGS:
+        return TINY_CONFIGS[backbone]["vision_cfg"]
+    if backbone in open_clip.list_models():  # local configs only: get_model_config fetches hf-hub: names
+        return (open_clip.get_model_config(backbone) or {}).get("vision_cfg", {})
+    return None
+
+
+def _check_backbone_runs_method(config: RunConfig) -> None:
+    """A method that prompts vision on a CNN backbone (RN50 family), refused from the backbone's config: before any
+    data are read, in a dry run and for every run of a sweep (building the model refuses it too, for backbones
+    whose config is not known offline)."""
+    from ..backbone import cnn_refusal
+    from ..methods import method_class
+
+    vision = configured_vision(config.backbone)
+    if vision is not None and isinstance(vision.get("layers"), (tuple, list)) \
+            and method_class(config.method).prompts_vision(config.options):
+        raise ConfigError(f"backbone {config.backbone!r}: {cnn_refusal(config.method)}")
 
 
 def _check_names(config: RunConfig) -> None:

@@ -21,6 +21,7 @@ import torch
 
 import fastprompt
 
+from ..backbone import UnsupportedModelError
 from ..evaluation import evaluate
 from ..parallel import data_parallel
 from ..training import EpochStats, TrainStep, fit, lr_at, make_optimizer, peak_memory, reset_peak_memory
@@ -113,6 +114,8 @@ def build_model(config: RunConfig, clip, classnames, seed: int, template: str | 
     seed_everything(seed)
     try:
         model = fastprompt.build(config.method, clip, list(classnames), **method_options(config, template))
+    except UnsupportedModelError as error:  # the backbone cannot run this method (it names the method)
+        raise ConfigError(f"backbone {config.backbone!r}: {error}") from None
     except (TypeError, ValueError) as error:  # a bad option or combination, named by the method
         raise ConfigError(f"method {config.method!r}: {error}") from None
     return shard_text_if_asked(model, config)

@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from .. import backbone as bb
 from ..backbones import create_clip
 from ..data import CorruptImageError, eval_transform, open_rgb_image
 from ..evaluation import EvalStep
@@ -78,7 +79,7 @@ class Predictor:
         # The evaluation engine's step: the cached class text, the autocast, and a CUDA graph for a batch shape seen
         # again (a folder predicted in chunks of one size).
         self._step = EvalStep(self.model, mode=self.mode, amp_dtype=self.amp_dtype, device=self.device)
-        self.image_size = int(clip.visual.image_size[0])
+        self.image_size = bb.image_size_of(clip.visual)[0]
         self.transform = eval_transform(self.image_size)
 
     def prepare(self, images) -> torch.Tensor:

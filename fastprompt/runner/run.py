@@ -23,11 +23,13 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .. import backbone as bb
 from ..notes import warnings_as_notes
 from ..parallel import data_parallel
 from . import checkpoint as ckpt
 from . import lock as run_lock
-from .config import FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, check_config, set_field
+from .config import (FIELDS, ConfigError, ResolvedConfig, RunConfig, apply_values, check_config, configured_vision,
+                     set_field)
 from .data import (check_targets, check_training_set, count_classes, load_dataset, one_class_targets_note, plan,
                    run_image_paths, short_classes_note, split_record, verify_paths)
 from .engine import (SeedTrainer, build_model, load_backbone, numerics, progress_bar, resolve_device,
@@ -96,7 +98,7 @@ def prepare(config: RunConfig, echo) -> Prepared:
     clip = None
     if image_size is None:
         clip = load_backbone(config.backbone, config.pretrained, num.clip_precision, device, config.kernels)
-        image_size = int(clip.visual.image_size[0])
+        image_size = bb.image_size_of(clip.visual)[0]
     full = load_dataset(config, config.dataset, image_size)
     loaded: dict = {}
     plans = {seed: plan(config, full, seed, image_size, loaded) for seed in config.seeds}
@@ -113,7 +115,7 @@ def prepare(config: RunConfig, echo) -> Prepared:
             verify_paths(paths, bar.update)
     if clip is None:
         clip = load_backbone(config.backbone, config.pretrained, num.clip_precision, device, config.kernels)
-        if int(clip.visual.image_size[0]) != image_size:
+        if bb.image_size_of(clip.visual)[0] != image_size:
             raise RunError(f"backbone {config.backbone!r} loaded with image size {clip.visual.image_size}, but its"
                            f" config says {image_size}: the data were planned for {image_size} px")
     # Build once so bad method options and over-long class names fail now, not after the folder exists.
@@ -141,16 +143,10 @@ def _processes_phrase() -> str:
 def _configured_image_size(backbone: str) -> int | None:
     """The input size of `backbone` read from its config without building it; None where that is not known
     offline (hf-hub: names, unknown names)."""
-    import open_clip
-
-    from ..backbones import TINY_CONFIGS
-
-    if backbone in TINY_CONFIGS:
-        size = TINY_CONFIGS[backbone]["vision_cfg"]["image_size"]
-    elif backbone in open_clip.list_models():  # local configs only: get_model_config fetches hf-hub: names
-        size = (open_clip.get_model_config(backbone) or {}).get("vision_cfg", {}).get("image_size")
-    else:
+    vision = configured_vision(backbone)
+    if vision is None:
         return None
+    size = vision.get("image_size")
     if isinstance(size, (tuple, list)):
         size = size[0]
     return int(size) if size is not None else None
@@ -494,7 +490,7 @@ def _evaluate_checkpoints(folders, overrides, dataset, subset, mode, echo) -> li
         if key not in backbones:  # the seeds of a run share one frozen backbone
             backbones[key] = load_backbone(*key[:3], device, config.kernels)
         clip = backbones[key]
-        image_size = int(clip.visual.image_size[0])
+        image_size = bb.image_size_of(clip.visual)[0]
         if dataset is None:
             full = load_dataset(config, config.dataset, image_size)
             _, targets = plan(config, full, seed, image_size)
