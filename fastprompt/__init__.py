@@ -1,7 +1,7 @@
 """fastprompt: fast, memory-lean prompt learning on frozen open_clip CLIP models.
 
     import open_clip, fastprompt
-    clip = open_clip.create_model("ViT-B-16", pretrained="openai")
+    clip = open_clip.create_model("ViT-B-16-quickgelu", pretrained="openai")  # OpenAI weights: QuickGELU
     model = fastprompt.build("maple", clip, ["cat", "dog"])
     out = model(images); loss, parts = model.loss(out, labels)
 """

@@ -121,12 +121,30 @@ def create_clip(
     if pretrained and not os.path.isfile(pretrained):
         _check_weights_reachable(name, pretrained)
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, precision=precision_map[precision], device=device)
+        model = open_clip.create_model(name, pretrained=pretrained, precision=precision_map[precision], device=device,
+                                       **tag_model_options(name, pretrained))
     except (RuntimeError, pickle.UnpicklingError, AssertionError, KeyError) as error:  # open_clip asserts shapes too
         if not (pretrained and os.path.isfile(pretrained)):
             raise
         raise WeightsFileError(f"pretrained file {pretrained!r} does not load into {name}: {_first_lines(error)}") from None
     return model.eval()
+
+
+def tag_model_options(name: str, pretrained: str | None) -> dict:
+    """The model options a pretrained tag's weights were trained with that open_clip's factory does not apply by
+    itself: QuickGELU. OpenAI's weights (and a few others) were trained with it, the plain configs (ViT-B-16, RN50)
+    use nn.GELU, and open_clip builds the plain config and only warns of the mismatch, so ViT-B-16 + 'openai'
+    would run OpenAI's weights through the wrong activation; the research code (OpenAI's CLIP) uses QuickGELU.
+    The same model as the '-quickgelu' config of the name. A weights file's activation is not known: the name
+    decides (ViT-B-16-quickgelu for OpenAI's)."""
+    import open_clip
+
+    if not pretrained or os.path.isfile(pretrained):
+        return {}
+    tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
+    if tag.get("quick_gelu") and not (open_clip.get_model_config(name) or {}).get("quick_gelu"):
+        return {"force_quick_gelu": True}
+    return {}
 
 
 class WeightsFileError(ValueError):

@@ -91,7 +91,8 @@ def export_classifier(checkpoint: str, output: str, classnames=None, pretrained:
         list(predictor.classnames)), "backbone": backbone["name"],
         "pretrained": _weights_label(pretrained, backbone),
         "checkpoint": predictor.checkpoint,
-        "usage": "logits = logit_scale * normalize(clip.encode_image(images)) @ text_features.T"}
+        "usage": _open_clip_call(backbone["name"], _weights_label(pretrained, backbone))
+        + "logits = logit_scale * normalize(clip.encode_image(images)) @ text_features.T"}
     tensors = {"text_features": text_features.contiguous(), "logit_scale": logit_scale.reshape(())}
     ckpt.atomic_write_bytes(output, save(tensors, metadata=metadata))
     return metadata
@@ -246,6 +247,20 @@ def _program(checkpoint: str, classnames, pretrained: str | None, usage: str, dt
         "usage": usage,
     }
     return program, metadata
+
+
+def _open_clip_call(name: str, weights: str) -> str:
+    """'clip = open_clip.create_model(...); ': the call that builds the CLIP the text features belong to, with the
+    options its weights need that open_clip's factory does not apply itself (OpenAI's: QuickGELU); '' for
+    fastprompt's tiny configs and weights files, which open_clip cannot name."""
+    import open_clip
+
+    from ..backbones import tag_model_options
+
+    if name not in open_clip.list_models() or weights == "none" or os.path.isfile(weights):
+        return ""
+    options = "".join(f", {key}={value!r}" for key, value in tag_model_options(name, weights).items())
+    return f"clip = open_clip.create_model({name!r}, pretrained={weights!r}{options}); "
 
 
 def _weights_label(pretrained: str | None, backbone: dict) -> str:
