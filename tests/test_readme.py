@@ -7,7 +7,7 @@ What is substituted, and why (the README uses real data and weights; CI has a CP
   (`--output runs/maple-b2n-eurosat-16shot`) so that the later `eval` / `report` lines run unchanged;
   `fastprompt train ...` (the README's ellipsis) repeats the training command above it; the demo runs on
   the tiny backbone for 1 epoch.
-- python: `open_clip.create_model("ViT-B-16", pretrained="openai")` -> the tiny CLIP; the names a block
+- python: `open_clip.create_model("ViT-B-16-quickgelu", pretrained="openai")` -> the tiny CLIP; the names a block
   uses but does not define (images, labels, novel_names, model, loader, epochs) are given tiny values;
   `device="cuda"` -> the CPU when there is no GPU.
 - skipped, with the reason in SKIPPED: creating a venv and the pip install (network, ~5 GB; their
@@ -178,7 +178,7 @@ def _undefined_names() -> dict:
 
 def _python_block(index: int) -> str:
     code = fenced_blocks(README)[index][1]
-    original = 'open_clip.create_model("ViT-B-16", pretrained="openai")'
+    original = 'open_clip.create_model("ViT-B-16-quickgelu", pretrained="openai")'
     if index == 1:
         assert original in code, "the README's first Python block changed: update the substitution"
         code = code.replace(original, 'create_clip("tiny")')
