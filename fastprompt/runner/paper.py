@@ -18,6 +18,8 @@ import statistics
 from .results import harmonic_mean, markdown_lines
 
 PAPER_BACKBONE, PAPER_WEIGHTS = "ViT-B-16", "openai"
+# Both names build OpenAI's ViT-B/16 with the 'openai' weights (QuickGELU: fastprompt.backbones.tag_model_options).
+PAPER_BACKBONES = (PAPER_BACKBONE, "ViT-B-16-quickgelu")
 FEW_SHOT_KS = (1, 2, 4, 8, 16)
 
 # As printed, inconsistencies of the sources included (tests/runner/test_paper.py checks the rest): MMRL Table 1's
@@ -241,7 +243,7 @@ def _setting_problem(summary: dict, shots: int | None) -> str | None:
     if not config:
         return "its summary holds no config (written before configs were stored)"
     differs = []
-    if config.get("backbone") != PAPER_BACKBONE:
+    if config.get("backbone") not in PAPER_BACKBONES:
         differs.append(f"backbone {config.get('backbone')}")
     if config.get("pretrained") != PAPER_WEIGHTS:
         differs.append(f"weights {config.get('pretrained') or 'random'}")

@@ -141,3 +141,13 @@ def test_each_preset_as_resolved_has_no_changes_from_itself(protocol):
             config = resolve_config({}, {"method": method, "protocol": protocol, "dataset": dataset,
                                          "shots": "16"}).config.to_dict()
             assert preset_changes(config) == [], (method, protocol, dataset)
+
+
+def test_the_quickgelu_name_of_the_paper_backbone_is_compared_and_another_backbone_is_not():
+    """ViT-B-16-quickgelu with OpenAI's weights is the papers' model (the plain name builds it the same way); RN50
+    is another backbone."""
+    runs = [b2n_run("coop", "dtd", 80.44, 40.18, backbone="ViT-B-16-quickgelu"),
+            b2n_run("coop", "eurosat", 80.0, 50.0, backbone="RN50")]
+    text = paper_comparison(runs)
+    assert "| coop dtd | dtd | 80.44 (79.44, +1.00) | 40.18 (41.18, -1.00) |" in text
+    assert "Not compared: coop eurosat (backbone RN50; the figures are for ViT-B-16 with openai" in text
