@@ -118,6 +118,9 @@ def create_clip(
     precision_map = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "pure_fp16"}
     if precision not in precision_map:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    problem = tag_problem(name, pretrained)
+    if problem is not None:
+        raise ValueError(problem)
     if pretrained and not os.path.isfile(pretrained):
         _check_weights_reachable(name, pretrained)
     try:
@@ -145,6 +148,36 @@ def tag_model_options(name: str, pretrained: str | None) -> dict:
     if tag.get("quick_gelu") and not (open_clip.get_model_config(name) or {}).get("quick_gelu"):
         return {"force_quick_gelu": True}
     return {}
+
+
+def tag_problem(name: str, pretrained: str | None) -> str | None:
+    """Why fastprompt cannot use the pretrained tag's weights as they were trained (None: it can). Its data pipeline
+    normalises every image with OpenAI CLIP's mean and std (fastprompt.data.transforms), which is what nearly every
+    tag of the supported CLIPs was trained with; a tag trained on other statistics (ViT-L-14's laion2b_s32b_b82k:
+    0.5, 0.5) would see inputs shifted from its training distribution, silently, so it is refused."""
+    if not pretrained or os.path.isfile(pretrained) or name in TINY_CONFIGS or _clip_normalised(name, pretrained):
+        return None
+    import open_clip
+
+    from .data.transforms import CLIP_MEAN, CLIP_STD
+
+    tag = open_clip.get_pretrained_cfg(name, pretrained)
+    others = [t for t in open_clip.list_pretrained_tags_by_model(name) if _clip_normalised(name, t)]
+    return (f"the {pretrained!r} weights of {name} were trained on images normalised with mean {tuple(tag['mean'])},"
+            f" std {tuple(tag['std'])}; fastprompt normalises with OpenAI CLIP's {CLIP_MEAN}, {CLIP_STD}, so these"
+            f" weights would see inputs they were not trained on"
+            + (f"; use another tag of {name}: {', '.join(others)}" if others else ""))
+
+
+def _clip_normalised(name: str, tag: str) -> bool:
+    """Whether open_clip's table gives `tag` of `name` OpenAI CLIP's normalisation (or none: then it is CLIP's)."""
+    import open_clip
+
+    from .data.transforms import CLIP_MEAN, CLIP_STD
+
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    trained = tuple(cfg.get("mean", CLIP_MEAN)) + tuple(cfg.get("std", CLIP_STD))
+    return max(abs(a - b) for a, b in zip(trained, CLIP_MEAN + CLIP_STD)) <= 1e-6
 
 
 class WeightsFileError(ValueError):

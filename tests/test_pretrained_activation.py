@@ -1,4 +1,4 @@
-"""Pretrained tags are built with the activation their weights were trained with.
+"""Pretrained tags are built as their weights were trained: the activation, and the input normalisation.
 
 OpenAI's CLIP weights were trained with QuickGELU (x * sigmoid(1.702 x), OpenAI's clip/model.py, which the research
 repos vendor); so were MetaCLIP's and DFN's. open_clip's plain configs (ViT-B-16, RN50, ...) use nn.GELU, and its
@@ -61,3 +61,36 @@ def test_the_fixed_classifier_export_names_the_open_clip_call_its_features_need(
     assert _open_clip_call("ViT-B-16", "laion2b_s34b_b88k") == \
         "clip = open_clip.create_model('ViT-B-16', pretrained='laion2b_s34b_b88k'); "
     assert _open_clip_call("tiny", "none") == ""
+
+
+# --- weights trained on another normalisation -----------------------------------------------------------------
+def test_weights_trained_on_other_statistics_are_refused_before_any_download(monkeypatch):
+    """ViT-L-14's laion2b_s32b_b82k weights were trained on images normalised with mean = std = 0.5 (open_clip's
+    table); fastprompt's pipeline normalises with OpenAI CLIP's statistics, so the tag is refused in one line that
+    names the others, before open_clip or the network is asked anything."""
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may be fetched or built for a refused tag")
+
+    monkeypatch.setattr(open_clip, "create_model", never)
+    monkeypatch.setattr(backbones, "host_reachable", never)
+    with pytest.raises(ValueError) as error:
+        backbones.create_clip("ViT-L-14", pretrained="laion2b_s32b_b82k")
+    message = str(error.value)
+    assert "\n" not in message and "mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)" in message
+    assert "use another tag of ViT-L-14: openai," in message and "laion2b_s32b_b82k, " not in message
+
+
+@pytest.mark.parametrize("name,pretrained", [("ViT-L-14", "openai"), ("ViT-B-16", "laion2b_s34b_b88k"),
+                                             ("RN50", "openai"), ("tiny", None)])
+def test_clip_normalised_weights_are_accepted(name, pretrained):
+    assert backbones.tag_problem(name, pretrained) is None
+
+
+def test_the_runner_refuses_such_weights_in_a_dry_run(capsys):
+    from fastprompt.cli import main
+
+    code = main(["train", "--method", "coop", "--dataset", "dtd", "--root", "/nowhere", "backbone=ViT-L-14",
+                 "pretrained=laion2b_s32b_b82k", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("fastprompt: error: backbone='ViT-L-14', pretrained='laion2b_s32b_b82k': the")

@@ -411,9 +411,10 @@ def configured_vision(backbone: str) -> dict | None:
 
 
 def _check_backbone_runs_method(config: RunConfig) -> None:
-    """A method that prompts vision on a CNN backbone (RN50 family), refused from the backbone's config: before any
-    data are read, in a dry run and for every run of a sweep (building the model refuses it too, for backbones
-    whose config is not known offline)."""
+    """A method that prompts vision on a CNN backbone (RN50 family), or weights trained on another normalisation
+    (fastprompt.backbones.tag_problem), refused from the backbone's config: before any data are read, in a dry run
+    and for every run of a sweep (building the model refuses them too, for backbones whose config is not known
+    offline)."""
     from ..backbone import cnn_refusal
     from ..methods import method_class
 
@@ -421,6 +422,12 @@ def _check_backbone_runs_method(config: RunConfig) -> None:
     if vision is not None and isinstance(vision.get("layers"), (tuple, list)) \
             and method_class(config.method).prompts_vision(config.options):
         raise ConfigError(f"backbone {config.backbone!r}: {cnn_refusal(config.method)}")
+    if vision is not None:  # a known open_clip name (or a tiny config): its tags are in open_clip's table
+        from ..backbones import tag_problem
+
+        problem = tag_problem(config.backbone, config.pretrained)
+        if problem is not None:
+            raise ConfigError(f"backbone={config.backbone!r}, pretrained={config.pretrained!r}: {problem}")
 
 
 def _check_names(config: RunConfig) -> None:
