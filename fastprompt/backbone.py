@@ -4,8 +4,9 @@ Nothing here hard-codes ViT-B/16: widths, heads, layers, token counts, context l
 the GELU kind come from the instance, so any open_clip ViT CLIP whose towers are `Transformer`s of
 `ResidualAttentionBlock`s works. A CNN vision tower (open_clip's ModifiedResNet: RN50, RN101, RN50x4..64, the
 backbone of CoOp's main results) is accepted as a frozen feature extractor for the methods that prompt only the
-text (`BackboneInfo.vision_tower == "cnn"`, its `vision.layers` 0: nothing to splice prompts into). The checks name what they found when a model is not supported,
-because patching or prompting half of an unusual model silently is worse than refusing it.
+text (`BackboneInfo.vision_tower == "cnn"`, its `vision.layers` 0: nothing to splice prompts into). The checks
+name what they found when a model is not supported, because patching or prompting half of an unusual model
+silently is worse than refusing it.
 
 The helpers below drive open_clip's own modules (conv1, embeddings, blocks, norms, projections);
 they copy no open_clip source, only the order in which its forward calls them, and stop where the

@@ -393,7 +393,7 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError("the procedural dataset is drawn in memory and takes no root; remove --root (or root=)")
     check_method_options(config.method, config.options)
     _check_names(config)
-    _check_backbone_runs_method(config)
+    _check_backbone_fits(config)
 
 
 def configured_vision(backbone: str) -> dict | None:
@@ -410,7 +410,7 @@ def configured_vision(backbone: str) -> dict | None:
     return None
 
 
-def _check_backbone_runs_method(config: RunConfig) -> None:
+def _check_backbone_fits(config: RunConfig) -> None:
     """A method that prompts vision on a CNN backbone (RN50 family), or weights trained on another normalisation
     (fastprompt.backbones.tag_problem), refused from the backbone's config: before any data are read, in a dry run
     and for every run of a sweep (building the model refuses them too, for backbones whose config is not known
