@@ -350,7 +350,9 @@ def patch(model: nn.Module, backend: str = "auto", verbose: bool = False, mlp_ge
     kernels, reasons = _resolve_kernels(model, backend, info, mlp_gemm)
     report = FastPath(kernels=kernels, reasons=reasons)
     cnn = info.vision_tower == "cnn"
-    towers = (("vision", model.visual.transformer),) * (not cnn) + (("text", model.transformer),)
+    towers = [("text", model.transformer)]
+    if not cnn:
+        towers.insert(0, ("vision", model.visual.transformer))
     for tower_name, tower in towers:
         for blk in tower.resblocks:
             original = getattr(blk, _MARK, type(blk))
