@@ -304,6 +304,18 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
     return manifest, tensors
 
 
+# BackboneInfo fields added after checkpoints were first written, with the value every earlier checkpoint had.
+_LATER_INFO_FIELDS = {"vision_tower": "transformer"}
+
+
+def _only_gelu_differs(saved: dict, current: dict) -> bool:
+    """Whether two backbone infos differ in their towers' activation kind and nothing else."""
+    def without_gelu(info):
+        return {k: ({**v, "gelu": None} if isinstance(v, dict) else v) for k, v in info.items()}
+
+    return saved != current and without_gelu(saved) == without_gelu(current)
+
+
 def check_compatible(manifest: dict, method: str, backbone_info: dict, backbone_name: str | None = None) -> None:
     """The checkpoint must come from the same method and the same backbone architecture."""
     if manifest["method"] != method:
@@ -311,8 +323,16 @@ def check_compatible(manifest: dict, method: str, backbone_info: dict, backbone_
             f"checkpoint holds {manifest['method']!r} prompts; they cannot be loaded into method {method!r}"
         )
     saved = manifest["backbone"]
-    if saved.get("info") != backbone_info:
-        differ = sorted(k for k in backbone_info if saved.get("info", {}).get(k) != backbone_info[k])
+    saved_info = {**_LATER_INFO_FIELDS, **saved.get("info", {})}
+    if saved_info != backbone_info:
+        differ = sorted(k for k in backbone_info if saved_info.get(k) != backbone_info[k])
+        if _only_gelu_differs(saved_info, backbone_info):
+            raise CheckpointError(
+                f"checkpoint was trained on backbone {saved.get('name')!r} (pretrained={saved.get('pretrained')!r})"
+                f" built with {saved_info['text']['gelu']} blocks, and this model has {backbone_info['text']['gelu']}:"
+                " its prompts were learned through another activation (fastprompt now builds each pretrained tag with"
+                " the activation its weights were trained with, QuickGELU for OpenAI's, where open_clip's plain"
+                " config has GELU); train them again")
         raise CheckpointError(
             f"checkpoint was trained on backbone {saved.get('name')!r}, whose architecture differs from this model's"
             f" ({backbone_name or 'given model'}) in: {', '.join(differ)}"

@@ -148,3 +148,40 @@ def test_training_state_restores_optimizer_and_every_rng(tiny_clip, tmp_path, op
     for index, values in saved["state"].items():
         for name, value in values.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored["state"][index][name])), name
+
+
+def _rewrite_manifest(folder, change):
+    path = os.path.join(folder, "checkpoint.json")
+    with open(path) as handle:
+        manifest = json.load(handle)
+    change(manifest)
+    with open(path, "w") as handle:
+        json.dump(manifest, handle)
+
+
+def test_a_checkpoint_written_before_the_cnn_field_still_loads(tiny_clip, tmp_path):
+    """Manifests written before BackboneInfo had `vision_tower` lack it; every one of them was a transformer."""
+    model = trained(tiny_clip)
+    folder = save(model, tmp_path / "ck")
+    _rewrite_manifest(folder, lambda m: m["backbone"]["info"].pop("vision_tower"))
+    manifest, tensors = ckpt.load_checkpoint(folder)
+    fresh = fastprompt.build("coop", tiny_clip, NAMES)
+    ckpt.load_into(fresh, manifest, tensors)
+    for name, value in model.method.state_dict().items():
+        assert torch.equal(fresh.method.state_dict()[name], value), name
+
+
+def test_prompts_learned_through_another_activation_are_refused_with_the_reason(tiny_clip, tmp_path):
+    """A checkpoint of a CLIP built with GELU (open_clip's plain ViT-B-16 with OpenAI's weights, as fastprompt built
+    it before it asked for the weights' QuickGELU) does not load into the QuickGELU model silently."""
+    folder = save(trained(tiny_clip), tmp_path / "ck")
+
+    def as_quick_gelu(manifest):  # the tiny CLIP is GELU: the checkpoint claims the other activation
+        for tower in ("text", "vision"):
+            manifest["backbone"]["info"][tower]["gelu"] = "quick_gelu"
+
+    _rewrite_manifest(folder, as_quick_gelu)
+    manifest, tensors = ckpt.load_checkpoint(folder)
+    with pytest.raises(CheckpointError, match=r"built with quick_gelu blocks, and this model has gelu: its prompts"
+                                              r" were learned through another activation.*train them again"):
+        ckpt.load_into(fastprompt.build("coop", tiny_clip, NAMES), manifest, tensors)
