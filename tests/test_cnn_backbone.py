@@ -167,3 +167,24 @@ def test_images_of_another_size_are_refused_with_the_cnn_size(clip64):
     model = fastprompt.build("coop", clip64, NAMES)
     with pytest.raises(ValueError, match=r"images are \(32, 32\) pixels but the model is for \(64, 64\)"):
         model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+def test_graphed_steps_on_a_gpu_equal_eager_ones_and_keep_the_cnn():
+    """On CUDA the training step is captured in a CUDA graph: the CNN (cuDNN convolutions, BatchNorm in eval mode)
+    inside a replay must give the eager step's losses and leave every CNN tensor as it was."""
+    clip = create_clip("tiny-rn50").cuda()
+    before = copy.deepcopy(clip.state_dict())
+    models = [fastprompt.build("coop", clip, NAMES) for _ in range(2)]
+    models[1].method.load_state_dict(models[0].method.state_dict())
+    steps = [TrainStep(m, make_optimizer(m.trainable_parameters(), "sgd", lr=0.05), warmup_steps=2, cuda_graph=graph)
+             for m, graph in zip(models, (True, False))]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(6):
+        x = torch.randn(4, 3, 64, 64, device="cuda", generator=generator)
+        y = torch.randint(0, len(NAMES), (4,), device="cuda", generator=generator)
+        graphed, eager = (step(x, y) for step in steps)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    assert steps[0].mode == "cuda_graph"
+    for name, tensor in clip.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
