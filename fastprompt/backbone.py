@@ -70,6 +70,11 @@ def image_size_of(visual: nn.Module) -> tuple[int, int]:
 CNN_TEXT_METHODS = "clip, coop, cocoop, deep_language, ivlp with n_vision=0"
 
 
+def is_cnn_tower(visual) -> bool:
+    """Whether `visual` is open_clip's ModifiedResNet (the RN50 family's CNN), which patch and prompts leave alone."""
+    return type(visual).__name__ == "ModifiedResNet"
+
+
 def cnn_refusal(method: str, tower: str = "ModifiedResNet") -> str:
     """The error for `method` (a name) on a CNN vision tower (its class name `tower`), naming what runs on one."""
     return (f"method {method!r} puts prompts into the vision tower, and this CLIP's is a CNN ({tower}, open_clip's"
@@ -134,7 +139,7 @@ def inspect_clip(model: nn.Module) -> BackboneInfo:
         if not hasattr(model, attr):
             raise UnsupportedModelError(f"model ({cls}) has no attribute {attr!r}; is it an open_clip CLIP?")
     visual = model.visual
-    cnn = type(visual).__name__ == "ModifiedResNet"
+    cnn = is_cnn_tower(visual)
     if not cnn and type(visual).__name__ != "VisionTransformer":
         raise UnsupportedModelError(
             f"vision tower is a {type(visual).__name__}; only open_clip's VisionTransformer (any method) and"
@@ -142,14 +147,12 @@ def inspect_clip(model: nn.Module) -> BackboneInfo:
             " SigLIP's are not)"
         )
     if cnn:
-        text, pool = _check_text(model), visual.attnpool
+        pool = visual.attnpool
         return BackboneInfo(
             vision=TowerInfo(width=pool.k_proj.in_features, heads=pool.num_heads, layers=0, mlp_hidden=0,
                              gelu="none"),
-            text=text, embed_dim=visual.output_dim, image_size=image_size_of(visual), vision_tokens=0,
-            context_length=model.positional_embedding.shape[0], vocab_size=model.token_embedding.num_embeddings,
-            text_pool=getattr(model, "text_pool_type", "argmax"), eos_id=getattr(model, "text_eos_id", None),
-            vision_tower="cnn",
+            embed_dim=visual.output_dim, image_size=image_size_of(visual), vision_tokens=0, vision_tower="cnn",
+            **_text_facts(model),
         )
     if getattr(visual, "attn_pool", None) is not None:
         raise UnsupportedModelError("vision tower uses attentional pooling (CoCa-style); not supported")
@@ -162,22 +165,18 @@ def inspect_clip(model: nn.Module) -> BackboneInfo:
         raise UnsupportedModelError("vision tower has output_tokens=True; not supported")
     if getattr(visual, "proj", None) is None:
         raise UnsupportedModelError("vision tower has no output projection")
-    text = _check_text(model)
+    text = _text_facts(model)
     return BackboneInfo(
         vision=_check_transformer(visual.transformer, "visual.transformer"),
-        text=text,
         embed_dim=visual.proj.shape[1],
         image_size=image_size_of(visual),
         vision_tokens=visual.positional_embedding.shape[0],
-        context_length=model.positional_embedding.shape[0],
-        vocab_size=model.token_embedding.num_embeddings,
-        text_pool=getattr(model, "text_pool_type", "argmax"),
-        eos_id=getattr(model, "text_eos_id", None),
+        **text,
     )
 
 
-def _check_text(model: nn.Module) -> TowerInfo:
-    """The text tower's checks (the same whatever the vision tower) and its shape facts."""
+def _text_facts(model: nn.Module) -> dict:
+    """The text tower's checks (the same whatever the vision tower) and its BackboneInfo fields."""
     pool = getattr(model, "text_pool_type", "argmax")
     if pool not in ("argmax", "eos"):
         raise UnsupportedModelError(
@@ -190,7 +189,9 @@ def _check_text(model: nn.Module) -> TowerInfo:
         raise UnsupportedModelError("text tower has no causal attention mask; bidirectional text is not supported")
     if isinstance(model.text_projection, nn.Linear):
         raise UnsupportedModelError("text_projection is an nn.Linear (proj_bias); only a projection matrix is supported")
-    return _check_transformer(model.transformer, "transformer")
+    return dict(text=_check_transformer(model.transformer, "transformer"),
+                context_length=model.positional_embedding.shape[0], vocab_size=model.token_embedding.num_embeddings,
+                text_pool=pool, eos_id=getattr(model, "text_eos_id", None))
 
 
 def default_tokenizer(info: BackboneInfo):

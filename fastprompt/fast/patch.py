@@ -392,7 +392,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise TypeError(f"unpatch takes an open_clip CLIP module, not {type(model).__name__}")
     if _is_built_model(model):
         raise TypeError(f"unpatch takes the open_clip CLIP, not the {type(model).__name__} on it: pass model.clip")
-    cnn = type(getattr(model, "visual", None)).__name__ == "ModifiedResNet"  # patch left its vision tower alone
+    cnn = bb.is_cnn_tower(getattr(model, "visual", None))  # patch left its vision tower alone
     for where in ("visual.transformer.resblocks", "transformer.resblocks")[cnn:]:
         owner = model
         for attr in where.split("."):

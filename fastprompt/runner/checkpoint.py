@@ -325,7 +325,6 @@ def check_compatible(manifest: dict, method: str, backbone_info: dict, backbone_
     saved = manifest["backbone"]
     saved_info = {**_LATER_INFO_FIELDS, **saved.get("info", {})}
     if saved_info != backbone_info:
-        differ = sorted(k for k in backbone_info if saved_info.get(k) != backbone_info[k])
         if _only_gelu_differs(saved_info, backbone_info):
             raise CheckpointError(
                 f"checkpoint was trained on backbone {saved.get('name')!r} (pretrained={saved.get('pretrained')!r})"
@@ -333,6 +332,7 @@ def check_compatible(manifest: dict, method: str, backbone_info: dict, backbone_
                 " its prompts were learned through another activation (fastprompt now builds each pretrained tag with"
                 " the activation its weights were trained with, QuickGELU for OpenAI's, where open_clip's plain"
                 " config has GELU); train them again")
+        differ = sorted(k for k in backbone_info if saved_info.get(k) != backbone_info[k])
         raise CheckpointError(
             f"checkpoint was trained on backbone {saved.get('name')!r}, whose architecture differs from this model's"
             f" ({backbone_name or 'given model'}) in: {', '.join(differ)}"
